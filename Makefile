@@ -1,0 +1,43 @@
+# The two commands: `make demo` and `make test`. Both install what is missing first.
+# Environments are virtualenvs built from envs/*.yaml (cached in ~/.cache/segrefine/venvs,
+# keyed by each file's content); on HPC with conda use `snakemake --sdm conda` instead.
+PYTHON ?= python3
+ENVS := core cellpose gef stereopy
+ENV_TOOL := $(PYTHON) workflow_scripts/segrefine/envs.py
+CORE_PY = $$($(ENV_TOOL) python core)
+RUN_CORE = PYTHONPATH=workflow_scripts $(CORE_PY)
+SNAKEMAKE = $(RUN_CORE) -m snakemake
+PYTEST_ARGS ?=
+
+.PHONY: setup demo demo-data test lint dag clean-demo
+
+setup:
+	@$(ENV_TOOL) build $(ENVS)
+
+demo/demo.json: workflow_scripts/segrefine/demo.py
+	@$(ENV_TOOL) build core
+	$(RUN_CORE) -m segrefine demo-data --out demo
+
+demo-data: demo/demo.json
+
+demo: setup demo-data
+	$(SNAKEMAKE) --profile profiles/local
+	@echo
+	@echo "Results (see README 'Outputs'):"
+	@echo "  evaluation before/after fine-tuning: results/evaluation/summary.csv"
+	@cat results/evaluation/summary.csv
+	@echo "  fine-tuned model + loss curve:       results/models/*/finetuned/"
+	@echo "  whole-slide labels + cell table:     results/segmentation/*/"
+	@echo "  cgef + AnnData:                      results/expression/*/"
+
+test: setup
+	$(RUN_CORE) -m pytest tests $(PYTEST_ARGS)
+
+lint: setup demo-data
+	$(SNAKEMAKE) --lint
+
+dag: setup demo-data
+	$(SNAKEMAKE) --rulegraph | dot -Tpng > docs/rulegraph.png
+
+clean-demo:
+	rm -rf demo results logs benchmarks .snakemake

@@ -1,0 +1,173 @@
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pandas as pd
+from snakemake.settings.types import DeploymentMethod
+from snakemake.utils import validate
+
+SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+from segrefine import SegRefineError  # noqa: E402
+from segrefine.envs import EnvError, env_python  # noqa: E402
+from segrefine.patches import parse_patch_name  # noqa: E402
+from segrefine.pretrained import official_path  # noqa: E402
+
+
+validate(config, schema="../config/schemas/config.schema.yaml")
+
+RESULTS = config["results"]
+ANNOTATION_SUFFIXES = (".geojson", ".json", ".tif", ".tiff", ".png")
+
+
+def fail(message):
+    raise WorkflowError(f"SegRefine configuration: {message}")
+
+
+# --- samples ----------------------------------------------------------------------------------------------------------
+def _read_samples(path):
+    if not Path(path).is_file():
+        fail(f"sample sheet {path} not found")
+    sheet = pd.read_csv(path, sep="\t", dtype={"sample": str, "expression": str}, comment="#")
+    sheet["expression"] = sheet.get("expression", pd.Series(dtype=str)).fillna("")
+    validate(sheet, schema="../config/schemas/samples.schema.yaml")
+    if sheet["sample"].duplicated().any():
+        fail(f"{path}: duplicate sample ids {sorted(sheet['sample'][sheet['sample'].duplicated()])}")
+    for row in sheet.itertuples():
+        if not Path(row.image).is_file():
+            fail(f"{path}: sample {row.sample}: image {row.image} not found"
+                 + (" (run `make demo-data` to create the demo)" if row.image.startswith("demo/") else ""))
+        if row.expression and not Path(row.expression).is_file():
+            fail(f"{path}: sample {row.sample}: expression matrix {row.expression} not found")
+        if not Path(row.annotations).is_dir():
+            fail(f"{path}: sample {row.sample}: annotation folder {row.annotations} not found")
+    return sheet.set_index("sample", drop=False)
+
+
+samples = _read_samples(config["samples"])
+
+
+def _find_annotations():
+    """{(sample, patch): annotation file}; file names must name their patch and chip."""
+    found = {}
+    for row in samples.itertuples():
+        for f in sorted(Path(row.annotations).iterdir()):
+            if f.name.startswith(".") or f.suffix.lower() not in ANNOTATION_SUFFIXES:
+                continue
+            try:
+                box = parse_patch_name(f.stem)
+            except SegRefineError as exc:
+                fail(f"annotation file {f}: {exc}")
+            if box.sn != row.sample:
+                fail(f"annotation file {f} names chip {box.sn!r} but sits in the folder of sample {row.sample!r}")
+            if (row.sample, box.name) in found:
+                fail(f"two annotation files for patch {box.name}: {found[(row.sample, box.name)]} and {f}")
+            found[(row.sample, box.name)] = str(f)
+    if not found:
+        fail("no annotation files in any sample's annotation folder")
+    return found
+
+
+annotations = _find_annotations()
+
+wildcard_constraints:
+    sample="|".join(map(str, samples.index)),
+    patch=r"[A-Za-z0-9_.]+-x\d+_y\d+_w\d+_h\d+",
+    model="|".join(config["models"]),
+    stage="pretrained|finetuned",
+
+
+# --- environments: conda on HPC, or the virtualenvs built from the same env files ------------------------------------
+USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+
+
+def env_file(name):
+    return f"../envs/{name}.yaml"
+
+
+def segrefine(env):
+    """The command that runs one step in its framework's env: `... -m segrefine`."""
+    if USE_CONDA:
+        python = "python"
+    else:
+        try:
+            python = str(env_python(env))
+        except EnvError as exc:
+            fail(str(exc))
+    return f"PYTHONPATH={shlex.quote(str(SCRIPTS))} {shlex.quote(python)} -m segrefine"
+
+
+# --- models ---
+FRAMEWORK_ENV = {"cellpose": "cellpose"}  # framework -> envs/<name>.yaml
+
+
+def model_env(model):
+    return FRAMEWORK_ENV[model_cfg(model)["framework"]]
+
+
+def official_name(framework, weights_file):
+    from segrefine.models import adapter_class
+
+    names = {v: k for k, v in adapter_class(framework).official_weights.items()}
+    if weights_file not in names:
+        fail(f"{weights_file} is not an official {framework} weights file ({sorted(names)})")
+    return names[weights_file]
+
+
+def base_env(base):
+    return FRAMEWORK_ENV[config["base_models"][base]["framework"]]
+
+
+# --- models (cont.) -----------------------------------------------------------------------------------------------------------
+def model_cfg(model):
+    return config["models"][model]
+
+
+def pretrained_weights(model):
+    """Input of a model's pretrained card: base model card, cached official weights, or a local file."""
+    spec = model_cfg(model)["pretrained"]
+    if spec.startswith("base:"):
+        base = spec[len("base:"):]
+        if base not in config.get("base_models", {}):
+            fail(f"model {model}: pretrained {spec!r} names no entry of base_models")
+        return f"{RESULTS}/models/base/{base}/card.json"
+    try:
+        return str(official_path(model_cfg(model)["framework"], spec, config["model_cache"]))
+    except SegRefineError:
+        if not Path(spec).is_file():
+            fail(f"model {model}: pretrained {spec!r} is neither an official name nor an existing weights file")
+        return spec
+
+
+def params_json(d):
+    return shlex.quote(json.dumps(d or {}, sort_keys=True))
+
+
+# --- outputs ----------------------------------------------------------------------------------------------------------
+def annotated_patches(sample=None):
+    return [(s, p) for (s, p) in annotations if sample is None or s == sample]
+
+
+def segmentation_card():
+    seg = config["segmentation"]
+    if seg["model"] not in config["models"]:
+        fail(f"segmentation.model {seg['model']!r} is not a configured model: {sorted(config['models'])}")
+    return f"{RESULTS}/models/{seg['model']}/{seg['stage']}/card.json"
+
+
+def expression_samples():
+    if not config["expression"]["activate"]:
+        return []
+    return [s for s in samples.index if samples.loc[s, "expression"]]
+
+
+def final_outputs():
+    out = [f"{RESULTS}/evaluation/summary.csv"]
+    out += [f"{RESULTS}/models/{m}/finetuned/card.json" for m in config["models"]]
+    out += expand(f"{RESULTS}/segmentation/{{sample}}/labels.tif", sample=samples.index)
+    out += expand(f"{RESULTS}/expression/{{sample}}/cells.h5ad", sample=expression_samples())
+    if config["patches"]["candidates"]["activate"]:
+        out += expand(f"{RESULTS}/candidates/{{sample}}/done", sample=samples.index)
+    return out

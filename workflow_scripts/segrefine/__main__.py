@@ -1,0 +1,5 @@
+import sys
+
+from segrefine.cli import main
+
+sys.exit(main())

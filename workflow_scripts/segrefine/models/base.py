@@ -1,0 +1,63 @@
+"""The adapter contract every model framework implements.
+
+An adapter wraps one framework's model object and offers five things:
+``from_pretrained`` (official weights resolved to a local file, a local path,
+or ``None`` = from scratch), ``fine_tune`` on (image, instance mask) pairs,
+``save`` into a model folder, ``load`` from a model card, and ``predict``
+instance labels for an image. The step code (segrefine.finetune, .segment,
+.evaluate) only ever talks to this contract.
+"""
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+Pair = Tuple[np.ndarray, np.ndarray]
+
+
+class Adapter(abc.ABC):
+    framework: str = ""
+    #: official pretrained names -> file name in the model cache (``{cache}/{framework}/{file}``)
+    official_weights: Dict[str, str] = {}
+
+    @classmethod
+    @abc.abstractmethod
+    def from_pretrained(cls, weights: Optional[Path], params: dict) -> "Adapter":
+        """A model initialised from a local weights file, or from scratch when ``weights`` is None."""
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, card_path: Path, card: dict) -> "Adapter":
+        """A saved model, from its card (weights path and settings)."""
+
+    @classmethod
+    def download_official(cls, name: str, dest: Path) -> Path:
+        """Download the official weights ``name`` into folder ``dest`` (network needed); returns the file."""
+        from segrefine import SegRefineError
+
+        raise SegRefineError(f"{cls.framework} publishes no official weights; give a local weights file")
+
+    @abc.abstractmethod
+    def fine_tune(self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int,
+                  work_dir: Path) -> Dict[str, List[float]]:
+        """Train in place; returns loss curves {"train_loss": [...], "val_loss": [...], "val_epoch": [...]}."""
+
+    @abc.abstractmethod
+    def save(self, model_dir: Path) -> Path:
+        """Write the weights into ``model_dir``; returns the weights file."""
+
+    @abc.abstractmethod
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """Instance labels (uint32, 0 = background) for a (h, w) or (h, w, c) image of any size."""
+
+    @abc.abstractmethod
+    def card_fields(self) -> dict:
+        """``preprocessing``, ``thresholds`` and ``hyperparameters`` entries of the model card."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> str:
+        """Where the model runs ("cuda:0", "cpu"), for logs and the card."""

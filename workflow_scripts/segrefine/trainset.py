@@ -1,0 +1,132 @@
+"""The versioned training set: a table of (image, mask, SN, cells, split) and its content hash.
+
+Splits are assigned per patch by a seeded hash of the patch name, not by
+shuffling the whole list: adding annotations later never moves an existing
+patch between train, validation and test, so a test patch is never trained on
+by a later version and before/after numbers stay comparable. With a fraction
+f, about f of each SN's patches land in that split (the hash is uniform), and
+small sets are guaranteed at least one test (and validation) patch.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from segrefine import SegRefineError
+
+COLUMNS = ["patch", "sn", "image", "mask", "n_cells", "split", "image_sha256", "mask_sha256"]
+SPLITS = ("train", "val", "test")
+
+
+def split_score(patch: str, seed: int) -> float:
+    """A uniform number in [0, 1) that depends only on the patch name and the seed."""
+    digest = hashlib.sha256(f"{seed}:{patch}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_splits(patches: Sequence[str], seed: int, val_fraction: float, test_fraction: float) -> Dict[str, str]:
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise SegRefineError(f"split fractions must be in [0, 1) and sum below 1: val={val_fraction}, "
+                             f"test={test_fraction}")
+    score = {p: split_score(p, seed) for p in patches}
+    split = {}
+    for p, u in score.items():
+        split[p] = "test" if u < test_fraction else ("val" if u < test_fraction + val_fraction else "train")
+    # a tiny set may draw no test/val patch at all: take the train patches closest to the cut
+    needed = [(s, f) for s, f in (("test", test_fraction), ("val", val_fraction)) if f > 0]
+    for name, _ in needed:
+        train = sorted((p for p in split if split[p] == "train"), key=lambda p: score[p])
+        if not any(v == name for v in split.values()) and len(train) > 1:
+            split[train[0]] = name
+    return split
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_rows(images: Sequence[str], masks: Sequence[str], seed: int, val_fraction: float,
+               test_fraction: float) -> List[dict]:
+    """Rows of the training-set table for matching lists of patch images and masks."""
+    from segrefine.io import read_tiff
+    from segrefine.patches import parse_patch_name
+
+    if len(images) != len(masks):
+        raise SegRefineError(f"{len(images)} patch images but {len(masks)} masks")
+    if not images:
+        raise SegRefineError("no annotated patches: put annotation files in each sample's annotation folder")
+    rows = []
+    for image, mask in zip(images, masks):
+        box = parse_patch_name(Path(image).name[: -len("-img.tif")] if image.endswith("-img.tif") else Path(image).stem)
+        img = read_tiff(image)
+        lab = read_tiff(mask)
+        if img.shape[:2] != lab.shape:
+            raise SegRefineError(f"{mask}: mask is {lab.shape[1]}x{lab.shape[0]} px but image {image} is "
+                                 f"{img.shape[1]}x{img.shape[0]} px")
+        rows.append({"patch": box.name, "sn": box.sn, "image": str(image), "mask": str(mask),
+                     "n_cells": int(len(np.unique(lab)) - (1 if (lab == 0).any() else 0)),
+                     "image_sha256": sha256_file(image), "mask_sha256": sha256_file(mask)})
+    splits = assign_splits([r["patch"] for r in rows], seed, val_fraction, test_fraction)
+    for r in rows:
+        r["split"] = splits[r["patch"]]
+    rows.sort(key=lambda r: r["patch"])
+    if sum(r["n_cells"] for r in rows if r["split"] == "train") == 0:
+        raise SegRefineError("the training split holds no cells: every training mask is empty")
+    return rows
+
+
+def version_of(rows: Sequence[dict]) -> str:
+    """Content hash of the training set: the same patches, pixels and splits give the same version."""
+    h = hashlib.sha256()
+    for r in sorted(rows, key=lambda r: r["patch"]):
+        h.update(f"{r['patch']}\t{r['image_sha256']}\t{r['mask_sha256']}\t{r['split']}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def write_trainset(path, rows: Sequence[dict], seed: int, val_fraction: float, test_fraction: float) -> str:
+    from segrefine.io import atomic_path, write_text_atomic
+
+    version = version_of(rows)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=COLUMNS, delimiter="\t")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: r[k] for k in COLUMNS})
+    summary = {"version": version, "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+               "patches": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
+               "cells": {s: sum(r["n_cells"] for r in rows if r["split"] == s) for s in SPLITS},
+               "by_sn": {sn: {s: sum(r["split"] == s for r in rows if r["sn"] == sn) for s in SPLITS}
+                         for sn in sorted({r["sn"] for r in rows})}}
+    write_text_atomic(Path(path).with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+    return version
+
+
+def read_trainset(path) -> List[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise SegRefineError(f"{path}: training-set table not found")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    missing = [c for c in COLUMNS if rows and c not in rows[0]]
+    if missing:
+        raise SegRefineError(f"{path}: training-set table lacks columns {missing}")
+    for r in rows:
+        r["n_cells"] = int(r["n_cells"])
+    return rows
+
+
+def load_pairs(rows: Sequence[dict], split: str):
+    """(image, mask) arrays of one split."""
+    from segrefine.io import read_tiff
+
+    return [(read_tiff(r["image"]), read_tiff(r["mask"])) for r in rows if r["split"] == split]
