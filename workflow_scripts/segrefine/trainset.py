@@ -5,7 +5,8 @@ shuffling the whole list: adding annotations later never moves an existing
 patch between train, validation and test, so a test patch is never trained on
 by a later version and before/after numbers stay comparable. With a fraction
 f, about f of each SN's patches land in that split (the hash is uniform), and
-small sets are guaranteed at least one test (and validation) patch.
+small sets are guaranteed at least one train, test and validation patch where
+the fractions ask for them and there are enough patches.
 """
 from __future__ import annotations
 
@@ -37,12 +38,19 @@ def assign_splits(patches: Sequence[str], seed: int, val_fraction: float, test_f
     split = {}
     for p, u in score.items():
         split[p] = "test" if u < test_fraction else ("val" if u < test_fraction + val_fraction else "train")
-    # a tiny set may draw no test/val patch at all: take the train patches closest to the cut
-    needed = [(s, f) for s, f in (("test", test_fraction), ("val", val_fraction)) if f > 0]
-    for name, _ in needed:
-        train = sorted((p for p in split if split[p] == "train"), key=lambda p: score[p])
-        if not any(v == name for v in split.values()) and len(train) > 1:
-            split[train[0]] = name
+    # a tiny set may draw no patch for a split: take one from the largest split (train first on ties),
+    # the patch whose score lies closest to the needed split's range; deterministic like the rest
+    needs = [("train", 1.0)] + [(name, f) for name, f in (("test", test_fraction), ("val", val_fraction)) if f > 0]
+    lower = {"test": 0.0, "val": test_fraction, "train": test_fraction + val_fraction}
+    for name, _ in needs:
+        if any(v == name for v in split.values()):
+            continue
+        counts = {s: sum(v == s for v in split.values()) for s in SPLITS}
+        donor = max((s for s in ("train", "test", "val") if counts[s] > 1), key=lambda s: counts[s], default=None)
+        if donor is None:
+            continue
+        pick = min((p for p in split if split[p] == donor), key=lambda p: abs(score[p] - lower[name]))
+        split[pick] = name
     return split
 
 

@@ -1,0 +1,79 @@
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from segrefine import envs
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "envs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_env_files_read_the_same_as_conda_would(path):
+    """Our stdlib reader agrees with a real YAML parser on every env file."""
+    spec = envs.parse_env_file(path)
+    doc = yaml.safe_load(path.read_text())
+    deps = doc["dependencies"]
+    pip = next(d["pip"] for d in deps if isinstance(d, dict))
+    python = next(d for d in deps if isinstance(d, str) and d.startswith("python"))
+    assert spec.pip == pip
+    assert python == f"python={spec.python}"
+    assert all("==" in p for p in pip), "env files pin every package exactly"
+    assert "conda-forge" in doc["channels"]
+
+
+def test_constraints_keep_exact_pins_only():
+    assert envs.constraints_of(["torch==2.13.0", "numpy>=2", "stereopy[all]==1.6.0"]) == [
+        "torch==2.13.0", "stereopy==1.6.0"]
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "x.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_conda_only_package_is_refused_with_file_and_line(tmp_path):
+    p = _write(tmp_path, """\
+        name: x
+        dependencies:
+          - python=3.11
+          - cudatoolkit=11.8
+          - pip:
+              - numpy==2.0.0
+        """)
+    with pytest.raises(envs.EnvError, match=r"x.yaml:4: 'cudatoolkit=11.8' is a conda package"):
+        envs.parse_env_file(p)
+
+
+def test_missing_python_pin_is_refused(tmp_path):
+    p = _write(tmp_path, """\
+        name: x
+        dependencies:
+          - pip:
+              - numpy==2.0.0
+        """)
+    with pytest.raises(envs.EnvError, match="no 'python=3.X' line"):
+        envs.parse_env_file(p)
+
+
+def test_env_dir_is_keyed_by_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGREFINE_ENV_CACHE", str(tmp_path / "cache"))
+    p = _write(tmp_path, "name: x\ndependencies:\n  - python=3.11\n  - pip:\n      - a==1\n")
+    first = envs.env_dir(p)
+    p.write_text(p.read_text().replace("a==1", "a==2"))
+    assert envs.env_dir(p) != first
+    assert first.parent == tmp_path / "cache"
+
+
+def test_unbuilt_env_error_says_how_to_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGREFINE_ENV_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(envs.EnvError, match="make setup"):
+        envs.env_python("core")
+
+
+def test_built_envs_are_the_ones_of_the_current_files():
+    """make test builds every env first: each env file's interpreter exists and runs."""
+    for path in sorted((REPO / "envs").glob("*.yaml")):
+        py = envs.env_python(path.stem)
+        assert py.is_file(), py
