@@ -104,6 +104,9 @@ def make_cgef(gem, labels_path, cgef_out, cellmap_out, threads: int = 2) -> int:
                 f"{gem}: transcripts span x {x0}..{x1}, y {y0}..{y1} but the mask {labels_path} is {W}x{H} px: "
                 "the matrix and the image are not in the same coordinate frame (check the offset)")
         region = labels[y0:y1 + 1, x0:x1 + 1]
+        if not region.any():
+            raise SegRefineError(f"{labels_path}: no cell lies inside the expression matrix of {gem} "
+                                 f"(x {x0}..{x1}, y {y0}..{y1}): nothing to aggregate")
         n_cut = len(np.setdiff1d(np.unique(labels), np.unique(region)))
         if n_cut:
             log.warning("%d cells lie wholly outside the expression matrix (x %d..%d, y %d..%d)", n_cut, x0, x1, y0, y1)
@@ -127,6 +130,8 @@ def write_cellmap(cgef, region: np.ndarray, origin: Tuple[int, int], out_csv) ->
     from segrefine.io import atomic_path
 
     with h5py.File(cgef, "r") as f:
+        if "cellBin/cell" not in f:
+            raise SegRefineError(f"gefpy wrote no cell table into {cgef} (see its messages above)")
         cells = f["cellBin/cell"][:]
     x0, y0 = origin
     lx = np.clip(cells["x"].astype(np.int64) - x0, 0, region.shape[1] - 1)

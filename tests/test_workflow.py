@@ -1,0 +1,130 @@
+"""The real Snakemake workflow on the tiny test config (config/test): full run,
+the exact rerun plan after adding an annotation, lint, and config errors."""
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from conftest import REPO, SCRIPTS, run_step
+from segrefine.annotations import dump_geojson, labels_to_geojson, relabel_sequential
+from segrefine.envs import env_python
+
+
+def snakemake(workdir, *args, config="config.yaml"):
+    cmd = [str(env_python("core")), "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", config,
+           "--cores", "2", "--resources", "gpu=1", *args]
+    # Snakemake prints its errors on stdout: merge the streams
+    return subprocess.run(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("workflow")
+    for f in (REPO / "config" / "test").iterdir():
+        shutil.copy(f, d / f.name)
+    run_step("core", "demo-data", "--out", d / "demo", "--sn", "TINY01", "--size", 384, "--patches", 6,
+             "--patch-size", 96)
+    return d
+
+
+def planned_jobs(proc):
+    """{rule: count} from the job-stats table of a dry run."""
+    table = proc.stdout.split("Job stats:")[-1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)
+            if m.group(1) != "total"}
+
+
+def test_lint_is_clean(workdir):
+    proc = snakemake(workdir, "--lint")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout
+
+
+def test_full_run(workdir):
+    proc = snakemake(workdir)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    res = workdir / "results"
+    summary = pd.read_csv(res / "evaluation" / "summary.csv")
+    assert set(summary["stage"]) == {"pretrained", "finetuned"}
+    assert summary[["precision", "recall", "f1", "jaccard", "dice"]].notna().all().all()
+    card = json.loads((res / "models" / "tiny" / "finetuned" / "card.json").read_text())
+    assert card["trainset_version"] == json.loads((res / "trainset" / "trainset.json").read_text())["version"]
+    labels = tifffile.imread(res / "segmentation" / "TINY01" / "labels.tif")
+    assert labels.shape == (384, 384) and labels.dtype == np.uint32
+    cells = pd.read_csv(res / "segmentation" / "TINY01" / "cells.csv")
+    assert len(cells) == len(np.unique(labels)) - 1 > 0
+    assert len(list((res / "candidates" / "TINY01" / "patches").glob("*-img.tif"))) == 9
+    # the AnnData, read back with anndata in the stereopy env: every cell maps to a cell of the label image
+    check = ("import anndata, sys; a = anndata.read_h5ad(sys.argv[1]); "
+             "print(a.n_obs, a.n_vars, list(a.obs['label_id']), a.obsm['spatial'].shape)")
+    out = subprocess.run([str(env_python("stereopy")), "-c", check, str(res / "expression" / "TINY01" / "cells.h5ad")],
+                         capture_output=True, text=True, check=True).stdout.split("\n")[-2]
+    n_obs, n_vars = map(int, out.split()[:2])
+    label_ids = json.loads(out[out.index("["): out.index("]") + 1])
+    assert n_vars == 20 and n_obs > 0
+    assert set(label_ids) <= set(cells["cell_id"]) and 0 not in label_ids
+    # nothing is left to do
+    assert "Nothing to be done" in snakemake(workdir, "-n").stdout
+
+
+def test_adding_an_annotation_reruns_exactly_what_depends_on_it(workdir):
+    truth = tifffile.imread(workdir / "demo" / "TINY01-truth.tif")
+    x, y, w = 288, 288, 96
+    new = workdir / "demo" / "annotations" / f"TINY01-x{x}_y{y}_w{w}_h{w}.geojson"
+    assert not new.exists()
+    new.write_text(dump_geojson(labels_to_geojson(relabel_sequential(truth[y:y + w, x:x + w].astype(np.int64)))))
+    try:
+        plan = planned_jobs(snakemake(workdir, "-n"))
+    finally:
+        new.unlink()
+    assert plan == {"annotated_patch": 1, "convert_annotation": 1, "trainset": 1, "finetune": 1, "evaluate": 2,
+                    "evaluation_summary": 1, "segment_slide": 1, "cgef": 1, "h5ad": 1, "all": 1}
+
+
+def _broken_config(workdir, old, new, name="broken.yaml"):
+    text = (workdir / "config.yaml").read_text()
+    assert old in text
+    (workdir / name).write_text(text.replace(old, new))
+    return name
+
+
+def test_config_typo_fails_before_any_job_naming_the_key(workdir):
+    cfg = _broken_config(workdir, "trainset: {seed: 0,", "trainset: {sed: 0,")
+    proc = snakemake(workdir, "-n", config=cfg)
+    assert proc.returncode != 0
+    assert "Additional properties are not allowed ('sed' was unexpected)" in proc.stdout
+
+
+def test_unknown_framework_names_the_allowed_values(workdir):
+    cfg = _broken_config(workdir, "    framework: cellpose\n    pretrained", "    framework: celpose\n    pretrained")
+    proc = snakemake(workdir, "-n", config=cfg)
+    assert proc.returncode != 0 and "'celpose' is not one of ['cellpose']" in proc.stdout
+
+
+def test_sample_sheet_errors_name_the_file(workdir):
+    sheet = (workdir / "samples.tsv").read_text()
+    (workdir / "missing.tsv").write_text(sheet.replace("demo/TINY01.tif", "demo/NOPE.tif"))
+    cfg = _broken_config(workdir, "samples: samples.tsv", "samples: missing.tsv", "b1.yaml")
+    proc = snakemake(workdir, "-n", config=cfg)
+    assert proc.returncode != 0 and "missing.tsv: sample TINY01: image demo/NOPE.tif not found" in proc.stdout
+    (workdir / "stain.tsv").write_text(sheet.replace("ssDNA", "Hoechst"))
+    cfg = _broken_config(workdir, "samples: samples.tsv", "samples: stain.tsv", "b2.yaml")
+    proc = snakemake(workdir, "-n", config=cfg)
+    assert proc.returncode != 0 and "'Hoechst' is not one of ['ssDNA', 'DAPI', 'HE', 'mIF']" in proc.stdout
+
+
+def test_annotation_named_for_another_chip_is_refused(workdir):
+    stray = workdir / "demo" / "annotations" / "OTHER-x0_y0_w96_h96.geojson"
+    stray.write_text("{}")
+    try:
+        proc = snakemake(workdir, "-n")
+    finally:
+        stray.unlink()
+    assert proc.returncode != 0 and "names chip 'OTHER' but sits in the folder of sample 'TINY01'" in proc.stdout
