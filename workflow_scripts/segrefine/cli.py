@@ -1,4 +1,4 @@
-"""``segrefine <step>``: every step the workflow's rules call, runnable by hand.
+"""segrefine <step>: every step the workflow's rules call, runnable by hand.
 
 Each subcommand imports only what it needs, so the package works in every env
 (the stereopy env is Python 3.8 with no torch; the gef env has no scikit-image).

@@ -202,6 +202,22 @@ def build(path: Path, quiet: bool = False) -> Path:
     return target
 
 
+def install_project(name: str = "core") -> None:
+    """Make the `segrefine` command of env ``name`` run this clone's package (editable install).
+
+    The rules never rely on it (they put workflow_scripts on PYTHONPATH); it is
+    for people running steps by hand. Re-done only when it points elsewhere.
+    """
+    target = env_dir(ENVS_DIR / f"{name}.yaml")
+    here = str(REPO_ROOT / "workflow_scripts")
+    marks = list(target.glob("lib/python*/site-packages/__editable__*segrefine*"))
+    if marks and any(here in m.read_text(errors="ignore") for m in marks if m.is_file()):
+        return
+    with open(str(target) + ".log", "a") as log:
+        _run([str(target / "bin" / "python"), "-m", "pip", "install", "--no-deps",
+              "-e", here], log)
+
+
 def link_envs(names: List[str], link_dir: Path) -> None:
     """Convenience links (``.envs/<name>``) from the clone to the cached envs."""
     link_dir.mkdir(exist_ok=True)
@@ -228,6 +244,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         names = args.names or sorted(p.stem for p in ENVS_DIR.glob("*.yaml"))
         for name in names:
             build(ENVS_DIR / f"{name}.yaml")
+        if "core" in names:
+            install_project("core")
         link_envs(names, Path(args.link_dir))
         print(f"[segrefine-env] ready: {', '.join(names)}", flush=True)
     except EnvError as exc:
