@@ -9,6 +9,7 @@ import numpy as np
 
 log = logging.getLogger("segrefine.evaluate")
 
+STAGES = ["pretrained", "finetuned"]  # report order: before, then after fine-tuning
 METRICS = ["precision", "recall", "f1", "jaccard", "dice", "ap", "mean_matched_iou"]
 
 
@@ -44,8 +45,10 @@ def summarize(csvs: Sequence[str], out_csv) -> "pd.DataFrame":
     from segrefine.io import atomic_path
 
     per_image = pd.concat([pd.read_csv(c) for c in csvs], ignore_index=True)
-    summary = per_image.groupby(["model", "stage"], sort=True)[METRICS].mean().reset_index()
-    summary.insert(2, "n_images", per_image.groupby(["model", "stage"], sort=True).size().values)
+    per_image["stage"] = pd.Categorical(per_image["stage"], STAGES, ordered=True)
+    grouped = per_image.groupby(["model", "stage"], sort=True, observed=True)
+    summary = grouped[METRICS].mean().reset_index()
+    summary.insert(2, "n_images", grouped.size().values)
     with atomic_path(out_csv) as tmp:
         summary.to_csv(tmp, index=False, float_format="%.4f")
     return summary
