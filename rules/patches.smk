@@ -17,19 +17,20 @@ rule annotated_patch:
 
 
 rule candidate_patches:
-    """A grid of patches of each slide, to choose from and annotate in QuPath."""
+    """Candidate patches of each slide (a grid, or a listed table), to annotate in QuPath."""
     input:
         slide=lambda wc: samples.loc[wc.sample, "image"],
+        coords=config["patches"]["candidates"].get("coordinates") or [],
     output:
         patches=directory(f"{RESULTS}/candidates/{{sample}}/patches"),
         done=touch(f"{RESULTS}/candidates/{{sample}}/done"),
     params:
-        size=config["patches"]["candidates"]["size"],
-        step=config["patches"]["candidates"]["step"],
+        where=lambda wc, input: (f"--coords {shlex.quote(input.coords)}" if input.coords
+               else "--grid {size} {step}".format(**config["patches"]["candidates"])),
     log:
         "logs/candidates/{sample}.log",
     conda:
         env_file("core")
     shell:
-        segrefine("core") + " patches --slide {input.slide} --grid {params.size} {params.step} "
+        segrefine("core") + " patches --slide {input.slide} {params.where} "
         "--sn {wildcards.sample} --out-dir {output.patches} 2> {log}"

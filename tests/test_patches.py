@@ -85,3 +85,27 @@ def test_write_tiff_is_atomic(tmp_path):
         write_tiff(target, np.zeros((4, 4), dtype=object))  # tifffile cannot write object arrays
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []  # no leftover temporary file either
+
+
+def test_padded_masks_give_mirrored_cells_their_own_ids():
+    from segrefine.patches import reflect_pad_labels
+
+    lab = np.zeros((256, 256), np.uint16)
+    lab[10:20, 240:256] = 1   # touches the right edge: mirrored next to itself
+    lab[100:110, 100:110] = 2
+    out = reflect_pad_labels(lab, 512)
+    np.testing.assert_array_equal(out[:256, :256], lab)
+    assert out.shape == (512, 512)
+    # 2 cells x 4 copies (original, right, bottom, corner), every copy its own id
+    assert len(np.unique(out)) - 1 == 8
+    assert out[15, 255] != out[15, 256] and out[15, 256] > 0
+
+
+def test_listed_patch_coordinates(tmp_path):
+    from segrefine.patches import boxes_from_table
+
+    (tmp_path / "c.tsv").write_text("sample\tx\ty\tw\th\nS1\t0\t10\t64\t64\nS2\t5\t5\t32\t32\n")
+    assert boxes_from_table(tmp_path / "c.tsv", "S1") == [PatchBox("S1", 0, 10, 64, 64)]
+    (tmp_path / "bad.csv").write_text("x,y,w\n1,2,3\n")
+    with pytest.raises(SegRefineError, match=r"bad.csv:2: need integer columns x, y, w, h"):
+        boxes_from_table(tmp_path / "bad.csv", "S1")

@@ -35,11 +35,13 @@ def cmd_demo_data(a):
 
 def cmd_patches(a):
     from segrefine.io import Slide, write_tiff
-    from segrefine.patches import grid_boxes, parse_patch_name, reflect_pad
+    from segrefine.patches import boxes_from_table, grid_boxes, parse_patch_name, reflect_pad
 
     with Slide(a.slide) as slide:
         if a.name:
             boxes = [parse_patch_name(n) for n in a.name]
+        elif a.coords:
+            boxes = boxes_from_table(a.coords, a.sn)
         else:
             boxes = grid_boxes(a.sn, slide.shape, a.grid[0], a.grid[1])
         for box in boxes:
@@ -59,6 +61,10 @@ def cmd_convert_annotation(a):
     box = parse_patch_name(Path(a.annotation).stem)
     labels = convert_annotation(a.annotation, (box.h, box.w), exclude_classes=a.exclude_class,
                                 use_nucleus=a.use_nucleus)
+    if a.pad_to:
+        from segrefine.patches import reflect_pad_labels
+
+        labels = reflect_pad_labels(labels, a.pad_to)
     write_tiff(a.out, labels, photometric="minisblack")
     logging.info("%s: %d cells -> %s", a.annotation, int(labels.max()), a.out)
 
@@ -152,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--name", nargs="+", help="patch names {SN}-x{X}_y{Y}_w{W}_h{H}")
     g.add_argument("--grid", nargs=2, type=int, metavar=("SIZE", "STEP"), help="all patches of a grid")
-    p.add_argument("--sn", help="chip SN for --grid names")
+    g.add_argument("--coords", help="TSV/CSV of patches with columns x, y, w, h")
+    p.add_argument("--sn", help="chip SN for --grid/--coords names")
     p.add_argument("--pad-to", type=int, help="reflection-pad each patch to this size (e.g. 512)")
 
     p = step("convert-annotation", cmd_convert_annotation, "QuPath GeoJSON / binary / instance mask -> instance mask")
@@ -160,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--exclude-class", nargs="*", default=["Region"], help="QuPath classes that are not cells")
     p.add_argument("--use-nucleus", action="store_true", help="take the nucleus of QuPath cell objects")
+    p.add_argument("--pad-to", type=int, help="reflection-pad the mask like its patch image (see `patches --pad-to`)")
 
     p = step("trainset", cmd_trainset, "build the versioned training-set table (train/val/test splits)")
     p.add_argument("--images", nargs="+", required=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
@@ -73,5 +73,39 @@ def reflect_pad(img: np.ndarray, size: int) -> np.ndarray:
     return img
 
 
-def boxes_from_table(rows: Iterable[dict], sn: str) -> List[PatchBox]:
-    return [PatchBox(sn, int(r["x"]), int(r["y"]), int(r["w"]), int(r["h"])) for r in rows]
+def reflect_pad_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """Reflection-pad an instance mask like its image (``reflect_pad``), giving every
+    mirrored copy of a cell its own id so that no id covers two separate cells."""
+    from skimage.segmentation import relabel_sequential
+
+    h, w = labels.shape
+    padded = reflect_pad(labels, size).astype(np.int64)
+    rows, cols = np.indices(padded.shape)
+    block = (rows // h) * (size // w + 2) + (cols // w)  # which mirrored copy a pixel belongs to (0 = original)
+    key = np.where(padded > 0, block * (int(labels.max()) + 1) + padded, 0)
+    out = relabel_sequential(key)[0]
+    return out.astype(np.uint16 if out.max() < 2**16 else np.uint32)
+
+
+def boxes_from_table(path, sn: str) -> List[PatchBox]:
+    """Patches listed in a TSV/CSV with columns x, y, w, h (top-left corner and size in px);
+    with a ``sample`` column, only the rows of chip ``sn``."""
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise SegRefineError(f"{path}: patch coordinate table not found")
+    with open(path, newline="") as fh:
+        sample = fh.read(4096)
+        fh.seek(0)
+        rows = list(csv.DictReader(fh, delimiter="\t" if "\t" in sample else ","))
+    boxes = []
+    for i, r in enumerate(rows, 2):
+        if r.get("sample") not in (None, "", sn):
+            continue
+        try:
+            boxes.append(PatchBox(sn, int(r["x"]), int(r["y"]), int(r["w"]), int(r["h"])))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SegRefineError(f"{path}:{i}: need integer columns x, y, w, h ({exc})") from exc
+    return boxes

@@ -3,7 +3,7 @@
 Compute steps only read local files. Official names (``cyto3``, ``nuclei``, ...)
 resolve to ``{model_cache}/{framework}/{file}``; the workflow's local
 ``fetch_pretrained`` rule fills that file where a network is there (an HPC
-login node). Offline, the error says which file to put where.
+login node). Offline (or with SEGREFINE_OFFLINE set), the error says which file to put where.
 """
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def fetch_official(framework: str, name: str, out) -> Path:
     cls = adapter_class(framework)
     if name not in cls.official_weights:
         raise SegRefineError(f"unknown pretrained {framework} model {name!r}; official: {sorted(cls.official_weights)}")
+    if os.environ.get("SEGREFINE_OFFLINE"):
+        raise SegRefineError(f"SEGREFINE_OFFLINE is set, so the official {framework} weights {name!r} are not "
+                             f"downloaded: put the file at {out} (copy it from a machine that has it)")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             got = cls.download_official(name, Path(tmp))
