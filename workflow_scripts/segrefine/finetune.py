@@ -17,7 +17,8 @@ from typing import Optional
 import numpy as np
 
 from segrefine import SegRefineError
-from segrefine.models import adapter_class, read_card, sha256_file, weights_path, write_card
+from segrefine.io import sha256_file
+from segrefine.models import adapter_class, read_card, weights_path, write_card
 
 log = logging.getLogger("segrefine.finetune")
 

@@ -7,6 +7,7 @@ NDPI and SVS files cost only the tiles the region touches.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -40,6 +41,15 @@ def atomic_path(path, suffix: Optional[str] = None) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file, read in chunks (weights files can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_text_atomic(path, text: str) -> None:

@@ -19,6 +19,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from segrefine import SegRefineError
+from segrefine.io import sha256_file
 
 COLUMNS = ["patch", "sn", "image", "mask", "n_cells", "split", "image_sha256", "mask_sha256"]
 SPLITS = ("train", "val", "test")
@@ -54,12 +55,6 @@ def assign_splits(patches: Sequence[str], seed: int, val_fraction: float, test_f
     return split
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_rows(images: Sequence[str], masks: Sequence[str], seed: int, val_fraction: float,

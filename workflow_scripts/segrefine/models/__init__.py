@@ -6,7 +6,6 @@ Adapters are imported lazily: each lives in its framework's env.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Dict
 
 from segrefine import SegRefineError
+from segrefine.io import sha256_file
 
 # framework name -> "module:class"; adding a framework = one adapter module + one entry here
 ADAPTERS: Dict[str, str] = {
@@ -32,12 +32,6 @@ def adapter_class(framework: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_card(card_path) -> dict:
