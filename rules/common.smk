@@ -100,11 +100,16 @@ def segrefine(env):
 
 
 # --- models ---
-FRAMEWORK_ENV = {"cellpose": "cellpose"}  # framework -> envs/<name>.yaml
+FRAMEWORK_ENV = {"cellpose": "cellpose", "classical": "core"}  # framework -> envs/<name>.yaml
+GPU_FRAMEWORKS = {"cellpose"}  # their jobs declare `resources: gpu=1`; the others run on CPU only
 
 
 def model_env(model):
     return FRAMEWORK_ENV[model_cfg(model)["framework"]]
+
+
+def model_gpu(model):
+    return 1 if model_cfg(model)["framework"] in GPU_FRAMEWORKS else 0
 
 
 def official_name(framework, weights_file):
@@ -126,8 +131,11 @@ def model_cfg(model):
 
 
 def pretrained_weights(model):
-    """Input of a model's pretrained card: base model card, cached official weights, or a local file."""
+    """Input of a model's pretrained card: base model card, cached official weights, a local file,
+    or nothing (`none`: from scratch, or a model without weights)."""
     spec = model_cfg(model)["pretrained"]
+    if spec == "none":
+        return []
     if spec.startswith("base:"):
         base = spec[len("base:"):]
         if base not in config.get("base_models", {}):

@@ -13,7 +13,7 @@ rule evaluate:
         "benchmarks/evaluate/{model}/{stage}.tsv"
     threads: 2
     resources:
-        gpu=1,
+        gpu=lambda wc: model_gpu(wc.model),
     conda:
         lambda wc: env_file(model_env(wc.model))
     shell:

@@ -18,7 +18,7 @@ rule finetune:
         "benchmarks/finetune/{model}.tsv"
     threads: 2
     resources:
-        gpu=1,
+        gpu=lambda wc: model_gpu(wc.model),
     conda:
         lambda wc: env_file(model_env(wc.model))
     shell:

@@ -55,10 +55,11 @@ rule pretrained_card:
         hp=lambda wc: params_json(model_cfg(wc.model).get("hyperparameters")),
         outdir=lambda wc, output: str(Path(output.card).parent),
         run=lambda wc: segrefine(model_env(wc.model)),
+        weights=lambda wc, input: f"--weights {shlex.quote(input.weights)}" if input.weights else "",
     log:
         "logs/pretrained_card/{model}.log",
     conda:
         lambda wc: env_file(model_env(wc.model))
     shell:
-        "{params.run} pretrained-card --framework {params.framework} --weights {input.weights:q} "
+        "{params.run} pretrained-card --framework {params.framework} {params.weights} "
         "--name {wildcards.model} --source {params.source} --params {params.hp} --out-dir {params.outdir} 2> {log}"

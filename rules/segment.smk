@@ -14,7 +14,7 @@ rule segment_slide:
         "benchmarks/segment/{sample}.tsv"
     threads: 2
     resources:
-        gpu=1,
+        gpu=model_gpu(config["segmentation"]["model"]),
     conda:
         env_file(FRAMEWORK_ENV[model_cfg(config["segmentation"]["model"])["framework"]])
     shell:

@@ -84,7 +84,7 @@ def test_adding_an_annotation_reruns_exactly_what_depends_on_it(workdir):
         plan = planned_jobs(snakemake(workdir, "-n"))
     finally:
         new.unlink()
-    assert plan == {"annotated_patch": 1, "convert_annotation": 1, "trainset": 1, "finetune": 1, "evaluate": 2,
+    assert plan == {"annotated_patch": 1, "convert_annotation": 1, "trainset": 1, "finetune": 2, "evaluate": 4,
                     "evaluation_summary": 1, "segment_slide": 1, "cgef": 1, "h5ad": 1, "all": 1}
 
 
@@ -105,7 +105,7 @@ def test_config_typo_fails_before_any_job_naming_the_key(workdir):
 def test_unknown_framework_names_the_allowed_values(workdir):
     cfg = _broken_config(workdir, "    framework: cellpose\n    pretrained", "    framework: celpose\n    pretrained")
     proc = snakemake(workdir, "-n", config=cfg)
-    assert proc.returncode != 0 and "'celpose' is not one of ['cellpose']" in proc.stdout
+    assert proc.returncode != 0 and "'celpose' is not one of ['cellpose', 'classical']" in proc.stdout
 
 
 def test_sample_sheet_errors_name_the_file(workdir):

@@ -18,6 +18,7 @@ from segrefine.io import sha256_file
 # framework name -> "module:class"; adding a framework = one adapter module + one entry here
 ADAPTERS: Dict[str, str] = {
     "cellpose": "segrefine.models.cellpose_adapter:CellposeAdapter",
+    "classical": "segrefine.models.classical_adapter:ClassicalAdapter",
 }
 
 CARD_NAME = "card.json"
