@@ -2,7 +2,7 @@
 # Environments are virtualenvs built from envs/*.yaml (cached in ~/.cache/segrefine/venvs,
 # keyed by each file's content); on HPC with conda use `snakemake --sdm conda` instead.
 PYTHON ?= python3
-ENVS := core cellpose gef stereopy
+ENVS := core cellpose tensorflow gef stereopy
 ENV_TOOL := $(PYTHON) workflow_scripts/segrefine/envs.py
 CORE_PY = $$($(ENV_TOOL) python core)
 RUN_CORE = PYTHONPATH=workflow_scripts $(CORE_PY)

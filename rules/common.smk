@@ -100,8 +100,8 @@ def segrefine(env):
 
 
 # --- models ---
-FRAMEWORK_ENV = {"cellpose": "cellpose", "classical": "core"}  # framework -> envs/<name>.yaml
-GPU_FRAMEWORKS = {"cellpose"}  # their jobs declare `resources: gpu=1`; the others run on CPU only
+FRAMEWORK_ENV = {"cellpose": "cellpose", "classical": "core", "stardist": "tensorflow"}  # -> envs/<name>.yaml
+GPU_FRAMEWORKS = {"cellpose", "stardist"}  # their jobs declare `resources: gpu=1`; the others run on CPU only
 
 
 def model_env(model):

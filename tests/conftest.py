@@ -1,6 +1,7 @@
 """Shared test helpers. Tests run with the core env's Python (make test); steps that
 need another framework run through `segrefine <step>` in that framework's env."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,20 @@ def realdata():
     if not REALDATA.is_dir():
         pytest.fail(f"real test data not found at {REALDATA} (shared/ must sit beside the clone)")
     return REALDATA
+
+
+@pytest.fixture(scope="session")
+def real_trainset(tmp_path_factory, realdata):
+    """A training set of the real ssDNA and DAPI crops (binary masks -> instances)."""
+    d = tmp_path_factory.mktemp("real")
+    images, masks = [], []
+    for k, stain in enumerate(["ssDNA", "DAPI", "ssDNA", "DAPI"]):
+        name = f"REAL{k}-x0_y0_w256_h256"
+        shutil.copy(realdata / "cellbindb-demo" / f"{stain}_img.tif", d / f"{name}-img.tif")
+        shutil.copy(realdata / "cellbindb-demo" / f"{stain}_mask.tif", d / f"{name}-mask.tif")
+        run_step("core", "convert-annotation", "--annotation", d / f"{name}-mask.tif", "--out", d / f"{name}-mask.tif")
+        images.append(d / f"{name}-img.tif")
+        masks.append(d / f"{name}-mask.tif")
+    run_step("core", "trainset", "--images", *images, "--masks", *masks, "--out", d / "trainset.tsv",
+             "--val-fraction", "0.25", "--test-fraction", "0.25")
+    return d / "trainset.tsv"

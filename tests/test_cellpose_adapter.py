@@ -1,31 +1,12 @@
 """The Cellpose adapter, through the step commands in the cellpose env, on real
 CellBinDB Stereo-seq crops (shared/realdata): train, save, load, predict."""
 import json
-import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import run_step
 from segrefine.models import CARD_KEYS
-
-
-@pytest.fixture(scope="module")
-def real_trainset(tmp_path_factory, realdata):
-    """A training set of the real ssDNA and DAPI crops (binary masks -> instances)."""
-    d = tmp_path_factory.mktemp("real")
-    images, masks = [], []
-    for k, stain in enumerate(["ssDNA", "DAPI", "ssDNA", "DAPI"]):
-        name = f"REAL{k}-x0_y0_w256_h256"
-        shutil.copy(realdata / "cellbindb-demo" / f"{stain}_img.tif", d / f"{name}-img.tif")
-        shutil.copy(realdata / "cellbindb-demo" / f"{stain}_mask.tif", d / f"{name}-mask.tif")
-        run_step("core", "convert-annotation", "--annotation", d / f"{name}-mask.tif", "--out", d / f"{name}-mask.tif")
-        images.append(d / f"{name}-img.tif")
-        masks.append(d / f"{name}-mask.tif")
-    run_step("core", "trainset", "--images", *images, "--masks", *masks, "--out", d / "trainset.tsv",
-             "--val-fraction", "0.25", "--test-fraction", "0.25")
-    return d / "trainset.tsv"
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,7 @@ def test_config_typo_fails_before_any_job_naming_the_key(workdir):
 def test_unknown_framework_names_the_allowed_values(workdir):
     cfg = _broken_config(workdir, "    framework: cellpose\n    pretrained", "    framework: celpose\n    pretrained")
     proc = snakemake(workdir, "-n", config=cfg)
-    assert proc.returncode != 0 and "'celpose' is not one of ['cellpose', 'classical']" in proc.stdout
+    assert proc.returncode != 0 and "'celpose' is not one of ['cellpose', 'classical', 'stardist']" in proc.stdout
 
 
 def test_sample_sheet_errors_name_the_file(workdir):

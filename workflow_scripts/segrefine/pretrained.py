@@ -42,6 +42,11 @@ def fetch_official(framework: str, name: str, out) -> Path:
             raise SegRefineError(
                 f"could not download the official {framework} weights {name!r} ({type(exc).__name__}: {exc}). "
                 f"Without network, put the file at {out} by hand (copy it from a machine that has it)") from exc
+        # a model may be several files (StarDist: config.json, thresholds.json beside the weights)
+        for extra in got.parent.iterdir():
+            if extra != got and extra.is_file():
+                with atomic_path(out.parent / extra.name) as part:
+                    shutil.copyfile(extra, part)
         with atomic_path(out) as part:
             shutil.copyfile(got, part)
     return out

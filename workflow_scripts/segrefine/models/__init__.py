@@ -19,6 +19,7 @@ from segrefine.io import sha256_file
 ADAPTERS: Dict[str, str] = {
     "cellpose": "segrefine.models.cellpose_adapter:CellposeAdapter",
     "classical": "segrefine.models.classical_adapter:ClassicalAdapter",
+    "stardist": "segrefine.models.stardist_adapter:StarDistAdapter",
 }
 
 CARD_NAME = "card.json"
