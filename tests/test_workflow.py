@@ -84,7 +84,7 @@ def test_adding_an_annotation_reruns_exactly_what_depends_on_it(workdir):
         plan = planned_jobs(snakemake(workdir, "-n"))
     finally:
         new.unlink()
-    assert plan == {"annotated_patch": 1, "convert_annotation": 1, "trainset": 1, "finetune": 2, "evaluate": 4,
+    assert plan == {"annotated_patch": 1, "convert_annotation": 1, "trainset": 1, "finetune": 3, "evaluate": 6,
                     "evaluation_summary": 1, "segment_slide": 1, "cgef": 1, "h5ad": 1, "all": 1}
 
 
