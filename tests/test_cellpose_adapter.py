@@ -18,12 +18,13 @@ def base_card(tmp_path_factory):
     return d / "base" / "card.json"
 
 
-def _finetune(base_card, trainset, out, seed=0):
+def _finetune(base_card, trainset, out, seed=0, **params):
     pre = out / "pretrained"
     run_step("cellpose", "pretrained-card", "--framework", "cellpose", "--weights", base_card, "--name", "m",
              "--source", "base:tiny", "--out-dir", pre)
     run_step("cellpose", "finetune", "--pretrained-card", pre / "card.json", "--trainset", trainset, "--name", "m",
-             "--params", json.dumps({"n_epochs": 4, "bsize": 128}), "--seed", seed, "--out-dir", out / "finetuned")
+             "--params", json.dumps({"n_epochs": 4, "bsize": 128, **params}), "--seed", seed,
+             "--out-dir", out / "finetuned")
     return json.loads((out / "finetuned" / "card.json").read_text())
 
 
@@ -47,6 +48,16 @@ def test_finetune_on_real_crops_is_deterministic_and_learns(base_card, real_trai
     losses = json.loads((tmp_path / "a" / "finetuned" / "losses.json").read_text())["train_loss"]
     assert losses[-1] < losses[0]
     assert (tmp_path / "a" / "finetuned" / "loss.png").stat().st_size > 1000
+    # a copy named by the training-set version is kept beside it
+    kept = json.loads((tmp_path / "a" / "versions" / a["trainset_version"] / "card.json").read_text())
+    assert kept["weights_sha256"] == a["weights_sha256"]
+
+
+def test_augmentation_switch_reaches_training(base_card, real_trainset, tmp_path):
+    with_rotation = _finetune(base_card, real_trainset, tmp_path / "rot")
+    without = _finetune(base_card, real_trainset, tmp_path / "norot", augment_rotate=False)
+    assert without["hyperparameters"]["augment_rotate"] is False
+    assert without["weights_sha256"] != with_rotation["weights_sha256"]
 
 
 def test_saved_model_predicts_identically_after_reload(base_card, real_trainset, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -36,6 +37,21 @@ def _publish(work: Path, out_dir: Path) -> None:
         shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(work), str(out_dir))
+
+
+def _keep_version(model_dir: Path, version: str) -> None:
+    """Keep a copy of each fine-tuned model under ``versions/<training-set version>`` beside it,
+    so models fitted on earlier annotation sets stay available for comparison."""
+    target = model_dir.parent / "versions" / version
+    if target.exists():
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=model_dir.parent))
+    try:
+        shutil.copytree(model_dir, tmp / "m")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / "m", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pretrained_card(framework: str, weights: Optional[str], name: str, params: dict, out_dir,
@@ -99,6 +115,8 @@ def _train_and_save(adapter, train, val, params: dict, seed: int, out_dir, card:
                     **adapter.card_fields())
         write_card(work, card)
         _publish(work, out_dir)
+        if card.get("trainset_version"):
+            _keep_version(out_dir, card["trainset_version"])
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)

@@ -6,9 +6,10 @@ sees one, on the CPU otherwise.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import random
-import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -23,7 +24,23 @@ DEFAULTS = {
     "n_epochs": 100, "learning_rate": 0.2, "weight_decay": 1e-5, "SGD": True, "batch_size": 8,
     "bsize": 224, "min_train_masks": 1, "diam_mean": 30.0,
     "flow_threshold": 0.4, "cellprob_threshold": 0.0, "min_size": 15, "diameter": None,
+    # augmentation switches: cellpose always rotates and flips training crops; the
+    # CSRefiner 004 study found random rotation hurt Cellpose, so both can be turned off
+    "augment_rotate": True, "augment_flip": True,
 }
+
+
+@contextlib.contextmanager
+def _augmentation(rotate: bool, flip: bool):
+    """cellpose 3.1's train_seg has no augmentation switch: pass ours to its transform."""
+    from cellpose import transforms
+
+    original = transforms.random_rotate_and_resize
+    transforms.random_rotate_and_resize = functools.partial(original, rotate=rotate, do_flip=flip)
+    try:
+        yield
+    finally:
+        transforms.random_rotate_and_resize = original
 
 
 def _seed_everything(seed: int) -> None:
@@ -126,12 +143,13 @@ class CellposeAdapter(Adapter):
         (work_dir / "models").mkdir(parents=True, exist_ok=True)
         log.info("cellpose fine-tuning on %s: %d train / %d val images, %d epochs",
                  self.device, len(imgs), len(val) if val else 0, p["n_epochs"])
-        path, train_losses, test_losses = cp_train.train_seg(
-            self.model.net, train_data=imgs, train_labels=lbls, test_data=val_imgs, test_labels=val_lbls,
-            channels=chans, normalize=True, learning_rate=float(p["learning_rate"]),
-            weight_decay=float(p["weight_decay"]), SGD=bool(p["SGD"]), n_epochs=int(p["n_epochs"]),
-            batch_size=int(p["batch_size"]), bsize=int(p["bsize"]), min_train_masks=int(p["min_train_masks"]),
-            save_path=str(work_dir), model_name="cellpose_finetune", save_every=10**9)
+        with _augmentation(bool(p["augment_rotate"]), bool(p["augment_flip"])):
+            path, train_losses, test_losses = cp_train.train_seg(
+                self.model.net, train_data=imgs, train_labels=lbls, test_data=val_imgs, test_labels=val_lbls,
+                channels=chans, normalize=True, learning_rate=float(p["learning_rate"]),
+                weight_decay=float(p["weight_decay"]), SGD=bool(p["SGD"]), n_epochs=int(p["n_epochs"]),
+                batch_size=int(p["batch_size"]), bsize=int(p["bsize"]), min_train_masks=int(p["min_train_masks"]),
+                save_path=str(work_dir), model_name="cellpose_finetune", save_every=10**9)
         self._trained_file = Path(path)
         self.model.diam_labels = float(self.model.net.diam_labels.data.cpu().numpy()[0])
         test_losses = np.asarray(test_losses, dtype=float)
@@ -169,5 +187,6 @@ class CellposeAdapter(Adapter):
                               "diam_mean": float(self.model.diam_mean)},
             "thresholds": {k: p[k] for k in ("flow_threshold", "cellprob_threshold", "min_size")},
             "hyperparameters": {k: p[k] for k in ("n_epochs", "learning_rate", "weight_decay", "SGD", "batch_size",
-                                                  "bsize", "min_train_masks", "diam_mean")},
+                                                  "bsize", "min_train_masks", "diam_mean", "augment_rotate",
+                                                  "augment_flip")},
         }
