@@ -31,7 +31,9 @@ def _read_samples(path):
     if not Path(path).is_file():
         fail(f"sample sheet {path} not found")
     sheet = pd.read_csv(path, sep="\t", dtype={"sample": str, "expression": str}, comment="#")
-    sheet["expression"] = sheet.get("expression", pd.Series(dtype=str)).fillna("")
+    if "expression" not in sheet:
+        sheet["expression"] = ""  # the column is optional
+    sheet["expression"] = sheet["expression"].fillna("")
     validate(sheet, schema="../config/schemas/samples.schema.yaml")
     if sheet["sample"].duplicated().any():
         fail(f"{path}: duplicate sample ids {sorted(sheet['sample'][sheet['sample'].duplicated()])}")

@@ -1,5 +1,4 @@
 import textwrap
-from pathlib import Path
 
 import pytest
 import yaml

@@ -158,7 +158,7 @@ def make_gem(labels: np.ndarray, band: np.ndarray, tissue_px: np.ndarray, seed: 
 def write_gem(path: Path, gem: Dict[str, np.ndarray], sn: str) -> None:
     from segrefine.io import atomic_path
 
-    lines = [f"#FileFormat=GEMv0.1", "#SortedBy=None", "#BinSize=1", "#Omics=Transcriptomics",
+    lines = ["#FileFormat=GEMv0.1", "#SortedBy=None", "#BinSize=1", "#Omics=Transcriptomics",
              f"#Stereo-seqChip={sn}", "#OffsetX=0", "#OffsetY=0", "geneID\tx\ty\tMIDCount"]
     names = np.asarray(GENES)[gem["gene"]]
     body = "\n".join(f"{a}\t{b}\t{c}\t{d}" for a, b, c, d in zip(names, gem["x"], gem["y"], gem["count"]))

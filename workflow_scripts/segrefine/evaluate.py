@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -38,8 +37,8 @@ def evaluate_model(card_path, trainset_path, split: str, out_csv, iou_threshold:
         pd.DataFrame(out).to_csv(tmp, index=False)
 
 
-def summarize(csvs: Sequence[str], out_csv) -> "pd.DataFrame":
-    """Mean of every metric per model and stage, and the fine-tuning gain per model."""
+def summarize(csvs: Sequence[str], out_csv):
+    """Mean of every metric per model and stage (a DataFrame, also written to ``out_csv``)."""
     import pandas as pd
 
     from segrefine.io import atomic_path

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import shutil
 import tempfile
 from pathlib import Path

@@ -153,10 +153,9 @@ def fine_tune(pretrained_card_path, trainset_path, name: str, params: dict, seed
     rows = read_trainset(trainset_path)
     version = json.loads(Path(trainset_path).with_suffix(".json").read_text())["version"]
     train, val = load_pairs(rows, "train"), load_pairs(rows, "val")
-    for r in rows:
-        if r["split"] in ("train", "val"):
-            from segrefine.io import read_tiff
-            check_instance_mask(read_tiff(r["mask"]), r["mask"])
+    for r, (_, mask) in zip([r for r in rows if r["split"] == "train"] + [r for r in rows if r["split"] == "val"],
+                            train + val):
+        check_instance_mask(mask, r["mask"])
     if not train or sum(int(m.max() > 0) for _, m in train) == 0:
         raise SegRefineError(f"{trainset_path}: the training split holds no cells")
     cls = adapter_class(src["framework"])

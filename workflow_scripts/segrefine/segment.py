@@ -7,7 +7,6 @@ the tiling engine replaces it for slides that do not fit in memory.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 

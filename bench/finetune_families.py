@@ -1,0 +1,128 @@
+"""Benchmark: every CPU-feasible model family before and after fine-tuning on REAL crops.
+
+Data: the CellBinDB Stereo-seq/10x fluorescence crops in ../shared/realdata
+(ssDNA, DAPI, mIF, 10x DAPI; 256x256 with manual masks), each cut into four
+128x128 tiles; the training-set step splits the 16 tiles into train / val /
+test by its seeded hash. Every family runs through the same step commands the
+workflow runs, in its own env, and the script prints one table side by side:
+F1 / precision / recall on the test tiles before and after fine-tuning,
+training time and peak memory of the fine-tuning step.
+
+    python bench/finetune_families.py [--cellpose-epochs 40] [--stardist-epochs 30] [--out DIR]
+
+"Before" means: Cellpose = the workflow's offline base model (trained from
+scratch on generic synthetic nuclei, as in the demo: no model hub here);
+StarDist = a fresh network (no pretrained weights offline); classical = its
+default parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow_scripts"))
+
+from segrefine.envs import env_python  # noqa: E402
+
+STAINS = ["ssDNA", "DAPI", "mIF", "10xDAPI"]
+
+
+def step(env, *args):
+    proc = subprocess.run([str(env_python(env)), "-m", "segrefine", *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO / "workflow_scripts")))
+    if proc.returncode:
+        sys.exit(f"segrefine {args[0]} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def make_tiles(realdata: Path, out: Path):
+    import numpy as np
+    import tifffile
+
+    from segrefine.annotations import mask_to_instances
+
+    images, masks = [], []
+    for k, stain in enumerate(STAINS):
+        img = tifffile.imread(realdata / "cellbindb-demo" / f"{stain}_img.tif")
+        mask = mask_to_instances(tifffile.imread(realdata / "cellbindb-demo" / f"{stain}_mask.tif"))
+        for y in (0, 128):
+            for x in (0, 128):
+                name = f"CB{k}{stain.replace('x', 'X')}-x{x}_y{y}_w128_h128"
+                tifffile.imwrite(out / f"{name}-img.tif", img[y:y + 128, x:x + 128])
+                m = mask_to_instances(np.ascontiguousarray(mask[y:y + 128, x:x + 128]))
+                tifffile.imwrite(out / f"{name}-mask.tif", m)
+                images.append(out / f"{name}-img.tif")
+                masks.append(out / f"{name}-mask.tif")
+    return images, masks
+
+
+def mean_metrics(csv):
+    import pandas as pd
+
+    d = pd.read_csv(csv)
+    return {k: float(d[k].mean()) for k in ("f1", "precision", "recall")}, len(d)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--realdata", default=str(REPO.parent / "shared" / "realdata"))
+    ap.add_argument("--cellpose-epochs", type=int, default=40)
+    ap.add_argument("--stardist-epochs", type=int, default=30)
+    ap.add_argument("--out", help="keep the work here (default: a temporary folder)")
+    a = ap.parse_args()
+    work = Path(a.out or tempfile.mkdtemp(prefix="segrefine-bench-"))
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    images, masks = make_tiles(Path(a.realdata), work / "data")
+    ts = work / "trainset.tsv"
+    step("core", "trainset", "--images", *images, "--masks", *masks, "--out", ts, "--seed", 0,
+         "--val-fraction", 0.15, "--test-fraction", 0.25)
+    split = json.loads(ts.with_suffix(".json").read_text())
+    print(f"real CellBinDB tiles: {split['patches']} patches, {split['cells']} cells (train/val/test)")
+
+    t0 = time.time()
+    step("cellpose", "train-base", "--framework", "cellpose", "--name", "generic_nuclei", "--n-images", 16,
+         "--size", 256, "--seed", 0, "--params", json.dumps({"n_epochs": 30, "diam_mean": 17.0, "bsize": 128}),
+         "--out-dir", work / "base")
+    print(f"cellpose offline base model trained in {time.time() - t0:.0f} s")
+    families = {
+        "cellpose": ("cellpose", str(work / "base" / "card.json"),
+                     {"n_epochs": a.cellpose_epochs, "bsize": 128, "augment_rotate": False}),
+        "stardist": ("tensorflow", None, {"n_epochs": a.stardist_epochs, "steps_per_epoch": 20, "patch_size": 128,
+                                          "batch_size": 4, "learning_rate": 1e-3}),
+        "classical": ("core", None, {}),
+    }
+    rows = []
+    for fw, (env, weights, params) in families.items():
+        d = work / fw
+        args = ["--weights", weights] if weights else []
+        step(env, "pretrained-card", "--framework", fw, "--name", fw, "--source", weights or "none",
+             "--params", json.dumps(params), "--out-dir", d / "pretrained", *args)
+        step(env, "finetune", "--pretrained-card", d / "pretrained" / "card.json", "--trainset", ts, "--name", fw,
+             "--params", json.dumps(params), "--seed", 0, "--out-dir", d / "finetuned")
+        res = {}
+        for stage in ("pretrained", "finetuned"):
+            step(env, "evaluate", "--card", d / stage / "card.json", "--trainset", ts, "--split", "test",
+                 "--out", d / f"{stage}.csv")
+            res[stage], n = mean_metrics(d / f"{stage}.csv")
+        card = json.loads((d / "finetuned" / "card.json").read_text())
+        rows.append((fw, res, card["metrics"], n))
+
+    print()
+    print(f"{'family':10} {'F1 before':>9} {'F1 after':>9} {'P before':>9} {'P after':>8} {'R before':>9} "
+          f"{'R after':>8} {'train s':>8} {'peak MB':>8}")
+    for fw, res, m, n in rows:
+        b, f = res["pretrained"], res["finetuned"]
+        print(f"{fw:10} {b['f1']:9.3f} {f['f1']:9.3f} {b['precision']:9.3f} {f['precision']:8.3f} "
+              f"{b['recall']:9.3f} {f['recall']:8.3f} {m['train_seconds']:8.1f} {m['peak_rss_mb']:8.0f}")
+    print(f"\n(mean over {rows[0][3]} held-out test tiles; F1/precision/recall at IoU >= 0.5; work in {work})")
+
+
+if __name__ == "__main__":
+    main()
