@@ -8,7 +8,7 @@ workflow runs, in its own env, and the script prints one table side by side:
 F1 / precision / recall on the test tiles before and after fine-tuning,
 training time and peak memory of the fine-tuning step.
 
-    python bench/finetune_families.py [--cellpose-epochs 40] [--stardist-epochs 30] [--out DIR]
+    python bench/finetune_families.py [--cellpose-epochs 150] [--stardist-epochs 30] [--out DIR]
 
 "Before" means: Cellpose = the workflow's offline base model (trained from
 scratch on generic synthetic nuclei, as in the demo: no model hub here);
@@ -73,7 +73,7 @@ def mean_metrics(csv):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--realdata", default=str(REPO.parent / "shared" / "realdata"))
-    ap.add_argument("--cellpose-epochs", type=int, default=40)
+    ap.add_argument("--cellpose-epochs", type=int, default=150)
     ap.add_argument("--stardist-epochs", type=int, default=30)
     ap.add_argument("--out", help="keep the work here (default: a temporary folder)")
     a = ap.parse_args()
