@@ -137,11 +137,6 @@ def train_base(framework: str, name: str, params: dict, n_images: int, size: int
     return _train_and_save(adapter, list(zip(images, masks)), [], params, seed, out_dir, card)
 
 
-def check_instance_mask(mask: np.ndarray, source: str) -> None:
-    if not np.issubdtype(mask.dtype, np.integer) or mask.ndim != 2:
-        raise SegRefineError(f"{source}: not an instance mask (2-D integer labels), got {mask.dtype} {mask.shape}")
-
-
 def fine_tune(pretrained_card_path, trainset_path, name: str, params: dict, seed: int, out_dir) -> Path:
     """Fine-tune from the pretrained card on the training set's train (and val) split."""
     from segrefine.trainset import load_pairs, read_trainset
@@ -153,9 +148,6 @@ def fine_tune(pretrained_card_path, trainset_path, name: str, params: dict, seed
     rows = read_trainset(trainset_path)
     version = json.loads(Path(trainset_path).with_suffix(".json").read_text())["version"]
     train, val = load_pairs(rows, "train"), load_pairs(rows, "val")
-    for r, (_, mask) in zip([r for r in rows if r["split"] == "train"] + [r for r in rows if r["split"] == "val"],
-                            train + val):
-        check_instance_mask(mask, r["mask"])
     if not train or sum(int(m.max() > 0) for _, m in train) == 0:
         raise SegRefineError(f"{trainset_path}: the training split holds no cells")
     cls = adapter_class(src["framework"])

@@ -155,11 +155,3 @@ class Slide:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def to_grayscale_float(img: np.ndarray) -> np.ndarray:
-    """(h, w) or (h, w, c) of any integer/float type -> float32 (h, w) in the image's own scale."""
-    img = np.asarray(img)
-    if img.ndim == 3:
-        img = img[..., :3].mean(axis=-1)
-    return img.astype(np.float32, copy=False)

@@ -55,8 +55,6 @@ def assign_splits(patches: Sequence[str], seed: int, val_fraction: float, test_f
     return split
 
 
-
-
 def build_rows(images: Sequence[str], masks: Sequence[str], seed: int, val_fraction: float,
                test_fraction: float) -> List[dict]:
     """Rows of the training-set table for matching lists of patch images and masks."""
@@ -69,7 +67,7 @@ def build_rows(images: Sequence[str], masks: Sequence[str], seed: int, val_fract
         raise SegRefineError("no annotated patches: put annotation files in each sample's annotation folder")
     rows = []
     for image, mask in zip(images, masks):
-        box = parse_patch_name(Path(image).name[: -len("-img.tif")] if image.endswith("-img.tif") else Path(image).stem)
+        box = parse_patch_name(Path(image).stem)
         img = read_tiff(image)
         lab = read_tiff(mask)
         if img.shape[:2] != lab.shape:
@@ -129,7 +127,15 @@ def read_trainset(path) -> List[dict]:
 
 
 def load_pairs(rows: Sequence[dict], split: str):
-    """(image, mask) arrays of one split."""
+    """(image, mask) arrays of one split; every mask must be an instance mask (2-D integer labels)."""
     from segrefine.io import read_tiff
 
-    return [(read_tiff(r["image"]), read_tiff(r["mask"])) for r in rows if r["split"] == split]
+    pairs = []
+    for r in rows:
+        if r["split"] != split:
+            continue
+        mask = read_tiff(r["mask"])
+        if not np.issubdtype(mask.dtype, np.integer) or mask.ndim != 2:
+            raise SegRefineError(f"{r['mask']}: not an instance mask (2-D integer labels), got {mask.dtype} {mask.shape}")
+        pairs.append((read_tiff(r["image"]), mask))
+    return pairs

@@ -150,7 +150,6 @@ class CellposeAdapter(Adapter):
                 weight_decay=float(p["weight_decay"]), SGD=bool(p["SGD"]), n_epochs=int(p["n_epochs"]),
                 batch_size=int(p["batch_size"]), bsize=int(p["bsize"]), min_train_masks=int(p["min_train_masks"]),
                 save_path=str(work_dir), model_name="cellpose_finetune", save_every=10**9)
-        self._trained_file = Path(path)
         self.model.diam_labels = float(self.model.net.diam_labels.data.cpu().numpy()[0])
         test_losses = np.asarray(test_losses, dtype=float)
         val_epoch = [int(e) for e in np.nonzero(test_losses)[0]] if val_imgs else []

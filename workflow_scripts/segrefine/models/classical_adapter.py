@@ -74,6 +74,15 @@ def segment(img: np.ndarray, sigma: float, threshold_scale: float, min_distance:
     return relabel_sequential(labels)[0].astype(np.uint32)
 
 
+def _mean_f1(pairs: Sequence[Pair], p: dict) -> float:
+    from segrefine.metrics import object_metrics
+
+    return float(np.mean([object_metrics(np.asarray(m).astype(np.int64),
+                                         segment(img, p["sigma"], p["threshold_scale"], p["min_distance"],
+                                                 p["min_size"], p["invert"]).astype(np.int64))["f1"]
+                          for img, m in pairs]))
+
+
 class ClassicalAdapter(Adapter):
     framework = "classical"
     official_weights: Dict[str, str] = {}
@@ -115,28 +124,18 @@ class ClassicalAdapter(Adapter):
     def fine_tune(self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int,
                   work_dir: Path) -> Dict[str, List[float]]:
         """Grid search of the parameters for the best mean F1 on the training patches."""
-        from segrefine.metrics import object_metrics
-
         grid = (params or {}).get("grid", self.grid)
         keys = sorted(grid)
         curve, best = [], (-1.0, None)
         for values in itertools.product(*(grid[k] for k in keys)):
             trial = dict(self.params, **dict(zip(keys, values)))
-            f1 = float(np.mean([object_metrics(np.asarray(m).astype(np.int64),
-                                               segment(img, trial["sigma"], trial["threshold_scale"],
-                                                       trial["min_distance"], trial["min_size"],
-                                                       trial["invert"]).astype(np.int64))["f1"]
-                                for img, m in train]))
+            f1 = _mean_f1(train, trial)
             curve.append(1.0 - f1)
             if f1 > best[0]:
                 best = (f1, trial)
         self.params = best[1]
         log.info("classical calibration: best train F1 %.3f with %s", best[0], {k: self.params[k] for k in keys})
-        val_loss = []
-        if val:
-            val_loss = [1.0 - float(np.mean([object_metrics(np.asarray(m).astype(np.int64),
-                                                            self.predict(img).astype(np.int64))["f1"]
-                                             for img, m in val]))]
+        val_loss = [1.0 - _mean_f1(val, self.params)] if val else []
         # "loss" here is 1 - F1 of each grid point, in search order
         return {"train_loss": curve, "val_loss": val_loss, "val_epoch": [len(curve) - 1] if val_loss else []}
 

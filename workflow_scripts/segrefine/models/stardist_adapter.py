@@ -48,15 +48,20 @@ def _seed(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+def _scratch_dir() -> Path:
+    """A private working folder for one model, removed when the process exits."""
+    work = Path(tempfile.mkdtemp(prefix="segrefine-stardist-"))
+    atexit.register(shutil.rmtree, work, True)
+    return work
+
+
 def _private_copy(weights: Path) -> Path:
     """Copy a model folder (config, thresholds, the given weights as weights_best.h5) to a temp dir."""
     src = weights.parent
     if not (src / "config.json").is_file():
         raise SegRefineError(f"{weights}: not a StarDist model (no config.json beside the weights; is it the "
                              "weights file of another framework?)")
-    work = Path(tempfile.mkdtemp(prefix="segrefine-stardist-"))
-    atexit.register(shutil.rmtree, work, True)
-    folder = work / "model"
+    folder = _scratch_dir() / "model"
     folder.mkdir()
     for name in MODEL_FILES:
         if (src / name).is_file():
@@ -100,9 +105,7 @@ class StarDistAdapter(Adapter):
                             train_patch_size=(int(params["patch_size"]),) * 2,
                             train_batch_size=int(params["batch_size"]),
                             train_learning_rate=float(params["learning_rate"]), train_tensorboard=False)
-            work = Path(tempfile.mkdtemp(prefix="segrefine-stardist-"))
-            atexit.register(shutil.rmtree, work, True)
-            return cls(StarDist2D(conf, name="model", basedir=str(work)), params)
+            return cls(StarDist2D(conf, name="model", basedir=str(_scratch_dir())), params)
         weights = Path(weights)
         if not weights.is_file():
             raise SegRefineError(f"{weights}: StarDist weights file not found")
