@@ -86,6 +86,12 @@ def _render(labels: np.ndarray, rng: np.random.Generator, tissue: np.ndarray, bl
     return np.clip(img * 230, 0, 255).astype(np.uint8)
 
 
+def _tissue(H: int, W: int) -> np.ndarray:
+    """The tissue section: an ellipse covering most of the chip."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    return (((yy - H / 2) / (0.46 * H)) ** 2 + ((xx - W / 2) / (0.46 * W)) ** 2) <= 1.0
+
+
 def make_slide(size: int, seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image uint8, truth labels uint32, band mask bool) of a ``size`` x ``size`` chip."""
     from scipy import ndimage
@@ -93,7 +99,7 @@ def make_slide(size: int, seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray
     rng = np.random.default_rng(seed)
     H = W = size
     yy, xx = np.mgrid[0:H, 0:W]
-    tissue = (((yy - H / 2) / (0.46 * H)) ** 2 + ((xx - W / 2) / (0.46 * W)) ** 2) <= 1.0
+    tissue = _tissue(H, W)
     band_center = H * 0.5 + 0.16 * H * np.sin(2 * np.pi * xx / W * 0.9 + 0.4)
     band = (np.abs(yy - band_center) < max(0.04 * H, 24)) & tissue
 
@@ -163,8 +169,10 @@ def write_gem(path: Path, gem: Dict[str, np.ndarray], sn: str) -> None:
     names = np.asarray(GENES)[gem["gene"]]
     body = "\n".join(f"{a}\t{b}\t{c}\t{d}" for a, b, c, d in zip(names, gem["x"], gem["y"], gem["count"]))
     with atomic_path(path, suffix=".gem.gz") as tmp:
-        with gzip.open(tmp, "wt", compresslevel=6) as fh:
-            fh.write("\n".join(lines) + "\n" + body + "\n")
+        # no timestamp and no (temporary) file name in the gzip header: the same seed gives the same bytes
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6,
+                                                   mtime=0) as fh:
+            fh.write(("\n".join(lines) + "\n" + body + "\n").encode())
 
 
 def choose_patches(band: np.ndarray, tissue: np.ndarray, n: int, size: int, seed: int,
@@ -195,16 +203,13 @@ def choose_patches(band: np.ndarray, tissue: np.ndarray, n: int, size: int, seed
 def make_demo(out_dir, sn: str = "DEMO01", size: int = 2048, n_patches: int = 20, patch_size: int = 256,
               seed: int = 7) -> dict:
     """Write the demo chip (slide, truth, GEM, QuPath annotations) into ``out_dir``."""
-    from segrefine.annotations import dump_geojson, labels_to_geojson
+    from segrefine.annotations import dump_geojson, labels_to_geojson, relabel_sequential
     from segrefine.io import write_text_atomic, write_tiff
     from segrefine.patches import PatchBox
 
     out = Path(out_dir)
     img, labels, band = make_slide(size, seed)
-    tissue = np.zeros_like(band)
-    H, W = band.shape
-    yy, xx = np.mgrid[0:H, 0:W]
-    tissue = (((yy - H / 2) / (0.46 * H)) ** 2 + ((xx - W / 2) / (0.46 * W)) ** 2) <= 1.0
+    tissue = _tissue(*band.shape)
     write_tiff(out / f"{sn}.tif", img, tiled=True, photometric="minisblack", metadata={"axes": "YX"})
     write_tiff(out / f"{sn}-truth.tif", labels, tiled=True, photometric="minisblack", metadata={"axes": "YX"})
     write_gem(out / f"{sn}.gem.gz", make_gem(labels, band, tissue, seed), sn)
@@ -213,7 +218,6 @@ def make_demo(out_dir, sn: str = "DEMO01", size: int = 2048, n_patches: int = 20
     for x, y in corners:
         box = PatchBox(sn, x, y, patch_size, patch_size)
         crop = labels[y:y + patch_size, x:x + patch_size]
-        from segrefine.annotations import relabel_sequential
         doc = labels_to_geojson(relabel_sequential(crop.astype(np.int64)))
         write_text_atomic(ann_dir / f"{box.name}.geojson", dump_geojson(doc))
     info = {"sn": sn, "size": size, "seed": seed, "cells": int(labels.max()), "band_cells": int(len(np.unique(labels[band])) - 1),
