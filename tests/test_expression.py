@@ -54,3 +54,25 @@ def test_a_library_that_kills_its_process_becomes_a_clear_error():
     with pytest.raises(SegRefineError, match="ValueError: bad mask"):
         run_isolated("gefpy step", _raise)
     run_isolated("fine", int)  # a clean call passes
+
+
+def test_h5ad_refuses_a_cell_table_that_does_not_match_and_writes_nothing(tmp_path):
+    import gzip
+
+    import tifffile
+
+    from conftest import run_step
+
+    lab = np.zeros((10, 10), np.uint32)
+    lab[1:4, 1:4], lab[5:9, 5:9] = 1, 2
+    tifffile.imwrite(tmp_path / "labels.tif", lab)
+    with gzip.open(tmp_path / "g.gem.gz", "wt") as fh:
+        fh.write("geneID\tx\ty\tMIDCount\nA\t2\t2\t3\nB\t6\t6\t2\nA\t9\t9\t1\n")
+    run_step("gef", "cgef", "--gem", tmp_path / "g.gem.gz", "--labels", tmp_path / "labels.tif",
+             "--cgef", tmp_path / "c.cgef", "--cellmap", tmp_path / "c.csv")
+    cellmap = (tmp_path / "c.csv").read_text().splitlines()
+    (tmp_path / "short.csv").write_text("\n".join(cellmap[:-1]) + "\n")  # one cell missing
+    proc = run_step("stereopy", "h5ad", "--cgef", tmp_path / "c.cgef", "--cellmap", tmp_path / "short.csv",
+                    "--out", tmp_path / "out" / "cells.h5ad", check=False)
+    assert proc.returncode == 1 and "stereopy's cells do not line up with" in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from segrefine import SegRefineError
-from segrefine.gem import aggregate_by_labels, read_gem
+from segrefine.gem import aggregate_by_labels, density_labels, read_gem
 
 
 def _write(path, text, gz=True):
@@ -74,3 +74,35 @@ def test_exact_aggregation_with_touching_cells_offsets_and_border(tmp_path):
     assert list(ids) == [7, 9, 11] and outside == 9
     dense = matrix.toarray()          # genes sorted: A, B, C
     np.testing.assert_array_equal(dense, [[2, 1, 0], [4, 0, 0], [0, 0, 5]])
+
+
+@pytest.mark.parametrize("row,message", [("G1\t1\t2\t1\t7\t8", r"m.gem:5: malformed GEM line: 6 fields, the header names 4"),
+                                         ("G1\t1", r"m.gem:5: malformed GEM line: no value in column y")])
+def test_malformed_lines_name_file_and_line(tmp_path, row, message):
+    p = _write(tmp_path / "m.gem", "#OffsetX=0\n#OffsetY=0\ngeneID\tx\ty\tMIDCount\nG1\t1\t2\t1\n" + row + "\n", gz=False)
+    with pytest.raises(SegRefineError, match=message):
+        read_gem(p)
+
+
+def test_header_offsets_and_extent(tmp_path):
+    p = _write(tmp_path / "o.gem", "#OffsetX=250\n#OffsetY=-40\ngeneID\tx\ty\tMIDCount\nA\t3\t9\t1\nB\t7\t5\t2\n",
+               gz=False)
+    gem = read_gem(p)
+    assert gem.offset == (250, -40) and gem.extent() == (3, 7, 5, 9)
+
+
+def test_density_labels_make_touching_nucleus_like_cells_on_the_real_gem(realdata):
+    from scipy import ndimage
+
+    gem = read_gem(realdata / "stereoseq-spateo-gem" / "SS200000135TL_D1_bin1_small.gem.gz")
+    x0, x1, y0, y1 = gem.extent()
+    labels = density_labels(gem, (x0, y0), (y1 - y0 + 1, x1 - x0 + 1))
+    n = int(labels.max())
+    assert 150 < n < 400 and set(np.unique(labels)) == set(range(n + 1))
+    areas = np.bincount(labels.ravel())[1:]
+    assert areas.max() <= 81  # a disc of radius 5 at most
+    touching = (labels[:, 1:] != labels[:, :-1]) & (labels[:, 1:] > 0) & (labels[:, :-1] > 0)
+    assert touching.any()
+    for k in range(1, n + 1):  # every cell is one connected piece
+        assert ndimage.label(labels == k)[1] == 1
+    np.testing.assert_array_equal(labels, density_labels(gem, (x0, y0), (y1 - y0 + 1, x1 - x0 + 1)))
