@@ -95,9 +95,11 @@ def _yx_axes(axes: str, shape: Tuple[int, ...]) -> Tuple[int, int, Optional[int]
 
 
 class Slide:
-    """Level 0 of a whole-slide image, read region by region.
+    """A whole-slide image, read region by region (level 0) or level by level (pyramid).
 
-    ``shape`` is (height, width); ``channels`` is 1 for grayscale, 3 for RGB.
+    ``shape`` is (height, width) of level 0; ``channels`` is 1 for grayscale, 3
+    for RGB; ``levels`` lists the (height, width) of every pyramid level
+    (``[shape]`` for a plain TIFF).
     """
 
     def __init__(self, path):
@@ -116,12 +118,89 @@ class Slide:
             self._y, self._x, self._c = _yx_axes(self.axes, level.shape)
             self._full_shape = level.shape
             self._array = zarr.open(self._tif.aszarr(series=0, level=0), mode="r")
+            self._levels = list(series.levels)
         except SegRefineError:
             raise
         except Exception as exc:
             raise SegRefineError(f"{self.path}: not a readable TIFF slide ({type(exc).__name__}: {exc})") from exc
         self.shape = (int(level.shape[self._y]), int(level.shape[self._x]))
         self.channels = int(level.shape[self._c]) if self._c is not None else 1
+        self.levels = [(int(lv.shape[self._y]), int(lv.shape[self._x])) for lv in self._levels]
+
+    def downsample(self, level: int) -> float:
+        """Level 0 pixels per pixel of ``level`` (along x)."""
+        return self.shape[1] / self.levels[self._check_level(level)][1]
+
+    def _check_level(self, level: int) -> int:
+        if not 0 <= int(level) < len(self.levels):
+            raise SegRefineError(f"{self.path}: pyramid level {level} is missing: the slide has {len(self.levels)} "
+                                 f"level(s) (0..{len(self.levels) - 1}; sizes {self.levels})")
+        return int(level)
+
+    def read_level(self, level: int, max_pixels: int = 64 * 2**20) -> np.ndarray:
+        """A whole (low-resolution) pyramid level as (h, w) or (h, w, channels).
+
+        Refuses levels above ``max_pixels`` pixels: a large level is read by regions."""
+        level = self._check_level(level)
+        h, w = self.levels[level]
+        if h * w > max_pixels:
+            raise SegRefineError(f"{self.path}: level {level} is {w}x{h} px, too large to read whole "
+                                 f"(limit {max_pixels} px)")
+        if level == 0:
+            return self.read_all()
+        try:
+            lv = self._levels[level]
+            arr = np.asarray(lv.asarray())
+        except Exception as exc:
+            raise SegRefineError(f"{self.path}: cannot read pyramid level {level} "
+                                 f"(truncated or corrupt file? {type(exc).__name__}: {exc})") from exc
+        axes = lv.axes
+        y, x, c = _yx_axes(axes, arr.shape)
+        index = [0] * arr.ndim
+        index[y] = slice(None)
+        index[x] = slice(None)
+        if c is not None:
+            index[c] = slice(None)
+        arr = arr[tuple(index)]
+        kept = [a for i, a in enumerate(axes) if isinstance(index[i], slice)]
+        order = [kept.index("Y"), kept.index("X")] + ([kept.index(axes[c])] if c is not None else [])
+        return np.transpose(arr, order)
+
+    def thumbnail(self, downsample: int, level: Optional[int] = None, strip: int = 2048) -> Tuple[np.ndarray, float]:
+        """A grayscale (float32) low-resolution view and its downsample factor (level-0 px per thumbnail px).
+
+        ``level`` given: that pyramid level (an error if it is missing). Otherwise
+        the coarsest level not coarser than ``downsample``; when that is level 0
+        (a plain TIFF) the view is a block mean of level 0 computed block by
+        block, so memory stays bounded by one block (``strip`` px square).
+        """
+        if level is None:
+            candidates = [i for i in range(len(self.levels)) if self.downsample(i) <= downsample * 1.01]
+            level = max(candidates)
+            pixels = [h * w for h, w in self.levels]
+            if level > 0 and pixels[level] > 64 * 2**20:  # too large to hold: the finest level that fits, else stream
+                fits = [i for i in range(len(self.levels)) if pixels[i] <= 64 * 2**20]
+                level = min(fits) if fits else 0
+        level = self._check_level(level)
+        if level > 0 or downsample <= 1:
+            arr = self.read_level(level).astype(np.float32)
+            return (arr.mean(axis=-1) if arr.ndim == 3 else arr), self.downsample(level)
+        f = int(downsample)
+        H, W = self.shape
+        h, w = H // f, W // f
+        if h == 0 or w == 0:
+            raise SegRefineError(f"{self.path}: slide ({W}x{H} px) is smaller than one thumbnail pixel ({f} px)")
+        out = np.empty((h, w), np.float32)
+        step = max(1, strip // f)  # blocks of strip x strip level-0 pixels: memory independent of the slide size
+        for r0 in range(0, h, step):
+            r1 = min(h, r0 + step)
+            for c0 in range(0, w, step):
+                c1 = min(w, c0 + step)
+                block = self.read(c0 * f, r0 * f, (c1 - c0) * f, (r1 - r0) * f).astype(np.float32)
+                if block.ndim == 3:
+                    block = block.mean(axis=-1)
+                out[r0:r1, c0:c1] = block.reshape(r1 - r0, f, c1 - c0, f).mean(axis=(1, 3))
+        return out, float(f)
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """The region [y, y+h) x [x, x+w) of level 0 as (h, w) or (h, w, channels)."""
@@ -155,3 +234,70 @@ class Slide:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --- streaming pyramidal OME-TIFF ---------------------------------------------------------------------------------------
+def _padded_tiles(array, tile: int):
+    """Row-major (tile, tile) blocks of a 2-D array-like (zarr), zero-padded at the right and bottom edges."""
+    H, W = array.shape
+    for y in range(0, H, tile):
+        for x in range(0, W, tile):
+            block = np.asarray(array[y:min(H, y + tile), x:min(W, x + tile)])
+            if block.shape != (tile, tile):
+                full = np.zeros((tile, tile), block.dtype)
+                full[:block.shape[0], :block.shape[1]] = block
+                block = full
+            yield block
+
+
+def label_pyramid_levels(level0, work_dir, min_side: int = 1024, block: int = 2048) -> list:
+    """Downsampled copies of a 2-D label array (nearest: every second pixel), each in a zarr store under ``work_dir``.
+
+    Each level is built block by block from the one above it (never the whole
+    slide in memory) until its longer side is at most ``min_side``.
+    Returns [level0, level1, ...].
+    """
+    import zarr
+
+    levels = [level0]
+    while max(levels[-1].shape) > min_side:
+        prev = levels[-1]
+        H, W = prev.shape
+        h, w = (H + 1) // 2, (W + 1) // 2
+        lv = zarr.create_array(store=str(Path(work_dir) / f"level{len(levels)}.zarr"), shape=(h, w),
+                               chunks=(512, 512), dtype=prev.dtype, fill_value=0)
+        for y in range(0, h, block // 2):
+            for x in range(0, w, block // 2):
+                lv[y:min(h, y + block // 2), x:min(w, x + block // 2)] = \
+                    np.asarray(prev[2 * y:min(H, 2 * y + block), 2 * x:min(W, 2 * x + block)])[::2, ::2]
+        levels.append(lv)
+    return levels
+
+
+def write_pyramid_ome_tiff(path, levels: list, tile: int = 512, pixel_size_um: Optional[float] = None,
+                           name: str = "labels") -> None:
+    """Write a tiled, zlib-compressed, pyramidal OME-TIFF (sub-resolutions as SubIFDs) atomically.
+
+    ``levels`` are 2-D array-likes (numpy or zarr), full size first; they are
+    streamed tile by tile. tifffile, QuPath (Bio-Formats), napari and Fiji read
+    level 0 as the image and the SubIFDs as its pyramid.
+    """
+    import tifffile
+
+    level0 = levels[0]
+    dtype = np.dtype(level0.dtype)
+    meta = {"axes": "YX", "Name": name}
+    if pixel_size_um:
+        meta.update(PhysicalSizeX=float(pixel_size_um), PhysicalSizeXUnit="µm",
+                    PhysicalSizeY=float(pixel_size_um), PhysicalSizeYUnit="µm")
+    opts = dict(dtype=dtype, tile=(tile, tile), compression="zlib", photometric="minisblack")
+    bigtiff = level0.shape[0] * level0.shape[1] * dtype.itemsize > 2**31
+    with atomic_path(path, suffix=".tif") as tmp:
+        try:
+            with tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=True) as tif:
+                tif.write(_padded_tiles(level0, tile), shape=level0.shape, subifds=len(levels) - 1, metadata=meta,
+                          **opts)
+                for lv in levels[1:]:
+                    tif.write(_padded_tiles(lv, tile), shape=lv.shape, subfiletype=1, **opts)
+        except OSError as exc:
+            raise SegRefineError(f"{path}: cannot write ({exc}; is the disk full?)") from exc

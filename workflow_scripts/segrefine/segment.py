@@ -1,12 +1,18 @@
-"""Whole-slide segmentation with a saved model, and the cell table.
+"""Whole-slide segmentation with a saved model: tiled, sharded, exactly stitched.
 
-This first version predicts the whole slide in one call of the model (Cellpose
-tiles internally and stitches flows before computing masks, so no cell is cut);
-the tiling engine replaces it for slides that do not fit in memory.
+The workflow runs the three steps as separate jobs (rules/segment.smk):
+``tile-plan`` (segrefine.tiling.make_plan), one ``segment-shard`` job per shard
+(segrefine.tiling.run_shard, in the model's env, `gpu=1` for GPU frameworks)
+and ``stitch`` (segrefine.stitch.stitch). ``segment_slide`` runs the same
+three steps in one process, for use by hand. ``segment_whole`` is the
+whole-image approach (one predict call on the whole slide), kept as the
+reference that the tiling benchmark compares against.
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -29,19 +35,32 @@ def cell_table(labels: np.ndarray):
     }, columns=CELL_COLUMNS)
 
 
-def segment_slide(card_path, slide_path, labels_out, cells_out) -> int:
-    from segrefine.io import Slide, atomic_path, write_tiff
+def segment_whole(card_path, slide_path) -> np.ndarray:
+    """The whole-image approach: the whole slide in memory, one predict call (the reference for benchmarks)."""
+    from segrefine.io import Slide
     from segrefine.models import load_model
 
-    model, card = load_model(card_path)
+    model, _ = load_model(card_path)
     with Slide(slide_path) as slide:
-        log.info("segmenting %s (%dx%d px) with %s [%s] on %s", slide_path, slide.shape[1], slide.shape[0],
-                 card["name"], card["stage"], model.device)
         image = slide.read_all()
-    labels = model.predict(image).astype(np.uint32)
-    write_tiff(labels_out, labels, tiled=True, photometric="minisblack", metadata={"axes": "YX"})
-    with atomic_path(cells_out) as tmp:
-        cell_table(labels).to_csv(tmp, index=False)
-    n = int(len(np.unique(labels)) - 1)
-    log.info("%d cells -> %s", n, labels_out)
-    return n
+    return np.asarray(model.predict(image)).astype(np.uint32)
+
+
+def segment_slide(card_path, slide_path, out_dir, tile_size: int = 1024, halo_px: int = 64, context_px: int = 0,
+                  shards: int = 1, tissue: bool = True, tissue_level: Optional[int] = None,
+                  tissue_downsample: int = 16, bright_field: bool = False, trainset=None,
+                  pixel_size_um: Optional[float] = None, geojson: bool = True, overlay: bool = True) -> dict:
+    """Plan, all shards one after another, and stitch, in one process; outputs in ``out_dir`` as the workflow names them."""
+    from segrefine.stitch import stitch
+    from segrefine.tiling import make_plan, run_shard, write_plan
+
+    out = Path(out_dir)
+    plan, meta = make_plan(slide_path, tile_size, halo_px, context_px, shards, tissue, tissue_level,
+                           tissue_downsample, bright_field, trainset)
+    write_plan(plan, meta, out / "tiles.tsv", out / "tiles.json")
+    shard_jsons = [out / "shards" / f"{k}.json" for k in range(shards)]
+    for k, sj in enumerate(shard_jsons):
+        run_shard(out / "tiles.tsv", k, card_path, slide_path, out / "tiles", sj)
+    return stitch(out / "tiles.tsv", out / "tiles", shard_jsons, slide_path, out / "labels.tif", out / "cells.csv",
+                  out / "cells.parquet", out / "cells.geojson" if geojson else None,
+                  out / "overlay.png" if overlay else None, out / "segmentation.json", pixel_size_um)

@@ -1,0 +1,330 @@
+"""Whole-slide tiling: the plan, tissue detection, ownership, resumable shards, exact stitching,
+the pyramidal OME-TIFF and the other outputs, the GPU allocator, and bad input."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from conftest import run_step
+from segrefine import SegRefineError
+from segrefine.demo import make_slide
+from segrefine.devices import gpu_device
+from segrefine.io import Slide, write_tiff
+from segrefine.metrics import object_metrics
+from segrefine.models.classical_adapter import DEFAULTS, segment
+from segrefine.stitch import cell_outlines, seam_report, stitch
+from segrefine.tiling import grid_tiles, make_plan, own_cells, read_plan, run_shard, tile_file, write_plan
+
+
+class LocalClassical:
+    """The classical model with one fixed threshold: translation-local, so tiling must reproduce
+    its whole-image result exactly (any difference is the engine's fault)."""
+    device = "cpu"
+
+    def __init__(self, threshold=60.0, fail_on_call=None):
+        self.threshold, self.calls, self.fail_on_call = threshold, 0, fail_on_call
+
+    def predict(self, img):
+        self.calls += 1
+        if self.fail_on_call is not None and self.calls == self.fail_on_call:
+            raise KeyboardInterrupt("killed")  # what a killed job looks like from inside
+        p = DEFAULTS
+        return segment(img, p["sigma"], p["threshold_scale"], p["min_distance"], p["min_size"], p["invert"],
+                       threshold=self.threshold)
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    """The 384 px demo chip with a blank background band on the right (so some tiles hold no tissue)."""
+    d = tmp_path_factory.mktemp("slide")
+    img, truth, _ = make_slide(384, seed=3)
+    img = np.concatenate([img, np.full((384, 192), img.min(), img.dtype)], axis=1)  # 576 wide, right third blank
+    write_tiff(d / "slide.tif", img, tiled=True, photometric="minisblack", metadata={"axes": "YX"})
+    card = d / "classical"
+    run_step("core", "pretrained-card", "--framework", "classical", "--name", "c", "--source", "none",
+             "--out-dir", card)
+    return d / "slide.tif", img, card / "card.json"
+
+
+def run_all(tmp, slide_path, card, model, tile=96, halo=24, shards=2, **kw):
+    plan, meta = make_plan(slide_path, tile, halo, shards=shards, tissue_downsample=4, **kw)
+    write_plan(plan, meta, tmp / "tiles.tsv", tmp / "tiles.json")
+    jsons = [tmp / f"s{k}.json" for k in range(shards)]
+    for k, j in enumerate(jsons):
+        run_shard(tmp / "tiles.tsv", k, card, slide_path, tmp / "tiles", j, model=model)
+    rep = stitch(tmp / "tiles.tsv", tmp / "tiles", jsons, slide_path, tmp / "labels.tif", tmp / "cells.csv",
+                 tmp / "cells.parquet", tmp / "cells.geojson", tmp / "overlay.png", tmp / "report.json",
+                 pixel_size_um=0.5)
+    return plan, meta, rep
+
+
+def test_grid_partitions_the_slide_and_windows_add_the_margin():
+    plan = grid_tiles((300, 500), 128, 20)
+    cover = np.zeros((300, 500), int)
+    for t in plan.itertuples():
+        cover[t.y0:t.y1, t.x0:t.x1] += 1
+        assert (t.wx0, t.wy0) == (max(0, t.x0 - 20), max(0, t.y0 - 20))
+        assert (t.wx1, t.wy1) == (min(500, t.x1 + 20), min(300, t.y1 + 20))
+    assert (cover == 1).all() and len(plan) == 3 * 4
+
+
+def test_tiled_equals_whole_image_exactly_with_unique_ids_and_all_outputs(slide, tmp_path):
+    slide_path, img, card = slide
+    model = LocalClassical()
+    plan, meta, rep = run_all(tmp_path, slide_path, card, model)
+    # background tiles (the blank right third) are skipped and counted
+    assert meta["tiles_skipped_background"] >= 4 and rep["tiles_skipped_background"] == meta["tiles_skipped_background"]
+    assert not plan[plan["x0"] >= 400]["in_tissue"].any()
+    whole = model.predict(img)
+    tiled = tifffile.imread(tmp_path / "labels.tif")
+    assert tiled.dtype == np.uint32 and tiled.shape == img.shape
+    m = object_metrics(whole.astype(np.int64), tiled.astype(np.int64))
+    assert m["f1"] >= 0.99, m
+    seams = seam_report(whole, tiled, 96, near=24)
+    assert seams["cells_crossing_seams"] > 10
+    assert seams["cut_at_seams"] == 0 and seams["duplicates"] == 0 and seams["ids_unique_and_dense"]
+    assert rep["cells"] == tiled.max() and rep["n_large_cells"] == 0
+    # the cell table agrees with the label image exactly, in CSV and Parquet
+    cells = pd.read_csv(tmp_path / "cells.csv")
+    assert list(cells.columns) == ["cell_id", "centroid_x", "centroid_y", "area_px", "bbox_x0", "bbox_y0",
+                                   "bbox_x1", "bbox_y1"]
+    assert cells["cell_id"].tolist() == list(range(1, rep["cells"] + 1))
+    areas = np.bincount(tiled.ravel())[1:]
+    assert (cells["area_px"].to_numpy() == areas).all()
+    row = cells.iloc[len(cells) // 2]
+    ys, xs = np.nonzero(tiled == row.cell_id)
+    assert (row.bbox_x0, row.bbox_y0, row.bbox_x1, row.bbox_y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert abs(row.centroid_x - xs.mean()) < 1e-6 and abs(row.centroid_y - ys.mean()) < 1e-6
+    pq = pd.read_parquet(tmp_path / "cells.parquet")
+    assert len(pq) == len(cells) and (pq["cell_id"].to_numpy() == cells["cell_id"].to_numpy()).all()
+    # QuPath detections, one per cell
+    gj = json.loads((tmp_path / "cells.geojson").read_text())
+    assert len(gj["features"]) == len(cells)
+    assert {f["properties"]["objectType"] for f in gj["features"]} == {"detection"}
+    # pyramidal OME-TIFF with physical pixel size
+    with tifffile.TiffFile(tmp_path / "labels.tif") as tif:
+        assert tif.is_ome and tif.pages[0].is_tiled and tif.pages[0].compression == 8  # ADOBE_DEFLATE (zlib)
+        assert tif.series[0].levels[0].shape == img.shape
+        assert 'PhysicalSizeX="0.5"' in tif.ome_metadata
+    assert (tmp_path / "overlay.png").stat().st_size > 1000
+    assert not list(tmp_path.glob(".*"))  # no temporary file or stitch folder left
+
+
+def test_pyramid_levels_are_nearest_downsamples(tmp_path):
+    from segrefine.io import label_pyramid_levels, write_pyramid_ome_tiff
+
+    rng = np.random.default_rng(0)
+    lab = rng.integers(0, 5000, (1500, 2300)).astype(np.uint32)
+    levels = label_pyramid_levels(lab, tmp_path, min_side=400, block=512)
+    write_pyramid_ome_tiff(tmp_path / "p.tif", levels, tile=256)
+    with tifffile.TiffFile(tmp_path / "p.tif") as tif:
+        got = [lv.asarray() for lv in tif.series[0].levels]
+    assert len(got) == 4
+    assert all((g == lab[::2 ** k, ::2 ** k]).all() for k, g in enumerate(got))
+
+
+def test_a_killed_shard_reruns_only_its_unfinished_tiles(slide, tmp_path):
+    slide_path, _, card = slide
+    plan, meta = make_plan(slide_path, 96, 24, shards=1, tissue_downsample=4)
+    write_plan(plan, meta, tmp_path / "tiles.tsv", tmp_path / "tiles.json")
+    n = int(plan["in_tissue"].sum())
+    with pytest.raises(KeyboardInterrupt):
+        run_shard(tmp_path / "tiles.tsv", 0, card, slide_path, tmp_path / "tiles", tmp_path / "s0.json",
+                  model=LocalClassical(fail_on_call=5))
+    done = sorted((tmp_path / "tiles").glob("tile*.npz"))
+    assert 3 <= len(done) <= 4 and not list((tmp_path / "tiles").glob(".*"))  # complete files only
+    assert not (tmp_path / "s0.json").exists()
+    model = LocalClassical()
+    stats = run_shard(tmp_path / "tiles.tsv", 0, card, slide_path, tmp_path / "tiles", tmp_path / "s0.json",
+                      model=model)
+    assert stats["tiles_resumed"] == len(done) and stats["tiles_computed"] == model.calls == n - len(done)
+    # a different model (card) invalidates every tile
+    other = tmp_path / "other.json"
+    other.write_text(card.read_text() + " ")
+    stats = run_shard(tmp_path / "tiles.tsv", 0, other, slide_path, tmp_path / "tiles", tmp_path / "s0.json",
+                      model=LocalClassical())
+    assert stats["tiles_computed"] == n
+
+
+def test_full_disk_is_a_clear_error_and_leaves_nothing(slide, tmp_path, monkeypatch):
+    import errno
+
+    slide_path, _, card = slide
+    plan, meta = make_plan(slide_path, 192, 24, shards=1, tissue_downsample=4)
+    write_plan(plan, meta, tmp_path / "tiles.tsv", tmp_path / "tiles.json")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(SegRefineError, match="tile0000..\\.npz: cannot write the tile result .*disk full"):
+        run_shard(tmp_path / "tiles.tsv", 0, card, slide_path, tmp_path / "tiles", tmp_path / "s0.json",
+                  model=LocalClassical())
+    assert not list((tmp_path / "tiles").iterdir())
+
+
+def test_ownership_keeps_each_seam_cell_in_exactly_one_tile():
+    H, W = 100, 200
+    labels = np.zeros((H, W), np.int32)
+    labels[40:50, 95:106] = 7  # straddles the seam at x=100; centroid x = 100 -> right tile
+    labels[10:20, 90:99] = 3   # left core
+    plan = grid_tiles((H, W), 100, 20)
+    owners = []
+    for t in plan.itertuples():
+        win = labels[t.wy0:t.wy1, t.wx0:t.wx1]
+        owned, origin, large = own_cells(win, t, (H, W))
+        owners.append(int(owned.max()) if owned.size else 0)
+        assert not large
+    assert owners == [1, 1]  # each tile owns one cell: the seam cell goes to the tile holding its anchor
+    t = plan.iloc[1]
+    owned, (ox, oy), _ = own_cells(labels[t.wy0:t.wy1, t.wx0:t.wx1], t, (H, W))
+    assert (ox, oy) == (95, 40) and owned.shape == (10, 11)
+
+
+def test_cells_larger_than_the_halo_are_reported_with_their_location():
+    H, W = 100, 200
+    labels = np.zeros((H, W), np.int32)
+    labels[30:70, 60:140] = 1  # 80 px wide: larger than the 10 px halo
+    plan = grid_tiles((H, W), 100, 10)
+    reports = []
+    for t in plan.itertuples():  # each window sees a clipped part (x 60..110 and 90..140) and owns it
+        owned, origin, large = own_cells(labels[t.wy0:t.wy1, t.wx0:t.wx1], t, (H, W))
+        assert owned.max() == 1 and len(large) == 1
+        reports.append((large[0]["anchor_x"], large[0]["bbox_x0"], large[0]["bbox_x1"]))
+    assert reports == [(84, 60, 110), (114, 90, 140)]
+
+
+def test_halo_smaller_than_training_cells_fails_naming_the_mask(slide, tmp_path):
+    slide_path, _, _ = slide
+    mask = np.zeros((64, 64), np.uint16)
+    mask[5:35, 10:30] = 1  # 30 px tall
+    write_tiff(tmp_path / "m-mask.tif", mask)
+    pd.DataFrame({"patch": ["m"], "sn": ["S"], "image": ["x"], "mask": [str(tmp_path / "m-mask.tif")], "n_cells": [1],
+                  "split": ["train"], "image_sha256": ["-"], "mask_sha256": ["-"]}).to_csv(
+        tmp_path / "ts.tsv", sep="\t", index=False)
+    with pytest.raises(SegRefineError, match=r"halo 24 px is smaller than the largest cell in the training masks "
+                                             r"\(30 px: cell 1 of .*m-mask.tif"):
+        make_plan(slide_path, 96, 24, trainset=tmp_path / "ts.tsv")
+    _, meta = make_plan(slide_path, 96, 30, trainset=tmp_path / "ts.tsv")
+    assert meta["largest_training_cell"]["extent_px"] == 30
+
+
+def test_pyramid_levels_read_and_missing_level_named(tmp_path):
+    img, _, _ = make_slide(512, seed=1)
+    with tifffile.TiffWriter(tmp_path / "pyr.ome.tif", ome=True) as tif:
+        tif.write(img, tile=(128, 128), subifds=2, metadata={"axes": "YX"})
+        tif.write(img[::2, ::2], tile=(128, 128), subfiletype=1)
+        tif.write(img[::4, ::4], tile=(128, 128), subfiletype=1)
+    with Slide(tmp_path / "pyr.ome.tif") as s:
+        assert s.levels == [(512, 512), (256, 256), (128, 128)] and s.downsample(2) == 4
+        assert (s.read_level(1) == img[::2, ::2]).all()
+        thumb, f = s.thumbnail(4)
+        assert f == 4 and thumb.shape == (128, 128)
+        with pytest.raises(SegRefineError, match=r"pyr.ome.tif: pyramid level 3 is missing: the slide has 3 level"):
+            s.thumbnail(16, level=3)
+    with pytest.raises(SegRefineError, match="pyramid level 5 is missing"):
+        make_plan(tmp_path / "pyr.ome.tif", 128, 16, tissue_level=5)
+    # a plain TIFF: the tissue view is a block mean streamed from level 0
+    write_tiff(tmp_path / "plain.tif", img)
+    with Slide(tmp_path / "plain.tif") as s:
+        thumb, f = s.thumbnail(8, strip=64)
+        assert f == 8 and np.allclose(thumb, img.astype(np.float32).reshape(64, 8, 64, 8).mean(axis=(1, 3)))
+
+
+def test_unreadable_slide_is_named(tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"not a tiff at all")
+    with pytest.raises(SegRefineError, match="bad.tif: not a readable TIFF slide"):
+        make_plan(bad, 128, 16)
+    proc = run_step("core", "tile-plan", "--slide", bad, "--out", tmp_path / "p.tsv", "--out-json",
+                    tmp_path / "p.json", check=False)
+    assert proc.returncode == 1 and "bad.tif: not a readable TIFF slide" in proc.stderr
+    assert not (tmp_path / "p.tsv").exists()
+
+
+def test_stitch_refuses_missing_tiles_and_other_plans(slide, tmp_path):
+    slide_path, _, card = slide
+    run_all(tmp_path, slide_path, card, LocalClassical(), shards=1)
+    victim = tile_file(tmp_path / "tiles", int(read_plan(tmp_path / "tiles.tsv")[0].query("in_tissue")["tile_id"].iloc[0]))
+    victim.unlink()
+    with pytest.raises(SegRefineError, match="1 tile result\\(s\\) missing .*forcerun segment_shard"):
+        stitch(tmp_path / "tiles.tsv", tmp_path / "tiles", [tmp_path / "s0.json"], slide_path, tmp_path / "l2.tif",
+               tmp_path / "c2.csv")
+    assert not (tmp_path / "l2.tif").exists() and not (tmp_path / "c2.csv").exists()
+
+
+def test_cell_outlines_follow_pixel_edges():
+    lab = np.zeros((10, 10), np.uint32)
+    lab[2:5, 3:7] = 42
+    [(cid, ring)] = cell_outlines(lab, origin=(100, 200))
+    xs, ys = [p[0] for p in ring], [p[1] for p in ring]
+    assert cid == 42 and ring[0] == ring[-1]
+    assert (min(xs), max(xs), min(ys), max(ys)) == (103, 107, 202, 205)
+
+
+def test_each_concurrent_gpu_job_gets_its_own_device(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGREFINE_GPU_LOCK_DIR", str(tmp_path))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with gpu_device(1) as a:
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == a
+        os.environ["CUDA_VISIBLE_DEVICES"] = "3,5"  # a second job starts with the same environment
+        with gpu_device(1) as b:
+            assert {a, b} == {"3", "5"}
+            os.environ["CUDA_VISIBLE_DEVICES"] = "3,5"
+            with pytest.raises(SegRefineError, match="no free GPU among \\['3', '5'\\]"):
+                with gpu_device(1, timeout_s=0.2, poll_s=0.05):
+                    pass
+    with gpu_device(1) as c:  # released when the jobs ended
+        assert c == "3"
+    with gpu_device(0) as none:
+        assert none is None
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with gpu_device(1) as s:
+        assert s == "1"  # under SLURM the allocation's device is kept
+
+
+def test_cli_steps_run_the_workflow_chain(slide, tmp_path):
+    slide_path, img, card = slide
+    run_step("core", "tile-plan", "--slide", slide_path, "--out", tmp_path / "tiles.tsv", "--out-json",
+             tmp_path / "tiles.json", "--tile-size", 192, "--halo", 12, "--halo-unit", "um", "--pixel-size-um", 0.5,
+             "--shards", 2, "--tissue-downsample", 4)
+    meta = json.loads((tmp_path / "tiles.json").read_text())
+    assert meta["halo_px"] == 24 and meta["shards"] == 2
+    for k in range(2):
+        run_step("core", "segment-shard", "--plan", tmp_path / "tiles.tsv", "--shard", k, "--card", card,
+                 "--slide", slide_path, "--tiles-dir", tmp_path / "tiles", "--out", tmp_path / f"s{k}.json")
+    proc = run_step("core", "stitch", "--plan", tmp_path / "tiles.tsv", "--tiles-dir", tmp_path / "tiles",
+                    "--shards", tmp_path / "s0.json", tmp_path / "s1.json", "--slide", slide_path,
+                    "--labels", tmp_path / "labels.tif", "--cells", tmp_path / "cells.csv")
+    assert "stitched" in proc.stderr
+    labels = tifffile.imread(tmp_path / "labels.tif")
+    assert labels.shape == img.shape and labels.max() == len(pd.read_csv(tmp_path / "cells.csv")) > 0
+    proc = run_step("core", "segment-shard", "--plan", tmp_path / "tiles.tsv", "--shard", 7, "--card", card,
+                    "--slide", slide_path, "--tiles-dir", tmp_path / "tiles", "--out", tmp_path / "s7.json",
+                    check=False)
+    assert proc.returncode == 1 and "shard 7 is not in the plan (0..1)" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["ssDNA", "DAPI"])
+def test_real_crops_tiled_equal_whole(realdata, tmp_path, name, slide):
+    """Real CellBinDB crops (256 px): 3 x 3 tiles of 96 px, halo 24 px."""
+    _, _, card = slide
+    src = realdata / "cellbindb-demo" / f"{name}_img.tif"
+    img = tifffile.imread(src)
+    shutil.copy(src, tmp_path / "real.tif")
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    model = LocalClassical(threshold=threshold_otsu(ndimage.gaussian_filter(img.astype(np.float32), 1.0)))
+    _, _, rep = run_all(tmp_path, tmp_path / "real.tif", card, model, tile=96, halo=24, shards=2, tissue=False)
+    whole = model.predict(img)
+    tiled = tifffile.imread(tmp_path / "labels.tif")
+    m = object_metrics(whole.astype(np.int64), tiled.astype(np.int64))
+    seams = seam_report(whole, tiled, 96, near=24)
+    assert m["f1"] >= 0.99 and seams["cut_at_seams"] == 0 and seams["duplicates"] == 0, (m, seams)

@@ -1,0 +1,352 @@
+"""Exact stitching of the per-tile results into one whole-slide result, in bounded memory.
+
+Tiles are pasted one at a time, in tile-id order (raster order of the cores),
+into a chunked, compressed level-0 store on disk; memory holds one window at a
+time, never the slide. Every owned cell gets the next global id (uint32,
+1..N, in tile order), so ids are unique across the slide.
+
+Conflicts in overlaps: two tiles own the same physical cell only when their
+predictions of it differ enough to move its anchor across the seam (the
+model saw different context). When a tile's cell overlaps cells already
+pasted by earlier tiles:
+  * if half or more of its pixels, or half or more of such a cell's pixels in
+    the window, are shared, it is the same cell: the earlier tile's copy stays
+    and this copy is dropped (counted as a duplicate resolved);
+  * otherwise the shared pixels stay with the earlier cell and this cell
+    keeps its other pixels (counted as pixels trimmed).
+The cell table, the outlines and the pyramid are then computed from the
+stitched pixels, so they agree with labels.tif exactly.
+
+Outputs: labels.tif (tiled, zlib, pyramidal OME-TIFF; level 0 = full-size
+uint32 labels), cells.csv and cells.parquet, cells.geojson (QuPath
+detections), overlay.png (downsampled outlines on the slide), and a JSON
+report with counts, cells larger than the halo and timings.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from segrefine import SegRefineError
+from segrefine.tiling import cell_outlines
+
+log = logging.getLogger("segrefine.stitch")
+
+CELL_COLUMNS = ["cell_id", "centroid_x", "centroid_y", "area_px", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]
+MAX_ID = 2**32 - 1
+
+
+def _cell_rows(labels: np.ndarray, origin, first: int, n: int) -> dict:
+    """Columns of the cell table for cells ``first .. first+n-1`` of ``labels`` (a crop whose top-left is
+    ``origin`` in the slide): centroid = mean pixel position, bbox = [x0, x1) x [y0, y1) in slide pixels."""
+    from scipy import ndimage
+
+    ox, oy = origin
+    local = np.where(labels > 0, labels.astype(np.int64) - (first - 1), 0)
+    h, w = labels.shape
+    flat = local.ravel()
+    area = np.bincount(flat, minlength=n + 1)[1:]
+    sy = np.bincount(flat, weights=np.repeat(np.arange(h, dtype=np.float64), w), minlength=n + 1)[1:]
+    sx = np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), h), minlength=n + 1)[1:]
+    boxes = ndimage.find_objects(local.astype(np.int32), max_label=n)
+    b = np.array([[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in boxes], np.int64).reshape(-1, 4)
+    return {"cell_id": np.arange(first, first + n, dtype=np.int64),
+            "centroid_x": sx / area + ox, "centroid_y": sy / area + oy, "area_px": area.astype(np.int64),
+            "bbox_x0": b[:, 0] + ox, "bbox_y0": b[:, 1] + oy, "bbox_x1": b[:, 2] + ox, "bbox_y1": b[:, 3] + oy}
+
+
+def _duplicates(owned: np.ndarray, existing: np.ndarray) -> np.ndarray:
+    """Boolean per owned id (index 0 unused): True when the cell is an earlier tile's cell seen again."""
+    n = int(owned.max())
+    dup = np.zeros(n + 1, bool)
+    both = (owned > 0) & (existing > 0)
+    if not both.any():
+        return dup
+    area_new = np.bincount(owned.ravel(), minlength=n + 1)
+    ex_ids, ex_area = np.unique(existing[existing > 0], return_counts=True)
+    pairs = (owned[both].astype(np.uint64) << np.uint64(32)) | existing[both].astype(np.uint64)
+    up, shared = np.unique(pairs, return_counts=True)
+    pn = (up >> np.uint64(32)).astype(np.int64)
+    pe = (up & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    pe_area = ex_area[np.searchsorted(ex_ids, pe)]
+    same = (shared * 2 >= area_new[pn]) | (shared * 2 >= pe_area)
+    dup[pn[same]] = True
+    return dup
+
+
+class _TableWriter:
+    """cells.csv (streamed rows) and cells.parquet (streamed row groups), both atomic."""
+
+    def __init__(self, stack: contextlib.ExitStack, csv_path, parquet_path):
+        from segrefine.io import atomic_path
+
+        self.csv_tmp = stack.enter_context(atomic_path(csv_path))
+        self.fh = stack.enter_context(open(self.csv_tmp, "w", newline=""))
+        self.csv = csv.writer(self.fh)
+        self.csv.writerow(CELL_COLUMNS + [])
+        self.parquet_tmp = stack.enter_context(atomic_path(parquet_path)) if parquet_path else None
+        self.pq_writer = None
+        self.batch: List[dict] = []
+        self.batch_rows = 0
+
+    def add(self, cols: dict) -> None:
+        n = len(cols["cell_id"])
+        if n == 0:
+            return
+        self.csv.writerows(zip(*(cols[c].tolist() for c in CELL_COLUMNS)))
+        if self.parquet_tmp is not None:
+            self.batch.append(cols)
+            self.batch_rows += n
+            if self.batch_rows >= 200_000:
+                self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.batch:
+            return
+        table = pa.table({c: np.concatenate([b[c] for b in self.batch]) for c in CELL_COLUMNS + ["tile_id"]})
+        if self.pq_writer is None:
+            self.pq_writer = pq.ParquetWriter(str(self.parquet_tmp), table.schema, compression="zstd")
+        self.pq_writer.write_table(table)
+        self.batch, self.batch_rows = [], 0
+
+    def close(self) -> None:
+        if self.parquet_tmp is not None:
+            self._flush()
+            if self.pq_writer is None:  # no cell at all: an empty table with the schema
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                empty = {c: np.zeros(0, np.float64 if c.startswith("centroid") else np.int64)
+                         for c in CELL_COLUMNS + ["tile_id"]}
+                pq.write_table(pa.table(empty), str(self.parquet_tmp), compression="zstd")
+            else:
+                self.pq_writer.close()
+        self.fh.close()
+
+
+class _GeoJSONWriter:
+    """A QuPath-importable FeatureCollection of detection objects, written feature by feature."""
+
+    def __init__(self, stack: contextlib.ExitStack, path):
+        from segrefine.io import atomic_path
+
+        self.fh = stack.enter_context(open(stack.enter_context(atomic_path(path)), "w"))
+        self.fh.write('{"type": "FeatureCollection", "features": [\n')
+        self.first = True
+
+    def add(self, labels: np.ndarray, origin) -> None:
+        self.add_rings(cell_outlines(labels, origin))
+
+    def add_rings(self, rings) -> None:
+        for cid, ring in rings:
+            feature = {"type": "Feature", "id": f"cell-{cid}",
+                       "geometry": {"type": "Polygon", "coordinates": [ring]},
+                       "properties": {"objectType": "detection", "name": f"cell {cid}",
+                                      "classification": {"name": "Nucleus", "color": [255, 0, 0]},
+                                      "measurements": {"cell_id": cid}}}
+            self.fh.write(("" if self.first else ",\n") + json.dumps(feature))
+            self.first = False
+
+    def close(self) -> None:
+        self.fh.write("\n]}\n")
+        self.fh.close()
+
+
+def _overlay(levels: list, slide_path, out_png, max_side: int = 1024) -> None:
+    """A downsampled RGB view: the slide in gray, the stitched cells' outlines in yellow."""
+    import matplotlib.image
+    from skimage.segmentation import find_boundaries
+
+    from segrefine.io import Slide
+
+    k = next((i for i, lv in enumerate(levels) if max(lv.shape) <= max_side), len(levels) - 1)
+    lab = np.asarray(levels[k][:, :])
+    factor = 2 ** k
+    with Slide(slide_path) as slide:
+        thumb, f = slide.thumbnail(factor)
+    ys = np.minimum((np.arange(lab.shape[0]) * factor / f).astype(int), thumb.shape[0] - 1)
+    xs = np.minimum((np.arange(lab.shape[1]) * factor / f).astype(int), thumb.shape[1] - 1)
+    g = thumb[np.ix_(ys, xs)]
+    lo, hi = np.percentile(g, [1, 99.5])
+    g = np.clip((g - lo) / max(hi - lo, 1e-6), 0, 1)
+    rgb = np.repeat(g[..., None], 3, axis=-1)
+    rgb[find_boundaries(lab, mode="inner")] = (1.0, 0.85, 0.0)
+    matplotlib.image.imsave(out_png, (rgb * 255).astype(np.uint8), format="png")
+
+
+def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells_csv, cells_parquet=None,
+           geojson_out=None, overlay_out=None, report_out=None, pixel_size_um: Optional[float] = None,
+           work_dir=None) -> dict:
+    """Stitch all tiles of a plan; returns the report (also written to ``report_out``)."""
+    import zarr
+
+    from segrefine.io import atomic_path, label_pyramid_levels, write_pyramid_ome_tiff, write_text_atomic
+    from segrefine.tiling import Progress, read_plan, read_tile, tile_file
+
+    t_start = time.monotonic()
+    plan, meta = read_plan(plan_tsv)
+    shards = []
+    for p in shard_jsons:
+        if not Path(p).is_file():
+            raise SegRefineError(f"{p}: shard summary not found (run its segment-shard job first)")
+        shards.append(json.loads(Path(p).read_text()))
+    card_shas = {s["card_sha256"] for s in shards}
+    if len(card_shas) > 1:
+        raise SegRefineError(f"shards {shard_jsons} were computed with different models; rerun them")
+    tiles = plan[plan["in_tissue"]].sort_values("tile_id")
+    missing = [int(t) for t in tiles["tile_id"] if not tile_file(tiles_dir, t).is_file()]
+    if missing:
+        raise SegRefineError(f"{tiles_dir}: {len(missing)} tile result(s) missing (tiles {missing[:10]}); "
+                             "rerun their shards (snakemake --forcerun segment_shard)")
+    H, W = int(meta["height"]), int(meta["width"])
+    labels_out = Path(labels_out)
+    labels_out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".stitch-", dir=work_dir or labels_out.parent))
+    report = {"slide": str(slide_path), "height": H, "width": W, "tiles": int(meta["tiles"]),
+              "tiles_in_tissue": int(meta["tiles_in_tissue"]),
+              "tiles_skipped_background": int(meta["tiles_skipped_background"]), "halo_px": int(meta["halo_px"]),
+              "context_px": int(meta["context_px"]), "tile_size": int(meta["tile_size"]), "shards": len(shards),
+              "duplicates_resolved": 0, "pixels_trimmed": 0, "large_cells": [], "timings_s": {}}
+    timings = report["timings_s"]
+    try:
+        store = zarr.create_array(store=str(work / "level0.zarr"), shape=(H, W), chunks=(512, 512), dtype="uint32",
+                                  fill_value=0)
+        next_id = 1
+        t_paste = t_table = t_geo = 0.0
+        with contextlib.ExitStack() as stack:
+            table = _TableWriter(stack, cells_csv, cells_parquet)
+            geo = _GeoJSONWriter(stack, geojson_out) if geojson_out else None
+            progress = Progress(len(tiles), "stitch")
+            for i, t in enumerate(tiles.itertuples()):
+                owned, tmeta, (o_ids, o_off, o_xy) = read_tile(tile_file(tiles_dir, t.tile_id))
+                if tmeta.get("fingerprint", "").split(":")[0] != meta["plan_id"]:
+                    raise SegRefineError(f"{tile_file(tiles_dir, t.tile_id)}: computed for another tile plan; "
+                                         "rerun its shard")
+                report["large_cells"].extend(tmeta.get("large", []))
+                if owned.size == 0 or owned.max() == 0:
+                    progress.update(i + 1)
+                    continue
+                t0 = time.monotonic()
+                ox, oy = tmeta["origin"]
+                h, w = owned.shape
+                existing = np.asarray(store[oy:oy + h, ox:ox + w])
+                dup = _duplicates(owned, existing)
+                n = int(owned.max())
+                free = existing == 0
+                area_free = np.bincount(owned[free].ravel(), minlength=n + 1)
+                survive = (area_free > 0) & ~dup
+                survive[0] = False
+                report["duplicates_resolved"] += int((dup[1:] | (area_free[1:] == 0)).sum())
+                report["pixels_trimmed"] += int((~free & survive[owned]).sum())
+                k = int(survive.sum())
+                if next_id - 1 + k > MAX_ID:
+                    raise SegRefineError(f"more than {MAX_ID} cells: uint32 ids exhausted")
+                lut = np.zeros(n + 1, np.uint32)
+                lut[survive] = np.arange(next_id, next_id + k, dtype=np.uint32)
+                next_id += k
+                new = lut[owned]
+                new[~free] = 0
+                store[oy:oy + h, ox:ox + w] = np.where(new > 0, new, existing)
+                t_paste += time.monotonic() - t0
+                t0 = time.monotonic()
+                cols = _cell_rows(new, (ox, oy), next_id - k, k)
+                cols["tile_id"] = np.full(len(cols["cell_id"]), int(t.tile_id), np.int64)
+                table.add(cols)
+                t_table += time.monotonic() - t0
+                if geo is not None:
+                    t0 = time.monotonic()
+                    # outlines from the shard for cells kept whole; recomputed for the few trimmed ones
+                    trimmed = np.bincount(owned[~free], minlength=n + 1) > 0
+                    trimmed &= survive
+                    keep = survive[o_ids] & ~trimmed[o_ids]
+                    geo.add_rings((int(lut[local]), o_xy[o_off[j]:o_off[j + 1]].tolist())
+                                  for j, local in enumerate(o_ids) if keep[j])
+                    if trimmed.any():
+                        geo.add(np.where(trimmed[owned] & (new > 0), new, 0), (ox, oy))
+                    t_geo += time.monotonic() - t0
+                progress.update(i + 1)
+            table.close()
+            if geo is not None:
+                geo.close()
+            timings.update(paste=t_paste, cell_table=t_table, geojson=t_geo)
+            report["cells"] = next_id - 1
+            t0 = time.monotonic()
+            levels = label_pyramid_levels(store, work)
+            write_pyramid_ome_tiff(stack.enter_context(atomic_path(labels_out, suffix=".tif")), levels,
+                                   pixel_size_um=pixel_size_um)
+            timings["pyramid_write"] = time.monotonic() - t0
+            report["pyramid_levels"] = [list(lv.shape) for lv in levels]
+            if overlay_out:
+                t0 = time.monotonic()
+                _overlay(levels, slide_path, stack.enter_context(atomic_path(overlay_out, suffix=".png")))
+                timings["overlay"] = time.monotonic() - t0
+        # leaving the stack published every output together; any failure above removed them all
+    except OSError as exc:
+        raise SegRefineError(f"{labels_out.parent}: cannot write the stitched outputs ({exc}; is the disk full?); "
+                             "nothing was published, rerun when there is space") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    timings["stitch_total"] = time.monotonic() - t_start
+    for key in ("read_s", "predict_s", "wait_read_s", "own_write_s"):
+        report[f"shards_{key}"] = float(sum(s.get(key, 0.0) for s in shards))
+    report["n_large_cells"] = len(report["large_cells"])
+    if report["large_cells"]:
+        log.warning("%d cell(s) larger than the halo (%d px) reach a tile window's edge and are clipped there; "
+                    "first at x=%d y=%d (all listed in the report): raise segmentation.tiling.halo",
+                    len(report["large_cells"]), meta["halo_px"], report["large_cells"][0]["anchor_x"],
+                    report["large_cells"][0]["anchor_y"])
+    if report_out:
+        write_text_atomic(report_out, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    log.info("stitched %d cells from %d tiles (%d background tiles skipped), %d duplicates resolved, %d px trimmed, "
+             "%d large cells -> %s (%.1f s)", report["cells"], len(tiles), report["tiles_skipped_background"],
+             report["duplicates_resolved"], report["pixels_trimmed"], report["n_large_cells"], labels_out,
+             timings["stitch_total"])
+    return report
+
+
+def seam_report(reference: np.ndarray, tiled: np.ndarray, tile_size: int, near: int = 0,
+                min_share: float = 0.1) -> dict:
+    """How a stitched result differs from a whole-image reference at the seams (benchmarks and tests).
+
+    Seam cells: reference cells whose bounding box comes within ``near`` px of
+    a core seam (or crosses one). cut_at_seams: seam cells that cross a seam
+    and whose pixels are split among two or more stitched cells each holding
+    >= ``min_share`` of the cell. duplicates: stitched cells beyond the first
+    that lie mostly (>= 50% of their own pixels) inside the same seam cell."""
+    from scipy import ndimage
+
+    ref = reference.astype(np.int64).ravel()
+    til = tiled.astype(np.int64).ravel()
+    both = (ref > 0) & (til > 0)
+    pairs, shared = np.unique(np.stack([ref[both], til[both]]), axis=1, return_counts=True)
+    ref_area = np.bincount(ref)
+    til_area = np.bincount(til)
+    r, t = pairs
+    big = shared >= min_share * ref_area[r]
+    split_refs, n_split = np.unique(r[big], return_counts=True)
+    split_refs = split_refs[n_split >= 2]
+    crosses, seam = set(), np.zeros(len(ref_area), bool)
+    for lab, sl in enumerate(ndimage.find_objects(reference.astype(np.int64)), 1):
+        if sl is None:
+            continue
+        if any(s.start // tile_size != (s.stop - 1) // tile_size for s in sl):
+            crosses.add(lab)
+        seam[lab] = any(max(s.start - near, 0) // tile_size != (s.stop - 1 + near) // tile_size for s in sl)
+    cut = [int(x) for x in split_refs if int(x) in crosses]
+    inside = (shared * 2 >= til_area[t]) & seam[r]
+    _, n_inside = np.unique(r[inside], return_counts=True)
+    return {"cut_at_seams": len(cut), "cells_crossing_seams": len(crosses), "seam_cells": int(seam.sum()),
+            "duplicates": int(np.maximum(n_inside - 1, 0).sum()),
+            "ids_unique_and_dense": bool(tiled.max() == len(np.unique(tiled)) - 1)}

@@ -1,0 +1,463 @@
+"""Whole-slide tiled inference: the tile plan, tissue detection, and the shard runner.
+
+The slide is cut into a grid of square *cores* (a partition of the slide);
+each core's *window* is the core grown by ``margin = halo + context`` px on
+every side (clipped at the slide). The model predicts each window; the tile
+keeps exactly the cells it *owns* (see ``own_cells``), so after stitching
+(``segrefine.stitch``) every cell appears once, whole, with one id.
+
+Ownership rule: a cell predicted in a tile's window belongs to that tile iff
+its anchor, the pixel floor(centroid) in slide coordinates, lies in the tile's
+core. Cores partition the slide, so one tile owns each cell. A cell smaller
+than the halo whose anchor lies in the core lies entirely inside the window
+and away from its edge, so it is never cut; a kept cell that touches a window
+edge that is not the slide's edge is larger than the halo: it is kept as seen
+(clipped by the window) and reported with its location.
+
+Only numpy, scipy, scikit-image, tifffile, zarr and pandas are imported here:
+the shard runner runs in every model framework's env.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from segrefine import SegRefineError
+
+log = logging.getLogger("segrefine.tiling")
+
+PLAN_COLUMNS = ["tile_id", "shard", "row", "col", "x0", "y0", "x1", "y1", "wx0", "wy0", "wx1", "wy1", "in_tissue"]
+
+
+# --- the plan ---------------------------------------------------------------------------------------------------------
+def grid_tiles(shape: Tuple[int, int], tile_size: int, margin: int):
+    """The tile grid of a slide: a pandas table of cores [x0, x1) x [y0, y1) and windows (core + margin, clipped)."""
+    import pandas as pd
+
+    if tile_size < 16:
+        raise SegRefineError(f"tile size {tile_size} px is too small (at least 16)")
+    if margin < 0:
+        raise SegRefineError(f"halo/context margin {margin} px is negative")
+    H, W = shape
+    rows = []
+    for r, y0 in enumerate(range(0, H, tile_size)):
+        for c, x0 in enumerate(range(0, W, tile_size)):
+            x1, y1 = min(W, x0 + tile_size), min(H, y0 + tile_size)
+            rows.append({"tile_id": len(rows), "shard": -1, "row": r, "col": c, "x0": x0, "y0": y0, "x1": x1, "y1": y1,
+                         "wx0": max(0, x0 - margin), "wy0": max(0, y0 - margin),
+                         "wx1": min(W, x1 + margin), "wy1": min(H, y1 + margin), "in_tissue": True})
+    return pd.DataFrame(rows, columns=PLAN_COLUMNS)
+
+
+def detect_tissue(thumb: np.ndarray, bright_field: bool = False) -> Tuple[np.ndarray, float]:
+    """Tissue mask of a low-resolution grayscale view, and the threshold used.
+
+    The background is taken from the darkest quarter of the view (the
+    brightest for bright-field stains): its noise sigma from the spread between
+    the 2nd and 25th percentiles (Gaussian: 1.38 sigma), its level 2.05 sigma
+    above the 2nd percentile. A pixel is tissue when it stands above that level
+    by 6 sigma or by 5% of the dynamic range, whichever is larger; sparse
+    isolated nuclei still lift their low-resolution pixel well above that. The
+    mask is grown by one pixel so a tile at the tissue edge is never skipped."""
+    from scipy import ndimage
+
+    g = np.asarray(thumb, np.float32)
+    if bright_field:
+        g = g.max() - g
+    p2, p25, hi = (float(v) for v in np.percentile(g, [2, 25, 99.9]))
+    sigma = max((p25 - p2) / 1.38, 1e-6)
+    bg = p2 + 2.05 * sigma
+    if hi <= bg:
+        return np.zeros(g.shape, bool), hi
+    thr = bg + max(6.0 * sigma, 0.05 * (hi - bg))
+    mask = ndimage.binary_dilation(g > thr, structure=np.ones((3, 3), bool))
+    return mask, thr
+
+
+def largest_training_cell(trainset_tsv) -> Tuple[int, str, int]:
+    """(largest cell extent in px = max of bbox height and width, its mask file, its label) over the training masks."""
+    import pandas as pd
+    from scipy import ndimage
+
+    from segrefine.io import read_tiff
+
+    table = pd.read_csv(trainset_tsv, sep="\t")
+    if "mask" not in table:
+        raise SegRefineError(f"{trainset_tsv}: training-set table has no 'mask' column")
+    best = (0, "", 0)
+    for mask_path in table["mask"]:
+        labels = read_tiff(mask_path)
+        for lab, sl in enumerate(ndimage.find_objects(labels.astype(np.int64)), 1):
+            if sl is not None:
+                d = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
+                if d > best[0]:
+                    best = (d, str(mask_path), lab)
+    return best
+
+
+def _slide_stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, shards: int = 1, tissue: bool = True,
+              tissue_level: Optional[int] = None, tissue_downsample: int = 16, bright_field: bool = False,
+              trainset=None):
+    """(plan table, plan metadata) of a slide. Checks the halo against the largest training cell."""
+    from segrefine.io import Slide
+
+    if shards < 1:
+        raise SegRefineError(f"shards must be at least 1, got {shards}")
+    meta: Dict[str, object] = {"tile_size": int(tile_size), "halo_px": int(halo_px), "context_px": int(context_px),
+                               "margin_px": int(halo_px) + int(context_px), "shards": int(shards)}
+    if trainset is not None:
+        diam, mask, lab = largest_training_cell(trainset)
+        meta["largest_training_cell"] = {"extent_px": diam, "mask": mask, "label": lab}
+        if halo_px < diam:
+            raise SegRefineError(
+                f"halo {halo_px} px is smaller than the largest cell in the training masks ({diam} px: cell {lab} of "
+                f"{mask}, from {trainset}); cells that large would be cut at tile seams: set "
+                f"segmentation.tiling.halo to at least {diam} px")
+    slide_path = Path(slide_path)
+    with Slide(slide_path) as slide:
+        H, W = slide.shape
+        plan = grid_tiles(slide.shape, tile_size, halo_px + context_px)
+        meta.update(slide=str(slide_path), slide_stamp=_slide_stamp(slide_path), height=H, width=W,
+                    levels=slide.levels)
+        if tissue:
+            thumb, f = slide.thumbnail(tissue_downsample, level=tissue_level)
+            mask, thr = detect_tissue(thumb, bright_field)
+            h, w = mask.shape
+            fy, fx = H / h, W / w
+            flags = []
+            for t in plan.itertuples():
+                ty0, ty1 = int(t.y0 // fy), min(h, int(np.ceil(t.y1 / fy)) + 1)
+                tx0, tx1 = int(t.x0 // fx), min(w, int(np.ceil(t.x1 / fx)) + 1)
+                flags.append(bool(mask[max(0, ty0 - 1):ty1, max(0, tx0 - 1):tx1].any()))
+            plan["in_tissue"] = flags
+            meta["tissue"] = {"activate": True, "downsample": round(float(f), 3), "threshold": float(thr),
+                              "level": tissue_level if tissue_level is not None else "auto",
+                              "tissue_fraction": float(mask.mean())}
+        else:
+            meta["tissue"] = {"activate": False}
+    inside = plan.index[plan["in_tissue"]]
+    plan.loc[inside, "shard"] = np.arange(len(inside)) % shards  # round robin: each shard gets a share of every region
+    meta.update(tiles=int(len(plan)), tiles_in_tissue=int(len(inside)), tiles_skipped_background=int(len(plan) - len(inside)))
+    key = json.dumps({k: meta[k] for k in ("tile_size", "margin_px", "height", "width", "slide_stamp")}, sort_keys=True)
+    meta["plan_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return plan, meta
+
+
+def write_plan(plan, meta: dict, out_tsv, out_json) -> None:
+    from segrefine.io import atomic_path, write_text_atomic
+
+    with atomic_path(out_tsv) as tmp:
+        plan.to_csv(tmp, sep="\t", index=False)
+    write_text_atomic(out_json, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    log.info("plan: %d tiles of %d px (margin %d px), %d in tissue, %d background tiles skipped, %d shard(s) -> %s",
+             meta["tiles"], meta["tile_size"], meta["margin_px"], meta["tiles_in_tissue"],
+             meta["tiles_skipped_background"], meta["shards"], out_tsv)
+
+
+def read_plan(plan_tsv, plan_json=None):
+    import pandas as pd
+
+    plan_tsv = Path(plan_tsv)
+    plan_json = Path(plan_json) if plan_json else plan_tsv.with_suffix(".json")
+    for p in (plan_tsv, plan_json):
+        if not p.is_file():
+            raise SegRefineError(f"{p}: tile plan not found (run `segrefine tile-plan` first)")
+    plan = pd.read_csv(plan_tsv, sep="\t")
+    missing = [c for c in PLAN_COLUMNS if c not in plan]
+    if missing:
+        raise SegRefineError(f"{plan_tsv}: not a tile plan (columns {missing} missing)")
+    return plan, json.loads(plan_json.read_text())
+
+
+# --- ownership --------------------------------------------------------------------------------------------------------
+def own_cells(labels: np.ndarray, tile, slide_shape: Tuple[int, int]):
+    """The cells of one window's prediction that the tile owns.
+
+    Returns (owned labels cropped to their bounding box, numbered 1..n in
+    raster order of their anchors, as uint32; crop origin (x, y) in slide
+    coordinates; list of cells larger than the halo as dicts)."""
+    from scipy import ndimage
+
+    H, W = slide_shape
+    h, w = labels.shape
+    labels = np.asarray(labels)
+    top = int(labels.max()) if labels.size else 0
+    if labels.min() < 0:
+        raise SegRefineError(f"tile {tile.tile_id}: the model returned negative labels")
+    if top <= 4 * labels.size:  # the usual case (ids 1..n): use them as they are
+        seq = labels.astype(np.int32, copy=False)
+    else:  # sparse huge ids: renumber
+        ids, inv = np.unique(labels, return_inverse=True)
+        seq = inv.reshape(labels.shape).astype(np.int32) + (0 if ids[0] == 0 else 1)
+    n = int(seq.max()) if seq.size else 0
+    empty = (np.zeros((0, 0), np.uint32), (int(tile.wx0), int(tile.wy0)), [])
+    if n == 0:
+        return empty
+    flat = seq.ravel()
+    area = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    rows = np.repeat(np.arange(h, dtype=np.float64), w)
+    cols = np.tile(np.arange(w, dtype=np.float64), h)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = np.bincount(flat, weights=rows, minlength=n + 1) / area
+        cx = np.bincount(flat, weights=cols, minlength=n + 1) / area
+    ay = np.floor(np.nan_to_num(cy, nan=-1e9)).astype(np.int64) + int(tile.wy0)  # nan: ids with no pixel
+    ax = np.floor(np.nan_to_num(cx, nan=-1e9)).astype(np.int64) + int(tile.wx0)
+    keep = (area > 0) & (ax >= tile.x0) & (ax < tile.x1) & (ay >= tile.y0) & (ay < tile.y1)
+    keep[0] = False
+    kept_ids = np.nonzero(keep)[0]
+    if len(kept_ids) == 0:
+        return empty
+    large = []
+    objects = ndimage.find_objects(seq)
+    for i in kept_ids:
+        sl = objects[i - 1]
+        if sl is None:
+            continue
+        touches = ((sl[0].start == 0 and tile.wy0 > 0) or (sl[0].stop == h and tile.wy1 < H)
+                   or (sl[1].start == 0 and tile.wx0 > 0) or (sl[1].stop == w and tile.wx1 < W))
+        if touches:
+            large.append({"tile_id": int(tile.tile_id), "anchor_x": int(ax[i]), "anchor_y": int(ay[i]),
+                          "bbox_x0": int(sl[1].start + tile.wx0), "bbox_y0": int(sl[0].start + tile.wy0),
+                          "bbox_x1": int(sl[1].stop + tile.wx0), "bbox_y1": int(sl[0].stop + tile.wy0),
+                          "area_px_in_window": int(area[i])})
+    order = kept_ids[np.lexsort((ax[kept_ids], ay[kept_ids]))]
+    lut = np.zeros(n + 1, np.uint32)
+    lut[order] = np.arange(1, len(order) + 1, dtype=np.uint32)
+    owned = lut[seq]
+    ys, xs = np.nonzero(owned.any(axis=1))[0], np.nonzero(owned.any(axis=0))[0]
+    y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
+    return owned[y0:y1, x0:x1].copy(), (int(tile.wx0 + x0), int(tile.wy0 + y0)), large
+
+
+def cell_outlines(labels: np.ndarray, origin=(0, 0)):
+    """(cell id, closed outer ring [[x, y], ...]) per cell, in slide pixel coordinates (pixel i spans [i, i+1)).
+
+    The ring is the marching-squares contour of the cell's mask at 0.5: it runs
+    along pixel edges and cuts pixel corners diagonally (holes are ignored;
+    nuclei have none). One contour per cell; for a cell in several pieces,
+    the longest."""
+    from scipy import ndimage
+    from skimage.measure import find_contours
+
+    ox, oy = origin
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    if not len(ids):
+        return []
+    dense = np.searchsorted(ids, labels).astype(np.int32) + 1  # ids made 1..n so find_objects costs n, not max id
+    dense[labels == 0] = 0
+    out = []
+    for k, sl in enumerate(ndimage.find_objects(dense), 1):
+        if sl is None:
+            continue
+        lab = int(ids[k - 1])
+        mask = np.pad(dense[sl] == k, 1).astype(np.uint8)
+        contours = find_contours(mask, 0.5)
+        if not contours:
+            continue
+        c = max(contours, key=len)
+        xs = np.round(c[:, 1] - 1 + sl[1].start + ox + 0.5, 2)
+        ys = np.round(c[:, 0] - 1 + sl[0].start + oy + 0.5, 2)
+        ring = np.stack([xs, ys], axis=1).tolist()
+        if ring[0] != ring[-1]:
+            ring.append(ring[0])
+        out.append((lab, ring))
+    return out
+
+
+def pack_outlines(outlines) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, offsets, xy) arrays of a list of (id, ring): ring k is xy[offsets[k]:offsets[k + 1]]."""
+    ids = np.array([i for i, _ in outlines], np.uint32)
+    lengths = [len(r) for _, r in outlines]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    xy = np.array([p for _, r in outlines for p in r], np.float64).reshape(-1, 2)
+    return ids, offsets, xy
+
+
+# --- per-tile results -------------------------------------------------------------------------------------------------
+def tile_file(tiles_dir, tile_id: int) -> Path:
+    return Path(tiles_dir) / f"tile{int(tile_id):06d}.npz"
+
+
+def tile_fingerprint(meta: dict, card_sha: str, tile) -> str:
+    return f"{meta['plan_id']}:{card_sha[:16]}:{int(tile.tile_id)}:{int(tile.wx0)},{int(tile.wy0)},{int(tile.wx1)},{int(tile.wy1)}"
+
+
+def read_tile(path):
+    """(owned labels, metadata, (outline ids, offsets, xy)) of one tile result."""
+    import zlib
+
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            meta = json.loads(str(d["meta"]))
+            raw = zlib.decompress(d["labels_zlib"].tobytes())
+            outlines = (d["outline_ids"], d["outline_offsets"], d["outline_xy"])
+        return np.frombuffer(raw, np.uint32).reshape(meta["shape"]).copy(), meta, outlines
+    except Exception as exc:
+        raise SegRefineError(f"{path}: unreadable tile result ({type(exc).__name__}: {exc}); delete it and rerun "
+                             "its shard") from exc
+
+
+def tile_done(path, fingerprint: str) -> bool:
+    """True when a tile's result exists and was computed for this plan, window and model."""
+    if not Path(path).is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            return ("labels_zlib" in d.files and "outline_xy" in d.files
+                    and json.loads(str(d["meta"])).get("fingerprint") == fingerprint)
+    except Exception:
+        return False  # unreadable: recompute it (it is replaced atomically)
+
+
+def write_tile(path, owned: np.ndarray, origin, large: list, meta: dict, outlines=None) -> None:
+    """One tile's owned cells (zlib), their outlines (see ``cell_outlines``; computed here, on the shard's
+    writer thread, so the stitcher only copies them) and metadata, atomically."""
+    from segrefine.io import atomic_path
+
+    import zlib
+
+    owned = np.ascontiguousarray(owned, dtype=np.uint32)
+    meta = dict(meta, origin=list(origin), large=large, n_cells=int(owned.max()) if owned.size else 0,
+                shape=list(owned.shape))
+    packed = np.frombuffer(zlib.compress(owned.tobytes(), 1), np.uint8)  # level 1: fast, label images shrink ~20x
+    try:
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                ids, offsets, xy = pack_outlines(outlines if outlines is not None else cell_outlines(owned, origin))
+                np.savez(fh, labels_zlib=packed, meta=np.array(json.dumps(meta)), outline_ids=ids,
+                         outline_offsets=offsets, outline_xy=xy)
+    except OSError as exc:
+        raise SegRefineError(f"{path}: cannot write the tile result ({exc}; is the disk full?)") from exc
+
+
+# --- the shard runner -------------------------------------------------------------------------------------------------
+class Progress:
+    """Log lines with tiles done, tiles/s and the time left, at most every ``every_s`` seconds."""
+
+    def __init__(self, total: int, what: str, every_s: float = 10.0):
+        self.total, self.what, self.every_s = total, what, every_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.every_s and done != self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("nan")
+        log.info("%s: %d/%d tiles (%.0f%%), %.2f tiles/s, %.0f s left", self.what, done, self.total,
+                 100.0 * done / max(self.total, 1), rate, left)
+
+
+def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, gpus: int = 0,
+              prefetch: int = 2, model=None) -> dict:
+    """Predict every tile of one shard not already done; write each tile's owned cells atomically.
+
+    The model is loaded once; a reader thread reads the next ``prefetch``
+    windows while the model works, and a writer thread applies the ownership
+    rule and writes the previous tile's result. A killed shard leaves only
+    complete tile files, so its rerun predicts only the unfinished tiles.
+    ``model``: an already loaded model to use instead of the card's
+    (benchmarks, tests); the card still identifies it in the tile fingerprints."""
+    from segrefine.devices import gpu_device
+    from segrefine.io import Slide, sha256_file, write_text_atomic
+
+    t_start = time.monotonic()
+    plan, meta = read_plan(plan_tsv)
+    if not 0 <= shard < int(meta["shards"]):
+        raise SegRefineError(f"{plan_tsv}: shard {shard} is not in the plan (0..{int(meta['shards']) - 1})")
+    slide_path = Path(slide_path)
+    if Path(slide_path).is_file() and _slide_stamp(slide_path) != meta["slide_stamp"]:
+        raise SegRefineError(f"{slide_path}: the slide changed since the tile plan {plan_tsv} was made; rerun tile-plan")
+    card_sha = sha256_file(card_path)
+    tiles = [t for t in plan.itertuples() if t.shard == shard]
+    Path(tiles_dir).mkdir(parents=True, exist_ok=True)
+    todo = [t for t in tiles if not tile_done(tile_file(tiles_dir, t.tile_id), tile_fingerprint(meta, card_sha, t))]
+    stats = {"shard": shard, "tiles": len(tiles), "tiles_resumed": len(tiles) - len(todo), "tiles_computed": len(todo),
+             "card_sha256": card_sha, "plan_id": meta["plan_id"], "read_s": 0.0, "predict_s": 0.0, "wait_read_s": 0.0,
+             "own_write_s": 0.0, "cells": 0, "large_cells": 0, "device": None}
+    log.info("shard %d: %d tiles, %d already done, %d to predict", shard, len(tiles), len(tiles) - len(todo), len(todo))
+    if todo:
+        with gpu_device(gpus) as dev, Slide(slide_path) as slide:
+            if model is None:
+                from segrefine.models import load_model
+
+                model, card = load_model(card_path)
+            else:
+                card = {"name": type(model).__name__, "stage": "given"}
+            stats["device"] = str(model.device)
+            stats["gpu"] = dev
+            log.info("shard %d: model %s [%s] on %s", shard, card.get("name"), card.get("stage"), model.device)
+            if tuple(slide.shape) != (meta["height"], meta["width"]):
+                raise SegRefineError(f"{slide_path}: slide size {slide.shape} differs from the plan's "
+                                     f"({meta['height']}, {meta['width']})")
+
+            def read(t):
+                t0 = time.monotonic()
+                img = slide.read(int(t.wx0), int(t.wy0), int(t.wx1 - t.wx0), int(t.wy1 - t.wy0))
+                return img, time.monotonic() - t0
+
+            def own_and_write(t, labels):
+                t0 = time.monotonic()
+                owned, origin, large = own_cells(labels, t, slide.shape)
+                write_tile(tile_file(tiles_dir, t.tile_id), owned, origin, large,
+                           {"tile_id": int(t.tile_id), "fingerprint": tile_fingerprint(meta, card_sha, t)})
+                for cell in large:
+                    log.warning("tile %d: cell at anchor (x=%d, y=%d) reaches the window edge: it is larger than the "
+                                "halo (%d px) and clipped there", t.tile_id, cell["anchor_x"], cell["anchor_y"],
+                                meta["halo_px"])
+                return int(owned.max()) if owned.size else 0, len(large), time.monotonic() - t0
+
+            progress = Progress(len(todo), f"shard {shard}")
+            with concurrent.futures.ThreadPoolExecutor(1) as reader, \
+                    concurrent.futures.ThreadPoolExecutor(1) as writer:
+                reads = collections.deque(reader.submit(read, t) for t in todo[:prefetch])
+                writes = collections.deque()
+                for i, t in enumerate(todo):
+                    t0 = time.monotonic()
+                    img, read_s = reads.popleft().result()
+                    stats["wait_read_s"] += time.monotonic() - t0
+                    stats["read_s"] += read_s
+                    if i + prefetch < len(todo):
+                        reads.append(reader.submit(read, todo[i + prefetch]))
+                    t0 = time.monotonic()
+                    labels = np.asarray(model.predict(img))
+                    stats["predict_s"] += time.monotonic() - t0
+                    if labels.shape != img.shape[:2]:
+                        raise SegRefineError(f"model {card_path} returned labels of shape {labels.shape} for a "
+                                             f"window of shape {img.shape[:2]} (tile {t.tile_id})")
+                    writes.append(writer.submit(own_and_write, t, labels))
+                    while len(writes) > 1:  # at most one write behind: errors (a full disk) surface at once
+                        _account(stats, writes.popleft().result())
+                    progress.update(i + 1)
+                while writes:
+                    _account(stats, writes.popleft().result())
+    stats["wall_s"] = time.monotonic() - t_start
+    stats["tiles_per_s"] = stats["tiles_computed"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
+    write_text_atomic(out_json, json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    log.info("shard %d done: %d tiles predicted (%.2f tiles/s), %d resumed; predict %.1f s, read %.1f s "
+             "(waited %.1f s), ownership+write %.1f s", shard, stats["tiles_computed"], stats["tiles_per_s"],
+             stats["tiles_resumed"], stats["predict_s"], stats["read_s"], stats["wait_read_s"], stats["own_write_s"])
+    return stats
+
+
+def _account(stats: dict, result) -> None:
+    n, n_large, s = result
+    stats["cells"] += n
+    stats["large_cells"] += n_large
+    stats["own_write_s"] += s
