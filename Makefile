@@ -2,17 +2,21 @@
 # Environments are virtualenvs built from envs/*.yaml (cached in ~/.cache/segrefine/venvs,
 # keyed by each file's content); on HPC with conda use `snakemake --sdm conda` instead.
 PYTHON ?= python3
-ENVS := core cellpose tensorflow gef stereopy
+ENVS := core cellpose cpsam tensorflow gef stereopy anndata
 ENV_TOOL := $(PYTHON) workflow_scripts/segrefine/envs.py
 CORE_PY = $$($(ENV_TOOL) python core)
 RUN_CORE = PYTHONPATH=workflow_scripts $(CORE_PY)
 SNAKEMAKE = $(RUN_CORE) -m snakemake
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-data test lint dag clean-demo
+.PHONY: setup setup-slurm demo demo-data test lint dag clean-demo
 
 setup:
 	@$(ENV_TOOL) build $(ENVS)
+
+# slurm-wlm + munge for the SLURM tests (apt-get as root, only when missing); see docs/cluster.md
+setup-slurm:
+	@.ci/setup-slurm
 
 demo/demo.json: workflow_scripts/segrefine/demo.py
 	@$(ENV_TOOL) build core

@@ -7,6 +7,7 @@ min_version("9.0")
 
 
 configfile: "config/config.yaml"
+report: "report/workflow.rst"
 
 
 include: "rules/common.smk"
@@ -18,6 +19,7 @@ include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
 include: "rules/segment.smk"
 include: "rules/expression.smk"
+include: "rules/summary.smk"
 
 
 rule all:

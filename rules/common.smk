@@ -102,8 +102,8 @@ def segrefine(env):
 
 
 # --- models ---
-FRAMEWORK_ENV = {"cellpose": "cellpose", "classical": "core", "stardist": "tensorflow"}  # -> envs/<name>.yaml
-GPU_FRAMEWORKS = {"cellpose", "stardist"}  # their jobs declare `resources: gpu=1`; the others run on CPU only
+FRAMEWORK_ENV = {"cellpose": "cellpose", "classical": "core", "cpsam": "cpsam", "stardist": "tensorflow", "unet": "tensorflow"}  # -> envs/<name>.yaml
+GPU_FRAMEWORKS = {"cellpose", "cpsam", "stardist", "unet"}  # their jobs declare `resources: gpu=1`; the others run on CPU only
 
 
 def model_env(model):
@@ -167,17 +167,64 @@ def segmentation_card():
     return f"{RESULTS}/models/{seg['model']}/{seg['stage']}/card.json"
 
 
+TILING_DEFAULTS = {"tile_size": 1024, "halo": 64, "halo_unit": "px", "context": 0, "shards": "auto",
+                   "tissue": {"activate": True, "level": "auto", "downsample": 16}}
+
+
+def tiling_cfg():
+    cfg = {**TILING_DEFAULTS, **config["segmentation"].get("tiling", {})}
+    cfg["tissue"] = {**TILING_DEFAULTS["tissue"], **cfg["tissue"]}
+    return cfg
+
+
+def n_shards():
+    """segmentation.tiling.shards, or `auto`: one per GPU given to Snakemake (`--resources gpu=N`), at least 1."""
+    shards = tiling_cfg()["shards"]
+    if shards != "auto":
+        return int(shards)
+    gpu = workflow.global_resources.get("gpu")
+    return max(1, int(getattr(gpu, "value", gpu) or 1))
+
+
+def tile_plan_args(wildcards):
+    t = tiling_cfg()
+    args = (f"--tile-size {t['tile_size']} --halo {t['halo']} --halo-unit {t['halo_unit']} --context {t['context']} "
+            f"--shards {n_shards()} --pixel-size-um {samples.loc[wildcards.sample, 'pixel_size_um']} "
+            f"--tissue-level {t['tissue']['level']} --tissue-downsample {t['tissue']['downsample']}")
+    if not t["tissue"]["activate"]:
+        args += " --no-tissue"
+    if samples.loc[wildcards.sample, "stain"] == "HE":
+        args += " --bright-field"
+    return args
+
+
 def expression_samples():
     if not config["expression"]["activate"]:
         return []
     return [s for s in samples.index if samples.loc[s, "expression"]]
 
 
+def expression_origin(wildcards):
+    """expression.origin for one sample, as the `segrefine cgef --origin` argument."""
+    origin = config["expression"].get("origin", "auto")
+    if isinstance(origin, dict):
+        origin = origin.get(wildcards.sample, "auto")
+    return origin if origin == "auto" else f"{int(origin[0])},{int(origin[1])}"
+
+
 def final_outputs():
-    out = [f"{RESULTS}/evaluation/summary.csv"]
+    out = [f"{RESULTS}/evaluation/summary.csv", f"{RESULTS}/evaluation/boxplots.png",
+           f"{RESULTS}/evaluation/loss_curves.png", f"{RESULTS}/evaluation/complexity_vs_accuracy.csv",
+           f"{RESULTS}/evaluation/screening/ranking.csv"]
+    out += expand(f"{RESULTS}/evaluation/{{model}}/{{stage}}_overlays", model=config["models"],
+                  stage=["pretrained", "finetuned"])
+    out += expand(f"{RESULTS}/evaluation/threshold_sweep/{{model}}/{{stage}}.csv", model=SWEEP_MODELS,
+                  stage=["pretrained", "finetuned"])
     out += [f"{RESULTS}/models/{m}/finetuned/card.json" for m in config["models"]]
     out += expand(f"{RESULTS}/segmentation/{{sample}}/labels.tif", sample=samples.index)
     out += expand(f"{RESULTS}/expression/{{sample}}/cells.h5ad", sample=expression_samples())
+    if expression_samples():
+        out.append(f"{RESULTS}/expression/qc/summary.csv")
     if config["patches"]["candidates"]["activate"]:
         out += expand(f"{RESULTS}/candidates/{{sample}}/done", sample=samples.index)
     return out

@@ -60,6 +60,9 @@ def test_full_run(workdir):
     assert labels.shape == (384, 384) and labels.dtype == np.uint32
     cells = pd.read_csv(res / "segmentation" / "TINY01" / "cells.csv")
     assert len(cells) == len(np.unique(labels)) - 1 > 0
+    # tiled: 2 x 2 tiles in 2 shard jobs, stitched with unique ids 1..N (docs/tiling.md)
+    seg = json.loads((res / "segmentation" / "TINY01" / "segmentation.json").read_text())
+    assert seg["tiles"] == 4 and seg["shards"] == 2 and seg["cells"] == len(cells) == labels.max()
     assert len(list((res / "candidates" / "TINY01" / "patches").glob("*-img.tif"))) == 9
     # the AnnData, read back with anndata in the stereopy env: every cell maps to a cell of the label image
     check = ("import anndata, sys; a = anndata.read_h5ad(sys.argv[1]); "
@@ -74,6 +77,16 @@ def test_full_run(workdir):
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
 
 
+def test_html_report(workdir):
+    """`snakemake --report` gathers the evaluation tables, figures, overlays and loss curves."""
+    proc = snakemake(workdir, "--report", "report.html")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    html = (workdir / "report.html").read_text(errors="replace")
+    for name in ("summary.csv", "metrics_long.csv", "boxplots.png", "wilcoxon.csv", "loss_curves.png",
+                 "complexity_vs_accuracy.csv", "ranking.csv", "Overlays"):
+        assert name in html, name
+
+
 def test_adding_an_annotation_reruns_exactly_what_depends_on_it(workdir):
     truth = tifffile.imread(workdir / "demo" / "TINY01-truth.tif")
     x, y, w = 288, 288, 96
@@ -85,7 +98,13 @@ def test_adding_an_annotation_reruns_exactly_what_depends_on_it(workdir):
     finally:
         new.unlink()
     assert plan == {"annotated_patch": 1, "convert_annotation": 1, "trainset": 1, "finetune": 3, "evaluate": 6,
-                    "evaluation_summary": 1, "segment_slide": 1, "cgef": 1, "h5ad": 1, "all": 1}
+                    "evaluation_summary": 1, "tile_plan": 1, "segment_shard": 2, "stitch": 1, "cgef": 1, "h5ad": 1,
+                    "expression_qc": 1,
+                    "all": 1,
+                    # evaluation figures and decisions (docs/evaluation.md): overlays per model and stage, threshold
+                    # sweeps of the cellpose and stardist models, zero-shot screening of the 3 pretrained models
+                    "evaluation_boxplots": 1, "evaluation_overlays": 6, "loss_curves": 1, "complexity": 1,
+                    "threshold_sweep": 4, "screen_pretrained": 3, "screening_ranking": 1}
 
 
 def _broken_config(workdir, old, new, name="broken.yaml"):
@@ -105,7 +124,8 @@ def test_config_typo_fails_before_any_job_naming_the_key(workdir):
 def test_unknown_framework_names_the_allowed_values(workdir):
     cfg = _broken_config(workdir, "    framework: cellpose\n    pretrained", "    framework: celpose\n    pretrained")
     proc = snakemake(workdir, "-n", config=cfg)
-    assert proc.returncode != 0 and "'celpose' is not one of ['cellpose', 'classical', 'stardist']" in proc.stdout
+    assert proc.returncode != 0 and "'celpose' is not one of ['cellpose', 'classical', " in proc.stdout
+    assert "'stardist', 'unet']" in proc.stdout
 
 
 def test_sample_sheet_errors_name_the_file(workdir):

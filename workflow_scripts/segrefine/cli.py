@@ -104,26 +104,97 @@ def cmd_finetune(a):
 def cmd_evaluate(a):
     from segrefine.evaluate import evaluate_model
 
-    evaluate_model(a.card, a.trainset, a.split, a.out, a.iou_threshold)
+    evaluate_model(a.card, a.trainset, a.split, a.out, a.predictions, a.iou_threshold, a.modes, a.min_size)
 
 
 def cmd_summarize(a):
     from segrefine.evaluate import summarize
 
-    print(summarize(a.inputs, a.out).to_string(index=False))
+    print(summarize(a.inputs, a.out, a.long, a.xlsx).to_string(index=False))
+
+
+def cmd_threshold_sweep(a):
+    from segrefine.evaluate import threshold_sweep
+
+    grid = {k: [float(v) for v in vals] for k, vals in (a.grid or {}).items()}
+    print(threshold_sweep(a.card, a.trainset, a.split, a.out, grid or None, a.iou_threshold, a.min_size)
+          .to_string(index=False))
+
+
+def cmd_rank_candidates(a):
+    from segrefine.evaluate import rank_candidates
+
+    print(rank_candidates(a.inputs, a.out, a.metric).to_string(index=False))
+
+
+def cmd_plot_evaluation(a):
+    from segrefine.evaluation_plots import boxplots
+
+    boxplots(a.long, a.out, a.stats, a.mode)
+
+
+def cmd_overlays(a):
+    from segrefine.evaluation_plots import overlays
+
+    overlays(a.predictions, a.trainset, a.out_dir, a.title, a.iou_threshold)
+
+
+def cmd_loss_curves(a):
+    from segrefine.evaluation_plots import loss_curves
+
+    if len(a.names) != len(a.losses):
+        raise SegRefineError(f"{len(a.losses)} losses files but {len(a.names)} names")
+    loss_curves(dict(zip(a.names, a.losses)), a.out)
+
+
+def _tissue_level(text: str):
+    return None if text == "auto" else int(text)
+
+
+def cmd_complexity(a):
+    from segrefine.complexity import trainset_complexity
+
+    trainset_complexity(a.trainset, a.out, a.long, a.joined, a.grid)
 
 
 def cmd_segment(a):
     from segrefine.segment import segment_slide
 
-    segment_slide(a.card, a.slide, a.labels, a.cells)
+    segment_slide(a.card, a.slide, a.out_dir, a.tile_size, a.halo, a.context, a.shards, not a.no_tissue,
+                  _tissue_level(a.tissue_level), a.tissue_downsample, a.bright_field, a.trainset, a.pixel_size_um)
+
+
+def cmd_tile_plan(a):
+    from segrefine.tiling import make_plan, write_plan
+
+    halo = a.halo
+    if a.halo_unit == "um":
+        if not a.pixel_size_um:
+            raise SegRefineError("--halo-unit um needs --pixel-size-um")
+        halo = a.halo / a.pixel_size_um
+    plan, meta = make_plan(a.slide, a.tile_size, int(round(halo)), a.context, a.shards, not a.no_tissue,
+                           _tissue_level(a.tissue_level), a.tissue_downsample, a.bright_field, a.trainset)
+    write_plan(plan, meta, a.out, a.out_json)
+
+
+def cmd_segment_shard(a):
+    from segrefine.tiling import run_shard
+
+    run_shard(a.plan, a.shard, a.card, a.slide, a.tiles_dir, a.out, gpus=a.gpus, prefetch=a.prefetch)
+
+
+def cmd_stitch(a):
+    from segrefine.stitch import stitch
+
+    stitch(a.plan, a.tiles_dir, a.shards, a.slide, a.labels, a.cells, a.parquet, a.geojson, a.overlay, a.report,
+           a.pixel_size_um)
 
 
 def cmd_cgef(a):
     from segrefine.expression import make_cgef
 
-    n = make_cgef(a.gem, a.labels, a.cgef, a.cellmap, a.threads)
-    logging.info("%d cells -> %s", n, a.cgef)
+    n = make_cgef(a.gem, a.labels, a.cgef, a.cellmap, a.threads, a.writer, a.origin)
+    logging.info("%d cells -> %s (%s writer)", n, a.cgef, a.writer)
 
 
 def cmd_h5ad(a):
@@ -131,6 +202,12 @@ def cmd_h5ad(a):
 
     n = cgef_to_h5ad(a.cgef, a.cellmap, a.out)
     logging.info("%d cells -> %s", n, a.out)
+
+
+def cmd_expression_qc(a):
+    from segrefine.qc import expression_qc
+
+    expression_qc(a.cellmaps, a.samples, a.out_dir, a.extreme_iqr)
 
 
 # --- parser -----------------------------------------------------------------------------------------------------------
@@ -210,22 +287,110 @@ def build_parser() -> argparse.ArgumentParser:
     p = step("evaluate", cmd_evaluate, "evaluate a model (by its card) on one split of the training set")
     p.add_argument("--card", required=True)
     p.add_argument("--trainset", required=True)
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--iou-threshold", type=float, default=0.5)
+    p.add_argument("--modes", nargs="+", default=["standard"], help="standard, partial and/or paper (see metrics.py)")
+    p.add_argument("--min-size", type=int, default=0, help="ignore objects smaller than this (pixels)")
+    p.add_argument("--predictions", help="also write the predicted labels here (.npz, one array per patch)")
     p.add_argument("--out", required=True)
 
-    p = step("summarize", cmd_summarize, "mean metrics per model and stage from per-image evaluation tables")
+    p = step("summarize", cmd_summarize, "mean metrics per model, stage and mode from per-image evaluation tables")
     p.add_argument("--inputs", nargs="+", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--long", help="also write the long table (model, stage, image, mode, metric, value) as CSV")
+    p.add_argument("--xlsx", help="also write summary, long table and definitions as .xlsx")
 
-    p = step("segment", cmd_segment, "segment a whole slide with a saved model")
+    p = step("threshold-sweep", cmd_threshold_sweep, "mean F1 of a model for every combination of its thresholds")
+    p.add_argument("--card", required=True)
+    p.add_argument("--trainset", required=True)
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--grid", type=_json, help='JSON {threshold: [values]}, e.g. {"prob_thresh": [0.4, 0.5]}')
+    p.add_argument("--iou-threshold", type=float, default=0.5)
+    p.add_argument("--min-size", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+    p = step("rank-candidates", cmd_rank_candidates, "zero-shot screening: rank pretrained models by a mean metric")
+    p.add_argument("--inputs", nargs="+", required=True, help="per-image tables of `evaluate --split all`")
+    p.add_argument("--metric", default="f1")
+    p.add_argument("--out", required=True)
+
+    p = step("plot-evaluation", cmd_plot_evaluation, "box plots before vs after fine-tuning, paired Wilcoxon tests")
+    p.add_argument("--long", required=True, help="long table written by `summarize --long`")
+    p.add_argument("--mode", default="standard")
+    p.add_argument("--out", required=True, help="PNG")
+    p.add_argument("--stats", required=True, help="CSV of the paired tests")
+
+    p = step("overlays", cmd_overlays, "per-patch PNG overlays: truth and prediction outlines, TP/FP/FN")
+    p.add_argument("--predictions", required=True, help=".npz written by `evaluate --predictions`")
+    p.add_argument("--trainset", required=True)
+    p.add_argument("--title", default="")
+    p.add_argument("--iou-threshold", type=float, default=0.5)
+    p.add_argument("--out-dir", required=True)
+
+    p = step("loss-curves", cmd_loss_curves, "the loss curves of every fine-tuning run in one figure")
+    p.add_argument("--losses", nargs="+", required=True, help="losses.json files")
+    p.add_argument("--names", nargs="+", required=True, help="one name per losses file")
+    p.add_argument("--out", required=True)
+
+    def tiling_args(p):
+        p.add_argument("--tile-size", type=int, default=1024, help="core size of a tile (px)")
+        p.add_argument("--halo", type=float, default=64, help="at least the largest cell diameter")
+        p.add_argument("--context", type=int, default=0, help="extra margin (px) the model needs beyond the halo")
+        p.add_argument("--shards", type=int, default=1)
+        p.add_argument("--no-tissue", action="store_true", help="predict every tile (no tissue detection)")
+        p.add_argument("--tissue-level", default="auto", help="pyramid level for tissue detection, or auto")
+        p.add_argument("--tissue-downsample", type=int, default=16, help="downsample of the tissue view (auto level)")
+        p.add_argument("--bright-field", action="store_true", help="tissue is darker than background (H&E)")
+        p.add_argument("--trainset", help="training-set table: the halo must cover its largest cell")
+        p.add_argument("--pixel-size-um", type=float)
+
+    p = step("complexity", cmd_complexity, "tissue complexity of every annotated patch (the paper's six measures)")
+    p.add_argument("--trainset", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--long", help="long evaluation table: also write complexity beside each test patch's accuracy")
+    p.add_argument("--joined", help="output of the joined table (with --long)")
+    p.add_argument("--grid", type=int, default=4, help="blocks per side for the local densities")
+
+    p = step("segment", cmd_segment, "segment a whole slide with a saved model (plan, shards, stitch in one process)")
     p.add_argument("--card", required=True)
     p.add_argument("--slide", required=True)
-    p.add_argument("--labels", required=True, help="output instance labels (uint32 TIFF)")
-    p.add_argument("--cells", required=True, help="output cell table (CSV)")
+    p.add_argument("--out-dir", required=True, help="labels.tif, cells.csv/.parquet/.geojson, overlay.png, ...")
+    tiling_args(p)
 
-    p = step("cgef", cmd_cgef, "GEM + whole-slide labels -> cgef with gefpy (touching cells kept apart)")
-    p.add_argument("--gem", required=True)
+    p = step("tile-plan", cmd_tile_plan, "tile plan of a slide: cores, halo windows, tissue flags, shards")
+    p.add_argument("--slide", required=True)
+    p.add_argument("--out", required=True, help="plan table (TSV)")
+    p.add_argument("--out-json", required=True, help="plan metadata (JSON)")
+    p.add_argument("--halo-unit", choices=["px", "um"], default="px")
+    tiling_args(p)
+
+    p = step("segment-shard", cmd_segment_shard, "predict the tiles of one shard (model loaded once, resumable)")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--card", required=True)
+    p.add_argument("--slide", required=True)
+    p.add_argument("--tiles-dir", required=True, help="per-tile results (kept: a rerun skips finished tiles)")
+    p.add_argument("--out", required=True, help="shard summary (JSON)")
+    p.add_argument("--gpus", type=int, default=0, help="the job's gpu resource: take one free local GPU")
+    p.add_argument("--prefetch", type=int, default=2, help="tiles read ahead while the model works")
+
+    p = step("stitch", cmd_stitch, "stitch per-tile results into whole-slide labels, cell table, outlines, overlay")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--tiles-dir", required=True)
+    p.add_argument("--shards", nargs="+", required=True, help="shard summaries (JSON)")
+    p.add_argument("--slide", required=True)
+    p.add_argument("--labels", required=True, help="pyramidal OME-TIFF, level 0 = uint32 labels")
+    p.add_argument("--cells", required=True, help="cell table (CSV)")
+    p.add_argument("--parquet", help="cell table (Parquet)")
+    p.add_argument("--geojson", help="cell outlines (QuPath GeoJSON)")
+    p.add_argument("--overlay", help="downsampled overlay (PNG)")
+    p.add_argument("--report", help="counts, large cells, timings (JSON)")
+    p.add_argument("--pixel-size-um", type=float)
+
+    p = step("cgef", cmd_cgef, "GEM/bgef + whole-slide labels -> cell-bin GEF (exact writer or gefpy)")
+    p.add_argument("--gem", required=True, help="expression: GEM, GEM.gz or bin GEF (.bgef/.gef)")
+    p.add_argument("--writer", default="exact", choices=["exact", "gefpy"])
+    p.add_argument("--origin", default="auto", help="'auto' or 'x,y': GEM coordinate of label pixel (0, 0)")
     p.add_argument("--labels", required=True)
     p.add_argument("--cgef", required=True)
     p.add_argument("--cellmap", required=True, help="output table: cgef cell -> label id")
@@ -235,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgef", required=True)
     p.add_argument("--cellmap", required=True)
     p.add_argument("--out", required=True)
+
+    p = step("expression-qc", cmd_expression_qc, "per-cell QC (UMIs, genes, area) of the cell tables of the cgefs")
+    p.add_argument("--cellmaps", nargs="+", required=True)
+    p.add_argument("--samples", nargs="+", required=True)
+    p.add_argument("--extreme-iqr", type=float, default=3.0, help="area outlier fence in IQRs beyond the quartiles")
+    p.add_argument("--out-dir", required=True)
     return ap
 
 

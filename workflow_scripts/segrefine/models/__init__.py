@@ -19,7 +19,9 @@ from segrefine.io import sha256_file
 ADAPTERS: Dict[str, str] = {
     "cellpose": "segrefine.models.cellpose_adapter:CellposeAdapter",
     "classical": "segrefine.models.classical_adapter:ClassicalAdapter",
+    "cpsam": "segrefine.models.cpsam_adapter:CpsamAdapter",
     "stardist": "segrefine.models.stardist_adapter:StarDistAdapter",
+    "unet": "segrefine.models.unet_adapter:UNetAdapter",
 }
 
 CARD_NAME = "card.json"

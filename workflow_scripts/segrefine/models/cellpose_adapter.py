@@ -170,6 +170,16 @@ class CellposeAdapter(Adapter):
             return float(d)
         return float(getattr(self.model, "diam_labels", 0) or self.model.diam_mean)
 
+    SWEEPABLE_THRESHOLDS = ("flow_threshold", "cellprob_threshold")
+
+    def set_thresholds(self, **values: float) -> None:
+        """Inference thresholds for the next predictions (the evaluation's threshold sweep)."""
+        unknown = sorted(set(values) - set(self.SWEEPABLE_THRESHOLDS))
+        if unknown:
+            raise SegRefineError(f"{self.framework} has no inference thresholds {unknown} "
+                                 f"(sweepable: {list(self.SWEEPABLE_THRESHOLDS)})")
+        self.params.update({k: float(v) for k, v in values.items()})
+
     def predict(self, image: np.ndarray) -> np.ndarray:
         img = _as_input(image)
         masks = self.model.eval(img, channels=_channels(img), diameter=self.diameter(), normalize=True,
