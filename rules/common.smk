@@ -227,4 +227,8 @@ def final_outputs():
         out.append(f"{RESULTS}/expression/qc/summary.csv")
     if config["patches"]["candidates"]["activate"]:
         out += expand(f"{RESULTS}/candidates/{{sample}}/done", sample=samples.index)
+    if config.get("evaluation", {}).get("learning_curve", {}).get("activate", False):
+        out += [f"{RESULTS}/learning_curve/learning_curve.csv", f"{RESULTS}/learning_curve/learning_curve.png"]
+    if config.get("evaluation", {}).get("annotate_next", {}).get("activate", False):
+        out += expand(f"{RESULTS}/annotate_next/{{sample}}/regions.geojson", sample=samples.index)
     return out

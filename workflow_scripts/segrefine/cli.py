@@ -157,6 +157,42 @@ def cmd_complexity(a):
     trainset_complexity(a.trainset, a.out, a.long, a.joined, a.grid)
 
 
+def cmd_learning_curve_subset(a):
+    from segrefine.learning_curve import write_subset
+
+    print(json.dumps(write_subset(a.trainset, a.subset, a.seed, a.out)["cells"]))
+
+
+def cmd_learning_curve(a):
+    from segrefine.learning_curve import learning_curve_table
+
+    print(learning_curve_table(a.evaluations, a.subsets, a.out, a.png, a.pretrained or ()).to_string(index=False))
+
+
+def _annotated_names(a):
+    from segrefine.trainset import read_trainset
+
+    names = list(a.annotated or [])
+    if a.trainset:
+        names += [r["patch"] for r in read_trainset(a.trainset)]
+    return names
+
+
+def cmd_annotate_next_predict(a):
+    from segrefine.annotate_next import predict_candidates
+
+    predict_candidates(a.card, a.slide, a.sn, a.size, a.step, _annotated_names(a), a.out, a.min_tissue,
+                       a.bright_field)
+
+
+def cmd_annotate_next(a):
+    from segrefine.annotate_next import annotate_next
+
+    top = annotate_next(a.slide, a.sn, a.predictions, a.names, a.out, a.geojson, a.out_dir, a.top_n,
+                        a.complexity_weight).head(a.top_n)
+    print(top[["rank", "patch", "score", "disagreement", "complexity", "n_cells"]].to_string(index=False))
+
+
 def cmd_segment(a):
     from segrefine.segment import segment_slide
 
@@ -350,6 +386,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long", help="long evaluation table: also write complexity beside each test patch's accuracy")
     p.add_argument("--joined", help="output of the joined table (with --long)")
     p.add_argument("--grid", type=int, default=4, help="blocks per side for the local densities")
+
+    p = step("learning-curve-subset", cmd_learning_curve_subset,
+             "a nested, seeded subset of the training split as a training-set table (f<fraction> or c<cells>)")
+    p.add_argument("--trainset", required=True)
+    p.add_argument("--subset", required=True, help="f0.25: a fraction of the training patches; c300: >= 300 cells")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+    p = step("learning-curve", cmd_learning_curve, "F1 / precision / recall versus annotated cells: table and PNG")
+    p.add_argument("--evaluations", nargs="+", required=True, help="per-image tables, one per subset")
+    p.add_argument("--subsets", nargs="+", required=True, help="the subset tables, in the same order")
+    p.add_argument("--pretrained", nargs="*", help="per-image tables of the pretrained models (plotted at 0 cells)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--png")
+
+    p = step("annotate-next-predict", cmd_annotate_next_predict,
+             "a model's labels of every candidate patch of a slide (clear of annotations, with tissue)")
+    p.add_argument("--card", required=True)
+    p.add_argument("--slide", required=True)
+    p.add_argument("--sn", required=True)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--step", type=int, default=256)
+    p.add_argument("--trainset", help="training-set table: its patches count as annotated")
+    p.add_argument("--annotated", nargs="*", help="further annotated patch names")
+    p.add_argument("--min-tissue", type=float, default=0.02, help="least fraction of tissue pixels (Otsu)")
+    p.add_argument("--bright-field", action="store_true", help="dark tissue on a bright background (H&E)")
+    p.add_argument("--out", required=True, help=".npz, one label array per candidate patch")
+
+    p = step("annotate-next", cmd_annotate_next,
+             "rank candidate patches by model disagreement and complexity: table, QuPath GeoJSON, patch images")
+    p.add_argument("--slide", required=True)
+    p.add_argument("--sn", required=True)
+    p.add_argument("--predictions", nargs="+", required=True, help="from annotate-next-predict, two or more")
+    p.add_argument("--names", nargs="+", required=True, help="a name per predictions file (model/stage)")
+    p.add_argument("--top-n", type=int, default=10)
+    p.add_argument("--complexity-weight", type=float, default=0.25)
+    p.add_argument("--out", required=True, help="ranking of every candidate (.csv)")
+    p.add_argument("--geojson", required=True, help="the top N as QuPath annotation rectangles")
+    p.add_argument("--out-dir", required=True, help="the top N patches as {name}-img.tif")
 
     p = step("segment", cmd_segment, "segment a whole slide with a saved model (plan, shards, stitch in one process)")
     p.add_argument("--card", required=True)
