@@ -5,9 +5,10 @@
 
 Fidelity: tiled vs whole-image inference with the same model on real images
 (../shared/realdata) and the synthetic demo slide: F1 at IoU 0.5, cells cut at
-seams, duplicates. Two models: the classical model with one threshold for the
-slide (translation-local: any difference is the engine's), and the classical
-adapter as shipped (Otsu threshold per image, so per window when tiled: its
+seams, duplicates. The shipped classical adapter twice: with the slide-level
+intensity reference (tile-plan's histogram; the whole image gets the same
+reference computed on the whole image), so that any difference is the
+engine's; and without it (Otsu threshold of each window's own histogram: its
 differences are the model's dependence on the whole image, not seams).
 
 Memory: peak RSS (os.wait4 of each step's process) of the real step commands
@@ -171,35 +172,9 @@ def tiled_steps(py, slide, card, work: Path, tile: int, halo: int, shards: int, 
 
 
 # --- fidelity ------------------------------------------------------------------------------------------------------------
-class SlideThresholdClassical:
-    """The classical model with one threshold for the whole slide (Otsu of the smoothed slide):
-    translation-local, so a tiled run must reproduce its whole-image result."""
-    device = "cpu"
-
-    def __init__(self, img, invert=False):
-        from scipy import ndimage
-        from skimage.filters import threshold_otsu
-
-        from segrefine.models.classical_adapter import DEFAULTS, _gray
-
-        self.p = dict(DEFAULTS, invert=invert)
-        g = _gray(img)
-        if invert:
-            g = g.max() - g
-        self.threshold = float(threshold_otsu(ndimage.gaussian_filter(g, self.p["sigma"])))
-        self.gmax = float(_gray(img).max())
-
-    def predict(self, img):
-        from segrefine.models.classical_adapter import _gray, segment
-
-        p = self.p
-        if p["invert"]:  # invert against the slide's maximum, not the window's
-            img = self.gmax - _gray(img)
-        return segment(img, p["sigma"], p["threshold_scale"], p["min_distance"], p["min_size"], False,
-                       threshold=self.threshold)
-
-
-class ShippedClassical:
+class PerWindowClassical:
+    """The shipped classical adapter without the slide's intensity reference: Otsu's threshold of each
+    window's own histogram (what every tiled run did before the reference existed)."""
     device = "cpu"
 
     def __init__(self, invert=False):
@@ -228,6 +203,10 @@ def fidelity_case(name, img, model, card, work: Path, tile: int, halo: int):
     rep = stitch(work / "tiles.tsv", work / "tiles", [work / "s0.json", work / "s1.json"], slide, work / "labels.tif",
                  work / "cells.csv")
     tiled = tifffile.imread(work / "labels.tif")
+    if hasattr(model, "set_intensity_reference"):  # the whole image gets the same (whole-image) reference
+        from segrefine.intensity import intensity_reference
+
+        model.set_intensity_reference(intensity_reference(img))
     whole = model.predict(img)
     m = object_metrics(whole.astype(np.int64), tiled.astype(np.int64))
     s = seam_report(whole, tiled, tile, near=halo)
@@ -262,8 +241,10 @@ def fidelity(card, work: Path):
     for name, img, invert, tile, halo in cases:
         if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
             img = np.moveaxis(img, 0, -1)
-        for label, model in (("slide threshold", SlideThresholdClassical(img, invert)),
-                             ("as shipped (Otsu per window)", ShippedClassical(invert))):
+        from segrefine.models.classical_adapter import ClassicalAdapter
+
+        for label, model in (("slide reference", ClassicalAdapter({"invert": invert})),
+                             ("per-window statistics", PerWindowClassical(invert))):
             key = f"{name}-{label}".replace(" ", "_").replace("&", "")
             row = fidelity_case(name, img, model, card, work / key, tile, halo)
             row["model"] = label

@@ -53,3 +53,26 @@ def test_foreign_parameter_files_and_unknown_parameters_are_refused(tmp_path):
         ClassicalAdapter.from_pretrained(tmp_path / "w.json", {})
     with pytest.raises(SegRefineError, match=r"unknown classical-model parameters \['sigmaa'\]"):
         ClassicalAdapter.from_pretrained(None, {"sigmaa": 2})
+
+
+def test_slide_intensity_reference_sets_the_threshold(demo_pairs):
+    """With no reference the model thresholds an image by its own histogram, which is the same as giving it that
+    image's reference; a window given the slide's reference uses the slide's threshold (inverted for H&E too)."""
+    from segrefine.intensity import intensity_reference
+    from segrefine.models.classical_adapter import reference_threshold
+
+    img, _ = demo_pairs[4]
+    own, slide_level = ClassicalAdapter({}), ClassicalAdapter({})
+    assert slide_level.set_intensity_reference(intensity_reference(img)) is True
+    assert (own.predict(img) == slide_level.predict(img)).all()
+    whole = np.concatenate([img, np.zeros_like(img)], axis=1)  # a "slide" with a dark half: a lower threshold
+    ref = intensity_reference(whole)
+    assert reference_threshold(ref, False)[0] != reference_threshold(intensity_reference(img), False)[0]
+    assert slide_level.set_intensity_reference(ref) is True
+    assert (slide_level.predict(img) != own.predict(img)).any()
+    he = ClassicalAdapter({"invert": True})
+    he.set_intensity_reference(ref)
+    t, gmax = reference_threshold(ref, True)
+    assert gmax == ref["gray"]["max"] and t == gmax - ref["gray"]["otsu"]
+    with pytest.raises(SegRefineError, match="not an intensity reference"):
+        he.set_intensity_reference({"otsu": 3})

@@ -35,14 +35,21 @@ def cell_table(labels: np.ndarray):
     }, columns=CELL_COLUMNS)
 
 
-def segment_whole(card_path, slide_path) -> np.ndarray:
-    """The whole-image approach: the whole slide in memory, one predict call (the reference for benchmarks)."""
+def segment_whole(card_path, slide_path, model=None) -> np.ndarray:
+    """The whole-image approach: the whole slide in memory, one predict call (the reference for benchmarks).
+
+    The model gets the same slide-level intensity reference as the tiled run
+    (computed here on the whole image: identical to tile-plan's), so "the same
+    model" means the same normalisation. ``model``: an already loaded model."""
+    from segrefine.intensity import intensity_reference
     from segrefine.io import Slide
     from segrefine.models import load_model
 
-    model, _ = load_model(card_path)
+    if model is None:
+        model, _ = load_model(card_path)
     with Slide(slide_path) as slide:
         image = slide.read_all()
+    model.set_intensity_reference(intensity_reference(image))
     return np.asarray(model.predict(image)).astype(np.uint32)
 
 

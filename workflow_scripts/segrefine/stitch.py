@@ -218,7 +218,10 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
               "tiles_in_tissue": int(meta["tiles_in_tissue"]),
               "tiles_skipped_background": int(meta["tiles_skipped_background"]), "halo_px": int(meta["halo_px"]),
               "context_px": int(meta["context_px"]), "tile_size": int(meta["tile_size"]), "shards": len(shards),
-              "duplicates_resolved": 0, "pixels_trimmed": 0, "large_cells": [], "timings_s": {}}
+              "duplicates_resolved": 0, "pixels_trimmed": 0, "large_cells": [], "timings_s": {},
+              "intensity_reference": meta.get("intensity_reference"),
+              # how the shards that predicted tiles normalised them ("slide" or "per window")
+              "normalization": sorted({str(s["intensity_reference"]) for s in shards if s.get("intensity_reference")})}
     timings = report["timings_s"]
     try:
         store = zarr.create_array(store=str(work / "level0.zarr"), shape=(H, W), chunks=(512, 512), dtype="uint32",

@@ -113,6 +113,7 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
               tissue_level: Optional[int] = None, tissue_downsample: int = 16, bright_field: bool = False,
               trainset=None):
     """(plan table, plan metadata) of a slide. Checks the halo against the largest training cell."""
+    from segrefine.intensity import intensity_reference
     from segrefine.io import Slide
 
     if shards < 1:
@@ -133,6 +134,8 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
         plan = grid_tiles(slide.shape, tile_size, halo_px + context_px)
         meta.update(slide=str(slide_path), slide_stamp=_slide_stamp(slide_path), height=H, width=W,
                     levels=slide.levels)
+        # the whole slide's intensity statistics, so every window is normalised like the whole slide
+        meta["intensity_reference"] = intensity_reference(slide)
         if tissue:
             thumb, f = slide.thumbnail(tissue_downsample, level=tissue_level)
             mask, thr = detect_tissue(thumb, bright_field)
@@ -294,7 +297,10 @@ def tile_file(tiles_dir, tile_id: int) -> Path:
 
 
 def tile_fingerprint(meta: dict, card_sha: str, tile) -> str:
-    return f"{meta['plan_id']}:{card_sha[:16]}:{int(tile.tile_id)}:{int(tile.wx0)},{int(tile.wy0)},{int(tile.wx1)},{int(tile.wy1)}"
+    ref = meta.get("intensity_reference")
+    norm = hashlib.sha256(json.dumps(ref, sort_keys=True).encode()).hexdigest()[:8] if ref is not None else "none"
+    return (f"{meta['plan_id']}:{card_sha[:16]}:{norm}:{int(tile.tile_id)}:"
+            f"{int(tile.wx0)},{int(tile.wy0)},{int(tile.wx1)},{int(tile.wy1)}")
 
 
 def read_tile(path):
@@ -390,7 +396,8 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
     todo = [t for t in tiles if not tile_done(tile_file(tiles_dir, t.tile_id), tile_fingerprint(meta, card_sha, t))]
     stats = {"shard": shard, "tiles": len(tiles), "tiles_resumed": len(tiles) - len(todo), "tiles_computed": len(todo),
              "card_sha256": card_sha, "plan_id": meta["plan_id"], "read_s": 0.0, "predict_s": 0.0, "wait_read_s": 0.0,
-             "own_write_s": 0.0, "cells": 0, "large_cells": 0, "device": None}
+             "own_write_s": 0.0, "cells": 0, "large_cells": 0, "device": None,
+             "intensity_reference": None}  # "slide" or "per window" once the model is loaded (None: all resumed)
     log.info("shard %d: %d tiles, %d already done, %d to predict", shard, len(tiles), len(tiles) - len(todo), len(todo))
     if todo:
         with gpu_device(gpus) as dev, Slide(slide_path) as slide:
@@ -400,6 +407,15 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
                 model, card = load_model(card_path)
             else:
                 card = {"name": type(model).__name__, "stage": "given"}
+            ref = meta.get("intensity_reference")
+            setter = getattr(model, "set_intensity_reference", None)  # duck-typed test/bench models may lack it
+            applied = bool(setter(ref)) if ref is not None and setter is not None else False
+            stats["intensity_reference"] = "slide" if applied else "per window"
+            if not applied:
+                log.warning("shard %d: %s; each window is normalised by its own statistics, so tiles may differ "
+                            "from whole-image inference", shard, "the plan has no intensity reference (made by an "
+                            "older version: rerun tile-plan)" if ref is None else
+                            f"model {type(model).__name__} does not take a slide-level intensity reference")
             stats["device"] = str(model.device)
             stats["gpu"] = dev
             log.info("shard %d: model %s [%s] on %s", shard, card.get("name"), card.get("stage"), model.device)

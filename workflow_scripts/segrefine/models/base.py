@@ -53,6 +53,13 @@ class Adapter(abc.ABC):
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Instance labels (uint32, 0 = background) for a (h, w) or (h, w, c) image of any size."""
 
+    def set_intensity_reference(self, ref: Optional[dict]) -> bool:
+        """Normalise (or threshold) every later ``predict`` with the whole slide's intensity statistics ``ref``
+        (``segrefine.intensity.intensity_reference``) instead of each image's own, so that a tile window is
+        normalised exactly as the whole slide would be; ``None`` goes back to per-image statistics. Returns True
+        when the adapter applies it. Default: not supported (False), each window keeps its own statistics."""
+        return False
+
     @abc.abstractmethod
     def card_fields(self) -> dict:
         """``preprocessing``, ``thresholds`` and ``hyperparameters`` entries of the model card."""

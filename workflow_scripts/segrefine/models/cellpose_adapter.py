@@ -67,6 +67,40 @@ def _channels(img: np.ndarray):
     return [0, 0] if img.ndim == 2 else [2, 3]  # grayscale, or cytoplasm=green + nuclei=blue
 
 
+def _slide_lowhigh(ref: dict):
+    """(gray, rgb) lowhigh arrays for cellpose's two model channels from a slide intensity reference.
+
+    cellpose 3.1 normalises after ``convert_image``: a grayscale image becomes
+    (gray, zeros) and an RGB one with channels [2, 3] becomes (green, blue), and
+    ``normalize_img`` takes ``lowhigh`` of shape (2 channels, 2). The zero
+    channel keeps [0, 1] so that it stays zero, as with per-image normalisation
+    (which skips a flat channel)."""
+    from segrefine.intensity import check_reference, lowhigh
+
+    check_reference(ref)
+    C = int(ref["channels"])
+    if C == 1:
+        lh = lowhigh(ref, 1.0, 99.0)
+        gray = np.array([lh[0], [0.0, 1.0]])
+        rgb = None
+    elif C >= 3:
+        gray = None
+        rgb = lowhigh(ref, 1.0, 99.0, channels=[1, 2])
+    else:
+        raise SegRefineError(f"cellpose takes grayscale or RGB slides; the intensity reference has {C} channels")
+    for lh in (gray, rgb):
+        if lh is not None:
+            flat = lh[:, 1] - lh[:, 0] <= 1e-3  # a flat channel: no division by zero
+            lh[flat, 1] = lh[flat, 0] + 1.0
+    return {False: gray, True: rgb}
+
+
+def _normalize_default() -> dict:
+    from cellpose.models import normalize_default
+
+    return dict(normalize_default)
+
+
 class CellposeAdapter(Adapter):
     framework = "cellpose"
     official_weights = {"cyto": "cytotorch_0", "cyto2": "cyto2torch_0", "cyto3": "cyto3", "nuclei": "nucleitorch_0"}
@@ -180,9 +214,24 @@ class CellposeAdapter(Adapter):
                                  f"(sweepable: {list(self.SWEEPABLE_THRESHOLDS)})")
         self.params.update({k: float(v) for k, v in values.items()})
 
+    def set_intensity_reference(self, ref: Optional[dict]) -> bool:
+        """Normalise with the slide's 1st/99th percentiles (cellpose's defaults) instead of each image's."""
+        self._lowhigh = None if ref is None else _slide_lowhigh(ref)
+        return True
+
+    def _normalize(self, img: np.ndarray):
+        """cellpose's ``normalize`` argument: per image (True) or the slide's lowhigh for the image's model channels."""
+        lowhigh = getattr(self, "_lowhigh", None)
+        if lowhigh is None:
+            return True
+        if lowhigh[img.ndim == 3] is None:
+            raise SegRefineError(f"image of shape {img.shape} does not match the slide's intensity reference "
+                                 f"({'grayscale' if lowhigh[False] is not None else 'RGB'})")
+        return {**_normalize_default(), "normalize": True, "lowhigh": lowhigh[img.ndim == 3]}
+
     def predict(self, image: np.ndarray) -> np.ndarray:
         img = _as_input(image)
-        masks = self.model.eval(img, channels=_channels(img), diameter=self.diameter(), normalize=True,
+        masks = self.model.eval(img, channels=_channels(img), diameter=self.diameter(), normalize=self._normalize(img),
                                 flow_threshold=float(self.params["flow_threshold"]),
                                 cellprob_threshold=float(self.params["cellprob_threshold"]),
                                 min_size=int(self.params["min_size"]))[0]
@@ -191,7 +240,8 @@ class CellposeAdapter(Adapter):
     def card_fields(self) -> dict:
         p = self.params
         return {
-            "preprocessing": {"normalize": "percentile 1-99 per image (cellpose default)",
+            "preprocessing": {"normalize": "percentile 1-99 per image (cellpose default), or of the whole slide "
+                                           "when segmenting a slide (intensity reference)",
                               "channels": "grayscale [0, 0]; RGB [2, 3]", "diameter_px": self.diameter(),
                               "diam_mean": float(self.model.diam_mean)},
             "thresholds": {k: p[k] for k in ("flow_threshold", "cellprob_threshold", "min_size")},

@@ -6,6 +6,12 @@ that maximises the mean F1 on the training patches, so it sits in the same
 before/after table as the learned models. Its saved "weights" are the chosen
 parameters as JSON. It is fast, so it also serves tests and benchmarks of the
 whole-slide engine.
+
+Its threshold is ``threshold_scale`` x Otsu's threshold of the gray-level
+histogram of the image it is given, or, once ``set_intensity_reference`` has
+been called, of the whole slide (``segrefine.intensity``): then every tile
+window is thresholded like the whole slide. Calibration treats each training
+patch as its own slide (the patch's own histogram), the same rule.
 """
 from __future__ import annotations
 
@@ -42,8 +48,9 @@ def _gray(img: np.ndarray) -> np.ndarray:
 
 
 def segment(img: np.ndarray, sigma: float, threshold_scale: float, min_distance: int, min_size: int,
-            invert: bool, threshold: Optional[float] = None) -> np.ndarray:
-    """Instance labels of one image; ``threshold`` (in smoothed-image units) overrides Otsu."""
+            invert: bool, threshold: Optional[float] = None, gray_max: Optional[float] = None) -> np.ndarray:
+    """Instance labels of one image; ``threshold`` (in smoothed-image units) overrides Otsu of the smoothed image;
+    ``gray_max``: the gray maximum that ``invert`` subtracts from (default: the image's)."""
     from scipy import ndimage
     from skimage.feature import peak_local_max
     from skimage.filters import threshold_otsu
@@ -51,7 +58,7 @@ def segment(img: np.ndarray, sigma: float, threshold_scale: float, min_distance:
 
     g = _gray(img)
     if invert:
-        g = g.max() - g
+        g = (np.float32(gray_max) if gray_max is not None else g.max()) - g
     smooth = ndimage.gaussian_filter(g, sigma) if sigma > 0 else g
     if threshold is None:
         if smooth.max() == smooth.min():
@@ -74,12 +81,34 @@ def segment(img: np.ndarray, sigma: float, threshold_scale: float, min_distance:
     return relabel_sequential(labels)[0].astype(np.uint32)
 
 
+def reference_threshold(ref: dict, invert: bool):
+    """(threshold, gray_max) of the model for images described by the intensity reference ``ref``:
+    Otsu's threshold of the reference's gray histogram (mirrored about the gray maximum for ``invert``)."""
+    from segrefine.intensity import check_reference
+
+    gray = check_reference(ref)["gray"]
+    if invert:
+        return float(gray["max"]) - float(gray["otsu"]), float(gray["max"])
+    return float(gray["otsu"]), None
+
+
+def _predict(img: np.ndarray, p: dict, ref: Optional[dict] = None) -> np.ndarray:
+    from segrefine.intensity import intensity_reference
+
+    if ref is None:
+        ref = intensity_reference(np.asarray(img))
+    gray = ref["gray"]
+    if float(gray["max"]) == float(gray["min"]):
+        return np.zeros(np.asarray(img).shape[:2], np.uint32)
+    threshold, gray_max = reference_threshold(ref, p["invert"])
+    return segment(img, p["sigma"], p["threshold_scale"], p["min_distance"], p["min_size"], p["invert"],
+                   threshold=threshold, gray_max=gray_max)
+
+
 def _mean_f1(pairs: Sequence[Pair], p: dict) -> float:
     from segrefine.metrics import object_metrics
 
-    return float(np.mean([object_metrics(np.asarray(m).astype(np.int64),
-                                         segment(img, p["sigma"], p["threshold_scale"], p["min_distance"],
-                                                 p["min_size"], p["invert"]).astype(np.int64))["f1"]
+    return float(np.mean([object_metrics(np.asarray(m).astype(np.int64), _predict(img, p).astype(np.int64))["f1"]
                           for img, m in pairs]))
 
 
@@ -93,6 +122,7 @@ class ClassicalAdapter(Adapter):
             raise SegRefineError(f"unknown classical-model parameters {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         self.params = {**DEFAULTS, **{k: v for k, v in params.items() if k in DEFAULTS}}
         self.grid = params.get("grid", GRID)
+        self.reference: Optional[dict] = None
 
     @classmethod
     def from_pretrained(cls, weights: Optional[Path], params: dict) -> "ClassicalAdapter":
@@ -117,9 +147,15 @@ class ClassicalAdapter(Adapter):
     def device(self) -> str:
         return "cpu"
 
+    def set_intensity_reference(self, ref: Optional[dict]) -> bool:
+        """Threshold every image with the slide's Otsu threshold (``ref``), not the image's own; None undoes it."""
+        if ref is not None:
+            reference_threshold(ref, self.params["invert"])  # a clear error now, not at the first tile
+        self.reference = ref
+        return True
+
     def predict(self, image: np.ndarray) -> np.ndarray:
-        p = self.params
-        return segment(image, p["sigma"], p["threshold_scale"], p["min_distance"], p["min_size"], p["invert"])
+        return _predict(image, self.params, self.reference)
 
     def fine_tune(self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int,
                   work_dir: Path) -> Dict[str, List[float]]:
@@ -145,7 +181,8 @@ class ClassicalAdapter(Adapter):
         return target
 
     def card_fields(self) -> dict:
-        return {"preprocessing": {"grayscale": "mean of RGB channels", "threshold": "Otsu x threshold_scale"},
+        return {"preprocessing": {"grayscale": "mean of RGB channels", "threshold": "Otsu of the gray histogram (slide-level "
+                                                                         "with an intensity reference) x threshold_scale"},
                 "thresholds": {"threshold_scale": self.params["threshold_scale"], "min_size": self.params["min_size"]},
                 "hyperparameters": {"sigma": self.params["sigma"], "min_distance": self.params["min_distance"],
                                     "invert": self.params["invert"], "grid": self.grid}}

@@ -241,11 +241,38 @@ class CpsamAdapter(Adapter):
                                  f"(sweepable: {list(self.SWEEPABLE_THRESHOLDS)})")
         self.params.update({k: float(v) for k, v in values.items()})
 
+    def set_intensity_reference(self, ref: Optional[dict]) -> bool:
+        """Normalise with the slide's 1st/99th percentiles per channel (cellpose 4's ``normalize={"lowhigh": …}``,
+        shape (3, 2) after its channels-last conversion) instead of each image's; the zero channels of a grayscale
+        slide keep [0, 1] so that they stay zero."""
+        if ref is None:
+            self._lowhigh = None
+            return True
+        from segrefine.intensity import check_reference, lowhigh
+
+        C = int(check_reference(ref)["channels"])
+        if C not in (1, 3, 4):
+            raise SegRefineError(f"cpsam takes grayscale or RGB slides; the intensity reference has {C} channels")
+        lh = lowhigh(ref, 1.0, 99.0, channels=range(min(C, 3)))
+        lh = np.concatenate([lh, np.tile([[0.0, 1.0]], (3 - len(lh), 1))]) if len(lh) < 3 else lh
+        flat = lh[:, 1] - lh[:, 0] <= 1e-3  # a flat channel: no division by zero
+        lh[flat, 1] = lh[flat, 0] + 1.0
+        self._lowhigh = lh
+        return True
+
+    def _normalize(self):
+        lh = getattr(self, "_lowhigh", None)
+        if lh is None:
+            return True
+        from cellpose.models import normalize_default
+
+        return {**normalize_default, "normalize": True, "lowhigh": lh}
+
     def predict(self, image: np.ndarray) -> np.ndarray:
         p = self.params
         img = _as_chw(image)
         diameter = float(p["diameter"]) if p.get("diameter") else None
-        masks = self.model.eval(img, channel_axis=0, diameter=diameter, normalize=True,
+        masks = self.model.eval(img, channel_axis=0, diameter=diameter, normalize=self._normalize(),
                                 batch_size=int(p["eval_batch_size"]),
                                 flow_threshold=float(p["flow_threshold"]),
                                 cellprob_threshold=float(p["cellprob_threshold"]),
@@ -255,7 +282,8 @@ class CpsamAdapter(Adapter):
     def card_fields(self) -> dict:
         p = self.params
         return {
-            "preprocessing": {"normalize": "percentile 1-99 per image and channel (cellpose default)",
+            "preprocessing": {"normalize": "percentile 1-99 per image and channel (cellpose default), or of the "
+                                           "whole slide when segmenting a slide (intensity reference)",
                               "channels": "(3, h, w): grayscale in channel 0, others zero; RGB as is",
                               "tile_px": BSIZE, "diameter_px": p.get("diameter"),
                               "dtype": str(self.model.net.dtype).replace("torch.", "")},

@@ -131,12 +131,15 @@ class StarDistAdapter(Adapter):
         return "gpu:0" if tf.config.list_physical_devices("GPU") else "cpu"
 
     # -- data -------------------------------------------------------------------------------------------------------
-    def _normalize(self, img: np.ndarray) -> np.ndarray:
+    def _normalize(self, img: np.ndarray, ref: Optional[dict] = None) -> np.ndarray:
+        """Percentile normalisation of the image by its own percentiles, or by the slide's (``ref``)."""
         from csbdeep.utils import normalize
 
         img = np.asarray(img)
         lo, hi = self.params["norm_percentiles"]
         n_in = int(self.model.config.n_channel_in)
+        if ref is not None:
+            return self._normalize_slide(img, ref, lo, hi, n_in)
         if img.ndim == 2 and n_in == 1:
             return normalize(img, lo, hi).astype(np.float32)
         if img.ndim == 3 and img.shape[-1] >= n_in and n_in == 3:
@@ -144,6 +147,35 @@ class StarDistAdapter(Adapter):
         if img.ndim == 3 and n_in == 1:
             return normalize(img[..., :3].mean(axis=-1), lo, hi).astype(np.float32)
         raise SegRefineError(f"this StarDist model takes {n_in}-channel images, got an image of shape {img.shape}")
+
+    def _normalize_slide(self, img: np.ndarray, ref: dict, lo: float, hi: float, n_in: int) -> np.ndarray:
+        """csbdeep's normalize_mi_ma with the slide's lo/hi percentiles (the same channel handling as per image)."""
+        from csbdeep.utils import normalize_mi_ma
+
+        from segrefine.intensity import percentile
+
+        if img.ndim == 2 and n_in == 1:
+            mi, ma = percentile(ref, lo, 0), percentile(ref, hi, 0)
+            return normalize_mi_ma(img, mi, ma).astype(np.float32)
+        if img.ndim == 3 and img.shape[-1] >= n_in and n_in == 3:
+            mi = np.array(percentile(ref, lo)[:3], np.float32)
+            ma = np.array(percentile(ref, hi)[:3], np.float32)
+            return normalize_mi_ma(img[..., :3], mi, ma).astype(np.float32)
+        if img.ndim == 3 and n_in == 1:
+            mi, ma = percentile(ref, lo, "gray"), percentile(ref, hi, "gray")
+            return normalize_mi_ma(img[..., :3].mean(axis=-1), mi, ma).astype(np.float32)
+        raise SegRefineError(f"this StarDist model takes {n_in}-channel images, got an image of shape {img.shape}")
+
+    def set_intensity_reference(self, ref: Optional[dict]) -> bool:
+        """Normalise predictions with the slide's percentiles (``norm_percentiles``) instead of each image's."""
+        if ref is not None:
+            from segrefine.intensity import check_reference, percentile
+
+            check_reference(ref)
+            for q in self.params["norm_percentiles"]:
+                percentile(ref, q)  # a clear error now if the reference lacks them
+        self._reference = ref
+        return True
 
     def _check_sizes(self, pairs: Sequence[Pair]) -> None:
         size = int(self.model.config.train_patch_size[0])
@@ -214,7 +246,7 @@ class StarDistAdapter(Adapter):
         self.params.update({k: float(v) for k, v in values.items()})
 
     def predict(self, image: np.ndarray) -> np.ndarray:
-        img = self._normalize(image)
+        img = self._normalize(image, getattr(self, "_reference", None))
         kw = {k: float(self.params[k]) for k in ("prob_thresh", "nms_thresh") if self.params.get(k) is not None}
         labels = self.model.predict_instances(img, show_tile_progress=False, verbose=False, **kw)[0]
         return np.asarray(labels).astype(np.uint32)
@@ -223,7 +255,8 @@ class StarDistAdapter(Adapter):
         p = self.params
         thr = self.model.thresholds
         return {
-            "preprocessing": {"normalize": "percentile (csbdeep.utils.normalize), per channel for RGB",
+            "preprocessing": {"normalize": "percentile (csbdeep.utils.normalize), per channel for RGB; of the "
+                                           "whole slide when segmenting a slide (intensity reference)",
                               "norm_percentiles": list(p["norm_percentiles"]),
                               "n_channel_in": int(self.model.config.n_channel_in)},
             "thresholds": {"prob_thresh": float(p["prob_thresh"] if p.get("prob_thresh") is not None else thr.prob),

@@ -230,12 +230,15 @@ def input_channels_of(path) -> int:
 # Preprocessing, targets, tiles
 # --------------------------------------------------------------------------------------------------------------------
 def preprocess(img: np.ndarray, stain: str, percentiles=(1.0, 99.8), clahe_kernel: int = 128,
-               clahe_clip: float = 0.01) -> np.ndarray:
+               clahe_clip: float = 0.01, ref: Optional[dict] = None) -> np.ndarray:
     """Network input (h, w, c) float32 in [0, 1].
 
     fluorescence (ssDNA/DAPI): grayscale, percentile normalization, adaptive histogram equalization;
     he: colour normalization (per-channel percentile stretch) then CLAHE on the brightness.
+    ``ref``: a slide intensity reference; the percentile stretch then uses the slide's percentiles. Only that
+    step is slide-level: CLAHE (and the final min-max rescale of the gray input) stay per image.
     """
+    from segrefine.intensity import percentile
     from skimage.exposure import equalize_adapthist
 
     img = np.asarray(img)
@@ -250,13 +253,20 @@ def preprocess(img: np.ndarray, stain: str, percentiles=(1.0, 99.8), clahe_kerne
             raise SegRefineError(f"this U-Net is an H&E model (3 input channels) but got a grayscale image "
                                  f"of shape {img.shape}")
         rgb = img[..., :3].astype(np.float32)
-        lo = np.percentile(rgb, lo_p, axis=(0, 1))
-        hi = np.percentile(rgb, hi_p, axis=(0, 1))
+        if ref is not None:
+            lo = np.array(percentile(ref, lo_p)[:3], np.float32)
+            hi = np.array(percentile(ref, hi_p)[:3], np.float32)
+        else:
+            lo = np.percentile(rgb, lo_p, axis=(0, 1))
+            hi = np.percentile(rgb, hi_p, axis=(0, 1))
         rgb = np.clip((rgb - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
         out = equalize_adapthist(rgb, kernel_size=kernel, clip_limit=clahe_clip)
         return out.astype(np.float32)
     gray = img[..., :3].astype(np.float32).mean(axis=-1) if img.ndim == 3 else img.astype(np.float32)
-    lo, hi = np.percentile(gray, [lo_p, hi_p])
+    if ref is not None:
+        lo, hi = percentile(ref, lo_p, "gray"), percentile(ref, hi_p, "gray")
+    else:
+        lo, hi = np.percentile(gray, [lo_p, hi_p])
     if hi <= lo:
         return np.zeros(gray.shape + (1,), np.float32)
     gray = np.clip((gray - lo) / (hi - lo), 0, 1)
@@ -487,9 +497,27 @@ class UNetAdapter(Adapter):
         return model_dir / WEIGHTS
 
     # -- inference --------------------------------------------------------------------------------------------------
+    def set_intensity_reference(self, ref: Optional[dict]) -> bool:
+        """Percentile stretch with the slide's percentiles (``norm_percentiles``) instead of each image's. Only
+        that step becomes slide-level: CLAHE works on local tiles of the (window) image, so its output still
+        depends on the window, and tiled inference stays approximate for this model."""
+        if ref is not None:
+            from segrefine.intensity import check_reference, percentile
+
+            check_reference(ref)
+            for q in self.params["norm_percentiles"]:
+                percentile(ref, q)  # a clear error now if the reference lacks them
+        self._reference = ref
+        return True
+
     def probability(self, image: np.ndarray) -> np.ndarray:
         """Foreground probability (h, w) of an image of any size: reflection-padded, overlapping tiles blended."""
-        x = self._input(image)
+        ref = getattr(self, "_reference", None)
+        if ref is not None:
+            p = self.params
+            x = preprocess(image, p["stain"], p["norm_percentiles"], p["clahe_kernel"], p["clahe_clip"], ref)
+        else:
+            x = self._input(image)
         h, w = x.shape[:2]
         s = self.size
         overlap = min(int(self.params["tile_overlap"]), s // 2)
