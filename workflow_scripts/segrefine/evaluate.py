@@ -187,7 +187,7 @@ def threshold_sweep(card_path, trainset_path, split: str, out_csv, grid: Optiona
     from segrefine.trainset import read_trainset
 
     model, card = load_model(card_path)
-    if not hasattr(model, "set_thresholds"):
+    if not model.SWEEPABLE_THRESHOLDS:
         raise SegRefineError(f"{card_path}: {card['framework']} models have no inference thresholds to sweep")
     grid = grid or THRESHOLD_GRIDS.get(card["framework"])
     if not grid:

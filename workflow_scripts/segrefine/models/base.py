@@ -53,6 +53,19 @@ class Adapter(abc.ABC):
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Instance labels (uint32, 0 = background) for a (h, w) or (h, w, c) image of any size."""
 
+    #: inference thresholds the evaluation's threshold sweep may set (keys of ``self.params``); none by default
+    SWEEPABLE_THRESHOLDS: Tuple[str, ...] = ()
+
+    def set_thresholds(self, **values: float) -> None:
+        """Inference thresholds for the next predictions (the evaluation's threshold sweep)."""
+        from segrefine import SegRefineError
+
+        unknown = sorted(set(values) - set(self.SWEEPABLE_THRESHOLDS))
+        if unknown:
+            raise SegRefineError(f"{self.framework} has no inference thresholds {unknown} "
+                                 f"(sweepable: {list(self.SWEEPABLE_THRESHOLDS)})")
+        self.params.update({k: float(v) for k, v in values.items()})
+
     def set_intensity_reference(self, ref: Optional[dict]) -> bool:
         """Normalise (or threshold) every later ``predict`` with the whole slide's intensity statistics ``ref``
         (``segrefine.intensity.intensity_reference``) instead of each image's own, so that a tile window is

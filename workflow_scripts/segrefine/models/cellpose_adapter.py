@@ -206,14 +206,6 @@ class CellposeAdapter(Adapter):
 
     SWEEPABLE_THRESHOLDS = ("flow_threshold", "cellprob_threshold")
 
-    def set_thresholds(self, **values: float) -> None:
-        """Inference thresholds for the next predictions (the evaluation's threshold sweep)."""
-        unknown = sorted(set(values) - set(self.SWEEPABLE_THRESHOLDS))
-        if unknown:
-            raise SegRefineError(f"{self.framework} has no inference thresholds {unknown} "
-                                 f"(sweepable: {list(self.SWEEPABLE_THRESHOLDS)})")
-        self.params.update({k: float(v) for k, v in values.items()})
-
     def set_intensity_reference(self, ref: Optional[dict]) -> bool:
         """Normalise with the slide's 1st/99th percentiles (cellpose's defaults) instead of each image's."""
         self._lowhigh = None if ref is None else _slide_lowhigh(ref)

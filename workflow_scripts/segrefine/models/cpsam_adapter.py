@@ -233,14 +233,6 @@ class CpsamAdapter(Adapter):
     # -- inference ----------------------------------------------------------------------------------------------
     SWEEPABLE_THRESHOLDS = ("flow_threshold", "cellprob_threshold")
 
-    def set_thresholds(self, **values: float) -> None:
-        """Inference thresholds for the next predictions (the evaluation's threshold sweep)."""
-        unknown = sorted(set(values) - set(self.SWEEPABLE_THRESHOLDS))
-        if unknown:
-            raise SegRefineError(f"{self.framework} has no inference thresholds {unknown} "
-                                 f"(sweepable: {list(self.SWEEPABLE_THRESHOLDS)})")
-        self.params.update({k: float(v) for k, v in values.items()})
-
     def set_intensity_reference(self, ref: Optional[dict]) -> bool:
         """Normalise with the slide's 1st/99th percentiles per channel (cellpose 4's ``normalize={"lowhigh": …}``,
         shape (3, 2) after its channels-last conversion) instead of each image's; the zero channels of a grayscale

@@ -237,14 +237,6 @@ class StarDistAdapter(Adapter):
     # -- inference --------------------------------------------------------------------------------------------------
     SWEEPABLE_THRESHOLDS = ("prob_thresh", "nms_thresh")
 
-    def set_thresholds(self, **values: float) -> None:
-        """Inference thresholds for the next predictions (the evaluation's threshold sweep)."""
-        unknown = sorted(set(values) - set(self.SWEEPABLE_THRESHOLDS))
-        if unknown:
-            raise SegRefineError(f"{self.framework} has no inference thresholds {unknown} "
-                                 f"(sweepable: {list(self.SWEEPABLE_THRESHOLDS)})")
-        self.params.update({k: float(v) for k, v in values.items()})
-
     def predict(self, image: np.ndarray) -> np.ndarray:
         img = self._normalize(image, getattr(self, "_reference", None))
         kw = {k: float(self.params[k]) for k in ("prob_thresh", "nms_thresh") if self.params.get(k) is not None}

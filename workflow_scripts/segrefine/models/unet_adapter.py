@@ -542,14 +542,6 @@ class UNetAdapter(Adapter):
 
     SWEEPABLE_THRESHOLDS = ("prob_thresh", "min_distance")
 
-    def set_thresholds(self, **values: float) -> None:
-        """Inference thresholds for the next predictions (the evaluation's threshold sweep)."""
-        unknown = sorted(set(values) - set(self.SWEEPABLE_THRESHOLDS))
-        if unknown:
-            raise SegRefineError(f"{self.framework} has no inference thresholds {unknown} "
-                                 f"(sweepable: {list(self.SWEEPABLE_THRESHOLDS)})")
-        self.params.update({k: float(v) for k, v in values.items()})
-
     def predict(self, image: np.ndarray) -> np.ndarray:
         from segrefine.models.classical_adapter import segment
 
