@@ -65,7 +65,8 @@ rule stitch:
         cells=f"{RESULTS}/segmentation/{{sample}}/cells.csv",
         parquet=f"{RESULTS}/segmentation/{{sample}}/cells.parquet",
         geojson=f"{RESULTS}/segmentation/{{sample}}/cells.geojson",
-        overlay=f"{RESULTS}/segmentation/{{sample}}/overlay.png",
+        overlay=report(f"{RESULTS}/segmentation/{{sample}}/overlay.png", caption="../report/slide_overlay.rst",
+                       category="5. Whole slide", labels={"sample": "{sample}", "figure": "cell outlines"}),
         report=f"{RESULTS}/segmentation/{{sample}}/segmentation.json",
     params:
         tiles=lambda wc, input: str(Path(input.plan).parent / "tiles"),

@@ -83,7 +83,7 @@ def test_html_report(workdir):
     assert proc.returncode == 0, proc.stdout[-3000:]
     html = (workdir / "report.html").read_text(errors="replace")
     for name in ("summary.csv", "metrics_long.csv", "boxplots.png", "wilcoxon.csv", "loss_curves.png",
-                 "complexity_vs_accuracy.csv", "ranking.csv", "Overlays"):
+                 "complexity_vs_accuracy.csv", "ranking.csv", "Overlays", "overlay.png"):
         assert name in html, name
 
 
