@@ -97,14 +97,14 @@ def test_adding_an_annotation_reruns_exactly_what_depends_on_it(workdir):
         plan = planned_jobs(snakemake(workdir, "-n"))
     finally:
         new.unlink()
-    assert plan == {"annotated_patch": 1, "convert_annotation": 1, "trainset": 1, "finetune": 3, "evaluate": 6,
+    assert plan == {"annotated_patch": 1, "convert_annotation": 1, "trainset": 1, "finetune": 4, "evaluate": 8,
                     "evaluation_summary": 1, "tile_plan": 1, "segment_shard": 2, "stitch": 1, "cgef": 1, "h5ad": 1,
                     "expression_qc": 1,
                     "all": 1,
                     # evaluation figures and decisions (docs/evaluation.md): overlays per model and stage, threshold
-                    # sweeps of the cellpose and stardist models, zero-shot screening of the 3 pretrained models
-                    "evaluation_boxplots": 1, "evaluation_overlays": 6, "loss_curves": 1, "complexity": 1,
-                    "threshold_sweep": 4, "screen_pretrained": 3, "screening_ranking": 1}
+                    # sweeps of the cellpose and stardist models, zero-shot screening of the 4 pretrained models
+                    "evaluation_boxplots": 1, "evaluation_overlays": 8, "loss_curves": 1, "complexity": 1,
+                    "threshold_sweep": 4, "screen_pretrained": 4, "screening_ranking": 1}
 
 
 def _broken_config(workdir, old, new, name="broken.yaml"):
