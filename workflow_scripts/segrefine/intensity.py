@@ -159,10 +159,12 @@ def percentile(ref: dict, q: float, channel: Optional[int] = None):
     return v if channel in (None, "gray") else v[int(channel)]
 
 
-def check_reference(ref) -> dict:
-    """``ref`` if it looks like an intensity reference, else a clear error."""
+def check_reference(ref, percentiles: Sequence[float] = ()) -> dict:
+    """``ref`` if it looks like an intensity reference holding ``percentiles``, else a clear error."""
     if not isinstance(ref, dict) or not {"percentiles", "gray", "channels"} <= set(ref):
         raise SegRefineError(f"not an intensity reference (keys {sorted(ref) if isinstance(ref, dict) else ref!r})")
+    for q in percentiles:
+        percentile(ref, q)  # a clear error now if the reference lacks it
     return ref
 
 

@@ -169,11 +169,9 @@ class StarDistAdapter(Adapter):
     def set_intensity_reference(self, ref: Optional[dict]) -> bool:
         """Normalise predictions with the slide's percentiles (``norm_percentiles``) instead of each image's."""
         if ref is not None:
-            from segrefine.intensity import check_reference, percentile
+            from segrefine.intensity import check_reference
 
-            check_reference(ref)
-            for q in self.params["norm_percentiles"]:
-                percentile(ref, q)  # a clear error now if the reference lacks them
+            check_reference(ref, self.params["norm_percentiles"])
         self._reference = ref
         return True
 

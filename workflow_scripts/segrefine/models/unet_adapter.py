@@ -502,11 +502,9 @@ class UNetAdapter(Adapter):
         that step becomes slide-level: CLAHE works on local tiles of the (window) image, so its output still
         depends on the window, and tiled inference stays approximate for this model."""
         if ref is not None:
-            from segrefine.intensity import check_reference, percentile
+            from segrefine.intensity import check_reference
 
-            check_reference(ref)
-            for q in self.params["norm_percentiles"]:
-                percentile(ref, q)  # a clear error now if the reference lacks them
+            check_reference(ref, self.params["norm_percentiles"])
         self._reference = ref
         return True
 
