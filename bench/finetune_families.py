@@ -9,14 +9,19 @@ F1 / precision / recall on the test tiles before and after fine-tuning,
 training time and peak memory of the fine-tuning step.
 
     python bench/finetune_families.py [--cellpose-epochs 150] [--stardist-epochs 30] [--unet-epochs 30]
-        [--unet-weights cellseg_bcdu_SHDI_221008_tf.hdf5] [--families cellpose stardist unet classical] [--out DIR]
+        [--unet-weights cellseg_bcdu_SHDI_221008_tf.hdf5] [--cpsam-epochs 1] [--cpsam-weights cpsam]
+        [--families cellpose stardist unet classical cpsam] [--out DIR]
 
 "Before" means: Cellpose = the workflow's offline base model (trained from
 scratch on generic synthetic nuclei, as in the demo: no model hub here);
 StarDist = a fresh network (no pretrained weights offline); U-Net = CellBin's
 BCDU-Net D3 from CellBin's published weights when --unet-weights gives the
 file, else a fresh network (trained on 64-px crops so it fits a CPU run);
-classical = its default parameters.
+classical = its default parameters; Cellpose-SAM (cpsam, env `cpsam`, only
+when named in --families: ~40 s and ~11 GB per optimizer step on a CPU) = the
+official `cpsam` weights when --cpsam-weights gives the file, else a freshly
+initialised ViT-L (seeded), so on a CPU without the weights its row measures
+training time and memory, not accuracy.
 """
 from __future__ import annotations
 
@@ -80,8 +85,11 @@ def main():
     ap.add_argument("--stardist-epochs", type=int, default=30)
     ap.add_argument("--unet-epochs", type=int, default=30)
     ap.add_argument("--unet-weights", help="CellBin's cellseg_bcdu_SHDI_221008_tf.hdf5 (default: a fresh network)")
+    ap.add_argument("--cpsam-epochs", type=int, default=1)
+    ap.add_argument("--cpsam-weights", help="the official cpsam weights file (default: a fresh network)")
     ap.add_argument("--families", nargs="+", default=["cellpose", "stardist", "unet", "classical"],
-                    help="which families to run (default: all)")
+                    choices=["cellpose", "stardist", "unet", "classical", "cpsam"],
+                    help="which families to run (default: all but cpsam, which is for GPUs)")
     ap.add_argument("--out", help="keep the work here (default: a temporary folder)")
     a = ap.parse_args()
     work = Path(a.out or tempfile.mkdtemp(prefix="segrefine-bench-"))
@@ -109,6 +117,8 @@ def main():
                  {"n_epochs": a.unet_epochs, "steps_per_epoch": 6, "batch_size": 2, "tile_overlap": 16,
                   "patch_size": 128 if a.unet_weights else 64, "learning_rate": 1e-4 if a.unet_weights else 1e-3}),
         "classical": ("core", None, {}),
+        # batch 1, lr 1e-5: the official recommendation the paper follows (the adapter's defaults)
+        "cpsam": ("cpsam", a.cpsam_weights, {"n_epochs": a.cpsam_epochs, "seed": 0}),
     }
     rows = []
     for fw, (env, weights, params) in families.items():
