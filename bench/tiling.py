@@ -17,7 +17,11 @@ as tiled BigTIFFs, beside the whole-image approach (read the slide, one
 predict call, write labels) where it fits in this machine's memory.
 
 Overhead: reading + ownership/writing tiles + stitching and writing all
-outputs, over model time (classical model on CPU); tiles/s.
+outputs, over model time (classical model on CPU), in wall seconds and in CPU
+seconds (user + sys of each step's process from GNU time, minus the CPU time
+of the thread that ran the model), with the load average; tiles/s. With
+``--out`` a run's figures are saved; ``--baseline`` prints a saved run's rows
+beside this run's (e.g. the code before and after a change).
 
 Scaling: K shard processes at once on the same slide (CPU workers).
 """
@@ -98,13 +102,23 @@ def write_synthetic_slide(path, size: int, seed: int = 0, tile: int = 512, spaci
 
 # --- processes with their peak RSS --------------------------------------------------------------------------------------
 def _timed(cmd, out: Path):
-    """The command under GNU time, which writes the child's peak RSS (KiB) to ``out``. (os.wait4 would report
-    the benchmark process's own high-water mark for a child forked from it: Linux keeps maxrss across exec.)"""
-    return ["/usr/bin/time", "-f", "%M", "-o", str(out)] + [str(c) for c in cmd]
+    """The command under GNU time, which writes the child's user and system CPU seconds and peak RSS (KiB) to
+    ``out``. (os.wait4 would report the benchmark process's own high-water mark for a child forked from it:
+    Linux keeps maxrss across exec.)"""
+    return ["/usr/bin/time", "-f", "%U %S %M", "-o", str(out)] + [str(c) for c in cmd]
+
+
+def _time_fields(out: Path):
+    """(user + sys CPU s, peak RSS MiB) from a GNU time output file."""
+    user, sys_, kib = out.read_text().split()[-3:]
+    return float(user) + float(sys_), int(kib) / 1024.0
+
+
+LAST_CPU = []  # CPU seconds (user + sys) of the commands run by run_measured / run_parallel_measured, in order
 
 
 def run_measured(cmd, env=None):
-    """Run a command; return (wall s, peak RSS MiB, stderr tail)."""
+    """Run a command; return (wall s, peak RSS MiB, stderr tail). Its CPU seconds are appended to LAST_CPU."""
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
@@ -115,23 +129,30 @@ def run_measured(cmd, env=None):
         err = proc.stderr.decode(errors="replace")
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}):\n{err[-3000:]}")
-        return wall, int(Path(rss.name).read_text().split()[-1]) / 1024.0, err
+        cpu, rss_mib = _time_fields(Path(rss.name))
+        LAST_CPU.append(cpu)
+        return wall, rss_mib, err
 
 
-def run_parallel_measured(cmds):
-    """Start all commands at once; return (wall s, [peak RSS MiB])."""
+def run_parallel_measured(cmds, pin: bool = False):
+    """Start all commands at once; return (wall s, [peak RSS MiB]). ``pin``: command k runs on CPU core k only
+    (a worker = one core, whatever else the process's threads want)."""
     import tempfile
 
+    cores = sorted(os.sched_getaffinity(0))
     outs = [Path(tempfile.mkstemp(suffix=".rss")[1]) for _ in cmds]
     t0 = time.monotonic()
-    procs = [subprocess.Popen(_timed(cmd, o), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    procs = [subprocess.Popen((["taskset", "-c", str(cores[k % len(cores)])] if pin else []) + _timed(cmd, o),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env=dict(os.environ, PYTHONPATH=str(SCRIPTS), OMP_NUM_THREADS="1"))
-             for cmd, o in zip(cmds, outs)]
+             for k, (cmd, o) in enumerate(zip(cmds, outs))]
     for p in procs:
         if p.wait() != 0:
             raise RuntimeError(f"a shard failed: {p.args}")
     wall = time.monotonic() - t0
-    rss = [int(o.read_text().split()[-1]) / 1024.0 for o in outs]
+    fields = [_time_fields(o) for o in outs]
+    LAST_CPU.extend(f[0] for f in fields)
+    rss = [f[1] for f in fields]
     for o in outs:
         o.unlink()
     return wall, rss
@@ -147,16 +168,18 @@ cell_table(labels).to_csv(sys.argv[4], index=False)
 """
 
 
-def tiled_steps(py, slide, card, work: Path, tile: int, halo: int, shards: int, parallel: bool = False):
+def tiled_steps(py, slide, card, work: Path, tile: int, halo: int, shards: int, parallel: bool = False,
+                pin: bool = False):
     seg = ["-m", "segrefine"]
     work.mkdir(parents=True, exist_ok=True)
     res = {}
+    n_cpu = len(LAST_CPU)
     res["plan"] = run_measured([py, *seg, "tile-plan", "--slide", slide, "--out", work / "tiles.tsv", "--out-json",
                                 work / "tiles.json", "--tile-size", tile, "--halo", halo, "--shards", shards])[:2]
     shard_cmds = [[py, *seg, "segment-shard", "--plan", work / "tiles.tsv", "--shard", k, "--card", card, "--slide",
                    slide, "--tiles-dir", work / "tiles", "--out", work / f"shard{k}.json"] for k in range(shards)]
     if parallel:
-        wall, rss = run_parallel_measured(shard_cmds)
+        wall, rss = run_parallel_measured(shard_cmds, pin=pin)
         res["shards"] = (wall, max(rss))
     else:
         runs = [run_measured(c)[:2] for c in shard_cmds]
@@ -166,6 +189,8 @@ def tiled_steps(py, slide, card, work: Path, tile: int, halo: int, shards: int, 
                                   "--labels", work / "labels.tif", "--cells", work / "cells.csv", "--parquet",
                                   work / "cells.parquet", "--geojson", work / "cells.geojson", "--overlay",
                                   work / "overlay.png", "--report", work / "report.json"])[:2]
+    cpu = LAST_CPU[n_cpu:]  # user + sys CPU s of each process: plan, shards..., stitch
+    res["cpu"] = {"plan": cpu[0], "shards": sum(cpu[1:-1]), "stitch": cpu[-1]}
     res["shard_stats"] = [json.loads((work / f"shard{k}.json").read_text()) for k in range(shards)]
     res["report"] = json.loads((work / "report.json").read_text())
     return res
@@ -266,6 +291,9 @@ def main():
     ap.add_argument("--work", default="/tmp/segrefine-bench-tiling")
     ap.add_argument("--out", help="write all figures as JSON here")
     ap.add_argument("--skip", nargs="*", default=[], choices=["fidelity", "memory", "scaling"])
+    ap.add_argument("--label", default="", help="name of this run in the overhead table (e.g. the code version)")
+    ap.add_argument("--baseline", help="a previous run's --out JSON: its memory/overhead rows are printed beside "
+                                       "this run's")
     a = ap.parse_args()
 
     from segrefine.envs import env_python
@@ -289,7 +317,9 @@ def main():
             gen_s = time.monotonic() - t0
             out = work / f"tiled_{size}"
             shutil.rmtree(out, ignore_errors=True)
+            load_before = os.getloadavg()[0]
             r = tiled_steps(py, slide, card, out, a.tile, a.halo, 1)
+            load_after = os.getloadavg()[0]
             st, rep = r["shard_stats"][0], r["report"]
             row = {"size": size, "slide_gen_s": gen_s, "cells": rep["cells"], "tiles": rep["tiles"],
                    "tiles_in_tissue": rep["tiles_in_tissue"], "skipped": rep["tiles_skipped_background"],
@@ -297,7 +327,10 @@ def main():
                    "shard_s": r["shards"][0], "shard_rss_mib": r["shards"][1],
                    "stitch_s": r["stitch"][0], "stitch_rss_mib": r["stitch"][1],
                    "predict_s": st["predict_s"], "read_s": st["read_s"], "wait_read_s": st["wait_read_s"],
-                   "own_write_s": st["own_write_s"], "tiles_per_s": st["tiles_per_s"], "stitch_timings": rep["timings_s"]}
+                   "own_write_s": st["own_write_s"], "tiles_per_s": st["tiles_per_s"], "stitch_timings": rep["timings_s"],
+                   "plan_cpu_s": r["cpu"]["plan"], "shard_cpu_s": r["cpu"]["shards"], "stitch_cpu_s": r["cpu"]["stitch"],
+                   "predict_cpu_s": st.get("predict_cpu_s", st["predict_s"]), "load": [load_before, load_after],
+                   "label": a.label}
             if size <= a.whole_max:
                 w = run_measured([py, "-c", WHOLE, card, slide, out / "whole_labels.tif", out / "whole_cells.csv"])
                 row.update(whole_s=w[0], whole_rss_mib=w[1])
@@ -320,22 +353,36 @@ def main():
                   f"{r['shard_rss_mib']:.0f} | {r['stitch_rss_mib']:.0f} | {peak:.0f} | {peak / bpeak:.2f}x | "
                   f"{whole[0]} | {whole[1]} | {r['shard_s'] + r['stitch_s']:.0f} s |")
         print("\n## Overhead vs model time (classical model on CPU, 1 shard)\n")
-        print("Wall: seconds the run takes beyond predicting (tile-plan + shard wall - predict + stitch). CPU: seconds "
-              "of reading, ownership + outlines + writing tiles (threads overlapped with the model) and stitching.\n")
-        print("| slide | predict s | shard wall - predict s | tile-plan s | stitch s: paste / table / pyramid / "
-              "GeoJSON / overlay | wall overhead, labels + tables | wall overhead, all outputs | CPU overhead, all "
-              "| tiles/s |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in mem:
+        print("Wall: seconds the run takes beyond predicting (tile-plan + shard wall - predict + stitch), over predict "
+              "wall. CPU: user + sys seconds of the three processes (GNU time) minus the model's (CPU time of the "
+              "predicting thread), over the model's: reading, ownership + outlines + writing tiles (threads "
+              "overlapped with the model), tile-plan and stitching, process start included. Load: 1-min load "
+              "average before / after the step chain (2 cores).\n")
+        print("| run | slide | load | predict s wall / CPU | tile-plan s wall / CPU | shard - predict s wall / CPU "
+              "| stitch s wall / CPU | stitch parts s: paste / table / pyramid / GeoJSON / overlay "
+              "| overhead wall | overhead CPU | tiles/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        rows = list(mem)
+        if a.baseline:
+            prev = json.loads(Path(a.baseline).read_text()).get("memory", [])
+            rows = [r for size in a.sizes for r in [p for p in prev if p["size"] == size] + [m for m in mem
+                                                                                           if m["size"] == size]]
+        for r in rows:
             t = r["stitch_timings"]
-            p = r["predict_s"]
-            extra = t["geojson"] + t.get("overlay", 0.0)
+            p, pc = r["predict_s"], r.get("predict_cpu_s", r["predict_s"])
             wall_all = (r["shard_s"] - p) + r["plan_s"] + r["stitch_s"]
-            cpu_all = r["read_s"] + r["own_write_s"] + r["plan_s"] + r["stitch_s"]
-            print(f"| {r['size']}² | {p:.1f} | {r['shard_s'] - p:.1f} | {r['plan_s']:.1f} | {t['paste']:.1f} / "
-                  f"{t['cell_table']:.1f} / {t['pyramid_write']:.1f} / {t['geojson']:.1f} / {t.get('overlay', 0):.1f} | "
-                  f"{100 * (wall_all - extra) / p:.1f}% | {100 * wall_all / p:.1f}% | {100 * cpu_all / p:.1f}% | "
-                  f"{r['tiles_per_s']:.2f} |")
+            if "plan_cpu_s" in r:
+                cpu_all = r["plan_cpu_s"] + (r["shard_cpu_s"] - pc) + r["stitch_cpu_s"]
+                cpus = (f"{r['plan_cpu_s']:.1f}", f"{r['shard_cpu_s'] - pc:.1f}", f"{r['stitch_cpu_s']:.1f}",
+                        f"{100 * cpu_all / pc:.1f}%", f"{pc:.1f}")
+            else:
+                cpus = ("-",) * 4 + ("-",)
+            load = "/".join(f"{x:.1f}" for x in r["load"]) if "load" in r else "-"
+            parts = " / ".join(f"{t.get(k, 0.0):.1f}" for k in ("paste", "cell_table", "pyramid_write", "geojson",
+                                                                  "overlay"))
+            print(f"| {r.get('label') or '-'} | {r['size']}² | {load} | {p:.1f} / {cpus[4]} | {r['plan_s']:.1f} / "
+                  f"{cpus[0]} | {r['shard_s'] - p:.1f} / {cpus[1]} | {r['stitch_s']:.1f} / {cpus[2]} | {parts} | "
+                  f"{100 * wall_all / p:.1f}% | {cpus[3]} | {r['tiles_per_s']:.2f} |")
 
     if "scaling" not in a.skip:
         slide = work / f"synthetic_{a.scaling_size}.tif"
@@ -345,12 +392,12 @@ def main():
         for k in (1, 2):
             out = work / f"scaling_{k}"
             shutil.rmtree(out, ignore_errors=True)
-            r = tiled_steps(py, slide, card, out, a.tile, a.halo, k, parallel=True)
+            r = tiled_steps(py, slide, card, out, a.tile, a.halo, k, parallel=True, pin=True)
             rows.append({"shards": k, "shards_wall_s": r["shards"][0], "cells": r["report"]["cells"],
                          "tiles": r["report"]["tiles_in_tissue"]})
             shutil.rmtree(out, ignore_errors=True)
         results["scaling"] = rows
-        print(f"\n## Scaling: K shard processes at once on K CPU workers ({a.scaling_size}² slide, "
+        print(f"\n## Scaling: K shard processes at once, shard k pinned to CPU core k ({a.scaling_size}² slide, "
               f"{os.cpu_count()} cores)\n")
         print("| shards | wall s | tiles/s | speed-up | cells |")
         print("|---|---|---|---|---|")

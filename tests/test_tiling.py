@@ -114,6 +114,145 @@ def test_tiled_equals_whole_image_exactly_with_unique_ids_and_all_outputs(slide,
     assert not list(tmp_path.glob(".*"))  # no temporary file or stitch folder left
 
 
+class WindowDependent(LocalClassical):
+    """The classical model with a threshold that depends on the window's content: neighbouring windows segment
+    the cells near a seam differently, so the stitch has conflicts to resolve (duplicates dropped, pixels
+    trimmed), and the table and outlines of the trimmed cells must be recomputed."""
+
+    def predict(self, img):
+        self.threshold = 35.0 + int(np.asarray(img, np.int64).sum()) % 40
+        return super().predict(img)
+
+
+def _expected_table(tiled):
+    from skimage.measure import regionprops
+
+    rows = [(r.label, r.centroid[1], r.centroid[0], int(r.area), r.bbox[1], r.bbox[0], r.bbox[3], r.bbox[2])
+            for r in regionprops(tiled.astype(np.int64))]
+    return pd.DataFrame(rows, columns=["cell_id", "centroid_x", "centroid_y", "area_px", "bbox_x0", "bbox_y0",
+                                       "bbox_x1", "bbox_y1"])
+
+
+def _check_outputs_agree_with_labels(tmp):
+    """cells.csv / cells.parquet = regionprops of labels.tif; cells.geojson = the outlines of labels.tif."""
+    tiled = tifffile.imread(tmp / "labels.tif")
+    want = _expected_table(tiled)
+    for got in (pd.read_csv(tmp / "cells.csv"), pd.read_parquet(tmp / "cells.parquet")):
+        assert got["cell_id"].tolist() == want["cell_id"].tolist() == list(range(1, int(tiled.max()) + 1))
+        for c in ("area_px", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"):
+            assert (got[c].to_numpy() == want[c].to_numpy()).all(), c
+        for c in ("centroid_x", "centroid_y"):
+            assert np.abs(got[c].to_numpy() - want[c].to_numpy()).max() < 1e-9, c
+    gj = json.loads((tmp / "cells.geojson").read_text())
+    rings = {f["properties"]["measurements"]["cell_id"]: f["geometry"]["coordinates"][0] for f in gj["features"]}
+    assert len(rings) == len(gj["features"]) == len(want)
+    assert rings == dict(cell_outlines(tiled))
+    f = gj["features"][0]
+    cid = f["properties"]["measurements"]["cell_id"]
+    assert f == {"type": "Feature", "id": f"cell-{cid}", "geometry": {"type": "Polygon", "coordinates": [rings[cid]]},
+                 "properties": {"objectType": "detection", "name": f"cell {cid}",
+                                "classification": {"name": "Nucleus", "color": [255, 0, 0]},
+                                "measurements": {"cell_id": cid}}}
+
+
+def _check_overlay_pixels(tmp, slide_path):
+    """overlay.png has the pixels the previous writer (matplotlib.image.imsave of the float RGB view) wrote."""
+    import matplotlib.image
+    from skimage.segmentation import find_boundaries
+
+    with tifffile.TiffFile(tmp / "labels.tif") as tif:
+        levels = [lv.asarray() for lv in tif.series[0].levels]
+    k = next((i for i, lv in enumerate(levels) if max(lv.shape) <= 1024), len(levels) - 1)
+    lab = levels[k]
+    with Slide(slide_path) as s:
+        thumb, f = s.thumbnail(2 ** k)
+    ys = np.minimum((np.arange(lab.shape[0]) * 2 ** k / f).astype(int), thumb.shape[0] - 1)
+    xs = np.minimum((np.arange(lab.shape[1]) * 2 ** k / f).astype(int), thumb.shape[1] - 1)
+    g = thumb[np.ix_(ys, xs)]
+    lo, hi = np.percentile(g, [1, 99.5])
+    g = np.clip((g - lo) / max(hi - lo, 1e-6), 0, 1)
+    rgb = np.repeat(g[..., None], 3, axis=-1)
+    rgb[find_boundaries(lab, mode="inner")] = (1.0, 0.85, 0.0)
+    matplotlib.image.imsave(tmp / "old_overlay.png", (rgb * 255).astype(np.uint8), format="png")
+    want = matplotlib.image.imread(tmp / "old_overlay.png")
+    got = matplotlib.image.imread(tmp / "overlay.png")
+    assert got.shape == want.shape and (got == want).all()
+    (tmp / "old_overlay.png").unlink()
+
+
+def test_table_and_outlines_equal_those_of_the_stitched_labels_when_cells_are_trimmed_or_dropped(slide, tmp_path):
+    slide_path, _, card = slide
+    _, _, rep = run_all(tmp_path, slide_path, card, WindowDependent(), tile=64, halo=24)
+    assert rep["duplicates_resolved"] > 0 and rep["pixels_trimmed"] > 0, rep
+    _check_outputs_agree_with_labels(tmp_path)
+    _check_overlay_pixels(tmp_path, slide_path)
+    # and on a conflict-free run (no cell trimmed: the shard's sums and outline text are used as they are)
+    _, _, rep = run_all(tmp_path / "clean", slide_path, card, LocalClassical())
+    assert rep["pixels_trimmed"] == 0
+    _check_outputs_agree_with_labels(tmp_path / "clean")
+
+
+def test_old_format_tiles_are_recomputed_by_the_shard_and_read_correctly_by_the_stitch(slide, tmp_path):
+    """Tiles written before the per-cell table sums and outline text existed (format 1: labels + outline
+    coordinates) give the stitch the same outputs, and a shard rerun recomputes them."""
+    import zlib
+
+    from segrefine.tiling import TILE_FORMAT, read_tile
+
+    slide_path, _, card = slide
+    run_all(tmp_path, slide_path, card, WindowDependent(), tile=64, halo=24, shards=1)
+    files = sorted((tmp_path / "tiles").glob("tile*.npz"))
+    for f in files:  # rewrite each tile as the previous version wrote it
+        owned, meta, _ = read_tile(f)
+        assert meta["format"] == TILE_FORMAT
+        del meta["format"]
+        outlines = cell_outlines(owned, meta["origin"])
+        xy = np.array([p for _, r in outlines for p in r], np.float64).reshape(-1, 2)
+        offsets = np.concatenate([[0], np.cumsum([len(r) for _, r in outlines])]).astype(np.int64)
+        np.savez(f, labels_zlib=np.frombuffer(zlib.compress(owned.tobytes(), 1), np.uint8),
+                 meta=np.array(json.dumps(meta)), outline_ids=np.array([i for i, _ in outlines], np.uint32),
+                 outline_offsets=offsets, outline_xy=xy)
+    old = tmp_path / "from_old"
+    stitch(tmp_path / "tiles.tsv", tmp_path / "tiles", [tmp_path / "s0.json"], slide_path, old / "labels.tif",
+           old / "cells.csv", old / "cells.parquet", old / "cells.geojson")
+    assert (tifffile.imread(old / "labels.tif") == tifffile.imread(tmp_path / "labels.tif")).all()
+    for name in ("cells.csv", "cells.geojson"):
+        assert (old / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    model = WindowDependent()
+    stats = run_shard(tmp_path / "tiles.tsv", 0, card, slide_path, tmp_path / "tiles", tmp_path / "s0.json",
+                      model=model)
+    assert stats["tiles_resumed"] == 0 and stats["tiles_computed"] == model.calls == len(files)
+    assert all(read_tile(f)[1]["format"] == TILE_FORMAT for f in files)
+
+
+def test_geojson_feature_text_is_json_dumps_of_the_feature():
+    from segrefine.stitch import FEATURE
+    from segrefine.tiling import outline_texts
+
+    lab = np.zeros((12, 14), np.uint32)
+    lab[2:6, 3:8], lab[7:11, 1:4], lab[8, 4] = 7, 123456, 123456
+    ids, texts = outline_texts(lab, origin=(1000, 2000))
+    for (cid, ring), i, text in zip(cell_outlines(lab, origin=(1000, 2000)), ids, texts):
+        feature = {"type": "Feature", "id": f"cell-{cid}", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                   "properties": {"objectType": "detection", "name": f"cell {cid}",
+                                  "classification": {"name": "Nucleus", "color": [255, 0, 0]},
+                                  "measurements": {"cell_id": cid}}}
+        assert i == cid and text == json.dumps(ring)
+        assert FEATURE % {"id": cid, "ring": text} == json.dumps(feature)
+
+
+def test_shard_cell_sums_equal_the_table_of_the_owned_labels():
+    from segrefine.tiling import cell_stats
+
+    img, _, _ = make_slide(256, seed=5)
+    labels = LocalClassical().predict(img)
+    H, W = labels.shape
+    for t in grid_tiles((H, W), 96, 24).itertuples():
+        owned, origin, large, stats = own_cells(labels[t.wy0:t.wy1, t.wx0:t.wx1], t, (H, W), with_stats=True)
+        assert stats.shape == (int(owned.max()) if owned.size else 0, 7)
+        assert (stats == cell_stats(owned)).all()
+
+
 def test_pyramid_levels_are_nearest_downsamples(tmp_path):
     from segrefine.io import label_pyramid_levels, write_pyramid_ome_tiff
 
@@ -264,6 +403,55 @@ def test_cell_outlines_follow_pixel_edges():
     xs, ys = [p[0] for p in ring], [p[1] for p in ring]
     assert cid == 42 and ring[0] == ring[-1]
     assert (min(xs), max(xs), min(ys), max(ys)) == (103, 107, 202, 205)
+
+
+def _reference_outlines(labels, origin):
+    """The outlines as first written: skimage's find_contours on each cell's padded mask."""
+    from scipy import ndimage
+    from skimage.measure import find_contours
+
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    dense = np.searchsorted(ids, labels).astype(np.int32) + 1
+    dense[labels == 0] = 0
+    out = []
+    for k, sl in enumerate(ndimage.find_objects(dense), 1):
+        if sl is None:
+            continue
+        c = max(find_contours(np.pad(dense[sl] == k, 1).astype(np.uint8), 0.5), key=len)
+        xs = np.round(c[:, 1] - 1 + sl[1].start + origin[0] + 0.5, 2)
+        ys = np.round(c[:, 0] - 1 + sl[0].start + origin[1] + 0.5, 2)
+        ring = np.stack([xs, ys], axis=1).tolist()
+        if ring[0] != ring[-1]:
+            ring.append(ring[0])
+        out.append((int(ids[k - 1]), ring))
+    return out
+
+
+def test_cell_outlines_equal_find_contours_of_each_cell():
+    img, _, _ = make_slide(256, seed=2)
+    labels = LocalClassical().predict(img).astype(np.uint32)
+    labels[100:120, 100:130] = 999_999  # sparse id; a cell with a hole and one in two pieces (diagonal touch)
+    labels[108:112, 110:115] = 0
+    labels[200:205, 10:15] = labels[205:210, 15:20] = 77_777
+    for lab in (labels, np.where(labels > 0, labels * 3 + 5, 0).astype(np.uint32)):
+        assert cell_outlines(lab, (1000, 50)) == _reference_outlines(lab, (1000, 50))
+
+
+def test_outline_texts_of_all_cells_at_once_equal_the_per_cell_contours():
+    """The vectorised marching squares (shard and stitch) give the text of exactly the per-cell rings, also on
+    fragmented labels: holes, cells in pieces, saddles, ties between equally long pieces, sparse ids."""
+    from segrefine.tiling import outline_texts
+
+    rng = np.random.default_rng(1)
+    img, _, _ = make_slide(256, seed=4)
+    cases = [LocalClassical().predict(img).astype(np.uint32)]
+    cases += [(rng.integers(0, 2 + k, (20 + k, 33)) * (1 + 1000 * (k % 2))).astype(np.uint32) for k in range(12)]
+    cases += [np.zeros((5, 5), np.uint32), np.pad(np.ones((3, 3), np.uint32), 1)]
+    for k, lab in enumerate(cases):
+        ids, texts = outline_texts(lab, (k, 3 * k))
+        ref = cell_outlines(lab, (k, 3 * k))
+        assert ids.tolist() == [cid for cid, _ in ref] and texts == [json.dumps(r) for _, r in ref], k
 
 
 def test_each_concurrent_gpu_job_gets_its_own_device(tmp_path, monkeypatch):

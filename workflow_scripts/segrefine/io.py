@@ -275,12 +275,13 @@ def label_pyramid_levels(level0, work_dir, min_side: int = 1024, block: int = 20
 
 
 def write_pyramid_ome_tiff(path, levels: list, tile: int = 512, pixel_size_um: Optional[float] = None,
-                           name: str = "labels") -> None:
+                           name: str = "labels", zlib_level: Optional[int] = None) -> None:
     """Write a tiled, zlib-compressed, pyramidal OME-TIFF (sub-resolutions as SubIFDs) atomically.
 
     ``levels`` are 2-D array-likes (numpy or zarr), full size first; they are
     streamed tile by tile. tifffile, QuPath (Bio-Formats), napari and Fiji read
-    level 0 as the image and the SubIFDs as its pyramid.
+    level 0 as the image and the SubIFDs as its pyramid. ``zlib_level``: the
+    deflate level (None: tifffile's default).
     """
     import tifffile
 
@@ -291,6 +292,8 @@ def write_pyramid_ome_tiff(path, levels: list, tile: int = 512, pixel_size_um: O
         meta.update(PhysicalSizeX=float(pixel_size_um), PhysicalSizeXUnit="µm",
                     PhysicalSizeY=float(pixel_size_um), PhysicalSizeYUnit="µm")
     opts = dict(dtype=dtype, tile=(tile, tile), compression="zlib", photometric="minisblack")
+    if zlib_level is not None:  # None: tifffile's default (6); label tiles: 3 costs ~40% of 6's time, ~1.5x the bytes
+        opts["compressionargs"] = {"level": int(zlib_level)}
     bigtiff = level0.shape[0] * level0.shape[1] * dtype.itemsize > 2**31
     with atomic_path(path, suffix=".tif") as tmp:
         try:

@@ -14,8 +14,13 @@ pasted by earlier tiles:
     and this copy is dropped (counted as a duplicate resolved);
   * otherwise the shared pixels stay with the earlier cell and this cell
     keeps its other pixels (counted as pixels trimmed).
-The cell table, the outlines and the pyramid are then computed from the
-stitched pixels, so they agree with labels.tif exactly.
+The cell table, the outlines and the pyramid agree with the stitched
+pixels (labels.tif) exactly: a cell kept whole has the pixels the shard saw,
+so its table sums and outline text come from the tile file (computed on the
+shard's writer thread while the model works; the stitch only fills in the
+global id); the few cells trimmed in an overlap are recomputed from the
+stitched pixels. The overlay's slide view is read on a second thread while
+the tiles are pasted, and drawn while labels.tif is compressed.
 
 Outputs: labels.tif (tiled, zlib, pyramidal OME-TIFF; level 0 = full-size
 uint32 labels), cells.csv and cells.parquet, cells.geojson (QuPath
@@ -24,6 +29,7 @@ report with counts, cells larger than the halo and timings.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import csv
 import json
@@ -37,7 +43,7 @@ from typing import List, Optional
 import numpy as np
 
 from segrefine import SegRefineError
-from segrefine.tiling import cell_outlines
+from segrefine.tiling import cell_outlines, cell_stats, outline_texts  # noqa: F401 (cell_outlines: re-exported)
 
 log = logging.getLogger("segrefine.stitch")
 
@@ -45,23 +51,23 @@ CELL_COLUMNS = ["cell_id", "centroid_x", "centroid_y", "area_px", "bbox_x0", "bb
 MAX_ID = 2**32 - 1
 
 
-def _cell_rows(labels: np.ndarray, origin, first: int, n: int) -> dict:
-    """Columns of the cell table for cells ``first .. first+n-1`` of ``labels`` (a crop whose top-left is
-    ``origin`` in the slide): centroid = mean pixel position, bbox = [x0, x1) x [y0, y1) in slide pixels."""
-    from scipy import ndimage
-
+def _cell_rows(stats: np.ndarray, origin, first: int) -> dict:
+    """Columns of the cell table for cells ``first, first+1, ...`` from their ``cell_stats`` rows (crop
+    coordinates; the crop's top-left is ``origin`` in the slide): centroid = mean pixel position, bbox =
+    [x0, x1) x [y0, y1) in slide pixels."""
     ox, oy = origin
-    local = np.where(labels > 0, labels.astype(np.int64) - (first - 1), 0)
-    h, w = labels.shape
-    flat = local.ravel()
-    area = np.bincount(flat, minlength=n + 1)[1:]
-    sy = np.bincount(flat, weights=np.repeat(np.arange(h, dtype=np.float64), w), minlength=n + 1)[1:]
-    sx = np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), h), minlength=n + 1)[1:]
-    boxes = ndimage.find_objects(local.astype(np.int32), max_label=n)
-    b = np.array([[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in boxes], np.int64).reshape(-1, 4)
-    return {"cell_id": np.arange(first, first + n, dtype=np.int64),
-            "centroid_x": sx / area + ox, "centroid_y": sy / area + oy, "area_px": area.astype(np.int64),
-            "bbox_x0": b[:, 0] + ox, "bbox_y0": b[:, 1] + oy, "bbox_x1": b[:, 2] + ox, "bbox_y1": b[:, 3] + oy}
+    area = stats[:, 0]
+    return {"cell_id": np.arange(first, first + len(stats), dtype=np.int64),
+            "centroid_x": stats[:, 1].astype(np.float64) / area + ox,
+            "centroid_y": stats[:, 2].astype(np.float64) / area + oy, "area_px": area.astype(np.int64),
+            "bbox_x0": stats[:, 3] + ox, "bbox_y0": stats[:, 4] + oy, "bbox_x1": stats[:, 5] + ox,
+            "bbox_y1": stats[:, 6] + oy}
+
+
+def _timed(fn, *args):
+    """(fn(*args), seconds it took)."""
+    t0 = time.monotonic()
+    return fn(*args), time.monotonic() - t0
 
 
 def _duplicates(owned: np.ndarray, existing: np.ndarray) -> np.ndarray:
@@ -136,8 +142,25 @@ class _TableWriter:
         self.fh.close()
 
 
+def _feature_template() -> str:
+    """``json.dumps`` of one QuPath detection feature with ``%(id)d`` / ``%(ring)s`` holes (so that filling them
+    gives exactly ``json.dumps`` of the feature)."""
+    sentinel = 987654321
+    feature = {"type": "Feature", "id": f"cell-{sentinel}",
+               "geometry": {"type": "Polygon", "coordinates": ["@RING@"]},
+               "properties": {"objectType": "detection", "name": f"cell {sentinel}",
+                              "classification": {"name": "Nucleus", "color": [255, 0, 0]},
+                              "measurements": {"cell_id": sentinel}}}
+    text = json.dumps(feature)
+    assert "%" not in text
+    return text.replace(str(sentinel), "%(id)d").replace('"@RING@"', "%(ring)s")
+
+
+FEATURE = _feature_template()
+
+
 class _GeoJSONWriter:
-    """A QuPath-importable FeatureCollection of detection objects, written feature by feature."""
+    """A QuPath-importable FeatureCollection of detection objects, written tile by tile."""
 
     def __init__(self, stack: contextlib.ExitStack, path):
         from segrefine.io import atomic_path
@@ -147,43 +170,63 @@ class _GeoJSONWriter:
         self.first = True
 
     def add(self, labels: np.ndarray, origin) -> None:
-        self.add_rings(cell_outlines(labels, origin))
+        ids, texts = outline_texts(labels, origin)
+        self.add_texts(ids.tolist(), texts)
 
-    def add_rings(self, rings) -> None:
-        for cid, ring in rings:
-            feature = {"type": "Feature", "id": f"cell-{cid}",
-                       "geometry": {"type": "Polygon", "coordinates": [ring]},
-                       "properties": {"objectType": "detection", "name": f"cell {cid}",
-                                      "classification": {"name": "Nucleus", "color": [255, 0, 0]},
-                                      "measurements": {"cell_id": cid}}}
-            self.fh.write(("" if self.first else ",\n") + json.dumps(feature))
-            self.first = False
+    def add_texts(self, ids, texts) -> None:
+        """Features of cells ``ids`` (global ids) whose rings' GeoJSON texts are ``texts``."""
+        if not len(ids):
+            return
+        body = ",\n".join([FEATURE % {"id": cid, "ring": ring} for cid, ring in zip(ids, texts)])
+        self.fh.write(body if self.first else ",\n" + body)
+        self.first = False
 
     def close(self) -> None:
         self.fh.write("\n]}\n")
         self.fh.close()
 
 
-def _overlay(levels: list, slide_path, out_png, max_side: int = 1024) -> None:
-    """A downsampled RGB view: the slide in gray, the stitched cells' outlines in yellow."""
-    import matplotlib.image
-    from skimage.segmentation import find_boundaries
+def _pyramid_shapes(shape, min_side: int = 1024) -> list:
+    """The level shapes ``label_pyramid_levels`` makes of a level 0 of ``shape``."""
+    shapes = [tuple(shape)]
+    while max(shapes[-1]) > min_side:
+        shapes.append(((shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2))
+    return shapes
 
+
+def _overlay_level(shapes: list, max_side: int = 1024) -> int:
+    return next((i for i, sh in enumerate(shapes) if max(sh) <= max_side), len(shapes) - 1)
+
+
+def _overlay_background(slide_path, shape, factor: int) -> np.ndarray:
+    """The overlay's gray slide view, (h, w) uint8, for a label level of ``shape`` that is ``factor`` times
+    smaller than level 0. Needs only the slide: computed while the tiles are pasted."""
     from segrefine.io import Slide
 
-    k = next((i for i, lv in enumerate(levels) if max(lv.shape) <= max_side), len(levels) - 1)
-    lab = np.asarray(levels[k][:, :])
-    factor = 2 ** k
     with Slide(slide_path) as slide:
         thumb, f = slide.thumbnail(factor)
-    ys = np.minimum((np.arange(lab.shape[0]) * factor / f).astype(int), thumb.shape[0] - 1)
-    xs = np.minimum((np.arange(lab.shape[1]) * factor / f).astype(int), thumb.shape[1] - 1)
+    ys = np.minimum((np.arange(shape[0]) * factor / f).astype(int), thumb.shape[0] - 1)
+    xs = np.minimum((np.arange(shape[1]) * factor / f).astype(int), thumb.shape[1] - 1)
     g = thumb[np.ix_(ys, xs)]
     lo, hi = np.percentile(g, [1, 99.5])
     g = np.clip((g - lo) / max(hi - lo, 1e-6), 0, 1)
-    rgb = np.repeat(g[..., None], 3, axis=-1)
-    rgb[find_boundaries(lab, mode="inner")] = (1.0, 0.85, 0.0)
-    matplotlib.image.imsave(out_png, (rgb * 255).astype(np.uint8), format="png")
+    return (g * 255).astype(np.uint8)
+
+
+def _overlay(levels: list, slide_path, out_png, max_side: int = 1024, background=None) -> None:
+    """A downsampled RGB view: the slide in gray, the stitched cells' outlines in yellow. ``background``: the
+    ``_overlay_background`` already computed for these levels. Written as an RGBA PNG (alpha 255) at 100 dpi,
+    the pixels ``matplotlib.image.imsave`` writes, by Pillow directly (importing matplotlib costs seconds)."""
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+
+    k = _overlay_level([lv.shape for lv in levels], max_side)
+    lab = np.asarray(levels[k][:, :])
+    gray = background if background is not None else _overlay_background(slide_path, lab.shape, 2 ** k)
+    rgba = np.full(gray.shape + (4,), 255, np.uint8)
+    rgba[..., :3] = gray[..., None]
+    rgba[find_boundaries(lab, mode="inner"), :3] = (np.array([1.0, 0.85, 0.0]) * 255).astype(np.uint8)  # yellow
+    Image.fromarray(rgba, "RGBA").save(out_png, format="png", dpi=(100, 100))
 
 
 def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells_csv, cells_parquet=None,
@@ -223,17 +266,32 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
               # how the shards that predicted tiles normalised them ("slide" or "per window")
               "normalization": sorted({str(s["intensity_reference"]) for s in shards if s.get("intensity_reference")})}
     timings = report["timings_s"]
+    # the overlay on a second thread: its slide view needs only the slide (made while the tiles are pasted), its
+    # drawing only the small pyramid level (made while labels.tif is compressed); numpy, zlib and zarr release
+    # the GIL
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    if overlay_out:
+        shapes = _pyramid_shapes((H, W))
+        k_ov = _overlay_level(shapes)
+        background = pool.submit(_timed, _overlay_background, slide_path, shapes[k_ov], 2 ** k_ov)
     try:
         store = zarr.create_array(store=str(work / "level0.zarr"), shape=(H, W), chunks=(512, 512), dtype="uint32",
                                   fill_value=0)
         next_id = 1
         t_paste = t_table = t_geo = 0.0
+        c_paste = c_table = c_geo = 0.0  # CPU s of this thread
         with contextlib.ExitStack() as stack:
             table = _TableWriter(stack, cells_csv, cells_parquet)
             geo = _GeoJSONWriter(stack, geojson_out) if geojson_out else None
             progress = Progress(len(tiles), "stitch")
-            for i, t in enumerate(tiles.itertuples()):
-                owned, tmeta, (o_ids, o_off, o_xy) = read_tile(tile_file(tiles_dir, t.tile_id))
+            order = list(tiles.itertuples())
+            # the next tile is read (np.load, zlib: GIL released) on a reader thread while this one is pasted
+            reader = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+            pending = reader.submit(read_tile, tile_file(tiles_dir, order[0].tile_id)) if order else None
+            for i, t in enumerate(order):
+                owned, tmeta, cells = pending.result()
+                pending = reader.submit(read_tile, tile_file(tiles_dir, order[i + 1].tile_id)) \
+                    if i + 1 < len(order) else None
                 if tmeta.get("fingerprint", "").split(":")[0] != meta["plan_id"]:
                     raise SegRefineError(f"{tile_file(tiles_dir, t.tile_id)}: computed for another tile plan; "
                                          "rerun its shard")
@@ -241,65 +299,92 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
                 if owned.size == 0 or owned.max() == 0:
                     progress.update(i + 1)
                     continue
-                t0 = time.monotonic()
+                t0, c0 = time.monotonic(), time.thread_time()
                 ox, oy = tmeta["origin"]
                 h, w = owned.shape
                 existing = np.asarray(store[oy:oy + h, ox:ox + w])
-                dup = _duplicates(owned, existing)
                 n = int(owned.max())
                 free = existing == 0
-                area_free = np.bincount(owned[free].ravel(), minlength=n + 1)
-                survive = (area_free > 0) & ~dup
+                if free.all():  # nothing pasted here yet: no conflict, every cell is kept whole
+                    area = np.bincount(owned.ravel(), minlength=n + 1)
+                    survive = area > 0
+                    report["duplicates_resolved"] += int((area[1:] == 0).sum())
+                    trimmed = np.zeros(n + 1, bool)
+                else:
+                    dup = _duplicates(owned, existing)
+                    area_free = np.bincount(owned[free].ravel(), minlength=n + 1)
+                    survive = (area_free > 0) & ~dup
+                    report["duplicates_resolved"] += int((dup[1:] | (area_free[1:] == 0)).sum())
+                    # trimmed: kept cells that lose some pixels to an earlier tile's cells
+                    trimmed = (np.bincount(owned[~free].ravel(), minlength=n + 1) > 0) & survive
+                    trimmed[0] = False
                 survive[0] = False
-                report["duplicates_resolved"] += int((dup[1:] | (area_free[1:] == 0)).sum())
-                report["pixels_trimmed"] += int((~free & survive[owned]).sum())
                 k = int(survive.sum())
                 if next_id - 1 + k > MAX_ID:
                     raise SegRefineError(f"more than {MAX_ID} cells: uint32 ids exhausted")
                 lut = np.zeros(n + 1, np.uint32)
                 lut[survive] = np.arange(next_id, next_id + k, dtype=np.uint32)
+                first = next_id
                 next_id += k
                 new = lut[owned]
+                if trimmed.any():
+                    report["pixels_trimmed"] += int((~free & survive[owned]).sum())
                 new[~free] = 0
                 store[oy:oy + h, ox:ox + w] = np.where(new > 0, new, existing)
                 t_paste += time.monotonic() - t0
-                t0 = time.monotonic()
-                cols = _cell_rows(new, (ox, oy), next_id - k, k)
+                c_paste += time.thread_time() - c0
+                t0, c0 = time.monotonic(), time.thread_time()
+                # the table from the shard's per-cell sums for cells kept whole, recomputed for the trimmed ones
+                kept = np.nonzero(survive)[0]
+                stats = cells["stats"][kept - 1]
+                if trimmed.any():
+                    redo = trimmed[kept]
+                    stats[redo] = cell_stats(np.where(trimmed[owned] & free, owned, 0), n)[kept[redo] - 1]
+                cols = _cell_rows(stats, (ox, oy), first)
                 cols["tile_id"] = np.full(len(cols["cell_id"]), int(t.tile_id), np.int64)
                 table.add(cols)
                 t_table += time.monotonic() - t0
+                c_table += time.thread_time() - c0
                 if geo is not None:
-                    t0 = time.monotonic()
+                    t0, c0 = time.monotonic(), time.thread_time()
                     # outlines from the shard for cells kept whole; recomputed for the few trimmed ones
-                    trimmed = np.bincount(owned[~free], minlength=n + 1) > 0
-                    trimmed &= survive
-                    keep = survive[o_ids] & ~trimmed[o_ids]
-                    geo.add_rings((int(lut[local]), o_xy[o_off[j]:o_off[j + 1]].tolist())
-                                  for j, local in enumerate(o_ids) if keep[j])
+                    g_ids, g_off, g_text = cells["geo_ids"], cells["geo_offsets"], cells["geo_text"]
+                    whole = np.nonzero(survive[g_ids] & ~trimmed[g_ids])[0]
+                    geo.add_texts(lut[g_ids[whole]].tolist(), [g_text[g_off[j]:g_off[j + 1]] for j in whole.tolist()])
                     if trimmed.any():
                         geo.add(np.where(trimmed[owned] & (new > 0), new, 0), (ox, oy))
                     t_geo += time.monotonic() - t0
+                    c_geo += time.thread_time() - c0
                 progress.update(i + 1)
             table.close()
             if geo is not None:
                 geo.close()
             timings.update(paste=t_paste, cell_table=t_table, geojson=t_geo)
+            report["timings_cpu_s"] = {"paste": c_paste, "cell_table": c_table, "geojson": c_geo}
             report["cells"] = next_id - 1
-            t0 = time.monotonic()
+            t0, c0 = time.monotonic(), time.thread_time()
             levels = label_pyramid_levels(store, work)
-            write_pyramid_ome_tiff(stack.enter_context(atomic_path(labels_out, suffix=".tif")), levels,
-                                   pixel_size_um=pixel_size_um)
-            timings["pyramid_write"] = time.monotonic() - t0
-            report["pyramid_levels"] = [list(lv.shape) for lv in levels]
+            drawn = None
             if overlay_out:
+                png = stack.enter_context(atomic_path(overlay_out, suffix=".png"))
+                drawn = pool.submit(lambda: _timed(_overlay, levels, slide_path, png, 1024, background.result()[0]))
+                stack.callback(concurrent.futures.wait, [drawn])  # on any failure: done before its file is removed
+            write_pyramid_ome_tiff(stack.enter_context(atomic_path(labels_out, suffix=".tif")), levels,
+                                   pixel_size_um=pixel_size_um, zlib_level=3)
+            timings["pyramid_write"] = time.monotonic() - t0
+            report["timings_cpu_s"]["pyramid_write"] = time.thread_time() - c0  # + tifffile's encoder threads
+            report["pyramid_levels"] = [list(lv.shape) for lv in levels]
+            if drawn is not None:
                 t0 = time.monotonic()
-                _overlay(levels, slide_path, stack.enter_context(atomic_path(overlay_out, suffix=".png")))
-                timings["overlay"] = time.monotonic() - t0
+                timings["overlay_background"] = background.result()[1]
+                timings["overlay_draw"] = drawn.result()[1]
+                timings["overlay"] = time.monotonic() - t0  # waited for the overlay after labels.tif was written
         # leaving the stack published every output together; any failure above removed them all
     except OSError as exc:
         raise SegRefineError(f"{labels_out.parent}: cannot write the stitched outputs ({exc}; is the disk full?); "
                              "nothing was published, rerun when there is space") from exc
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # no thread still reading the slide or writing
         shutil.rmtree(work, ignore_errors=True)
     timings["stitch_total"] = time.monotonic() - t_start
     for key in ("read_s", "predict_s", "wait_read_s", "own_write_s"):

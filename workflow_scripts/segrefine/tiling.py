@@ -134,10 +134,14 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
         plan = grid_tiles(slide.shape, tile_size, halo_px + context_px)
         meta.update(slide=str(slide_path), slide_stamp=_slide_stamp(slide_path), height=H, width=W,
                     levels=slide.levels)
-        # the whole slide's intensity statistics, so every window is normalised like the whole slide
-        meta["intensity_reference"] = intensity_reference(slide)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # the tissue view on a second thread (its own file handle): for a slide without a pyramid both it and
+            # the histogram read all of level 0, and the TIFF decoding and numpy reductions release the GIL
+            view = pool.submit(_tissue_view, slide_path, tissue_downsample, tissue_level) if tissue else None
+            # the whole slide's intensity statistics, so every window is normalised like the whole slide
+            meta["intensity_reference"] = intensity_reference(slide)
+            thumb, f = view.result() if tissue else (None, None)
         if tissue:
-            thumb, f = slide.thumbnail(tissue_downsample, level=tissue_level)
             mask, thr = detect_tissue(thumb, bright_field)
             h, w = mask.shape
             fy, fx = H / h, W / w
@@ -158,6 +162,13 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
     key = json.dumps({k: meta[k] for k in ("tile_size", "margin_px", "height", "width", "slide_stamp")}, sort_keys=True)
     meta["plan_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
     return plan, meta
+
+
+def _tissue_view(slide_path, downsample: int, level: Optional[int]):
+    from segrefine.io import Slide
+
+    with Slide(slide_path) as slide:
+        return slide.thumbnail(downsample, level=level)
 
 
 def write_plan(plan, meta: dict, out_tsv, out_json) -> None:
@@ -187,12 +198,14 @@ def read_plan(plan_tsv, plan_json=None):
 
 
 # --- ownership --------------------------------------------------------------------------------------------------------
-def own_cells(labels: np.ndarray, tile, slide_shape: Tuple[int, int]):
+def own_cells(labels: np.ndarray, tile, slide_shape: Tuple[int, int], with_stats: bool = False):
     """The cells of one window's prediction that the tile owns.
 
     Returns (owned labels cropped to their bounding box, numbered 1..n in
     raster order of their anchors, as uint32; crop origin (x, y) in slide
-    coordinates; list of cells larger than the halo as dicts)."""
+    coordinates; list of cells larger than the halo as dicts). ``with_stats``:
+    a fourth element, the (n, 7) int64 ``cell_stats`` of the owned cells (from
+    the sums the ownership rule computes anyway)."""
     from scipy import ndimage
 
     H, W = slide_shape
@@ -207,16 +220,19 @@ def own_cells(labels: np.ndarray, tile, slide_shape: Tuple[int, int]):
         ids, inv = np.unique(labels, return_inverse=True)
         seq = inv.reshape(labels.shape).astype(np.int32) + (0 if ids[0] == 0 else 1)
     n = int(seq.max()) if seq.size else 0
-    empty = (np.zeros((0, 0), np.uint32), (int(tile.wx0), int(tile.wy0)), [])
+    empty = (np.zeros((0, 0), np.uint32), (int(tile.wx0), int(tile.wy0)), []) + \
+        ((np.zeros((0, len(STAT_COLUMNS)), np.int64),) if with_stats else ())
     if n == 0:
         return empty
     flat = seq.ravel()
     area = np.bincount(flat, minlength=n + 1).astype(np.float64)
     rows = np.repeat(np.arange(h, dtype=np.float64), w)
     cols = np.tile(np.arange(w, dtype=np.float64), h)
+    sum_y = np.bincount(flat, weights=rows, minlength=n + 1)
+    sum_x = np.bincount(flat, weights=cols, minlength=n + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        cy = np.bincount(flat, weights=rows, minlength=n + 1) / area
-        cx = np.bincount(flat, weights=cols, minlength=n + 1) / area
+        cy = sum_y / area
+        cx = sum_x / area
     ay = np.floor(np.nan_to_num(cy, nan=-1e9)).astype(np.int64) + int(tile.wy0)  # nan: ids with no pixel
     ax = np.floor(np.nan_to_num(cx, nan=-1e9)).astype(np.int64) + int(tile.wx0)
     keep = (area > 0) & (ax >= tile.x0) & (ax < tile.x1) & (ay >= tile.y0) & (ay < tile.y1)
@@ -243,7 +259,101 @@ def own_cells(labels: np.ndarray, tile, slide_shape: Tuple[int, int]):
     owned = lut[seq]
     ys, xs = np.nonzero(owned.any(axis=1))[0], np.nonzero(owned.any(axis=0))[0]
     y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
-    return owned[y0:y1, x0:x1].copy(), (int(tile.wx0 + x0), int(tile.wy0 + y0)), large
+    result = (owned[y0:y1, x0:x1].copy(), (int(tile.wx0 + x0), int(tile.wy0 + y0)), large)
+    if not with_stats:
+        return result
+    # the cell table's sums in crop coordinates (integers: exact in float64), bounding boxes from find_objects
+    boxes = np.array([[objects[i - 1][1].start, objects[i - 1][0].start, objects[i - 1][1].stop,
+                       objects[i - 1][0].stop] for i in order], np.int64).reshape(-1, 4) - [x0, y0, x0, y0]
+    a = area[order]
+    stats = np.column_stack([a, sum_x[order] - a * x0, sum_y[order] - a * y0]).round().astype(np.int64)
+    return result + (np.concatenate([stats, boxes], axis=1),)
+
+
+STAT_COLUMNS = ["area_px", "sum_x", "sum_y", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]
+
+
+def cell_stats(labels: np.ndarray, n: Optional[int] = None) -> np.ndarray:
+    """(n, 7) int64 per cell id 1..n of a label crop, in crop coordinates: area, the sums of the pixels' x and y
+    (centroid = sum / area), bounding box [x0, x1) x [y0, y1). Ids without pixels get zeros."""
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    n = int(labels.max()) if n is None and labels.size else int(n or 0)
+    out = np.zeros((n, len(STAT_COLUMNS)), np.int64)
+    if n == 0 or labels.size == 0:
+        return out
+    h, w = labels.shape
+    flat = labels.ravel().astype(np.intp, copy=False)
+    out[:, 0] = np.bincount(flat, minlength=n + 1)[1:n + 1]
+    out[:, 1] = np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), h), minlength=n + 1)[1:n + 1].round()
+    out[:, 2] = np.bincount(flat, weights=np.repeat(np.arange(h, dtype=np.float64), w),
+                            minlength=n + 1)[1:n + 1].round()
+    for k, sl in enumerate(ndimage.find_objects(labels.astype(np.int32, copy=False), max_label=n)):
+        if sl is not None:
+            out[k, 3:] = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
+    return out
+
+
+def _contour_functions():
+    """skimage's marching squares as find_contours runs it (segments, then assembly), without its per-call input
+    checks; find_contours itself where those internals moved."""
+    try:
+        from skimage.measure._find_contours import _assemble_contours
+        from skimage.measure._find_contours_cy import _get_contour_segments
+
+        return lambda img: _assemble_contours(_get_contour_segments(img, 0.5, False, None))
+    except ImportError:  # pragma: no cover - other skimage layouts
+        from skimage.measure import find_contours
+
+        return lambda img: find_contours(img, 0.5)
+
+
+def _dense_labels(labels: np.ndarray):
+    """(ids, labels renumbered 1..n as int32 in the order of ids) of a label crop; ids is None for no cell."""
+    top = int(labels.max()) if labels.size else 0
+    if top == 0:
+        return None, None
+    if top <= max(labels.size, 2**16):  # by a lookup table (memory: that of the crop; not for large global ids)
+        present = np.bincount(labels.ravel(), minlength=top + 1) > 0
+        present[0] = False
+        ids = np.nonzero(present)[0]
+        if len(ids) == top:
+            return ids, labels.astype(np.int32, copy=False)
+        lut = np.zeros(top + 1, np.int32)
+        lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+        return ids, lut[labels]
+    ids = np.unique(labels[labels > 0])
+    dense = np.searchsorted(ids, labels).astype(np.int32) + 1
+    dense[labels == 0] = 0
+    return ids, dense
+
+
+def _outline_arrays(labels: np.ndarray, origin=(0, 0)):
+    """(cell id, ring as an (m, 2) float64 array of x, y) per cell; see ``cell_outlines``."""
+    from scipy import ndimage
+
+    contours_of = _contour_functions()
+    ox, oy = origin
+    ids, dense = _dense_labels(np.asarray(labels))  # ids made 1..n: find_objects costs n, not the max id
+    if ids is None:
+        return
+    for k, sl in enumerate(ndimage.find_objects(dense), 1):
+        if sl is None:
+            continue
+        sub = dense[sl] == k
+        img = np.zeros((sub.shape[0] + 2, sub.shape[1] + 2), np.float64)  # padded: every contour closes
+        img[1:-1, 1:-1] = sub
+        contours = contours_of(img)
+        if not contours:
+            continue
+        c = max(contours, key=len)
+        ring = np.empty(c.shape, np.float64)
+        ring[:, 0] = np.round(c[:, 1] - 1 + sl[1].start + ox + 0.5, 2)
+        ring[:, 1] = np.round(c[:, 0] - 1 + sl[0].start + oy + 0.5, 2)
+        if not (ring[0] == ring[-1]).all():
+            ring = np.concatenate([ring, ring[:1]])
+        yield int(ids[k - 1]), ring
 
 
 def cell_outlines(labels: np.ndarray, origin=(0, 0)):
@@ -253,42 +363,142 @@ def cell_outlines(labels: np.ndarray, origin=(0, 0)):
     along pixel edges and cuts pixel corners diagonally (holes are ignored;
     nuclei have none). One contour per cell; for a cell in several pieces,
     the longest."""
-    from scipy import ndimage
-    from skimage.measure import find_contours
+    return [(cid, ring.tolist()) for cid, ring in _outline_arrays(labels, origin)]
 
+
+def outline_texts(labels: np.ndarray, origin=(0, 0)) -> Tuple[np.ndarray, List[str]]:
+    """(cell ids, each cell's ring as GeoJSON text): exactly ``json.dumps`` of its ``cell_outlines`` ring.
+
+    Computed for all cells of the crop at once (``_marching_rings``); per cell with skimage where a check of
+    that computation fails."""
+    labels = np.asarray(labels)
+    ids, dense = _dense_labels(labels)
+    if ids is None:
+        return np.zeros(0, np.uint32), []
+    rings = _marching_rings(dense, origin)
+    if rings is None:  # pragma: no cover - the checks of _marching_rings did not pass: the per-cell way
+        out, texts = [], []
+        dumps = json.JSONEncoder().encode
+        for cid, ring in _outline_arrays(labels, origin):
+            out.append(cid)
+            texts.append(dumps(ring.tolist()))
+        return np.array(out, np.uint32), texts
+    dense_ids, x2, y2, starts = rings
+    if not len(x2):
+        return np.zeros(0, np.uint32), []
+    # coordinates are multiples of 0.5 (x2, y2: twice them): their JSON text (float repr) from a table
+    x0, y0 = int(x2.min()), int(y2.min())
+    tx = np.array([repr(v / 2) for v in range(x0, int(x2.max()) + 1)], dtype=object)[x2 - x0].tolist()
+    ty = np.array([repr(v / 2) for v in range(y0, int(y2.max()) + 1)], dtype=object)[y2 - y0].tolist()
+    pts = [f"[{a}, {b}]" for a, b in zip(tx, ty)]
+    ends = starts[1:] + [len(pts)]
+    texts = ["[" + ", ".join(pts[a:b]) + ", " + pts[a] + "]" for a, b in zip(starts, ends)]  # closed: first again
+    return ids[dense_ids - 1].astype(np.uint32), texts
+
+
+# marching squares of one cell's mask at 0.5 as skimage's find_contours emits it (fully_connected="low"): per
+# square (corners ul=1, ur=2, ll=4, lr=8 inside the cell) up to two segments (from, to), on the middle of the
+# square's top, bottom, left or right side, in doubled coordinates relative to the square's top-left pixel
+_T, _B, _L, _R = (0, 1), (2, 1), (1, 0), (1, 2)
+_MS_CASES = {1: [(_T, _L)], 2: [(_R, _T)], 3: [(_R, _L)], 4: [(_L, _B)], 5: [(_T, _B)], 6: [(_R, _T), (_L, _B)],
+             7: [(_R, _B)], 8: [(_B, _R)], 9: [(_T, _L), (_B, _R)], 10: [(_B, _T)], 11: [(_B, _L)],
+             12: [(_L, _R)], 13: [(_T, _R)], 14: [(_L, _T)]}
+_MS_SEG = np.zeros((16, 2, 2, 2), np.int64)  # case, segment, from / to, (row, col)
+_MS_NSEG = np.zeros(16, np.int64)
+for _case, _segs in _MS_CASES.items():
+    _MS_NSEG[_case] = len(_segs)
+    for _k, _seg in enumerate(_segs):
+        _MS_SEG[_case, _k] = _seg
+
+
+def _marching_rings(dense: np.ndarray, origin):
+    """The ``cell_outlines`` rings of every cell of a label crop (ids 1..n, int32) at once, with numpy.
+
+    skimage's find_contours on a cell's padded mask emits the squares' segments in raster order and chains
+    them; every point has one incoming and one outgoing segment, so each contour is a cycle, and the chain it
+    returns starts at the end point of the cycle's last segment in raster order (the segment that closes it)
+    and follows the segments; contours come in the order of their first segment. This computes the same:
+    the segments of all cells (a square on the border of several cells gives segments to each), each one's
+    successor, per cycle its first and last segment and each segment's place (pointer doubling), and per cell
+    the longest cycle (ties: the first). Returns (dense ids, 2x, 2y of the ring points, start of each ring)
+    or None where a check fails (then the caller goes cell by cell)."""
     ox, oy = origin
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    if not len(ids):
-        return []
-    dense = np.searchsorted(ids, labels).astype(np.int32) + 1  # ids made 1..n so find_objects costs n, not max id
-    dense[labels == 0] = 0
-    out = []
-    for k, sl in enumerate(ndimage.find_objects(dense), 1):
-        if sl is None:
-            continue
-        lab = int(ids[k - 1])
-        mask = np.pad(dense[sl] == k, 1).astype(np.uint8)
-        contours = find_contours(mask, 0.5)
-        if not contours:
-            continue
-        c = max(contours, key=len)
-        xs = np.round(c[:, 1] - 1 + sl[1].start + ox + 0.5, 2)
-        ys = np.round(c[:, 0] - 1 + sl[0].start + oy + 0.5, 2)
-        ring = np.stack([xs, ys], axis=1).tolist()
-        if ring[0] != ring[-1]:
-            ring.append(ring[0])
-        out.append((lab, ring))
-    return out
-
-
-def pack_outlines(outlines) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, offsets, xy) arrays of a list of (id, ring): ring k is xy[offsets[k]:offsets[k + 1]]."""
-    ids = np.array([i for i, _ in outlines], np.uint32)
-    lengths = [len(r) for _, r in outlines]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    xy = np.array([p for _, r in outlines for p in r], np.float64).reshape(-1, 2)
-    return ids, offsets, xy
+    h, w = dense.shape
+    P = np.zeros((h + 2, w + 2), np.int32)
+    P[1:-1, 1:-1] = dense
+    a, b, c, d = P[:-1, :-1], P[:-1, 1:], P[1:, :-1], P[1:, 1:]
+    rr, cc = np.nonzero((a != b) | (a != c) | (a != d))  # squares on some cell's border
+    base = rr * (w + 2) + cc
+    Pf = P.ravel()
+    corners = (Pf[base], Pf[base + 1], Pf[base + w + 2], Pf[base + w + 3])
+    sq, lab = [], []
+    for j, cj in enumerate(corners):  # each cell present in the square once
+        m = cj != 0
+        for prev in corners[:j]:
+            m &= cj != prev
+        sq.append(np.nonzero(m)[0])
+        lab.append(cj[m])
+    sq = np.concatenate(sq)
+    lab = np.concatenate(lab).astype(np.int64)
+    if not len(sq):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), []
+    case = ((corners[0][sq] == lab) * 1 + (corners[1][sq] == lab) * 2 + (corners[2][sq] == lab) * 4
+            + (corners[3][sq] == lab) * 8)
+    two = _MS_NSEG[case] == 2
+    sq = np.concatenate([sq, sq[two]])
+    k = np.concatenate([np.zeros(len(case), np.int64), np.ones(int(two.sum()), np.int64)])
+    lab = np.concatenate([lab, lab[two]])
+    case = np.concatenate([case, case[two]])
+    order = np.argsort(base[sq] * 2 + k, kind="stable")  # raster order of the squares, then within a square
+    sq, k, lab, case = sq[order], k[order], lab[order], case[order]
+    seg = _MS_SEG[case, k]
+    r2, c2 = 2 * rr[sq], 2 * cc[sq]
+    fr, fc = r2 + seg[:, 0, 0], c2 + seg[:, 0, 1]
+    stride = 2 * w + 5
+    cell = lab * ((2 * h + 5) * stride)
+    fkey = cell + fr * stride + fc
+    tkey = cell + (r2 + seg[:, 1, 0]) * stride + c2 + seg[:, 1, 1]
+    n = len(fkey)
+    fo = np.argsort(fkey)
+    at = np.searchsorted(fkey[fo], tkey)
+    if (at >= n).any():
+        return None
+    succ = fo[at]
+    if (fkey[succ] != tkey).any() or np.bincount(succ, minlength=n).max() != 1:  # not a permutation
+        return None
+    idx = np.arange(n)
+    first, last, p = idx.copy(), idx.copy(), succ.copy()
+    for _ in range(64):  # min / max over 2^i segments ahead; stable once 2^i >= the cycle's length
+        first2, last2 = np.minimum(first, first[p]), np.maximum(last, last[p])
+        if (first2 == first).all() and (last2 == last).all():
+            break
+        first, last, p = first2, last2, p[p]
+    else:
+        return None
+    closing = idx == last
+    ahead = (~closing).astype(np.int64)  # segments from each to its cycle's last one
+    p = np.where(closing, idx, succ)
+    for _ in range(64):
+        if (p[p] == p).all():
+            break
+        ahead = ahead + ahead[p]
+        p = p[p]
+    else:
+        return None
+    length = np.bincount(first, minlength=n)[first]
+    place = length - 1 - ahead
+    heads = np.nonzero(idx == first)[0]
+    ho = heads[np.lexsort((heads, -length[heads], lab[heads]))]
+    keep = np.ones(len(ho), bool)
+    keep[1:] = lab[ho][1:] != lab[ho][:-1]
+    chosen = np.zeros(n, bool)
+    chosen[ho[keep]] = True
+    sel = np.nonzero(chosen[first])[0]
+    sel = sel[np.lexsort((place[sel], lab[sel]))]
+    labs = lab[sel]
+    starts = np.nonzero(np.concatenate([[True], labs[1:] != labs[:-1]]))[0]
+    # x = (column in the padded crop) - 1 + ox + 0.5, so 2x = 2 * column - 1 + 2 ox
+    return labs[starts], fc[sel] - 1 + 2 * int(ox), fr[sel] - 1 + 2 * int(oy), starts.tolist()
 
 
 # --- per-tile results -------------------------------------------------------------------------------------------------
@@ -303,50 +513,76 @@ def tile_fingerprint(meta: dict, card_sha: str, tile) -> str:
             f"{int(tile.wx0)},{int(tile.wy0)},{int(tile.wx1)},{int(tile.wy1)}")
 
 
+TILE_FORMAT = 2  # 2: + per-cell table sums and GeoJSON ring text (1: labels and outline coordinates only)
+
+
 def read_tile(path):
-    """(owned labels, metadata, (outline ids, offsets, xy)) of one tile result."""
+    """(owned labels, metadata, cells) of one tile result; cells: ``stats`` (``cell_stats`` of the owned labels),
+    ``geo_ids`` (local ids with an outline), ``geo_text`` and ``geo_offsets`` (ring k's GeoJSON text is
+    ``geo_text[geo_offsets[k]:geo_offsets[k + 1]]``). A tile written by an older version (format 1) is read
+    from its labels: the same values, computed here."""
     import zlib
 
     try:
         with np.load(path, allow_pickle=False) as d:
             meta = json.loads(str(d["meta"]))
             raw = zlib.decompress(d["labels_zlib"].tobytes())
-            outlines = (d["outline_ids"], d["outline_offsets"], d["outline_xy"])
-        return np.frombuffer(raw, np.uint32).reshape(meta["shape"]).copy(), meta, outlines
+            owned = np.frombuffer(raw, np.uint32).reshape(meta["shape"]).copy()
+            if meta.get("format") == TILE_FORMAT:
+                cells = {"stats": d["cell_stats"].reshape(-1, len(STAT_COLUMNS)), "geo_ids": d["geo_ids"],
+                         "geo_offsets": d["geo_offsets"], "geo_text": zlib.decompress(d["geo_zlib"].tobytes()).decode()}
+            else:
+                cells = None
+        if cells is None:  # format 1: only labels + outline coordinates were stored
+            cells = _tile_cells(owned, meta["origin"])
+        return owned, meta, cells
     except Exception as exc:
         raise SegRefineError(f"{path}: unreadable tile result ({type(exc).__name__}: {exc}); delete it and rerun "
                              "its shard") from exc
 
 
+def _tile_cells(owned: np.ndarray, origin, stats: Optional[np.ndarray] = None) -> dict:
+    ids, texts = outline_texts(owned, origin)
+    offsets = np.zeros(len(texts) + 1, np.int64)
+    np.cumsum([len(t) for t in texts], out=offsets[1:])
+    return {"stats": cell_stats(owned) if stats is None else stats, "geo_ids": ids, "geo_offsets": offsets,
+            "geo_text": "".join(texts)}
+
+
 def tile_done(path, fingerprint: str) -> bool:
-    """True when a tile's result exists and was computed for this plan, window and model."""
+    """True when a tile's result exists, is of the current format and was computed for this plan, window and
+    model (an older format is recomputed)."""
     if not Path(path).is_file():
         return False
     try:
         with np.load(path, allow_pickle=False) as d:
-            return ("labels_zlib" in d.files and "outline_xy" in d.files
-                    and json.loads(str(d["meta"])).get("fingerprint") == fingerprint)
+            meta = json.loads(str(d["meta"]))
+            return ("labels_zlib" in d.files and "geo_zlib" in d.files and "cell_stats" in d.files
+                    and meta.get("format") == TILE_FORMAT and meta.get("fingerprint") == fingerprint)
     except Exception:
         return False  # unreadable: recompute it (it is replaced atomically)
 
 
-def write_tile(path, owned: np.ndarray, origin, large: list, meta: dict, outlines=None) -> None:
-    """One tile's owned cells (zlib), their outlines (see ``cell_outlines``; computed here, on the shard's
-    writer thread, so the stitcher only copies them) and metadata, atomically."""
+def write_tile(path, owned: np.ndarray, origin, large: list, meta: dict, stats: Optional[np.ndarray] = None) -> None:
+    """One tile's owned cells (zlib), their table sums (``cell_stats``) and GeoJSON outline text (see
+    ``cell_outlines``; computed here, on the shard's writer thread while the model predicts the next tile, so
+    the stitcher only fills in the global ids) and metadata, atomically."""
     from segrefine.io import atomic_path
 
     import zlib
 
     owned = np.ascontiguousarray(owned, dtype=np.uint32)
     meta = dict(meta, origin=list(origin), large=large, n_cells=int(owned.max()) if owned.size else 0,
-                shape=list(owned.shape))
+                shape=list(owned.shape), format=TILE_FORMAT)
     packed = np.frombuffer(zlib.compress(owned.tobytes(), 1), np.uint8)  # level 1: fast, label images shrink ~20x
+    cells = _tile_cells(owned, origin, stats)
+    geo = np.frombuffer(zlib.compress(cells["geo_text"].encode(), 1), np.uint8)
     try:
         with atomic_path(path, suffix=".npz") as tmp:
             with open(tmp, "wb") as fh:
-                ids, offsets, xy = pack_outlines(outlines if outlines is not None else cell_outlines(owned, origin))
-                np.savez(fh, labels_zlib=packed, meta=np.array(json.dumps(meta)), outline_ids=ids,
-                         outline_offsets=offsets, outline_xy=xy)
+                np.savez(fh, labels_zlib=packed, meta=np.array(json.dumps(meta)),
+                         cell_stats=np.asarray(cells["stats"], np.int64), geo_ids=cells["geo_ids"],
+                         geo_offsets=cells["geo_offsets"], geo_zlib=geo)
     except OSError as exc:
         raise SegRefineError(f"{path}: cannot write the tile result ({exc}; is the disk full?)") from exc
 
@@ -395,7 +631,7 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
     Path(tiles_dir).mkdir(parents=True, exist_ok=True)
     todo = [t for t in tiles if not tile_done(tile_file(tiles_dir, t.tile_id), tile_fingerprint(meta, card_sha, t))]
     stats = {"shard": shard, "tiles": len(tiles), "tiles_resumed": len(tiles) - len(todo), "tiles_computed": len(todo),
-             "card_sha256": card_sha, "plan_id": meta["plan_id"], "read_s": 0.0, "predict_s": 0.0, "wait_read_s": 0.0,
+             "card_sha256": card_sha, "plan_id": meta["plan_id"], "read_s": 0.0, "predict_s": 0.0, "predict_cpu_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0,
              "own_write_s": 0.0, "cells": 0, "large_cells": 0, "device": None,
              "intensity_reference": None}  # "slide" or "per window" once the model is loaded (None: all resumed)
     log.info("shard %d: %d tiles, %d already done, %d to predict", shard, len(tiles), len(tiles) - len(todo), len(todo))
@@ -430,9 +666,10 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
 
             def own_and_write(t, labels):
                 t0 = time.monotonic()
-                owned, origin, large = own_cells(labels, t, slide.shape)
+                owned, origin, large, cstats = own_cells(labels, t, slide.shape, with_stats=True)
                 write_tile(tile_file(tiles_dir, t.tile_id), owned, origin, large,
-                           {"tile_id": int(t.tile_id), "fingerprint": tile_fingerprint(meta, card_sha, t)})
+                           {"tile_id": int(t.tile_id), "fingerprint": tile_fingerprint(meta, card_sha, t)},
+                           stats=cstats)
                 for cell in large:
                     log.warning("tile %d: cell at anchor (x=%d, y=%d) reaches the window edge: it is larger than the "
                                 "halo (%d px) and clipped there", t.tile_id, cell["anchor_x"], cell["anchor_y"],
@@ -451,18 +688,23 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
                     stats["read_s"] += read_s
                     if i + prefetch < len(todo):
                         reads.append(reader.submit(read, todo[i + prefetch]))
-                    t0 = time.monotonic()
+                    t0, c0 = time.monotonic(), time.thread_time()
                     labels = np.asarray(model.predict(img))
                     stats["predict_s"] += time.monotonic() - t0
+                    stats["predict_cpu_s"] += time.thread_time() - c0  # this thread's CPU (model threads not counted)
                     if labels.shape != img.shape[:2]:
                         raise SegRefineError(f"model {card_path} returned labels of shape {labels.shape} for a "
                                              f"window of shape {img.shape[:2]} (tile {t.tile_id})")
                     writes.append(writer.submit(own_and_write, t, labels))
+                    t0 = time.monotonic()
                     while len(writes) > 1:  # at most one write behind: errors (a full disk) surface at once
                         _account(stats, writes.popleft().result())
+                    stats["wait_write_s"] += time.monotonic() - t0  # the writer thread slower than the model
                     progress.update(i + 1)
+                t0 = time.monotonic()
                 while writes:
                     _account(stats, writes.popleft().result())
+                stats["wait_write_s"] += time.monotonic() - t0
     stats["wall_s"] = time.monotonic() - t_start
     stats["tiles_per_s"] = stats["tiles_computed"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
     write_text_atomic(out_json, json.dumps(stats, indent=2, sort_keys=True) + "\n")
