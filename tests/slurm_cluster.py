@@ -44,6 +44,9 @@ def _sbin(name):
 
 def _port_free(port):
     with socket.socket() as s:
+        # SO_REUSEADDR: connections of a cluster stopped a minute ago (TIME_WAIT) do not count; on
+        # Linux a port with a listening socket still fails to bind
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -1,6 +1,10 @@
 """Restart and faults, locally, at job granularity: the driver killed (SIGKILL to its whole process
 group, as a lost node or session would) in the middle of a long job; `--unlock` and a rerun finish
-without redoing completed jobs, and nothing half-written is left under a final name. A sample whose
+without redoing completed jobs, and nothing half-written is left under a final name. The same in the
+middle of tiled inference (tile_plan -> segment_shard x 2 -> stitch): killed when one shard has
+finished and the other has written part of its tiles, the rerun redoes only the interrupted shard,
+predicts only its missing tiles, touches no finished file and gives the labels and cell table of an
+uninterrupted run (the same under SLURM: tests/test_slurm.py). A sample whose
 image is broken fails; with keep-going the other samples finish, and results/run_summary.tsv (and
 the printed summary) says which job failed, where its log is and why."""
 import json
@@ -29,13 +33,7 @@ def _outputs(d):
     return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in (d / "results").rglob("*") if p.is_file()}
 
 
-def _readable(path):
-    if path.suffix in (".tif", ".tiff"):
-        tifffile.imread(path)
-    elif path.suffix == ".json":
-        json.loads(path.read_text())
-    elif path.suffix in (".csv", ".tsv"):
-        pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+_readable = cw.readable
 
 
 def test_killed_driver_rerun_finishes_without_redoing_completed_jobs(workdir):
@@ -74,6 +72,51 @@ def test_killed_driver_rerun_finishes_without_redoing_completed_jobs(workdir):
     assert unchanged and all(after[k] == v for k, v in unchanged.items()), "a completed job was redone"
     assert (workdir / KILLED).exists()
     assert "Nothing to be done" in cw.snakemake(workdir, *cw.TARGETS, "-n", "--cores", 2).stdout
+
+
+def test_driver_killed_mid_shard_rerun_predicts_only_the_missing_tiles(tmp_path_factory):
+    reference = cw.tiled_reference(tmp_path_factory)  # the same inference, uninterrupted
+    d = cw.tiled_copy(tmp_path_factory, "tiled_kill")  # trainset, model and tile plan done
+    per_shard = cw.shard_tiles(d)
+    t0 = time.monotonic()
+    proc = cw.start_driver(d, "--cores", 2, "--resources", "gpu=1")  # threads 2: one shard after the other
+    done, cut, n_cut, _ = cw.kill_mid_shard(proc, d)
+    time.sleep(2)
+    before = cw.file_state(d)  # the killed driver took its jobs with it: nothing changes any more
+    assert before == cw.file_state(d)
+    seg = "results/segmentation/TINY01"
+    written = cw.tiles_written(d)
+    assert per_shard[done] <= written  # the finished shard's tiles, all of them
+    assert 0 < len(written & per_shard[cut]) < len(per_shard[cut]), (len(written & per_shard[cut]), n_cut)
+    assert f"{seg}/shards/{done}.json" in before and f"{seg}/shards/{cut}.json" not in before
+    assert f"{seg}/labels.tif" not in before
+    for rel in before:
+        if not cw.is_temporary(rel):  # temporary names of atomic writes may stay; final names are whole
+            cw.readable(d / rel)
+
+    assert cw.snakemake(d, "--unlock").returncode == 0
+    plan = cw.snakemake(d, cw.TILED_TARGET, "-n", "--rerun-incomplete", "--cores", 2)
+    assert plan.returncode == 0, plan.stdout[-3000:]
+    assert cw.dry_run_plan(plan.stdout) == ({"segment_shard": 1, "stitch": 1}, [cut]), plan.stdout[-3000:]
+
+    rerun = cw.snakemake(d, cw.TILED_TARGET, "--rerun-incomplete", "--cores", 2, "--resources", "gpu=1")
+    assert rerun.returncode == 0, rerun.stdout[-5000:]
+    after = cw.file_state(d)
+    kept = {k: v for k, v in before.items() if not cw.is_temporary(k) and "run_summary" not in k}
+    changed = sorted(k for k, v in kept.items() if after.get(k) != v)
+    assert not changed, f"finished files redone or replaced: {changed[:10]}"
+    n_before = len(written & per_shard[cut])
+    assert cw.shard_log_line(d, cut) == (f"shard {cut}: {len(per_shard[cut])} tiles, {n_before} already done, "
+                                         f"{len(per_shard[cut]) - n_before} to predict")
+    stats = json.loads((d / seg / "shards" / f"{cut}.json").read_text())
+    assert (stats["tiles_resumed"], stats["tiles_computed"]) == (n_before, len(per_shard[cut]) - n_before)
+    assert not any(cw.is_temporary(k) for k in after if k not in before)  # the rerun left no temporary file
+    ref = reference / seg
+    np.testing.assert_array_equal(tifffile.imread(d / seg / "labels.tif"), tifffile.imread(ref / "labels.tif"))
+    pd.testing.assert_frame_equal(pd.read_csv(d / seg / "cells.csv"), pd.read_csv(ref / "cells.csv"))
+    assert "Nothing to be done" in cw.snakemake(d, cw.TILED_TARGET, "-n", "--cores", 2).stdout
+    print(f"killed with shard {done} finished and shard {cut} at {n_before}/{len(per_shard[cut])} tiles; "
+          f"kill + rerun {time.monotonic() - t0:.0f} s, uninterrupted run {cw._TILED['reference_s']:.0f} s")
 
 
 def test_failing_sample_does_not_stop_the_others_and_the_summary_says_why(workdir):

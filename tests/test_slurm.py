@@ -7,8 +7,11 @@ request, memory, start and end) is the evidence.
 Needs slurm-wlm + munge (`make setup-slurm`) and root (the cluster writes /etc/slurm/slurm.conf).
 Where they are missing the test is skipped with the reason; under CI (CI=true) it fails.
 """
+import json
 import os
 import shutil
+import subprocess
+import time
 
 import numpy as np
 import pandas as pd
@@ -110,7 +113,9 @@ def test_out_of_memory_job_is_reported_and_resubmitted_with_more_memory(runs):
     summary = pd.read_csv(runs["slurm_dir"] / "results" / "run_summary.tsv", sep="\t", dtype=str)
     row = summary[summary["rule"] == OOM_RULE].iloc[0]
     assert row["status"] == "succeeded on retry" and row["failed_attempts"] == "1"
-    assert str(slurm_log) in row["log"] and "Exceeded job memory limit" in row["reason"]
+    # slurmstepd's first line is `Exceeded job memory limit` or `StepId=N.batch exceeded memory limit (…)`,
+    # whichever its memory monitor writes first
+    assert str(slurm_log) in row["log"] and "exceeded" in row["reason"].lower() and "memory limit" in row["reason"]
 
 
 def test_outputs_equal_a_local_run(runs):
@@ -122,3 +127,139 @@ def test_outputs_equal_a_local_run(runs):
     assert a.shape == (384, 384) and a.max() > 0
     np.testing.assert_array_equal(a, b)
     assert (s / "trainset" / "trainset.tsv").read_text() == (loc / "trainset" / "trainset.tsv").read_text()
+
+
+# --- the driver killed in the middle of tiled inference -------------------------------------------------------------
+# The classical model's shards are CPU jobs; here they ask for the one (fake) GPU, as the shards of every
+# GPU model do, so SLURM runs them one after the other (like K shards on fewer GPUs): the kill then
+# finds one shard finished and the other midway, as in tests/test_restart.py.
+SHARD_AS_GPU_JOB = {"segment_shard": {"gpu": 1}}
+LIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING")
+
+
+def _wait(check, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def _kill_driver_mid_shard(cluster, d, profile, min_fraction=0.25):
+    """SIGKILL the driver when one shard job has finished and the other has written at least
+    `min_fraction` of its tiles; the shard job, a SLURM job, is not the driver's child and keeps
+    running. Returns (finished shard, interrupted shard, tiles it had written, the run id, its job)."""
+    proc = cw.start_driver(d, "--profile", profile)
+    done, cut, n_kill, _ = cw.kill_mid_shard(proc, d, min_fraction)
+    run = cw.run_id((d / "driver.log").read_text())
+    live = [j for j in cluster.jobs() if j["name"] == run and j["state"] in LIVE]
+    cut_job = [j for j in live if cw.job_rule(j["comment"]) == ("segment_shard", f"{cw.TILED_SAMPLE}_{cut}")]
+    # the interrupted shard's job lives on (the finished shard's job may still be ending its job step)
+    assert len(cut_job) == 1 and {cw.job_rule(j["comment"])[0] for j in live} == {"segment_shard"}, live
+    # Snakemake touches a job's outputs once its step ends (dag.check_and_touch_output, in the SLURM
+    # job): the finished shard's record has its final mtime only when its job has ended
+    done_job = ("segment_shard", f"{cw.TILED_SAMPLE}_{done}")
+    _wait(lambda: not [j for j in cluster.jobs() if j["name"] == run and j["state"] in LIVE
+                       and cw.job_rule(j["comment"]) == done_job], 120, "the finished shard's job did not end")
+    return done, cut, n_kill, run, cut_job[0]
+
+
+def _check_rerun(d, reference, done, before, log_line=None, cut=None):
+    """The rerun touched no file recorded before (the finished shard's record and tiles), the shard's
+    log says `log_line`, and the labels and cell table equal the uninterrupted reference run's."""
+    seg = f"results/segmentation/{cw.TILED_SAMPLE}"
+    after = cw.file_state(d)
+    kept = {k: v for k, v in before.items() if not cw.is_temporary(k) and "run_summary" not in k}
+    assert f"{seg}/shards/{done}.json" in kept
+    changed = sorted(k for k, v in kept.items() if after.get(k) != v)
+    assert not changed, f"finished files redone or replaced: {changed[:10]}"
+    if log_line:
+        assert cw.shard_log_line(d, cut) == log_line
+    ref = reference / seg
+    np.testing.assert_array_equal(tifffile.imread(d / seg / "labels.tif"), tifffile.imread(ref / "labels.tif"))
+    pd.testing.assert_frame_equal(pd.read_csv(d / seg / "cells.csv"), pd.read_csv(ref / "cells.csv"))
+
+
+def test_killed_driver_mid_shard_cancel_unlock_rerun(cluster, tmp_path_factory):
+    """What docs/cluster.md tells a user: cancel the dead run's jobs, unlock, run again. The resubmitted
+    shard job predicts only the tiles the cancelled job had not finished."""
+    reference = cw.tiled_reference(tmp_path_factory)  # local, uninterrupted
+    d = cw.tiled_copy(tmp_path_factory, "tiled_slurm_cancel")
+    profile = cw.slurm_profile(d.parent / "profile", CPUS, SHARD_AS_GPU_JOB)
+    per_shard = cw.shard_tiles(d)
+    t0 = time.monotonic()
+    done, cut, n_kill, run, orphan = _kill_driver_mid_shard(cluster, d, profile)
+    # the orphan keeps predicting after its driver died
+    _wait(lambda: len(cw.tiles_written(d) & per_shard[cut]) > n_kill, 300, "the orphan shard job wrote no tile")
+
+    assert subprocess.run(["scancel", "--name", run], capture_output=True).returncode == 0
+    _wait(lambda: not [j for j in cluster.jobs() if j["name"] == run and j["state"] in LIVE], 120,
+          "the cancelled job is still alive")
+    (state,) = [j["state"] for j in cluster.jobs() if j["id"] == orphan["id"]]
+    assert state == "CANCELLED"
+    time.sleep(2)
+    before = cw.file_state(d)
+    assert before == cw.file_state(d)  # nothing writes any more
+    n_before = len(cw.tiles_written(d) & per_shard[cut])
+    assert n_kill < n_before < len(per_shard[cut])
+    seg = f"results/segmentation/{cw.TILED_SAMPLE}"
+    assert f"{seg}/shards/{cut}.json" not in before and f"{seg}/labels.tif" not in before
+    for rel in before:
+        if not cw.is_temporary(rel):
+            cw.readable(d / rel)
+
+    assert cw.snakemake(d, "--unlock").returncode == 0
+    plan = cw.snakemake(d, cw.TILED_TARGET, "-n", "--profile", profile)  # the profile has rerun-incomplete
+    assert plan.returncode == 0, plan.stdout[-3000:]
+    assert cw.dry_run_plan(plan.stdout) == ({"segment_shard": 1, "stitch": 1}, [cut]), plan.stdout[-3000:]
+    rerun = cw.snakemake(d, cw.TILED_TARGET, "--profile", profile)
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + "\n--- SLURM daemons ---\n" + cluster.logs()[-1500:]
+    rerun_jobs = {cw.job_rule(j["comment"]) for j in cluster.jobs() if j["name"] == cw.run_id(rerun.stdout)}
+    assert rerun_jobs == {("segment_shard", f"{cw.TILED_SAMPLE}_{cut}"), ("stitch", cw.TILED_SAMPLE)}, rerun_jobs
+    n = len(per_shard[cut])
+    _check_rerun(d, reference, done, before, f"shard {cut}: {n} tiles, {n_before} already done, "
+                                             f"{n - n_before} to predict", cut)
+    stats = json.loads((d / seg / "shards" / f"{cut}.json").read_text())
+    assert (stats["tiles_resumed"], stats["tiles_computed"]) == (n_before, n - n_before)
+    print(f"SLURM, cancel: shard {cut} killed at {n_kill}, cancelled at {n_before}/{n} tiles; kill, cancel and "
+          f"rerun {time.monotonic() - t0:.0f} s")
+
+
+def test_killed_driver_mid_shard_rerun_while_the_orphan_job_runs(cluster, tmp_path_factory):
+    """The user does not cancel: unlock and rerun at once while the dead run's shard job still runs.
+    Either the orphan is still running when the rerun plans (the shard's output is marked incomplete):
+    the resubmitted job waits for the GPU the orphan holds, then finds every tile done; or the orphan
+    finished first (its job step recorded the shard complete): the rerun only stitches. Either way no
+    finished file is touched and the outputs equal the uninterrupted run's."""
+    reference = cw.tiled_reference(tmp_path_factory)
+    d = cw.tiled_copy(tmp_path_factory, "tiled_slurm_orphan")
+    profile = cw.slurm_profile(d.parent / "profile", CPUS, SHARD_AS_GPU_JOB)
+    per_shard = cw.shard_tiles(d)
+    t0 = time.monotonic()
+    # killed as soon as the first shard finished, so that the orphan (running or still queued for the
+    # GPU) has its whole shard left when the rerun starts
+    done, cut, n_kill, run, orphan = _kill_driver_mid_shard(cluster, d, profile, min_fraction=0)
+    before = cw.file_state(d)  # the orphan still adds tiles; none of these may change
+
+    assert cw.snakemake(d, "--unlock").returncode == 0
+    rerun = cw.snakemake(d, cw.TILED_TARGET, "--profile", profile)
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + "\n--- SLURM daemons ---\n" + cluster.logs()[-1500:]
+    jobs = {j["id"]: j for j in cluster.jobs()}
+    orphan = jobs[orphan["id"]]
+    assert orphan["state"] == "COMPLETED"  # the dead run's job finished its shard
+    new = [j for j in jobs.values() if j["name"] == cw.run_id(rerun.stdout)]
+    new_shard = [j for j in new if cw.job_rule(j["comment"])[0] == "segment_shard"]
+    n = len(per_shard[cut])
+    assert len(cw.tiles_written(d) & per_shard[cut]) == n
+    if new_shard:  # resubmitted while the orphan ran: it waited for the GPU, then predicted nothing
+        assert len(new_shard) == 1 and new_shard[0]["start"] >= orphan["end"], (new_shard, orphan)
+        _check_rerun(d, reference, done, before, f"shard {cut}: {n} tiles, {n} already done, 0 to predict", cut)
+        what = f"resubmitted shard job {new_shard[0]['id']} waited for the orphan {orphan['id']}, 0 tiles predicted"
+    else:  # the orphan finished before the rerun planned: only the stitch ran
+        assert [cw.job_rule(j["comment"])[0] for j in new] == ["stitch"], new
+        _check_rerun(d, reference, done, before)
+        what = f"the orphan {orphan['id']} finished first; the rerun only stitched"
+    print(f"SLURM, orphan left running (killed at {n_kill}/{n} tiles): {what}; kill and rerun "
+          f"{time.monotonic() - t0:.0f} s")
