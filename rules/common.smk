@@ -160,11 +160,13 @@ def annotated_patches(sample=None):
     return [(s, p) for (s, p) in annotations if sample is None or s == sample]
 
 
-def segmentation_card():
+def segmentation_card(wildcards):
+    """The card of the segmentation model at the stage whose whole slide is segmented: segmentation.stage, or the
+    {stage} wildcard of the before/after QC's rules (segment_shard_qc)."""
     seg = config["segmentation"]
     if seg["model"] not in config["models"]:
         fail(f"segmentation.model {seg['model']!r} is not a configured model: {sorted(config['models'])}")
-    return f"{RESULTS}/models/{seg['model']}/{seg['stage']}/card.json"
+    return f"{RESULTS}/models/{seg['model']}/{wildcards.get('stage', seg['stage'])}/card.json"
 
 
 TILING_DEFAULTS = {"tile_size": 1024, "halo": 64, "halo_unit": "px", "context": 0, "shards": "auto",
@@ -212,6 +214,61 @@ def expression_origin(wildcards):
     return origin if origin == "auto" else f"{int(origin[0])},{int(origin[1])}"
 
 
+# --- whole-slide stages: segmentation.stage, plus the other one for the before/after expression QC --------------------
+STAGES = ("pretrained", "finetuned")  # before, after fine-tuning
+
+
+def qc_before_after():
+    """expression.qc_before_after (default on) with expression active and at least one sample with a matrix."""
+    return bool(expression_samples()) and config["expression"].get("qc_before_after", True)
+
+
+def other_stage():
+    """The stage the before/after QC segments besides segmentation.stage (rules segment_shard_qc, stitch_qc,
+    cgef_qc: results/segmentation/{sample}/{stage}/, results/expression/{sample}/{stage}/)."""
+    return next(s for s in STAGES if s != config["segmentation"]["stage"])
+
+
+def stage_dir(top, sample, stage=None):
+    """results/<top>/<sample> for segmentation.stage (or no stage), results/<top>/<sample>/<stage> for the other."""
+    sub = [stage] if stage and stage != config["segmentation"]["stage"] else []
+    return str(Path(RESULTS, top, sample, *sub))
+
+
+def slide_dir(wildcards):
+    """The whole-slide segmentation folder of a job of segment_shard/stitch/cgef, or of their _qc forms."""
+    return stage_dir("segmentation", wildcards.sample, wildcards.get("stage"))
+
+
+def qc_outputs():
+    """The expression QC's files; before_after.csv only with both stages segmented (docs/expression.md)."""
+    qc = f"{RESULTS}/expression/qc"
+    out = {"summary": f"{qc}/summary.csv", "cells": f"{qc}/cells.csv", "extreme": f"{qc}/extreme_area.csv",
+           "plot": f"{qc}/distributions.png"}
+    if qc_before_after():
+        out["before_after"] = f"{qc}/before_after.csv"
+    return out
+
+
+def qc_stages():
+    """The stages the expression QC reads, pretrained (before) first."""
+    return list(STAGES) if qc_before_after() else [config["segmentation"]["stage"]]
+
+
+def qc_cellmaps(wildcards):
+    """Every expression sample's cell table, one stage after the other."""
+    return [str(Path(stage_dir("expression", sample, stage), "cellmap.csv"))
+            for stage in qc_stages() for sample in expression_samples()]
+
+
+def qc_args(wildcards):
+    return (f"--samples {' '.join(expression_samples() * len(qc_stages()))} "
+            f"--stages {' '.join(s for s in qc_stages() for _ in expression_samples())}")
+
+
+QC_REPORT = {"category": "6. Expression QC"}
+
+
 def final_outputs():
     out = [f"{RESULTS}/evaluation/summary.csv", f"{RESULTS}/evaluation/boxplots.png",
            f"{RESULTS}/evaluation/loss_curves.png", f"{RESULTS}/evaluation/complexity_vs_accuracy.csv",
@@ -224,7 +281,7 @@ def final_outputs():
     out += expand(f"{RESULTS}/segmentation/{{sample}}/labels.tif", sample=samples.index)
     out += expand(f"{RESULTS}/expression/{{sample}}/cells.h5ad", sample=expression_samples())
     if expression_samples():
-        out.append(f"{RESULTS}/expression/qc/summary.csv")
+        out += qc_outputs().values()
     if config["patches"]["candidates"]["activate"]:
         out += expand(f"{RESULTS}/candidates/{{sample}}/done", sample=samples.index)
     if config.get("evaluation", {}).get("learning_curve", {}).get("activate", False):

@@ -1,8 +1,9 @@
 rule cgef:
-    """GEM/bgef + whole-slide labels -> cell-bin GEF (exact writer or gefpy) and its per-cell table."""
+    """GEM/bgef + whole-slide labels -> cell-bin GEF (exact writer or gefpy) and its per-cell table; as cgef_qc, the
+    same for the other stage's labels (before/after QC: results/expression/{sample}/{stage}/)."""
     input:
         gem=lambda wc: samples.loc[wc.sample, "expression"],
-        labels=f"{RESULTS}/segmentation/{{sample}}/labels.tif",
+        labels=lambda wc: f"{slide_dir(wc)}/labels.tif",
     output:
         cgef=f"{RESULTS}/expression/{{sample}}/cells.cgef",
         cellmap=f"{RESULTS}/expression/{{sample}}/cellmap.csv",
@@ -19,6 +20,18 @@ rule cgef:
     shell:
         segrefine("gef") + " cgef --gem {input.gem:q} --labels {input.labels} --cgef {output.cgef} "
         "--cellmap {output.cellmap} --writer {params.writer} --origin {params.origin} --threads {threads} > {log} 2>&1"
+
+
+use rule cgef as cgef_qc with:
+    output:
+        cgef=f"{RESULTS}/expression/{{sample}}/{{stage}}/cells.cgef",
+        cellmap=f"{RESULTS}/expression/{{sample}}/{{stage}}/cellmap.csv",
+    wildcard_constraints:
+        stage=other_stage(),
+    log:
+        "logs/cgef/{stage}/{sample}.log",
+    benchmark:
+        "benchmarks/cgef/{stage}/{sample}.tsv"
 
 
 rule h5ad:
@@ -39,21 +52,25 @@ rule h5ad:
 
 
 rule expression_qc:
-    """Per-cell and per-sample QC: UMIs, genes and area per cell, cells of extreme area, distributions."""
+    """Per-cell and per-sample QC of each whole-slide stage: UMIs, genes and area per cell, cells of extreme area,
+    distributions; with both stages (cgef and cgef_qc), before (pretrained) vs after (fine-tuned) with Mann-Whitney
+    tests."""
     input:
-        cellmaps=expand(f"{RESULTS}/expression/{{sample}}/cellmap.csv", sample=expression_samples()),
+        cellmaps=qc_cellmaps,
     output:
-        summary=f"{RESULTS}/expression/qc/summary.csv",
-        cells=f"{RESULTS}/expression/qc/cells.csv",
-        extreme=f"{RESULTS}/expression/qc/extreme_area.csv",
-        plot=f"{RESULTS}/expression/qc/distributions.png",
+        summary=report(qc_outputs()["summary"], caption="../report/qc_summary.rst", **QC_REPORT),
+        cells=qc_outputs()["cells"],
+        extreme=report(qc_outputs()["extreme"], caption="../report/qc_extreme_area.rst", **QC_REPORT),
+        plot=report(qc_outputs()["plot"], caption="../report/qc_distributions.rst", **QC_REPORT),
+        **({"before_after": report(qc_outputs()["before_after"], caption="../report/qc_before_after.rst",
+                                   **QC_REPORT)} if qc_before_after() else {}),
     params:
-        samples=" ".join(expression_samples()),
+        args=qc_args,
         out_dir=lambda wc, output: str(Path(output.summary).parent),
     log:
         "logs/expression_qc.log",
     conda:
         env_file("core")
     shell:
-        segrefine("core") + " expression-qc --cellmaps {input.cellmaps} --samples {params.samples} "
+        segrefine("core") + " expression-qc --cellmaps {input.cellmaps} {params.args} "
         "--out-dir {params.out_dir} > {log} 2>&1"

@@ -1,5 +1,8 @@
 # Whole-slide segmentation: tile plan -> K shard jobs (model loaded once each, resumable) -> exact stitching.
-# See docs/tiling.md for the ownership rule and the outputs.
+# See docs/tiling.md for the ownership rule and the outputs. segment_shard and stitch segment with segmentation.stage
+# of the model into results/segmentation/{sample}/; for the before/after expression QC (docs/expression.md) the same
+# rules, as segment_shard_qc and stitch_qc (end of file), segment with the other stage on the same tile plan into
+# results/segmentation/{sample}/{stage}/.
 
 
 rule tile_plan:
@@ -26,16 +29,16 @@ rule tile_plan:
 
 rule segment_shard:
     """Predict one shard's tiles with the configured model (one GPU per job for GPU frameworks); per-tile results
-    are kept in tiles/, so a rerun predicts only unfinished tiles."""
+    are kept in tiles/ beside shards/, so a rerun predicts only unfinished tiles."""
     input:
         plan=f"{RESULTS}/segmentation/{{sample}}/tiles.tsv",
-        card=segmentation_card(),
+        card=segmentation_card,
         slide=lambda wc: samples.loc[wc.sample, "image"],
     output:
         f"{RESULTS}/segmentation/{{sample}}/shards/{{shard}}.json",
     params:
         run=segrefine(model_env(config["segmentation"]["model"])),
-        tiles=lambda wc, input: str(Path(input.plan).parent / "tiles"),
+        tiles=lambda wc, output: str(Path(output[0]).parent.parent / "tiles"),
     wildcard_constraints:
         shard=r"\d+",
     log:
@@ -58,7 +61,7 @@ rule stitch:
     (CSV + Parquet), QuPath GeoJSON outlines, overlay PNG, report."""
     input:
         plan=f"{RESULTS}/segmentation/{{sample}}/tiles.tsv",
-        shards=lambda wc: expand(f"{RESULTS}/segmentation/{wc.sample}/shards/{{k}}.json", k=range(n_shards())),
+        shards=lambda wc: expand(f"{slide_dir(wc)}/shards/{{k}}.json", k=range(n_shards())),
         slide=lambda wc: samples.loc[wc.sample, "image"],
     output:
         labels=f"{RESULTS}/segmentation/{{sample}}/labels.tif",
@@ -66,10 +69,11 @@ rule stitch:
         parquet=f"{RESULTS}/segmentation/{{sample}}/cells.parquet",
         geojson=f"{RESULTS}/segmentation/{{sample}}/cells.geojson",
         overlay=report(f"{RESULTS}/segmentation/{{sample}}/overlay.png", caption="../report/slide_overlay.rst",
-                       category="5. Whole slide", labels={"sample": "{sample}", "figure": "cell outlines"}),
+                       category="5. Whole slide", labels={"sample": "{sample}", "figure": "cell outlines",
+                                                          "stage": config["segmentation"]["stage"]}),
         report=f"{RESULTS}/segmentation/{{sample}}/segmentation.json",
     params:
-        tiles=lambda wc, input: str(Path(input.plan).parent / "tiles"),
+        tiles=lambda wc, output: str(Path(output.labels).parent / "tiles"),
         pixel_size=lambda wc: samples.loc[wc.sample, "pixel_size_um"],
     log:
         "logs/segment/{sample}.stitch.log",
@@ -82,3 +86,36 @@ rule stitch:
         "--slide {input.slide:q} --labels {output.labels} --cells {output.cells} --parquet {output.parquet} "
         "--geojson {output.geojson} --overlay {output.overlay} --report {output.report} "
         "--pixel-size-um {params.pixel_size} 2> {log}"
+
+
+# The other stage's whole slide, for the before/after expression QC: the same rules, stage in the path.
+QC_SLIDE = f"{RESULTS}/segmentation/{{sample}}/{{stage}}"
+
+
+use rule segment_shard as segment_shard_qc with:
+    output:
+        f"{QC_SLIDE}/shards/{{shard}}.json",
+    wildcard_constraints:
+        shard=r"\d+",
+        stage=other_stage(),
+    log:
+        "logs/segment/{stage}/{sample}.shard{shard}.log",
+    benchmark:
+        "benchmarks/segment/{stage}/{sample}.shard{shard}.tsv"
+
+
+use rule stitch as stitch_qc with:
+    output:
+        labels=f"{QC_SLIDE}/labels.tif",
+        cells=f"{QC_SLIDE}/cells.csv",
+        parquet=f"{QC_SLIDE}/cells.parquet",
+        geojson=f"{QC_SLIDE}/cells.geojson",
+        overlay=report(f"{QC_SLIDE}/overlay.png", caption="../report/slide_overlay.rst", category="5. Whole slide",
+                       labels={"sample": "{sample}", "figure": "cell outlines", "stage": "{stage}"}),
+        report=f"{QC_SLIDE}/segmentation.json",
+    wildcard_constraints:
+        stage=other_stage(),
+    log:
+        "logs/segment/{stage}/{sample}.stitch.log",
+    benchmark:
+        "benchmarks/segment/{stage}/{sample}.stitch.tsv"

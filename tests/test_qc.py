@@ -1,10 +1,12 @@
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import run_step
 from segrefine import SegRefineError
-from segrefine.qc import expression_qc, extreme_area, read_cell_tables, summarize_cells
+from segrefine.qc import compare_stages, expression_qc, extreme_area, read_cell_tables, summarize_cells
 
 
 def _cellmap(path, areas, counts, genes):
@@ -45,3 +47,71 @@ def test_bad_cell_tables_are_named(tmp_path):
         expression_qc([tmp_path / "x.csv"], ["S"], tmp_path / "qc")
     with pytest.raises(SegRefineError, match="2 cell tables for 1 sample names"):
         read_cell_tables([tmp_path / "x.csv"] * 2, ["S"])
+
+
+def _stages(tmp_path):
+    """Sample A before fine-tuning: 20 cells of 100-119 px and a 3,500 px merge; after: the merge split and every
+    cell smaller, 40 cells of 50-89 px, fewer UMIs each. Sample B: the same 5 cells at both stages."""
+    pre = _cellmap(tmp_path / "a_pre.csv", list(range(100, 120)) + [3500], list(range(20, 40)) + [700],
+                   [10] * 20 + [90])
+    post = _cellmap(tmp_path / "a_post.csv", list(range(50, 90)), list(range(5, 45)), [4] * 40)
+    b = [_cellmap(tmp_path / f"b_{st}.csv", [30, 40, 50, 60, 70], [3, 4, 5, 6, 7], [2] * 5) for st in ("pre", "post")]
+    return [pre, b[0], post, b[1]], ["A", "B", "A", "B"], ["pretrained", "pretrained", "finetuned", "finetuned"]
+
+
+def test_before_after_comparison_of_known_cells(tmp_path):
+    cells = read_cell_tables(*_stages(tmp_path))
+    summary = summarize_cells(cells).set_index(["sample", "stage"])
+    assert list(summary.index) == [("A", "pretrained"), ("B", "pretrained"), ("A", "finetuned"), ("B", "finetuned")]
+    assert summary.loc[("A", "pretrained"), "cells"] == 21 and summary.loc[("A", "finetuned"), "cells"] == 40
+    assert summary.loc[("A", "pretrained"), "area_q50"] == 110 and summary.loc[("A", "finetuned"), "area_q50"] == 69.5
+    assert summary.loc[("A", "pretrained"), "area_max"] == 3500 and summary.loc[("A", "finetuned"), "area_max"] == 89
+    assert summary.loc[("A", "pretrained"), "extreme_large"] == 1
+    assert summary.loc[("A", "finetuned"), "extreme_large"] == 0
+    # the extreme-area table of both stages: only the merge, before fine-tuning
+    ext = extreme_area(cells)
+    assert ext[["sample", "stage", "label_id", "area", "side"]].values.tolist() == [
+        ["A", "pretrained", 30, 3500, "large"]]
+    t = compare_stages(cells, "pretrained", "finetuned").set_index(["sample", "metric"])
+    assert len(t) == 6 and set(t["before"]) == {"pretrained"} and set(t["after"]) == {"finetuned"}
+    area = t.loc[("A", "area")]
+    assert (area["n_before"], area["n_after"]) == (21, 40)
+    assert (area["median_before"], area["median_after"]) == (110, 69.5)
+    assert area["median_ratio"] == pytest.approx(69.5 / 110)
+    # every cell after is smaller than every cell before: U = 0, P(after > before) = 0; the two-sided p-value of the
+    # normal approximation with continuity correction, no ties: z = (n1 n2 / 2 - 0.5) / sqrt(n1 n2 (n1 + n2 + 1) / 12)
+    assert area["mannwhitney_u"] == 0 and area["prob_after_greater"] == 0
+    z = (40 * 21 / 2 - 0.5) / math.sqrt(40 * 21 * 62 / 12)
+    assert area["p_value"] == pytest.approx(math.erfc(z / math.sqrt(2)), rel=1e-9)
+    umis = t.loc[("A", "total_counts")]
+    assert (umis["median_before"], umis["median_after"]) == (30, 24.5) and umis["prob_after_greater"] < 0.5
+    # B did not change: U = n1 n2 / 2, p = 1; genes are identical (all 2): p = 1 without a test
+    for metric in ("area", "total_counts", "n_genes"):
+        row = t.loc[("B", metric)]
+        assert row["prob_after_greater"] == 0.5 and row["p_value"] == pytest.approx(1.0)
+
+
+def test_expression_qc_step_compares_two_stages(tmp_path):
+    cellmaps, samples, stages = _stages(tmp_path)
+    run_step("core", "expression-qc", "--cellmaps", *cellmaps, "--samples", *samples, "--stages", *stages,
+             "--out-dir", tmp_path / "qc")
+    out = tmp_path / "qc"
+    assert sorted(p.name for p in out.iterdir()) == ["before_after.csv", "cells.csv", "distributions.png",
+                                                      "extreme_area.csv", "summary.csv"]
+    assert (out / "distributions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cells = pd.read_csv(out / "cells.csv")
+    assert cells.groupby(["sample", "stage"]).size().to_dict() == {("A", "finetuned"): 40, ("A", "pretrained"): 21,
+                                                                  ("B", "finetuned"): 5, ("B", "pretrained"): 5}
+    ba = pd.read_csv(out / "before_after.csv")
+    assert len(ba) == 6 and list(ba["sample"].unique()) == ["A", "B"]
+    assert len(pd.read_csv(out / "summary.csv")) == 4 and len(pd.read_csv(out / "extreme_area.csv")) == 1
+
+
+def test_stage_names_are_checked(tmp_path):
+    cellmaps, samples, stages = _stages(tmp_path)
+    with pytest.raises(SegRefineError, match="4 cell tables for 3 stage names"):
+        read_cell_tables(cellmaps, samples, stages[:3])
+    with pytest.raises(SegRefineError, match="two cell tables for the same sample and stage"):
+        read_cell_tables(cellmaps, samples, ["pretrained"])
+    with pytest.raises(SegRefineError, match=r"cell tables of 3 stages \['a', 'b', 'c'\]: the comparison takes two"):
+        expression_qc(cellmaps[:3], samples[:3], tmp_path / "qc", stages=["a", "b", "c"])

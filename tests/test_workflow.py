@@ -73,6 +73,27 @@ def test_full_run(workdir):
     label_ids = json.loads(out[out.index("["): out.index("]") + 1])
     assert n_vars == 20 and n_obs > 0
     assert set(label_ids) <= set(cells["cell_id"]) and 0 not in label_ids
+    # before/after QC (docs/expression.md): the slide also segmented with tiny's pretrained stage on the same tile
+    # plan, beside the configured (fine-tuned) stage's unchanged paths; its cgef; the QC compares both stages
+    pre = res / "segmentation" / "TINY01" / "pretrained"
+    assert tifffile.imread(pre / "labels.tif").shape == (384, 384)
+    assert json.loads((pre / "segmentation.json").read_text())["tiles"] == 4
+    assert sorted(p.name for p in (pre / "shards").iterdir()) == ["0.json", "1.json"]
+    cellmaps = {"finetuned": pd.read_csv(res / "expression" / "TINY01" / "cellmap.csv"),
+                "pretrained": pd.read_csv(res / "expression" / "TINY01" / "pretrained" / "cellmap.csv")}
+    assert not (res / "expression" / "TINY01" / "pretrained" / "cells.h5ad").exists()
+    qc = res / "expression" / "qc"
+    summary = pd.read_csv(qc / "summary.csv")
+    assert summary[["sample", "stage"]].values.tolist() == [["TINY01", "pretrained"], ["TINY01", "finetuned"]]
+    assert summary.set_index("stage")["cells"].to_dict() == {k: len(v) for k, v in cellmaps.items()}
+    ba = pd.read_csv(qc / "before_after.csv")
+    assert list(ba["metric"]) == ["total_counts", "n_genes", "area"]
+    assert set(ba["before"]) == {"pretrained"} and set(ba["after"]) == {"finetuned"}
+    area = ba.set_index("metric").loc["area"]
+    assert (area["n_before"], area["n_after"]) == (len(cellmaps["pretrained"]), len(cellmaps["finetuned"]))
+    assert area["median_after"] == np.median(cellmaps["finetuned"]["area"]) and 0 <= area["p_value"] <= 1
+    assert set(pd.read_csv(qc / "extreme_area.csv")["stage"]) <= {"pretrained", "finetuned"}
+    assert (qc / "distributions.png").read_bytes()[:4] == b"\x89PNG"
     # nothing is left to do
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
 
@@ -83,7 +104,9 @@ def test_html_report(workdir):
     assert proc.returncode == 0, proc.stdout[-3000:]
     html = (workdir / "report.html").read_text(errors="replace")
     for name in ("summary.csv", "metrics_long.csv", "boxplots.png", "wilcoxon.csv", "loss_curves.png",
-                 "complexity_vs_accuracy.csv", "ranking.csv", "Overlays", "overlay.png"):
+                 "complexity_vs_accuracy.csv", "ranking.csv", "Overlays", "overlay.png",
+                 # expression QC, before vs after fine-tuning
+                 "Expression QC", "before_after.csv", "distributions.png", "extreme_area.csv"):
         assert name in html, name
 
 
@@ -98,8 +121,11 @@ def test_adding_an_annotation_reruns_exactly_what_depends_on_it(workdir):
     finally:
         new.unlink()
     assert plan == {"annotated_patch": 1, "convert_annotation": 1, "trainset": 1, "finetune": 4, "evaluate": 8,
-                    "evaluation_summary": 1, "tile_plan": 1, "segment_shard": 2, "stitch": 1, "cgef": 1, "h5ad": 1,
-                    "expression_qc": 1,
+                    "evaluation_summary": 1, "tile_plan": 1,
+                    "segment_shard": 2, "stitch": 1, "cgef": 1, "h5ad": 1, "expression_qc": 1,
+                    # the pretrained stage's whole slide for the before/after QC: its model did not change, but the
+                    # tile plan it shares (halo checked against the training cells) is re-made
+                    "segment_shard_qc": 2, "stitch_qc": 1, "cgef_qc": 1,
                     "all": 1,
                     # evaluation figures and decisions (docs/evaluation.md): overlays per model and stage, threshold
                     # sweeps of the cellpose and stardist models, zero-shot screening of the 4 pretrained models

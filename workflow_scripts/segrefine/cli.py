@@ -243,7 +243,7 @@ def cmd_h5ad(a):
 def cmd_expression_qc(a):
     from segrefine.qc import expression_qc
 
-    expression_qc(a.cellmaps, a.samples, a.out_dir, a.extreme_iqr)
+    expression_qc(a.cellmaps, a.samples, a.out_dir, a.extreme_iqr, a.stages)
 
 
 # --- parser -----------------------------------------------------------------------------------------------------------
@@ -476,9 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cellmap", required=True)
     p.add_argument("--out", required=True)
 
-    p = step("expression-qc", cmd_expression_qc, "per-cell QC (UMIs, genes, area) of the cell tables of the cgefs")
+    p = step("expression-qc", cmd_expression_qc,
+             "per-cell QC (UMIs, genes, area) of the cell tables of the cgefs, before vs after fine-tuning")
     p.add_argument("--cellmaps", nargs="+", required=True)
-    p.add_argument("--samples", nargs="+", required=True)
+    p.add_argument("--samples", nargs="+", required=True, help="the sample of each cell table")
+    p.add_argument("--stages", nargs="+",
+                   help="the segmentation stage of each cell table (or one for all); with two stages the first is "
+                        "'before', the second 'after': before_after.csv and overlaid distributions")
     p.add_argument("--extreme-iqr", type=float, default=3.0, help="area outlier fence in IQRs beyond the quartiles")
     p.add_argument("--out-dir", required=True)
     return ap

@@ -1,21 +1,30 @@
-"""Per-cell and per-sample QC of the cell-by-gene matrices: UMIs, genes and area per cell.
+"""Per-cell and per-sample QC of the cell-by-gene matrices: UMIs, genes and area per cell,
+per sample and segmentation stage, and before vs after fine-tuning.
 
 Input: the per-cell tables ``cellmap.csv`` that ``segrefine cgef`` writes beside
-each cgef (one row per cell: label id, centre, area, UMIs, genes). Output folder:
+each cgef (one row per cell: label id, centre, area, UMIs, genes), each named by
+its sample and, optionally, its stage (the workflow segments each slide with the
+pretrained and the fine-tuned model, docs/expression.md). Output folder:
 
-- ``cells.csv``: every cell of every sample;
-- ``summary.csv``: per sample, the number of cells, empty cells and the
-  quantiles (5 %, 25 %, 50 %, 75 %, 95 %) and mean of UMIs, genes and area;
+- ``cells.csv``: every cell of every sample and stage;
+- ``summary.csv``: per sample and stage, the number of cells, empty cells, UMIs
+  in cells, the quantiles (5 %, 25 %, 50 %, 75 %, 95 %), mean and maximum of UMIs,
+  genes and area, and the number of cells of extreme area on either side;
 - ``extreme_area.csv``: cells whose area lies more than ``k`` x max(IQR, 10 %
-  of the median) outside the quartiles of their sample (the over-merged or
-  fragment cells a poor segmentation makes), largest first;
-- ``distributions.png``: histograms of UMIs, genes and area per cell, one
-  curve per sample.
+  of the median) outside the quartiles of their sample and stage (the
+  over-merged or fragment cells a poor segmentation makes), largest first;
+- ``distributions.png``: histograms of UMIs, genes and area per cell; one curve
+  per sample, or, with two stages, one row per sample with both stages overlaid,
+  their medians and the Mann-Whitney p-value;
+- ``before_after.csv`` (two stages only): per sample and metric, the two stages'
+  cell numbers, medians, means, the median ratio after / before, the two-sided
+  Mann-Whitney U test (they are different cells, not pairs) and the probability
+  that a cell after exceeds a cell before (ties count half).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,13 +34,21 @@ METRICS = (("total_counts", "UMIs per cell"), ("n_genes", "genes per cell"), ("a
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def read_cell_tables(cellmaps: Sequence, samples: Sequence[str]):
+def read_cell_tables(cellmaps: Sequence, samples: Sequence[str], stages: Optional[Sequence[str]] = None):
+    """All cell tables in one frame with ``sample`` and ``stage`` columns (stage "" when not given)."""
     import pandas as pd
 
     if len(cellmaps) != len(samples):
         raise SegRefineError(f"{len(cellmaps)} cell tables for {len(samples)} sample names")
+    stages = [""] * len(cellmaps) if not stages else list(stages)
+    if len(stages) == 1:
+        stages = stages * len(cellmaps)
+    if len(stages) != len(cellmaps):
+        raise SegRefineError(f"{len(cellmaps)} cell tables for {len(stages)} stage names")
+    if len(set(zip(samples, stages))) != len(cellmaps):
+        raise SegRefineError("two cell tables for the same sample and stage")
     frames = []
-    for path, sample in zip(cellmaps, samples):
+    for path, sample, stage in zip(cellmaps, samples, stages):
         path = Path(path)
         if not path.is_file():
             raise SegRefineError(f"{path}: cell table not found")
@@ -40,47 +57,119 @@ def read_cell_tables(cellmaps: Sequence, samples: Sequence[str]):
         if missing:
             raise SegRefineError(f"{path}: missing column(s) {missing}")
         df.insert(0, "sample", sample)
+        df.insert(1, "stage", stage)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
 
-def summarize_cells(cells):
+def _groups(cells):
+    """(sample, stage, rows) in the order the tables were given."""
+    for (sample, stage), df in cells.groupby(["sample", "stage"], sort=False):
+        yield sample, stage, df
+
+
+def _area_fences(areas, k: float):
+    q1, med, q3 = np.quantile(np.asarray(areas, dtype=float), [0.25, 0.5, 0.75])
+    spread = max(q3 - q1, 0.1 * med)  # a floor, so near-identical areas (IQR 0) flag nothing
+    return med, q1 - k * spread, q3 + k * spread
+
+
+def summarize_cells(cells, k: float = 3.0):
     import pandas as pd
 
     rows = []
-    for sample, df in cells.groupby("sample", sort=False):
-        row = {"sample": sample, "cells": len(df), "empty_cells": int((df["total_counts"] == 0).sum()),
+    for sample, stage, df in _groups(cells):
+        row = {"sample": sample, "stage": stage, "cells": len(df), "empty_cells": int((df["total_counts"] == 0).sum()),
                "umis_in_cells": int(df["total_counts"].sum())}
         for col, _ in METRICS:
             v = df[col].to_numpy(dtype=float)
             row[f"{col}_mean"] = float(v.mean()) if len(v) else float("nan")
             for q in QUANTILES:
                 row[f"{col}_q{int(q * 100):02d}"] = float(np.quantile(v, q)) if len(v) else float("nan")
+            row[f"{col}_max"] = float(v.max()) if len(v) else float("nan")
+        if len(df):
+            _, lo, hi = _area_fences(df["area"], k)
+            row["extreme_large"], row["extreme_small"] = int((df["area"] > hi).sum()), int((df["area"] < lo).sum())
+        else:
+            row["extreme_large"] = row["extreme_small"] = 0
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def extreme_area(cells, k: float = 3.0):
-    """Cells beyond k x max(IQR, median / 10) outside the quartiles of their sample's areas, largest first."""
+    """Cells beyond k x max(IQR, median / 10) outside the quartiles of their sample's (and stage's) areas,
+    largest first within each sample and stage."""
     import pandas as pd
 
     out = []
-    for sample, df in cells.groupby("sample", sort=False):
-        q1, med, q3 = np.quantile(df["area"].to_numpy(dtype=float), [0.25, 0.5, 0.75])
-        spread = max(q3 - q1, 0.1 * med)  # a floor, so near-identical areas (IQR 0) flag nothing
-        lo, hi = q1 - k * spread, q3 + k * spread
+    for _, _, df in _groups(cells):
+        med, lo, hi = _area_fences(df["area"], k)
         sel = df[(df["area"] < lo) | (df["area"] > hi)].copy()
         sel["median_area"] = med
         sel["area_over_median"] = sel["area"] / med if med > 0 else np.nan
         sel["side"] = np.where(sel["area"] > hi, "large", "small")
-        out.append(sel)
-    cols = ["sample", "label_id", "x", "y", "area", "median_area", "area_over_median", "side", "total_counts",
-            "n_genes"]
+        out.append(sel.sort_values("area", ascending=False, kind="stable"))
+    cols = ["sample", "stage", "label_id", "x", "y", "area", "median_area", "area_over_median", "side",
+            "total_counts", "n_genes"]
+    out = [o for o in out if len(o)]
     res = pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
-    return res[cols].sort_values(["sample", "area"], ascending=[True, False], ignore_index=True)
+    # samples alphabetically, stages in the order given (pretrained before fine-tuned), then largest first
+    order = {st: i for i, st in enumerate(pd.unique(cells["stage"]))}
+    res = res.assign(_stage=res["stage"].map(order))
+    res = res.sort_values(["sample", "_stage", "area"], ascending=[True, True, False], ignore_index=True, kind="stable")
+    return res[cols]
 
 
-def plot_distributions(cells, path) -> None:
+def stage_pair(cells) -> Optional[Tuple[str, str]]:
+    """(before, after): the two stages in the order given; None with one stage; more than two is an error."""
+    import pandas as pd
+
+    stages = list(pd.unique(cells["stage"]))
+    if len(stages) > 2:
+        raise SegRefineError(f"cell tables of {len(stages)} stages {stages}: the comparison takes two (before, after)")
+    return (stages[0], stages[1]) if len(stages) == 2 else None
+
+
+def compare_stages(cells, before: str, after: str):
+    """Per sample holding both stages and per metric: medians, means and the two-sided Mann-Whitney U test of
+    after vs before (different cells: an unpaired test); ``prob_after_greater`` = U / (n_before n_after)."""
+    import pandas as pd
+    from scipy.stats import mannwhitneyu
+
+    rows = []
+    for sample, df in cells.groupby("sample", sort=True):
+        b, a = df[df["stage"] == before], df[df["stage"] == after]
+        if not len(b) or not len(a):
+            continue
+        for col, title in METRICS:
+            vb, va = b[col].to_numpy(dtype=float), a[col].to_numpy(dtype=float)
+            row = {"sample": sample, "metric": col, "description": title, "before": before, "after": after,
+                   "n_before": len(vb), "n_after": len(va), "median_before": float(np.median(vb)),
+                   "median_after": float(np.median(va)), "mean_before": float(vb.mean()),
+                   "mean_after": float(va.mean())}
+            row["median_ratio"] = row["median_after"] / row["median_before"] if row["median_before"] else np.nan
+            if np.ptp(np.concatenate([vb, va])) == 0:  # all values equal: no evidence either way
+                u, p = len(va) * len(vb) / 2, 1.0
+            else:
+                res = mannwhitneyu(va, vb, alternative="two-sided")
+                u, p = float(res.statistic), float(res.pvalue)
+            row.update(mannwhitney_u=u, p_value=p, prob_after_greater=u / (len(va) * len(vb)))
+            rows.append(row)
+    cols = ["sample", "metric", "description", "before", "after", "n_before", "n_after", "median_before",
+            "median_after", "median_ratio", "mean_before", "mean_after", "mannwhitney_u", "p_value",
+            "prob_after_greater"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _bins(values):
+    hi = float(np.quantile(values, 0.995)) if len(values) else 1.0
+    # integer-valued counts: one bin per value while that gives few bins, else 40 even bins
+    return np.arange(0, int(hi) + 2) - 0.5 if hi <= 60 else np.linspace(0, hi, 41)
+
+
+def plot_distributions(cells, path, tests=None) -> None:
+    """One row of UMIs / genes / area histograms; with two stages (``tests`` from compare_stages) one row per
+    sample, the stages overlaid with their medians (dashed) and the Mann-Whitney p-value in each title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,34 +177,52 @@ def plot_distributions(cells, path) -> None:
 
     from segrefine.io import atomic_path
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (col, title) in zip(axes, METRICS):
-        values = cells[col].to_numpy(dtype=float)
-        hi = float(np.quantile(values, 0.995)) if len(values) else 1.0
-        # integer-valued counts: one bin per value while that gives few bins, else 40 even bins
-        bins = np.arange(0, int(hi) + 2) - 0.5 if hi <= 60 else np.linspace(0, hi, 41)
-        for sample, df in cells.groupby("sample", sort=False):
-            v = df[col].to_numpy(dtype=float)
-            ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, histtype="step", linewidth=1.5,
-                    label=f"{sample} (n={len(v)}, median {np.median(v):.0f})")
-        ax.set_xlabel(title)
-        ax.set_ylabel("cells")
-        ax.legend(fontsize=7)
-    fig.suptitle("per-cell QC (values above the 99.5th percentile in the last bin)")
+    pair = stage_pair(cells)
+    rows = sorted(cells["sample"].unique()) if pair else [None]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 3.8 * len(rows)), squeeze=False)
+    colours = {st: f"C{i}" for i, st in enumerate(cells["stage"].unique())}
+    for r, sample in enumerate(rows):
+        sub = cells if sample is None else cells[cells["sample"] == sample]
+        for ax, (col, title) in zip(axes[r], METRICS):
+            bins = _bins(sub[col].to_numpy(dtype=float))
+            for sm, st, df in _groups(sub):
+                v = df[col].to_numpy(dtype=float)
+                name = st if pair else (f"{sm} {st}" if st else sm)
+                colour = colours[st] if pair else None
+                line = ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, histtype="step", linewidth=1.5,
+                               color=colour, label=f"{name} (n={len(v)}, median {np.median(v):g})")[2][0]
+                if pair:
+                    ax.axvline(np.median(v), color=line.get_edgecolor(), linestyle="--", linewidth=1)
+            ax.set_xlabel(title)
+            ax.set_ylabel("cells")
+            ax.legend(fontsize=7)
+            if pair and tests is not None:
+                t = tests[(tests["sample"] == sample) & (tests["metric"] == col)]
+                if len(t):
+                    ax.set_title(f"{sample}: {pair[0]} vs {pair[1]}, Mann-Whitney p = {t['p_value'].iloc[0]:.2g}",
+                                 fontsize=9)
+    fig.suptitle("per-cell QC" + (f", before ({pair[0]}) vs after ({pair[1]})" if pair else "")
+                 + " (values above the 99.5th percentile in the last bin)")
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
-def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0) -> None:
+def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0,
+                  stages: Optional[List[str]] = None) -> None:
     from segrefine.io import atomic_path
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cells = read_cell_tables(cellmaps, samples)
-    for name, df in (("cells.csv", cells), ("summary.csv", summarize_cells(cells)),
-                     ("extreme_area.csv", extreme_area(cells, k))):
+    cells = read_cell_tables(cellmaps, samples, stages)
+    pair = stage_pair(cells)
+    tables = [("cells.csv", cells), ("summary.csv", summarize_cells(cells, k)),
+              ("extreme_area.csv", extreme_area(cells, k))]
+    tests = compare_stages(cells, *pair) if pair else None
+    if pair:
+        tables.append(("before_after.csv", tests))
+    for name, df in tables:
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)
-    plot_distributions(cells, out / "distributions.png")
+    plot_distributions(cells, out / "distributions.png", tests)
