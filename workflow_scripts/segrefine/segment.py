@@ -57,7 +57,12 @@ def segment_slide(card_path, slide_path, out_dir, tile_size: int = 1024, halo_px
                   shards: int = 1, tissue: bool = True, tissue_level: Optional[int] = None,
                   tissue_downsample: int = 16, bright_field: bool = False, trainset=None,
                   pixel_size_um: Optional[float] = None, geojson: bool = True, overlay: bool = True) -> dict:
-    """Plan, all shards one after another, and stitch, in one process; outputs in ``out_dir`` as the workflow names them."""
+    """Plan, all shards one after another, and stitch, in one process; outputs in ``out_dir`` as the workflow names them.
+
+    Runs in any model's env; ``cells.parquet`` is written where pyarrow is installed (the core env; the model
+    envs lack it, and cells.csv holds the same table)."""
+    import importlib.util
+
     from segrefine.stitch import stitch
     from segrefine.tiling import make_plan, run_shard, write_plan
 
@@ -68,6 +73,9 @@ def segment_slide(card_path, slide_path, out_dir, tile_size: int = 1024, halo_px
     shard_jsons = [out / "shards" / f"{k}.json" for k in range(shards)]
     for k, sj in enumerate(shard_jsons):
         run_shard(out / "tiles.tsv", k, card_path, slide_path, out / "tiles", sj)
+    parquet = out / "cells.parquet" if importlib.util.find_spec("pyarrow") else None
+    if parquet is None:
+        log.warning("pyarrow is not installed in this env: no cells.parquet (cells.csv holds the same table)")
     return stitch(out / "tiles.tsv", out / "tiles", shard_jsons, slide_path, out / "labels.tif", out / "cells.csv",
-                  out / "cells.parquet", out / "cells.geojson" if geojson else None,
+                  parquet, out / "cells.geojson" if geojson else None,
                   out / "overlay.png" if overlay else None, out / "segmentation.json", pixel_size_um)
