@@ -32,12 +32,11 @@ def realdata():
     return REALDATA
 
 
-@pytest.fixture(scope="session")
-def real_trainset(tmp_path_factory, realdata):
-    """A training set of the real ssDNA and DAPI crops (binary masks -> instances)."""
-    d = tmp_path_factory.mktemp("real")
+def make_real_trainset(d: Path, realdata: Path, stains, val_fraction: float, test_fraction: float) -> Path:
+    """A training set in ``d`` of the real CellBinDB crops of ``stains`` (one 256 px patch each; binary masks ->
+    instances by `segrefine convert-annotation`), split by `segrefine trainset`."""
     images, masks = [], []
-    for k, stain in enumerate(["ssDNA", "DAPI", "ssDNA", "DAPI"]):
+    for k, stain in enumerate(stains):
         name = f"REAL{k}-x0_y0_w256_h256"
         shutil.copy(realdata / "cellbindb-demo" / f"{stain}_img.tif", d / f"{name}-img.tif")
         shutil.copy(realdata / "cellbindb-demo" / f"{stain}_mask.tif", d / f"{name}-mask.tif")
@@ -45,5 +44,12 @@ def real_trainset(tmp_path_factory, realdata):
         images.append(d / f"{name}-img.tif")
         masks.append(d / f"{name}-mask.tif")
     run_step("core", "trainset", "--images", *images, "--masks", *masks, "--out", d / "trainset.tsv",
-             "--val-fraction", "0.25", "--test-fraction", "0.25")
+             "--val-fraction", val_fraction, "--test-fraction", test_fraction)
     return d / "trainset.tsv"
+
+
+@pytest.fixture(scope="session")
+def real_trainset(tmp_path_factory, realdata):
+    """A training set of the real ssDNA and DAPI crops (binary masks -> instances)."""
+    return make_real_trainset(tmp_path_factory.mktemp("real"), realdata, ["ssDNA", "DAPI", "ssDNA", "DAPI"],
+                              0.25, 0.25)

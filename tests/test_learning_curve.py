@@ -8,7 +8,7 @@ import subprocess
 import pandas as pd
 import pytest
 
-from conftest import REPO, SCRIPTS, run_step
+from conftest import REPO, SCRIPTS, make_real_trainset, run_step
 from segrefine import SegRefineError
 from segrefine.envs import env_python
 from segrefine.learning_curve import parse_label, select_subset, subset_labels, train_order
@@ -55,19 +55,7 @@ def test_subset_labels_and_bad_sizes():
 @pytest.fixture(scope="module")
 def real_trainset6(realdata, tmp_path_factory):
     """Six real ssDNA / DAPI crops (binary masks -> instances): three training patches."""
-    d = tmp_path_factory.mktemp("lc_real")
-    images, masks = [], []
-    for k in range(6):
-        stain = ("ssDNA", "DAPI")[k % 2]
-        name = f"REAL{k}-x0_y0_w256_h256"
-        shutil.copy(realdata / "cellbindb-demo" / f"{stain}_img.tif", d / f"{name}-img.tif")
-        shutil.copy(realdata / "cellbindb-demo" / f"{stain}_mask.tif", d / f"{name}-mask.tif")
-        run_step("core", "convert-annotation", "--annotation", d / f"{name}-mask.tif", "--out", d / f"{name}-mask.tif")
-        images.append(d / f"{name}-img.tif")
-        masks.append(d / f"{name}-mask.tif")
-    run_step("core", "trainset", "--images", *images, "--masks", *masks, "--out", d / "trainset.tsv",
-             "--val-fraction", "0.2", "--test-fraction", "0.2")
-    return d / "trainset.tsv"
+    return make_real_trainset(tmp_path_factory.mktemp("lc_real"), realdata, ["ssDNA", "DAPI"] * 3, 0.2, 0.2)
 
 
 def test_learning_curve_steps_by_cli(real_trainset6, tmp_path):
@@ -125,6 +113,14 @@ def test_learning_curve_steps_by_cli(real_trainset6, tmp_path):
     assert bad.returncode != 0 and "missing.csv: evaluation table not found" in bad.stderr
 
 
+def _dry_run(workdir, configfile, *args):
+    """`snakemake -n` of the workflow in ``workdir`` with ``configfile``: the process, output in stdout."""
+    return subprocess.run([str(env_python("core")), "-m", "snakemake", "-s", str(REPO / "Snakefile"),
+                           "--configfile", configfile, *args, "-n"],
+                          cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS)))
+
+
 def test_dry_run_with_the_learning_curve_and_annotate_next_on(tmp_path):
     """The rules resolve with the learning curve and "annotate next" activated in a copy of the test
     config (dry run)."""
@@ -137,10 +133,7 @@ def test_dry_run_with_the_learning_curve_and_annotate_next_on(tmp_path):
     (tmp_path / "lc.yaml").write_text(text + "  learning_curve: {activate: true, fractions: [0.5, 1.0], cells: [50], "
                                              "models: [baseline, tiny]}\n"
                                              "  annotate_next: {activate: true, size: 96, step: 48, top_n: 3}\n")
-    proc = subprocess.run([str(env_python("core")), "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-                           "--configfile", "lc.yaml", "--cores", "2", "--resources", "gpu=1", "-n"],
-                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS)))
+    proc = _dry_run(tmp_path, "lc.yaml", "--cores", "2", "--resources", "gpu=1")
     assert proc.returncode == 0, proc.stdout[-3000:]
     stats = proc.stdout.split("Job stats:")[-1]
     counts = {line.split()[0]: int(line.split()[1]) for line in stats.splitlines()
@@ -152,14 +145,8 @@ def test_dry_run_with_the_learning_curve_and_annotate_next_on(tmp_path):
     assert counts["annotate_next_predict"] == 2 and counts["annotate_next"] == 1
 
     (tmp_path / "bad.yaml").write_text(text + "  learning_curve: {activate: true, models: [nosuch]}\n")
-    proc = subprocess.run([str(env_python("core")), "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-                           "--configfile", "bad.yaml", "--cores", "1", "-n"],
-                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS)))
+    proc = _dry_run(tmp_path, "bad.yaml", "--cores", "1")
     assert proc.returncode != 0 and "learning_curve.models ['nosuch']" in proc.stdout
     (tmp_path / "bad2.yaml").write_text(text + "  annotate_next: {activate: true, stages: [finetuned]}\n")
-    proc = subprocess.run([str(env_python("core")), "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-                           "--configfile", "bad2.yaml", "--cores", "1", "-n"],
-                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS)))
+    proc = _dry_run(tmp_path, "bad2.yaml", "--cores", "1")
     assert proc.returncode != 0 and "at least two predictions" in proc.stdout
