@@ -70,6 +70,23 @@ def _timed(fn, *args):
     return fn(*args), time.monotonic() - t0
 
 
+class _Clock:
+    """Wall and CPU (this thread's) seconds per named part, summed over the ``with clock.part(name)`` blocks."""
+
+    def __init__(self, *names):
+        self.wall = dict.fromkeys(names, 0.0)
+        self.cpu = dict.fromkeys(names, 0.0)
+
+    @contextlib.contextmanager
+    def part(self, name):
+        t0, c0 = time.monotonic(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.wall[name] += time.monotonic() - t0
+            self.cpu[name] += time.thread_time() - c0
+
+
 def _duplicates(owned: np.ndarray, existing: np.ndarray) -> np.ndarray:
     """Boolean per owned id (index 0 unused): True when the cell is an earlier tile's cell seen again."""
     n = int(owned.max())
@@ -278,8 +295,7 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
         store = zarr.create_array(store=str(work / "level0.zarr"), shape=(H, W), chunks=(512, 512), dtype="uint32",
                                   fill_value=0)
         next_id = 1
-        t_paste = t_table = t_geo = 0.0
-        c_paste = c_table = c_geo = 0.0  # CPU s of this thread
+        clock = _Clock("paste", "cell_table", "geojson")
         with contextlib.ExitStack() as stack:
             table = _TableWriter(stack, cells_csv, cells_parquet)
             geo = _GeoJSONWriter(stack, geojson_out) if geojson_out else None
@@ -299,68 +315,63 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
                 if owned.size == 0 or owned.max() == 0:
                     progress.update(i + 1)
                     continue
-                t0, c0 = time.monotonic(), time.thread_time()
-                ox, oy = tmeta["origin"]
-                h, w = owned.shape
-                existing = np.asarray(store[oy:oy + h, ox:ox + w])
-                n = int(owned.max())
-                free = existing == 0
-                if free.all():  # nothing pasted here yet: no conflict, every cell is kept whole
-                    area = np.bincount(owned.ravel(), minlength=n + 1)
-                    survive = area > 0
-                    report["duplicates_resolved"] += int((area[1:] == 0).sum())
-                    trimmed = np.zeros(n + 1, bool)
-                else:
-                    dup = _duplicates(owned, existing)
-                    area_free = np.bincount(owned[free].ravel(), minlength=n + 1)
-                    survive = (area_free > 0) & ~dup
-                    report["duplicates_resolved"] += int((dup[1:] | (area_free[1:] == 0)).sum())
-                    # trimmed: kept cells that lose some pixels to an earlier tile's cells
-                    trimmed = (np.bincount(owned[~free].ravel(), minlength=n + 1) > 0) & survive
-                    trimmed[0] = False
-                survive[0] = False
-                k = int(survive.sum())
-                if next_id - 1 + k > MAX_ID:
-                    raise SegRefineError(f"more than {MAX_ID} cells: uint32 ids exhausted")
-                lut = np.zeros(n + 1, np.uint32)
-                lut[survive] = np.arange(next_id, next_id + k, dtype=np.uint32)
-                first = next_id
-                next_id += k
-                new = lut[owned]
-                if trimmed.any():
-                    report["pixels_trimmed"] += int((~free & survive[owned]).sum())
-                new[~free] = 0
-                store[oy:oy + h, ox:ox + w] = np.where(new > 0, new, existing)
-                t_paste += time.monotonic() - t0
-                c_paste += time.thread_time() - c0
-                t0, c0 = time.monotonic(), time.thread_time()
-                # the table from the shard's per-cell sums for cells kept whole, recomputed for the trimmed ones
-                kept = np.nonzero(survive)[0]
-                stats = cells["stats"][kept - 1]
-                if trimmed.any():
-                    redo = trimmed[kept]
-                    stats[redo] = cell_stats(np.where(trimmed[owned] & free, owned, 0), n)[kept[redo] - 1]
-                cols = _cell_rows(stats, (ox, oy), first)
-                cols["tile_id"] = np.full(len(cols["cell_id"]), int(t.tile_id), np.int64)
-                table.add(cols)
-                t_table += time.monotonic() - t0
-                c_table += time.thread_time() - c0
-                if geo is not None:
-                    t0, c0 = time.monotonic(), time.thread_time()
-                    # outlines from the shard for cells kept whole; recomputed for the few trimmed ones
-                    g_ids, g_off, g_text = cells["geo_ids"], cells["geo_offsets"], cells["geo_text"]
-                    whole = np.nonzero(survive[g_ids] & ~trimmed[g_ids])[0]
-                    geo.add_texts(lut[g_ids[whole]].tolist(), [g_text[g_off[j]:g_off[j + 1]] for j in whole.tolist()])
+                with clock.part("paste"):
+                    ox, oy = tmeta["origin"]
+                    h, w = owned.shape
+                    existing = np.asarray(store[oy:oy + h, ox:ox + w])
+                    n = int(owned.max())
+                    free = existing == 0
+                    if free.all():  # nothing pasted here yet: no conflict, every cell is kept whole
+                        area = np.bincount(owned.ravel(), minlength=n + 1)
+                        survive = area > 0
+                        report["duplicates_resolved"] += int((area[1:] == 0).sum())
+                        trimmed = np.zeros(n + 1, bool)
+                    else:
+                        dup = _duplicates(owned, existing)
+                        area_free = np.bincount(owned[free].ravel(), minlength=n + 1)
+                        survive = (area_free > 0) & ~dup
+                        report["duplicates_resolved"] += int((dup[1:] | (area_free[1:] == 0)).sum())
+                        # trimmed: kept cells that lose some pixels to an earlier tile's cells
+                        trimmed = (np.bincount(owned[~free].ravel(), minlength=n + 1) > 0) & survive
+                        trimmed[0] = False
+                    survive[0] = False
+                    k = int(survive.sum())
+                    if next_id - 1 + k > MAX_ID:
+                        raise SegRefineError(f"more than {MAX_ID} cells: uint32 ids exhausted")
+                    lut = np.zeros(n + 1, np.uint32)
+                    lut[survive] = np.arange(next_id, next_id + k, dtype=np.uint32)
+                    first = next_id
+                    next_id += k
+                    new = lut[owned]
                     if trimmed.any():
-                        geo.add(np.where(trimmed[owned] & (new > 0), new, 0), (ox, oy))
-                    t_geo += time.monotonic() - t0
-                    c_geo += time.thread_time() - c0
+                        report["pixels_trimmed"] += int((~free & survive[owned]).sum())
+                    new[~free] = 0
+                    store[oy:oy + h, ox:ox + w] = np.where(new > 0, new, existing)
+                with clock.part("cell_table"):
+                    # the table from the shard's per-cell sums for cells kept whole, recomputed for the trimmed ones
+                    kept = np.nonzero(survive)[0]
+                    stats = cells["stats"][kept - 1]
+                    if trimmed.any():
+                        redo = trimmed[kept]
+                        stats[redo] = cell_stats(np.where(trimmed[owned] & free, owned, 0), n)[kept[redo] - 1]
+                    cols = _cell_rows(stats, (ox, oy), first)
+                    cols["tile_id"] = np.full(len(cols["cell_id"]), int(t.tile_id), np.int64)
+                    table.add(cols)
+                if geo is not None:
+                    with clock.part("geojson"):
+                        # outlines from the shard for cells kept whole; recomputed for the few trimmed ones
+                        g_ids, g_off, g_text = cells["geo_ids"], cells["geo_offsets"], cells["geo_text"]
+                        whole = np.nonzero(survive[g_ids] & ~trimmed[g_ids])[0]
+                        geo.add_texts(lut[g_ids[whole]].tolist(),
+                                      [g_text[g_off[j]:g_off[j + 1]] for j in whole.tolist()])
+                        if trimmed.any():
+                            geo.add(np.where(trimmed[owned] & (new > 0), new, 0), (ox, oy))
                 progress.update(i + 1)
             table.close()
             if geo is not None:
                 geo.close()
-            timings.update(paste=t_paste, cell_table=t_table, geojson=t_geo)
-            report["timings_cpu_s"] = {"paste": c_paste, "cell_table": c_table, "geojson": c_geo}
+            timings.update(clock.wall)
+            report["timings_cpu_s"] = dict(clock.cpu)
             report["cells"] = next_id - 1
             t0, c0 = time.monotonic(), time.thread_time()
             levels = label_pyramid_levels(store, work)
