@@ -114,11 +114,8 @@ def _time_fields(out: Path):
     return float(user) + float(sys_), int(kib) / 1024.0
 
 
-LAST_CPU = []  # CPU seconds (user + sys) of the commands run by run_measured / run_parallel_measured, in order
-
-
 def run_measured(cmd, env=None):
-    """Run a command; return (wall s, peak RSS MiB, stderr tail). Its CPU seconds are appended to LAST_CPU."""
+    """Run a command; return (wall s, peak RSS MiB, stderr tail, CPU s = user + sys)."""
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
@@ -130,12 +127,11 @@ def run_measured(cmd, env=None):
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}):\n{err[-3000:]}")
         cpu, rss_mib = _time_fields(Path(rss.name))
-        LAST_CPU.append(cpu)
-        return wall, rss_mib, err
+        return wall, rss_mib, err, cpu
 
 
 def run_parallel_measured(cmds, pin: bool = False):
-    """Start all commands at once; return (wall s, [peak RSS MiB]). ``pin``: command k runs on CPU core k only
+    """Start all commands at once; return (wall s, [peak RSS MiB], [CPU s]). ``pin``: command k runs on CPU core k only
     (a worker = one core, whatever else the process's threads want)."""
     import tempfile
 
@@ -151,11 +147,9 @@ def run_parallel_measured(cmds, pin: bool = False):
             raise RuntimeError(f"a shard failed: {p.args}")
     wall = time.monotonic() - t0
     fields = [_time_fields(o) for o in outs]
-    LAST_CPU.extend(f[0] for f in fields)
-    rss = [f[1] for f in fields]
     for o in outs:
         o.unlink()
-    return wall, rss
+    return wall, [f[1] for f in fields], [f[0] for f in fields]
 
 
 WHOLE = """
@@ -173,24 +167,25 @@ def tiled_steps(py, slide, card, work: Path, tile: int, halo: int, shards: int, 
     seg = ["-m", "segrefine"]
     work.mkdir(parents=True, exist_ok=True)
     res = {}
-    n_cpu = len(LAST_CPU)
-    res["plan"] = run_measured([py, *seg, "tile-plan", "--slide", slide, "--out", work / "tiles.tsv", "--out-json",
-                                work / "tiles.json", "--tile-size", tile, "--halo", halo, "--shards", shards])[:2]
+    plan = run_measured([py, *seg, "tile-plan", "--slide", slide, "--out", work / "tiles.tsv", "--out-json",
+                         work / "tiles.json", "--tile-size", tile, "--halo", halo, "--shards", shards])
+    res["plan"] = plan[:2]
     shard_cmds = [[py, *seg, "segment-shard", "--plan", work / "tiles.tsv", "--shard", k, "--card", card, "--slide",
                    slide, "--tiles-dir", work / "tiles", "--out", work / f"shard{k}.json"] for k in range(shards)]
     if parallel:
-        wall, rss = run_parallel_measured(shard_cmds, pin=pin)
+        wall, rss, shard_cpu = run_parallel_measured(shard_cmds, pin=pin)
         res["shards"] = (wall, max(rss))
     else:
-        runs = [run_measured(c)[:2] for c in shard_cmds]
+        runs = [run_measured(c) for c in shard_cmds]
         res["shards"] = (sum(r[0] for r in runs), max(r[1] for r in runs))
-    res["stitch"] = run_measured([py, *seg, "stitch", "--plan", work / "tiles.tsv", "--tiles-dir", work / "tiles",
-                                  "--shards", *[work / f"shard{k}.json" for k in range(shards)], "--slide", slide,
-                                  "--labels", work / "labels.tif", "--cells", work / "cells.csv", "--parquet",
-                                  work / "cells.parquet", "--geojson", work / "cells.geojson", "--overlay",
-                                  work / "overlay.png", "--report", work / "report.json"])[:2]
-    cpu = LAST_CPU[n_cpu:]  # user + sys CPU s of each process: plan, shards..., stitch
-    res["cpu"] = {"plan": cpu[0], "shards": sum(cpu[1:-1]), "stitch": cpu[-1]}
+        shard_cpu = [r[3] for r in runs]
+    stitch = run_measured([py, *seg, "stitch", "--plan", work / "tiles.tsv", "--tiles-dir", work / "tiles",
+                           "--shards", *[work / f"shard{k}.json" for k in range(shards)], "--slide", slide,
+                           "--labels", work / "labels.tif", "--cells", work / "cells.csv", "--parquet",
+                           work / "cells.parquet", "--geojson", work / "cells.geojson", "--overlay",
+                           work / "overlay.png", "--report", work / "report.json"])
+    res["stitch"] = stitch[:2]
+    res["cpu"] = {"plan": plan[3], "shards": sum(shard_cpu), "stitch": stitch[3]}  # user + sys CPU s per step
     res["shard_stats"] = [json.loads((work / f"shard{k}.json").read_text()) for k in range(shards)]
     res["report"] = json.loads((work / "report.json").read_text())
     return res
