@@ -50,7 +50,8 @@ def segment_whole(card_path, slide_path, model=None) -> np.ndarray:
     with Slide(slide_path) as slide:
         image = slide.read_all()
     model.set_intensity_reference(intensity_reference(image))
-    return np.asarray(model.predict(image)).astype(np.uint32)
+    predict_window = getattr(model, "predict_window", None) or (lambda img, origin: model.predict(img))
+    return np.asarray(predict_window(image, (0, 0))).astype(np.uint32)
 
 
 def segment_slide(card_path, slide_path, out_dir, tile_size: int = 1024, halo_px: int = 64, context_px: int = 0,

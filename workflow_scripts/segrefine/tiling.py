@@ -676,6 +676,8 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
                                 meta["halo_px"])
                 return int(owned.max()) if owned.size else 0, len(large), time.monotonic() - t0
 
+            # the window's place in the slide (models with a slide-anchored grid); duck-typed models: predict(img)
+            predict_window = getattr(model, "predict_window", None) or (lambda img, origin: model.predict(img))
             progress = Progress(len(todo), f"shard {shard}")
             with concurrent.futures.ThreadPoolExecutor(1) as reader, \
                     concurrent.futures.ThreadPoolExecutor(1) as writer:
@@ -689,7 +691,7 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
                     if i + prefetch < len(todo):
                         reads.append(reader.submit(read, todo[i + prefetch]))
                     t0, c0 = time.monotonic(), time.thread_time()
-                    labels = np.asarray(model.predict(img))
+                    labels = np.asarray(predict_window(img, (int(t.wx0), int(t.wy0))))
                     stats["predict_s"] += time.monotonic() - t0
                     stats["predict_cpu_s"] += time.thread_time() - c0  # this thread's CPU (model threads not counted)
                     if labels.shape != img.shape[:2]:

@@ -53,6 +53,15 @@ class Adapter(abc.ABC):
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Instance labels (uint32, 0 = background) for a (h, w) or (h, w, c) image of any size."""
 
+    def predict_window(self, image: np.ndarray, origin: Tuple[int, int]) -> np.ndarray:
+        """Instance labels of a slide window whose top-left pixel is ``origin`` = (x, y) in slide pixels.
+
+        Tiled inference calls this for every window and whole-image inference with origin (0, 0). An adapter
+        whose prediction depends on where the image sits (a resampling or block grid anchored at the slide's
+        origin, so that a window sees the same grid as the whole slide) overrides it, and its ``predict(image)``
+        is ``predict_window(image, (0, 0))``. Default: ``predict(image)``: the origin does not matter."""
+        return self.predict(image)
+
     #: inference thresholds the evaluation's threshold sweep may set (keys of ``self.params``); none by default
     SWEEPABLE_THRESHOLDS: Tuple[str, ...] = ()
 
