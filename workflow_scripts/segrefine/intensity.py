@@ -85,13 +85,32 @@ def _as_hwc(img: np.ndarray) -> np.ndarray:
     raise SegRefineError(f"intensity reference: expected a (h, w) or (h, w, c) image, got shape {img.shape}")
 
 
-def intensity_reference(source, block: int = 2048, max_sample: int = 2 ** 22, seed: int = 0) -> dict:
+def tissue_pixels(tissue, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """(h, w) bool: which level-0 pixels of the region [y, y+h) x [x, x+w) are tissue, for ``tissue`` =
+    (low-resolution mask, level-0 px per mask px): pixel (y, x) takes the mask pixel (floor(y/f), floor(x/f)),
+    clipped to the mask (a block-mean view drops the slide's last partial block: it takes the last mask pixel)."""
+    mask, f = tissue
+    mask = np.asarray(mask, bool)
+    rows = np.minimum((np.arange(y, y + h) / float(f)).astype(np.int64), mask.shape[0] - 1)
+    cols = np.minimum((np.arange(x, x + w) / float(f)).astype(np.int64), mask.shape[1] - 1)
+    return mask[np.ix_(rows, cols)]
+
+
+def intensity_reference(source, block: int = 2048, max_sample: int = 2 ** 22, seed: int = 0, tissue=None) -> dict:
     """The whole image's intensity statistics; ``source`` is an array or a ``segrefine.io.Slide`` (read by blocks).
 
+    ``tissue``: (low-resolution tissue mask, level-0 px per mask px), from the
+    tile plan's tissue detection: the statistics are then those of the tissue
+    pixels only (``tissue_pixels``), and blocks without tissue are not read. On
+    a chip image that is mostly background, the background's noise would
+    otherwise set the percentiles and Otsu's threshold. A mask with no tissue
+    falls back to all pixels. ``pixels`` in the result says which.
+
     Returns a JSON-able dict: ``method`` ("exact histogram" or "sample"),
-    ``dtype``, ``channels``, ``n_pixels``, ``percentiles`` {q: [per channel]},
-    ``min``/``max`` per channel and ``gray`` (the mean of the channels:
-    ``percentiles``, ``min``, ``max``, ``otsu``)."""
+    ``dtype``, ``channels``, ``pixels`` ("tissue" or "all"), ``n_pixels`` (the
+    pixels counted), ``percentiles`` {q: [per channel]}, ``min``/``max`` per
+    channel and ``gray`` (the mean of the channels: ``percentiles``, ``min``,
+    ``max``, ``otsu``)."""
     if isinstance(source, np.ndarray):
         arr = _as_hwc(source)
         shape, dtype, C = arr.shape[:2], arr.dtype, arr.shape[2]
@@ -103,19 +122,32 @@ def intensity_reference(source, block: int = 2048, max_sample: int = 2 ** 22, se
 
         def read(x, y, w, h):
             return _as_hwc(source.read(x, y, w, h))
-    n = int(shape[0]) * int(shape[1])
-    if n == 0:
+    n_all = int(shape[0]) * int(shape[1])
+    if n_all == 0:
         raise SegRefineError("intensity reference of an empty image")
+    if tissue is not None and not np.asarray(tissue[0]).any():
+        tissue = None  # no tissue detected: the whole image (no tile is predicted anyway)
+
+    def regions():
+        """(block pixels, C) of every block, tissue pixels only when a tissue mask is given."""
+        for x, y, w, h in _blocks(shape, block):
+            m = None if tissue is None else tissue_pixels(tissue, x, y, w, h)
+            if m is not None and not m.any():
+                continue  # no tissue: not even read
+            region = read(x, y, w, h)
+            yield region.reshape(-1, C) if m is None or m.all() else region[m]
+
+    n = 0
     exact = np.dtype(dtype) in EXACT_DTYPES
     if exact:
         nv = 256 if np.dtype(dtype) == np.uint8 else 65536
         hists = np.zeros((C, nv), np.int64)
         gray = np.zeros(C * (nv - 1) + 1, np.int64)  # histogram of the channel sum
-        for x, y, w, h in _blocks(shape, block):
-            region = read(x, y, w, h)
+        for region in regions():
+            n += len(region)
             for c in range(C):
-                hists[c] += np.bincount(region[..., c].ravel(), minlength=nv)
-            gray += np.bincount(region.sum(axis=-1, dtype=np.int64).ravel(), minlength=gray.size)
+                hists[c] += np.bincount(region[:, c], minlength=nv)
+            gray += np.bincount(region.sum(axis=-1, dtype=np.int64), minlength=gray.size)
         pct = {_key(q): [histogram_percentile(hists[c], q) for c in range(C)] for q in PERCENTILES}
         gpct = {_key(q): histogram_percentile(gray, q, 0.0, 1.0 / C) for q in PERCENTILES}
         centers = np.arange(gray.size, dtype=np.float64) / C
@@ -123,10 +155,12 @@ def intensity_reference(source, block: int = 2048, max_sample: int = 2 ** 22, se
         method = "exact histogram"
     else:
         rng = np.random.default_rng(seed)
-        frac = min(1.0, max_sample / n)
+        total = n_all if tissue is None else sum(int(tissue_pixels(tissue, *b).sum()) for b in _blocks(shape, block))
+        frac = min(1.0, max_sample / max(total, 1))
         samples = []
-        for x, y, w, h in _blocks(shape, block):
-            region = read(x, y, w, h).reshape(-1, C).astype(np.float64)
+        for region in regions():
+            n += len(region)
+            region = region.astype(np.float64)
             if frac < 1.0:
                 region = region[rng.random(region.shape[0]) < frac]
             samples.append(region)
@@ -139,7 +173,8 @@ def intensity_reference(source, block: int = 2048, max_sample: int = 2 ** 22, se
         counts, edges = np.histogram(g, bins=256)
         otsu = otsu_from_histogram(counts, (edges[:-1] + edges[1:]) / 2) if g.max() > g.min() else float(g.min())
         method = f"sample of {len(s)} pixels (seed {seed})"
-    return {"method": method, "dtype": str(np.dtype(dtype)), "channels": int(C), "n_pixels": n,
+    return {"method": method, "dtype": str(np.dtype(dtype)), "channels": int(C), "n_pixels": int(n),
+            "pixels": "all" if tissue is None else "tissue",
             "percentiles": pct, "min": pct[_key(0.0)], "max": pct[_key(100.0)],
             "gray": {"percentiles": gpct, "min": gpct[_key(0.0)], "max": gpct[_key(100.0)], "otsu": otsu}}
 

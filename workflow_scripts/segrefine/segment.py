@@ -35,21 +35,25 @@ def cell_table(labels: np.ndarray):
     }, columns=CELL_COLUMNS)
 
 
-def segment_whole(card_path, slide_path, model=None) -> np.ndarray:
+def segment_whole(card_path, slide_path, model=None, tissue: bool = False, tissue_level: Optional[int] = None,
+                  tissue_downsample: int = 16, bright_field: bool = False) -> np.ndarray:
     """The whole-image approach: the whole slide in memory, one predict call (the reference for benchmarks).
 
     The model gets the same slide-level intensity reference as the tiled run
-    (computed here on the whole image: identical to tile-plan's), so "the same
-    model" means the same normalisation. ``model``: an already loaded model."""
+    with the same tissue settings (computed here on the whole image: identical
+    to tile-plan's), so "the same model" means the same normalisation.
+    ``model``: an already loaded model."""
     from segrefine.intensity import intensity_reference
     from segrefine.io import Slide
     from segrefine.models import load_model
+    from segrefine.tiling import slide_tissue
 
     if model is None:
         model, _ = load_model(card_path)
     with Slide(slide_path) as slide:
         image = slide.read_all()
-    model.set_intensity_reference(intensity_reference(image))
+        mask = slide_tissue(slide, tissue_downsample, tissue_level, bright_field) if tissue else None
+    model.set_intensity_reference(intensity_reference(image, tissue=None if mask is None else (mask[0], mask[2])))
     predict_window = getattr(model, "predict_window", None) or (lambda img, origin: model.predict(img))
     return np.asarray(predict_window(image, (0, 0))).astype(np.uint32)
 

@@ -134,15 +134,9 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
         plan = grid_tiles(slide.shape, tile_size, halo_px + context_px)
         meta.update(slide=str(slide_path), slide_stamp=_slide_stamp(slide_path), height=H, width=W,
                     levels=slide.levels)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            # the tissue view on a second thread (its own file handle): for a slide without a pyramid both it and
-            # the histogram read all of level 0, and the TIFF decoding and numpy reductions release the GIL
-            view = pool.submit(_tissue_view, slide_path, tissue_downsample, tissue_level) if tissue else None
-            # the whole slide's intensity statistics, so every window is normalised like the whole slide
-            meta["intensity_reference"] = intensity_reference(slide)
-            thumb, f = view.result() if tissue else (None, None)
+        mask = None
         if tissue:
-            mask, thr = detect_tissue(thumb, bright_field)
+            mask, thr, f = slide_tissue(slide, tissue_downsample, tissue_level, bright_field)
             h, w = mask.shape
             fy, fx = H / h, W / w
             flags = []
@@ -156,6 +150,8 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
                               "tissue_fraction": float(mask.mean())}
         else:
             meta["tissue"] = {"activate": False}
+        # the intensity statistics of the slide's tissue, so every window is normalised like the whole slide
+        meta["intensity_reference"] = intensity_reference(slide, tissue=None if mask is None else (mask, f))
     inside = plan.index[plan["in_tissue"]]
     plan.loc[inside, "shard"] = np.arange(len(inside)) % shards  # round robin: each shard gets a share of every region
     meta.update(tiles=int(len(plan)), tiles_in_tissue=int(len(inside)), tiles_skipped_background=int(len(plan) - len(inside)))
@@ -164,11 +160,13 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
     return plan, meta
 
 
-def _tissue_view(slide_path, downsample: int, level: Optional[int]):
-    from segrefine.io import Slide
-
-    with Slide(slide_path) as slide:
-        return slide.thumbnail(downsample, level=level)
+def slide_tissue(slide, downsample: int = 16, level: Optional[int] = None, bright_field: bool = False):
+    """(tissue mask, threshold, level-0 px per mask px) of an open ``segrefine.io.Slide``, from its low-resolution
+    view (``Slide.thumbnail``): the mask that both the tile plan's tissue flags and the slide's intensity
+    reference use."""
+    thumb, f = slide.thumbnail(downsample, level=level)
+    mask, thr = detect_tissue(thumb, bright_field)
+    return mask, thr, float(f)
 
 
 def write_plan(plan, meta: dict, out_tsv, out_json) -> None:

@@ -101,6 +101,49 @@ def _normalize_default() -> dict:
     return dict(normalize_default)
 
 
+def _taper(bsize: int) -> np.ndarray:
+    """cellpose's tile taper (``transforms._taper_mask``: a sigmoid 20 px inside each edge, sigma 7.5 px at 224 px)
+    with its distances scaled to ``bsize``; equal to cellpose's for 224."""
+    k = bsize / 224.0
+    d = np.abs(np.arange(bsize) - (bsize - 1) / 2)
+    m = 1 / (1 + np.exp((d - (bsize / 2 - 20 * k)) / (7.5 * k)))
+    return (m[:, None] * m[None, :]).astype(np.float32)
+
+
+def _scaled_grid(origin: int, n: int, r: float):
+    """Rescaled pixels of an image axis of ``n`` source px starting at slide pixel ``origin``: (i0, i1) local source
+    indices and weights w (value = (1 - w) * src[i0] + w * src[i1]) for rescaled slide pixels [X0, X0 + len).
+
+    Rescaled slide pixel X is source coordinate (X + 0.5) / r - 0.5, computed in slide coordinates so that every
+    window gives the same indices and weights as the whole slide; coordinates beyond the image repeat its edge
+    pixel. The range covers both rescaled neighbours of every source pixel (see ``_source_grid``)."""
+    X0 = int(np.floor((origin + 0.5) * r - 0.5))
+    X1 = int(np.floor((origin + n - 0.5) * r - 0.5)) + 2
+    v = (np.arange(X0, X1, dtype=np.float64) + 0.5) / r - 0.5
+    f = np.floor(v)
+    w = (v - f).astype(np.float32)
+    f = f.astype(np.int64) - origin
+    return (np.clip(f, 0, n - 1), np.clip(f + 1, 0, n - 1)), w, X0
+
+
+def _source_grid(origin: int, n: int, r: float, X0: int, m: int):
+    """Source pixels [origin, origin + n) of an axis in the rescaled pixels [X0, X0 + m): indices and weights as
+    ``_scaled_grid``; source pixel x is rescaled coordinate (x + 0.5) * r - 0.5."""
+    v = (np.arange(origin, origin + n, dtype=np.float64) + 0.5) * r - 0.5
+    f = np.floor(v)
+    w = (v - f).astype(np.float32)
+    f = f.astype(np.int64) - X0
+    return (np.clip(f, 0, m - 1), np.clip(f + 1, 0, m - 1)), w
+
+
+def _lerp(a: np.ndarray, idx, w: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation along ``axis``: (1 - w) * a[i0] + w * a[i1]."""
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    w = w.reshape(shape)
+    return (np.take(a, idx[0], axis=axis) * (1 - w) + np.take(a, idx[1], axis=axis) * w).astype(np.float32)
+
+
 class CellposeAdapter(Adapter):
     framework = "cellpose"
     official_weights = {"cyto": "cytotorch_0", "cyto2": "cyto2torch_0", "cyto3": "cyto3", "nuclei": "nucleitorch_0"}
@@ -221,13 +264,105 @@ class CellposeAdapter(Adapter):
                                  f"({'grayscale' if lowhigh[False] is not None else 'RGB'})")
         return {**_normalize_default(), "normalize": True, "lowhigh": lowhigh[img.ndim == 3]}
 
+    #: the network's input block (cellpose's inference default ``bsize``), in pixels of the rescaled slide frame
+    BLOCK = 224
+    #: block grid step: neighbouring blocks overlap by BLOCK - STRIDE px (cellpose's tile_overlap 0.1 gives ~0.17)
+    STRIDE = 176
+    #: blocks per network call (cellpose's inference default)
+    BATCH = 8
+
+    def rescale(self) -> float:
+        """cellpose's rescale factor ``diam_mean / diameter``: the network sees the image at this scale."""
+        return float(self.model.diam_mean) / self.diameter()
+
+    def context_px(self) -> int:
+        """Margin (px, source pixels) beyond the halo that tiled inference needs to equal whole-image inference.
+
+        A source pixel's flows and cell probability come from the network blocks that cover it (up to BLOCK - 1
+        rescaled px away), their input is interpolated from source pixels one further, and its output is
+        interpolated from the two neighbouring rescaled pixels: a pixel at least this far from every window edge
+        that is not a slide edge gets the whole image's outputs (up to float noise), and so does a cell all of
+        whose pixels are (its dynamics only use the flows of its own pixels). With ``segmentation.tiling.context``
+        >= this value, a cell smaller than the halo that a tile owns is predicted exactly as in the whole slide."""
+        return int(np.ceil((self.BLOCK + 2) / self.rescale())) + 2
+
     def predict(self, image: np.ndarray) -> np.ndarray:
+        """Instance labels of an image: ``predict_window(image, (0, 0))`` (the one inference path)."""
+        return self.predict_window(image, (0, 0))
+
+    def predict_window(self, image: np.ndarray, origin=(0, 0)) -> np.ndarray:
+        """Instance labels of a slide window whose top-left pixel is ``origin`` = (x, y) in slide pixels.
+
+        cellpose 3.1's ``CellposeModel.eval`` steps with every size- and position-dependent choice anchored at
+        the slide's origin instead of the image's, so that a window sees what the whole slide sees:
+
+        1. channels (``convert_image``) and normalisation (``normalize_img``: the slide's lowhigh when an
+           intensity reference is set, the image's own percentiles otherwise), as ``eval`` does;
+        2. resampling by the exact rescale r = diam_mean / diameter (no rounding of sizes) on the slide's grid:
+           rescaled slide pixel X is source coordinate (X + 0.5) / r - 0.5 (bilinear, edge pixels repeated
+           where the image ends), so a window's rescaled pixels equal the slide's wherever the window holds
+           their source pixels;
+        3. the network on a fixed grid of BLOCK px blocks of the rescaled slide frame (block k spans
+           [k * STRIDE - (BLOCK - STRIDE) / 2, + BLOCK), zeros outside the image), outputs averaged with a taper
+           (cellpose's: ``transforms._taper_mask``, scaled to BLOCK); each block's style vector is its own, so a
+           block inside the window gives exactly the whole slide's output;
+        4. flows and cell probability interpolated back to the source pixels on the same grid (source pixel x is
+           rescaled coordinate (x + 0.5) * r - 0.5), then cellpose's dynamics (``resize_and_compute_masks``,
+           niter 200 / r, flow_threshold, cellprob_threshold, min_size as ``eval``).
+
+        Exactness: see ``context_px``."""
+        from cellpose import dynamics, transforms
+
         img = _as_input(image)
-        masks = self.model.eval(img, channels=_channels(img), diameter=self.diameter(), normalize=self._normalize(img),
-                                flow_threshold=float(self.params["flow_threshold"]),
-                                cellprob_threshold=float(self.params["cellprob_threshold"]),
-                                min_size=int(self.params["min_size"]))[0]
+        x0, y0 = int(origin[0]), int(origin[1])
+        r = self.rescale()
+        x = transforms.convert_image(img, _channels(img), nchan=self.model.nchan)[np.newaxis]  # (1, H, W, C)
+        norm = self._normalize(img)
+        params = {**_normalize_default(), **norm} if isinstance(norm, dict) else \
+            {**_normalize_default(), "normalize": bool(norm), "invert": False}
+        x = transforms.normalize_img(x, **params)[0]  # (H, W, C) float32
+        H, W = x.shape[:2]
+        ys, yw, Ya = _scaled_grid(y0, H, r)
+        xs, xw, Xa = _scaled_grid(x0, W, r)
+        scaled = _lerp(_lerp(x, ys, yw, axis=0), xs, xw, axis=1)  # (Hs, Ws, C) rescaled slide pixels [Ya.., Xa..)
+        y = self._run_blocks(scaled.transpose(2, 0, 1), Ya, Xa)  # (3, Hs, Ws): Y flow, X flow, cell probability
+        ys, yw = _source_grid(y0, H, r, Ya, y.shape[1])
+        xs, xw = _source_grid(x0, W, r, Xa, y.shape[2])
+        y = _lerp(_lerp(y, ys, yw, axis=1), xs, xw, axis=2)  # (3, H, W)
+        masks = dynamics.resize_and_compute_masks(
+            y[:2], y[2], niter=200 / r, cellprob_threshold=float(self.params["cellprob_threshold"]),
+            flow_threshold=float(self.params["flow_threshold"]), interp=True, resize=None,
+            min_size=int(self.params["min_size"]), max_size_fraction=0.4, device=self.model.device)
         return np.asarray(masks).astype(np.uint32)
+
+    def _run_blocks(self, scaled: np.ndarray, Ya: int, Xa: int) -> np.ndarray:
+        """Network outputs (3, Hs, Ws) of the rescaled image ``scaled`` (C, Hs, Ws) whose top-left pixel is
+        (Xa, Ya) in the rescaled slide frame: every grid block whose core (its central STRIDE px) meets the
+        image, in batches of BATCH on the model's device, averaged with the taper mask."""
+        from cellpose import core
+
+        B, S = self.BLOCK, self.STRIDE
+        o = (B - S) // 2
+        C, Hs, Ws = scaled.shape
+        ky = np.arange(Ya // S, (Ya + Hs - 1) // S + 1)
+        kx = np.arange(Xa // S, (Xa + Ws - 1) // S + 1)
+        # the padded frame: [ky[0] * S - o, ky[-1] * S - o + B) in rescaled slide coordinates, zeros outside
+        py, px = int(ky[0]) * S - o, int(kx[0]) * S - o
+        frame = np.zeros((C, (len(ky) - 1) * S + B, (len(kx) - 1) * S + B), np.float32)
+        frame[:, Ya - py:Ya - py + Hs, Xa - px:Xa - px + Ws] = scaled
+        starts = [(i * S, j * S) for i in range(len(ky)) for j in range(len(kx))]
+        out = np.zeros((3,) + frame.shape[1:], np.float32)
+        weight = np.zeros(frame.shape[1:], np.float32)
+        taper = _taper(B)
+        for b in range(0, len(starts), self.BATCH):
+            batch = starts[b:b + self.BATCH]
+            blocks = np.stack([frame[:, sy:sy + B, sx:sx + B] for sy, sx in batch])
+            yb = core._forward(self.model.net, blocks)[0]  # torch.no_grad, the net's device, numpy back
+            for (sy, sx), yk in zip(batch, yb):
+                out[:, sy:sy + B, sx:sx + B] += yk[:3] * taper
+                weight[sy:sy + B, sx:sx + B] += taper
+        out /= weight
+        return out[:, Ya - py:Ya - py + Hs, Xa - px:Xa - px + Ws]
 
     def card_fields(self) -> dict:
         p = self.params
