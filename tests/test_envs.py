@@ -76,3 +76,15 @@ def test_built_envs_are_the_ones_of_the_current_files():
     for path in sorted((REPO / "envs").glob("*.yaml")):
         py = envs.env_python(path.stem)
         assert py.is_file(), py
+
+
+def test_editable_install_check_names_the_exact_clone():
+    """A clone at /check/work/main installed into the shared env cache must not count as this clone at
+    /work/main (a substring of it): the `segrefine` command would import the other clone's package."""
+    from segrefine.envs import editable_points_to
+
+    finder = "MAPPING: dict[str, str] = {'segrefine': '/check/work/main/workflow_scripts/segrefine'}"
+    assert not editable_points_to(finder, "/work/main/workflow_scripts")
+    assert editable_points_to(finder, "/check/work/main/workflow_scripts")
+    assert editable_points_to("/work/main/workflow_scripts\n", "/work/main/workflow_scripts")
+    assert not editable_points_to("/check/work/main/workflow_scripts\n", "/work/main/workflow_scripts")

@@ -202,6 +202,13 @@ def build(path: Path, quiet: bool = False) -> Path:
     return target
 
 
+def editable_points_to(text: str, here: str) -> bool:
+    """Whether an editable-install file (a .pth path line, or the finder's quoted package path) names exactly the
+    folder ``here``: a clone at /check/work/main must not pass for one at /work/main (a substring)."""
+    quoted = re.compile(r"""['"]""" + re.escape(here) + r"""(?:/segrefine)?/?['"]""")
+    return bool(quoted.search(text)) or any(line.strip() == here for line in text.splitlines())
+
+
 def install_project(name: str = "core") -> None:
     """Make the `segrefine` command of env ``name`` run this clone's package (editable install).
 
@@ -211,7 +218,7 @@ def install_project(name: str = "core") -> None:
     target = env_dir(ENVS_DIR / f"{name}.yaml")
     here = str(REPO_ROOT / "workflow_scripts")
     marks = list(target.glob("lib/python*/site-packages/__editable__*segrefine*"))
-    if marks and any(here in m.read_text(errors="ignore") for m in marks if m.is_file()):
+    if any(editable_points_to(m.read_text(errors="ignore"), here) for m in marks if m.is_file()):
         return
     with open(str(target) + ".log", "a") as log:
         _run([str(target / "bin" / "python"), "-m", "pip", "install", "--no-deps",
