@@ -3,6 +3,8 @@
     PYTHONPATH=workflow_scripts .envs/core/bin/python bench/tiling_trained.py --out /tmp/tt/fidelity.json
     PYTHONPATH=workflow_scripts .envs/core/bin/python bench/tiling_trained.py \
         --cellpose-card results/models/cyto_demo/finetuned/card.json --stardist-card DIR/card.json
+    PYTHONPATH=workflow_scripts .envs/core/bin/python bench/tiling_trained.py --models cellpose \
+        --cellpose-card DIR/card.json --context model   # margin = halo + the adapter's context_px()
 
 Models: with no ``--cellpose-card`` / ``--stardist-card`` the script trains
 them through the project's CLI exactly as bench/finetune_families.py does
@@ -17,15 +19,19 @@ Fidelity: for every model and image (CellBinDB ssDNA / DAPI / mIF crops,
 DSB2018 512, the synthetic demo slide), in the model's own env (a subprocess
 of that env's python, PYTHONPATH=workflow_scripts): tiled inference with
 ``segrefine.segment.segment_slide`` (tile-plan with its slide intensity
-reference, one shard, stitch; small tiles so that most cells lie near a seam)
-and whole-image inference with ``segrefine.segment.segment_whole`` (one
-predict call, the same reference computed on the whole image). Scored here in
+reference, one shard, stitch; small tiles so that most cells lie near a seam;
+window margin = the image's halo + ``--context`` px, "model" = the adapter's
+``context_px()`` where it has one, else 0) and whole-image inference with
+``segrefine.segment.segment_whole`` (one predict_window call at origin (0, 0),
+the same reference computed on the whole image). Scored here in
 the core env with the measures of bench/tiling.py: F1 at IoU 0.5 of tiled vs
 whole (``segrefine.metrics.object_metrics``) and ``segrefine.stitch.seam_report``
 (seam cells, cut at seams, duplicates, ids unique and dense).
 
-``--variants`` adds diagnostic runs of the same model with changed inference
-settings (see VARIANTS), to find where tiled and whole differ.
+Cellpose runs through the shipped ``CellposeAdapter.predict_window`` (its
+slide-anchored resampling and block grid). ``--variants`` adds diagnostic
+runs of the same model with changed inference settings (see VARIANTS; with
+no name: all of them), to find where tiled and whole differ.
 """
 from __future__ import annotations
 
@@ -50,42 +56,24 @@ FRAMEWORK_ENV = {"cellpose": "cellpose", "stardist": "tensorflow"}
 
 # diagnostic variants: name -> (framework, card hyperparameter/threshold overrides applied in the worker)
 VARIANTS = {
-    # cellpose rescales the image by diam_mean / diameter before the network; a window's resampling grid is not
-    # the whole image's (offset x scale is fractional, the scale is rounded per image size): run at scale 1
+    # the network at its own scale (diameter = diam_mean, rescale 1): no resampling at all
     "cellpose, no rescale": ("cellpose", {"rescale_1": True}),
-    # the proposed adapter patch (aligned_predict below): rescale snapped to a multiple of 1/4 and each image
-    # zero-padded at its bottom/right to a multiple of 64 px, so that a window's content lands on the same
-    # network pixel grid (resampling phase and the U-Net's pooling parity) as in the whole image
-    "cellpose, aligned rescale (patch)": ("cellpose", {"aligned": True}),
+    # the previous adapter: cellpose's own CellposeModel.eval on each window (rescale rounded per image size,
+    # padding centred to a multiple of 16, internal tiles placed over the image by np.linspace)
+    "cellpose, stock eval (before)": ("cellpose", {"stock_eval": True}),
 }
 
 
-def aligned_predict(self, image):
-    """CellposeAdapter.predict as the proposed patch would make it (used by the "aligned rescale" variant)."""
+def stock_predict_window(self, image, origin=(0, 0)):
+    """The previous CellposeAdapter.predict: ``CellposeModel.eval`` on the image, the origin ignored."""
     from segrefine.models.cellpose_adapter import _as_input, _channels
 
     img = _as_input(image)
-    diameter = self.diameter()
-    pad = None
-    if getattr(self, "_lowhigh", None) is not None:  # slide reference: padding cannot move the normalisation
-        step = float(self.params.get("rescale_step") or 0.25)
-        rescale = max(step, round(float(self.model.diam_mean) / diameter / step) * step)
-        diameter = float(self.model.diam_mean) / rescale
-        q = int(round(16 / step))  # q * rescale is a multiple of 16 px for every multiple of step (step = 1/4: 64)
-        H, W = img.shape[:2]
-        pad = ((0, -H % q), (0, -W % q)) + ((0, 0),) * (img.ndim - 2)
-        img = np.pad(img, pad)
-    masks = self.model.eval(img, channels=_channels(img), diameter=diameter, normalize=self._normalize(img),
+    masks = self.model.eval(img, channels=_channels(img), diameter=self.diameter(), normalize=self._normalize(img),
                             flow_threshold=float(self.params["flow_threshold"]),
                             cellprob_threshold=float(self.params["cellprob_threshold"]),
                             min_size=int(self.params["min_size"]))[0]
-    masks = np.asarray(masks)
-    if pad is not None:
-        masks = masks[:H, :W]
-        from skimage.segmentation import relabel_sequential
-
-        masks = relabel_sequential(masks)[0]
-    return masks.astype(np.uint32)
+    return np.asarray(masks).astype(np.uint32)
 
 
 # --- models --------------------------------------------------------------------------------------------------------------
@@ -161,13 +149,13 @@ def cases(synthetic_size: int):
 
 
 # --- the worker, in the model's env --------------------------------------------------------------------------------------
-def tiled_steps(card, slide, out: Path, tile: int, halo: int) -> dict:
+def tiled_steps(card, slide, out: Path, tile: int, halo: int, context: int = 0) -> dict:
     """``segrefine.segment.segment_slide`` (plan, one shard, stitch in one process), every tile predicted, no
     outlines or overlay (not scored here); returns the stitch report."""
     from segrefine.segment import segment_slide
 
-    return segment_slide(card, slide, out, tile_size=tile, halo_px=halo, shards=1, tissue=False, geojson=False,
-                         overlay=False)
+    return segment_slide(card, slide, out, tile_size=tile, halo_px=halo, context_px=context, shards=1, tissue=False,
+                         geojson=False, overlay=False)
 
 
 def worker(spec_path: Path) -> None:
@@ -189,36 +177,40 @@ def worker(spec_path: Path) -> None:
         vdir.mkdir(parents=True, exist_ok=True)
         (vdir / "card.json").write_text(json.dumps(c))
         card_used = vdir / "card.json"
-    if patch.get("aligned"):
+    if patch.get("stock_eval"):
         from segrefine.models.cellpose_adapter import CellposeAdapter
 
-        CellposeAdapter.predict = aligned_predict
-    load_model(card_used)  # warm the imports (torch / tensorflow) outside the timings
+        CellposeAdapter.predict = CellposeAdapter.predict_window = stock_predict_window
+    model = load_model(card_used)[0]  # also warms the imports (torch / tensorflow) outside the timings
+    context = spec.get("context") or 0
+    if context == "model":  # the margin beyond the halo that the adapter says it needs to be exact
+        context = int(model.context_px()) if hasattr(model, "context_px") else 0
+    context = int(context)
     results = []
     for case in spec["cases"]:
         out = Path(case["work"])
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         t0 = time.monotonic()
-        tiled_steps(card_used, case["slide"], out, case["tile"], case["halo"])
+        tiled_steps(card_used, case["slide"], out, case["tile"], case["halo"], context)
         tiled_s = time.monotonic() - t0
         t0 = time.monotonic()
         whole = segment_whole(card_used, case["slide"])
         whole_s = time.monotonic() - t0
         tifffile.imwrite(out / "whole.tif", whole)
-        results.append({"name": case["name"], "tiled_s": tiled_s, "whole_s": whole_s,
+        results.append({"name": case["name"], "tiled_s": tiled_s, "whole_s": whole_s, "context": context,
                         "tiled": str(out / "labels.tif"), "whole": str(out / "whole.tif")})
         print(f"{spec['model']}: {case['name']} tiled {tiled_s:.1f} s, whole {whole_s:.1f} s", file=sys.stderr,
               flush=True)
     Path(spec["out"]).write_text(json.dumps(results))
 
 
-def run_worker(framework: str, model_label: str, card, case_specs, work: Path, patch=None):
+def run_worker(framework: str, model_label: str, card, case_specs, work: Path, patch=None, context=0):
     from segrefine.envs import env_python
 
     work.mkdir(parents=True, exist_ok=True)
     spec = {"card": str(card), "model": model_label, "cases": case_specs, "out": str(work / "worker.json"),
-            "work": str(work), "patch": patch}
+            "work": str(work), "patch": patch, "context": context}
     (work / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=str(SCRIPTS), TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([str(env_python(FRAMEWORK_ENV[framework])), str(Path(__file__).resolve()), "--worker",
@@ -283,6 +275,9 @@ def main():
                          "bench/finetune_families.py does when this card is missing)")
     ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), metavar="VARIANT",
                     help=f"also run these diagnostic variants (none given: all): {list(VARIANTS)}")
+    ap.add_argument("--context", default="0",
+                    help="context px added to every image's halo (tile-plan's context_px), or 'model': the "
+                         "adapter's context_px() (the margin it needs beyond the halo to be exact), 0 where it has none")
     ap.add_argument("--work", default="/tmp/segrefine-bench-tiling-trained")
     ap.add_argument("--out", help="write all figures as JSON here")
     a = ap.parse_args()
@@ -324,12 +319,13 @@ def main():
         cdata = json.loads(Path(card).read_text())
         specs = [dict(c, work=str(work / "runs" / label.replace(" ", "_").replace(",", "") / c["key"]))
                  for c in case_specs]
-        res = run_worker(fw, label, card, specs, work / "runs" / label.replace(" ", "_").replace(",", ""), patch)
+        res = run_worker(fw, label, card, specs, work / "runs" / label.replace(" ", "_").replace(",", ""), patch,
+                         a.context)
         for c, r in zip(case_specs, res):
             whole, tiled = tifffile.imread(r["whole"]), tifffile.imread(r["tiled"])
             plan = json.loads((Path(r["tiled"]).parent / "tiles.json").read_text())
             row = {"image": c["name"], "size": c["size"], "tiles": int(plan["tiles"]), "tile": c["tile"],
-                   "halo": c["halo"], "model": label, "framework": fw, "card": str(card),
+                   "halo": c["halo"], "context": int(r["context"]), "model": label, "framework": fw, "card": str(card),
                    "card_diameter_px": cdata.get("preprocessing", {}).get("diameter_px"),
                    **score(whole, tiled, c["tile"], c["halo"]), "tiled_s": r["tiled_s"], "whole_s": r["whole_s"],
                    "largest_whole_cell_px": _largest(whole)}
@@ -339,11 +335,11 @@ def main():
                   flush=True)
 
     print("\n## Fidelity with trained deep models: tiled vs whole-image inference, same model (F1 at IoU 0.5)\n")
-    print("| image | size | tiles (px, halo) | model | cells whole / tiled | F1 | seam cells | cut at seams "
+    print("| image | size | tiles (px, halo + context) | model | cells whole / tiled | F1 | seam cells | cut at seams "
           "| duplicates | ids unique | s tiled / whole |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['image']} | {r['size']} | {r['tiles']} ({r['tile']}, {r['halo']}) | {r['model']} | "
+        print(f"| {r['image']} | {r['size']} | {r['tiles']} ({r['tile']}, {r['halo']} + {r['context']}) | {r['model']} | "
               f"{r['cells_whole']} / {r['cells_tiled']} | {r['f1']:.4f} | {r['seam_cells']} | "
               f"{r['cut_at_seams']} | {r['duplicates']} | {r['ids_unique']} | {r['tiled_s']:.1f} / {r['whole_s']:.1f} |")
     total = time.monotonic() - t_start

@@ -129,13 +129,15 @@ def intensity_reference(source, block: int = 2048, max_sample: int = 2 ** 22, se
         tissue = None  # no tissue detected: the whole image (no tile is predicted anyway)
 
     def regions():
-        """(block pixels, C) of every block, tissue pixels only when a tissue mask is given."""
+        """[the block's pixels of channel c (1-D)] for every block, tissue pixels only when a mask is given."""
         for x, y, w, h in _blocks(shape, block):
             m = None if tissue is None else tissue_pixels(tissue, x, y, w, h)
             if m is not None and not m.any():
                 continue  # no tissue: not even read
             region = read(x, y, w, h)
-            yield region.reshape(-1, C) if m is None or m.all() else region[m]
+            if m is not None and m.all():
+                m = None
+            yield [region[..., c].ravel() if m is None else region[..., c][m] for c in range(C)]
 
     n = 0
     exact = np.dtype(dtype) in EXACT_DTYPES
@@ -143,11 +145,14 @@ def intensity_reference(source, block: int = 2048, max_sample: int = 2 ** 22, se
         nv = 256 if np.dtype(dtype) == np.uint8 else 65536
         hists = np.zeros((C, nv), np.int64)
         gray = np.zeros(C * (nv - 1) + 1, np.int64)  # histogram of the channel sum
-        for region in regions():
-            n += len(region)
+        for chans in regions():
+            n += len(chans[0])
             for c in range(C):
-                hists[c] += np.bincount(region[:, c], minlength=nv)
-            gray += np.bincount(region.sum(axis=-1, dtype=np.int64), minlength=gray.size)
+                hists[c] += np.bincount(chans[c], minlength=nv)
+            if C > 1:
+                gray += np.bincount(np.sum(chans, axis=0, dtype=np.uint32), minlength=gray.size)
+        if C == 1:
+            gray = hists[0]  # the gray image is the channel
         pct = {_key(q): [histogram_percentile(hists[c], q) for c in range(C)] for q in PERCENTILES}
         gpct = {_key(q): histogram_percentile(gray, q, 0.0, 1.0 / C) for q in PERCENTILES}
         centers = np.arange(gray.size, dtype=np.float64) / C
@@ -158,9 +163,9 @@ def intensity_reference(source, block: int = 2048, max_sample: int = 2 ** 22, se
         total = n_all if tissue is None else sum(int(tissue_pixels(tissue, *b).sum()) for b in _blocks(shape, block))
         frac = min(1.0, max_sample / max(total, 1))
         samples = []
-        for region in regions():
+        for chans in regions():
+            region = np.stack(chans, axis=-1).astype(np.float64)
             n += len(region)
-            region = region.astype(np.float64)
             if frac < 1.0:
                 region = region[rng.random(region.shape[0]) < frac]
             samples.append(region)

@@ -192,14 +192,18 @@ class Slide:
             raise SegRefineError(f"{self.path}: slide ({W}x{H} px) is smaller than one thumbnail pixel ({f} px)")
         out = np.empty((h, w), np.float32)
         step = max(1, strip // f)  # blocks of strip x strip level-0 pixels: memory independent of the slide size
+        exact = self.dtype.kind in "ui" and self.dtype.itemsize <= 2  # integer sums cannot overflow uint64
         for r0 in range(0, h, step):
             r1 = min(h, r0 + step)
             for c0 in range(0, w, step):
                 c1 = min(w, c0 + step)
-                block = self.read(c0 * f, r0 * f, (c1 - c0) * f, (r1 - r0) * f).astype(np.float32)
-                if block.ndim == 3:
-                    block = block.mean(axis=-1)
-                out[r0:r1, c0:c1] = block.reshape(r1 - r0, f, c1 - c0, f).mean(axis=(1, 3))
+                block = self.read(c0 * f, r0 * f, (c1 - c0) * f, (r1 - r0) * f)
+                C = block.shape[2] if block.ndim == 3 else 1
+                # the mean of each f x f x C cell: rows first, then (columns x channels) of each cell
+                rows = block.reshape(r1 - r0, f, (c1 - c0) * f * C).sum(
+                    axis=1, dtype=np.uint64 if exact else np.float64)
+                cell = rows.reshape(r1 - r0, c1 - c0, f * C).sum(axis=2)
+                out[r0:r1, c0:c1] = cell / float(f * f * C)
         return out, float(f)
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:

@@ -311,7 +311,19 @@ class CellposeAdapter(Adapter):
            niter 200 / r, flow_threshold, cellprob_threshold, min_size as ``eval``).
 
         Exactness: see ``context_px``."""
-        from cellpose import dynamics, transforms
+        from cellpose import dynamics
+
+        y = self.network_outputs(image, origin)
+        masks = dynamics.resize_and_compute_masks(
+            y[:2], y[2], niter=200 / self.rescale(), cellprob_threshold=float(self.params["cellprob_threshold"]),
+            flow_threshold=float(self.params["flow_threshold"]), interp=True, resize=None,
+            min_size=int(self.params["min_size"]), max_size_fraction=0.4, device=self.model.device)
+        return np.asarray(masks).astype(np.uint32)
+
+    def network_outputs(self, image: np.ndarray, origin=(0, 0)) -> np.ndarray:
+        """(3, h, w) float32 at the image's pixels: Y flow, X flow, cell probability (steps 1-4 of
+        ``predict_window`` before the dynamics)."""
+        from cellpose import transforms
 
         img = _as_input(image)
         x0, y0 = int(origin[0]), int(origin[1])
@@ -328,12 +340,7 @@ class CellposeAdapter(Adapter):
         y = self._run_blocks(scaled.transpose(2, 0, 1), Ya, Xa)  # (3, Hs, Ws): Y flow, X flow, cell probability
         ys, yw = _source_grid(y0, H, r, Ya, y.shape[1])
         xs, xw = _source_grid(x0, W, r, Xa, y.shape[2])
-        y = _lerp(_lerp(y, ys, yw, axis=1), xs, xw, axis=2)  # (3, H, W)
-        masks = dynamics.resize_and_compute_masks(
-            y[:2], y[2], niter=200 / r, cellprob_threshold=float(self.params["cellprob_threshold"]),
-            flow_threshold=float(self.params["flow_threshold"]), interp=True, resize=None,
-            min_size=int(self.params["min_size"]), max_size_fraction=0.4, device=self.model.device)
-        return np.asarray(masks).astype(np.uint32)
+        return _lerp(_lerp(y, ys, yw, axis=1), xs, xw, axis=2)  # (3, H, W)
 
     def _run_blocks(self, scaled: np.ndarray, Ya: int, Xa: int) -> np.ndarray:
         """Network outputs (3, Hs, Ws) of the rescaled image ``scaled`` (C, Hs, Ws) whose top-left pixel is
