@@ -1,11 +1,16 @@
 """The Cellpose adapter, through the step commands in the cellpose env, on real
-CellBinDB Stereo-seq crops (shared/realdata): train, save, load, predict."""
+CellBinDB Stereo-seq crops (shared/realdata): train, save, load, predict; and
+its slide-anchored inference (predict_window), in a cellpose-env subprocess."""
 import json
+import os
+import subprocess
+import textwrap
 
 import pandas as pd
 import pytest
 
-from conftest import run_step
+from conftest import SCRIPTS, run_step
+from segrefine.envs import env_python
 from segrefine.models import CARD_KEYS
 
 
@@ -79,3 +84,95 @@ def test_weights_of_the_wrong_kind_are_refused_before_training(tmp_path):
     assert proc.returncode == 1
     assert "model.hdf5: not a Cellpose 3 weights file" in proc.stderr
     assert not (tmp_path / "out" / "card.json").exists()
+
+
+# --- predict_window: a window with enough margin predicts what the whole image predicts ---------------------------------
+# Runs in the cellpose env. Small blocks (BLOCK 64, STRIDE 48 instead of 224 / 176) keep it fast on a CPU; the
+# exactness argument does not depend on the block size. Two networks: cellpose's own CPnet, randomly initialised
+# (seeded; its outputs, style vector included, must agree to the bit in the window's interior), and "Blobs", a fixed
+# stand-in with CPnet's interface whose flows point up the blurred intensity and whose cell probability also depends
+# on the block's mean (a global, style-like term), so that cellpose's dynamics find real cells whose labels can be
+# compared.
+WINDOW_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import torch
+    from segrefine.demo import make_slide
+    from segrefine.intensity import intensity_reference
+    from segrefine.models.cellpose_adapter import CellposeAdapter
+
+    class Blobs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.device, self.mkldnn, self.nout = torch.device("cpu"), False, 3
+            t = torch.arange(-3, 4, dtype=torch.float32)
+            g = torch.exp(-t ** 2 / 8)
+            self.register_buffer("k", (g[:, None] * g[None, :] / g.sum() ** 2)[None, None])
+
+        def forward(self, x):
+            b = torch.nn.functional.conv2d(x[:, :1], self.k, padding=3)
+            gy = torch.nn.functional.pad(b[:, :, 2:] - b[:, :, :-2], (0, 0, 1, 1))
+            gx = torch.nn.functional.pad(b[:, :, :, 2:] - b[:, :, :, :-2], (1, 1, 0, 0))
+            n = (gy ** 2 + gx ** 2).sqrt() + 1e-3
+            style = x[:, :1].mean(dim=(2, 3), keepdim=True)
+            y = torch.cat([5 * gy / n, 5 * gx / n, 10 * (b - 0.35 - 0.2 * style)], 1)
+            return y, style.flatten(1).expand(-1, 256)
+
+    img = make_slide(256, seed=3)[0]
+    out = {}
+    for name, diameter in (("up", 13.0), ("down", 24.0)):
+        m = CellposeAdapter.from_pretrained(None, {"diam_mean": 17.0, "diameter": diameter, "seed": 0,
+                                                    "flow_threshold": 0.0, "min_size": 8})
+        m.BLOCK, m.STRIDE = 64, 48
+        m.set_intensity_reference(intensity_reference(img))
+        c = m.context_px()
+        x0, y1 = 60, 200  # the window: x in [60, 256) (right edge = the slide's), y in [0, 200) (top = the slide's)
+        win = img[:y1, x0:]
+        res = {"context": c}
+        whole = m.network_outputs(img, (0, 0))
+        part = m.network_outputs(win, (x0, 0))
+        res["interior_max_diff"] = float(np.abs(part[:, :y1 - c, c:] - whole[:, :y1 - c, x0 + c:]).max())
+        res["edge_max_diff"] = float(np.abs(part - whole[:, :y1, x0:]).max())
+        if name == "up":
+            m.model.net = Blobs()
+            whole, part = m.predict(img), m.predict_window(win, (x0, 0))
+            res["predict_is_window_at_origin"] = bool((whole == m.predict_window(img, (0, 0))).all())
+            inside = np.zeros(whole.shape, bool)
+            inside[:y1 - c, x0 + c:] = True
+            same = differ = 0
+            for lab in np.unique(whole[inside & (whole > 0)]):
+                cell = whole == lab
+                if not inside[cell].all():
+                    continue
+                w = part[cell[:y1, x0:]]
+                ok = w[0] > 0 and (w == w[0]).all() and (part == w[0]).sum() == cell.sum()
+                same, differ = same + ok, differ + (not ok)
+            res.update(cells_whole=int(len(np.unique(whole)) - 1), interior_cells_same=int(same),
+                       interior_cells_differ=int(differ))
+        out[name] = res
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def window_results():
+    proc = subprocess.run([str(env_python("cellpose")), "-c", WINDOW_SCRIPT], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS)))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("scale", ["up", "down"])
+def test_window_network_outputs_equal_the_whole_image_in_the_interior(window_results, scale):
+    r = window_results[scale]
+    assert r["interior_max_diff"] < 1e-5, r  # the same blocks, the same style vectors: float noise at most
+    assert r["edge_max_diff"] > 1e-3, r  # near the window's cut edges the outputs differ: the test can see it
+
+
+def test_window_labels_equal_the_whole_image_in_the_interior(window_results):
+    r = window_results["up"]
+    assert r["interior_cells_same"] >= 5 and r["interior_cells_differ"] == 0, r
+
+
+def test_predict_is_predict_window_at_the_origin(window_results):
+    assert window_results["up"]["predict_is_window_at_origin"]

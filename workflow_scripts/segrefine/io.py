@@ -242,7 +242,7 @@ class Slide:
 
 # --- streaming pyramidal OME-TIFF ---------------------------------------------------------------------------------------
 def _padded_tiles(array, tile: int):
-    """Row-major (tile, tile) blocks of a 2-D array-like (zarr), zero-padded at the right and bottom edges."""
+    """Row-major (tile, tile) blocks of a 2-D array-like (numpy, DiskArray), zero-padded at the right and bottom edges."""
     H, W = array.shape
     for y in range(0, H, tile):
         for x in range(0, W, tile):
@@ -254,22 +254,96 @@ def _padded_tiles(array, tile: int):
             yield block
 
 
+class DiskArray:
+    """A 2-D array in a raw file of (chunk x chunk) blocks, each stored row-major in one piece; sparse: blocks
+    never written take no disk and read as 0.
+
+    The stitch's working store: ``a[y0:y1, x0:x1]`` reads a region (one
+    ``pread`` per block it overlaps: the block's rows in that region) and
+    ``a[y0:y1, x0:x1] = v`` writes it (a block's rows are read back first
+    when the region covers only some of its columns), with no chunk codec in
+    between. Regions are read into process memory, so the process holds one
+    region, not the file (a memory map would count the pages it touched in its
+    RSS). Disk: 4 bytes per pixel of every block ever written (uint32),
+    deleted with the stitch's work folder."""
+
+    def __init__(self, path, shape, dtype=np.uint32, chunk: int = 512):
+        self.path, self.shape, self.dtype = Path(path), (int(shape[0]), int(shape[1])), np.dtype(dtype)
+        self.ndim, self.chunk = 2, int(chunk)
+        self._ncx = -(-self.shape[1] // self.chunk)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, -(-self.shape[0] // self.chunk) * self._ncx * self.chunk ** 2 * self.dtype.itemsize)
+
+    def _box(self, key):
+        if not isinstance(key, tuple) or len(key) != 2 or not all(isinstance(k, slice) for k in key):
+            raise TypeError(f"DiskArray takes [y0:y1, x0:x1], got {key!r}")
+        (y0, y1, ys), (x0, x1, xs) = (k.indices(n) for k, n in zip(key, self.shape))
+        if ys != 1 or xs != 1:
+            raise TypeError("DiskArray slices take no step")
+        return y0, max(y0, y1), x0, max(x0, x1)
+
+    def _pieces(self, y0, y1, x0, x1):
+        """(file offset of the block's first row in the region, block rows, block columns, region rows,
+        region columns) of every block the region overlaps."""
+        c, size = self.chunk, self.dtype.itemsize
+        for by in range(y0 // c, -(-y1 // c)):
+            ra, rb = max(y0, by * c), min(y1, (by + 1) * c)
+            for bx in range(x0 // c, -(-x1 // c)):
+                ca, cb = max(x0, bx * c), min(x1, (bx + 1) * c)
+                offset = ((by * self._ncx + bx) * c * c + (ra - by * c) * c) * size
+                yield (offset, slice(0, rb - ra), slice(ca - bx * c, cb - bx * c),
+                       slice(ra - y0, rb - y0), slice(ca - x0, cb - x0))
+
+    def _pread(self, offset: int, rows: int) -> np.ndarray:
+        buf = np.empty((rows, self.chunk), self.dtype)
+        if os.preadv(self._fd, [buf.reshape(-1)], offset) != buf.nbytes:
+            raise OSError(f"{self.path}: short read")
+        return buf
+
+    def __getitem__(self, key) -> np.ndarray:
+        y0, y1, x0, x1 = self._box(key)
+        out = np.empty((y1 - y0, x1 - x0), self.dtype)
+        for offset, brows, bcols, orows, ocols in self._pieces(y0, y1, x0, x1):
+            out[orows, ocols] = self._pread(offset, brows.stop)[:, bcols]
+        return out
+
+    def __setitem__(self, key, value) -> None:
+        y0, y1, x0, x1 = self._box(key)
+        value = np.broadcast_to(np.asarray(value, self.dtype), (y1 - y0, x1 - x0))
+        for offset, brows, bcols, orows, ocols in self._pieces(y0, y1, x0, x1):
+            if bcols.stop - bcols.start == self.chunk:
+                buf = np.ascontiguousarray(value[orows, ocols])
+            else:  # some of the block's columns: keep the others
+                buf = self._pread(offset, brows.stop)
+                buf[:, bcols] = value[orows, ocols]
+            data = memoryview(buf.reshape(-1)).cast("B")
+            while data:  # pwrite may write less than asked
+                n = os.pwrite(self._fd, data, offset)
+                data, offset = data[n:], offset + n
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[:, :]
+        return a if dtype is None else a.astype(dtype)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 def label_pyramid_levels(level0, work_dir, min_side: int = 1024, block: int = 2048) -> list:
-    """Downsampled copies of a 2-D label array (nearest: every second pixel), each in a zarr store under ``work_dir``.
+    """Downsampled copies of a 2-D label array (nearest: every second pixel), each a ``DiskArray`` under ``work_dir``.
 
     Each level is built block by block from the one above it (never the whole
     slide in memory) until its longer side is at most ``min_side``.
     Returns [level0, level1, ...].
     """
-    import zarr
-
     levels = [level0]
     while max(levels[-1].shape) > min_side:
         prev = levels[-1]
         H, W = prev.shape
         h, w = (H + 1) // 2, (W + 1) // 2
-        lv = zarr.create_array(store=str(Path(work_dir) / f"level{len(levels)}.zarr"), shape=(h, w),
-                               chunks=(512, 512), dtype=prev.dtype, fill_value=0)
+        lv = DiskArray(Path(work_dir) / f"level{len(levels)}.raw", (h, w), prev.dtype)
         for y in range(0, h, block // 2):
             for x in range(0, w, block // 2):
                 lv[y:min(h, y + block // 2), x:min(w, x + block // 2)] = \
@@ -282,7 +356,7 @@ def write_pyramid_ome_tiff(path, levels: list, tile: int = 512, pixel_size_um: O
                            name: str = "labels", zlib_level: Optional[int] = None) -> None:
     """Write a tiled, zlib-compressed, pyramidal OME-TIFF (sub-resolutions as SubIFDs) atomically.
 
-    ``levels`` are 2-D array-likes (numpy or zarr), full size first; they are
+    ``levels`` are 2-D array-likes (numpy, zarr, DiskArray), full size first; they are
     streamed tile by tile. tifffile, QuPath (Bio-Formats), napari and Fiji read
     level 0 as the image and the SubIFDs as its pyramid. ``zlib_level``: the
     deflate level (None: tifffile's default).

@@ -250,9 +250,7 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
            geojson_out=None, overlay_out=None, report_out=None, pixel_size_um: Optional[float] = None,
            work_dir=None) -> dict:
     """Stitch all tiles of a plan; returns the report (also written to ``report_out``)."""
-    import zarr
-
-    from segrefine.io import atomic_path, label_pyramid_levels, write_pyramid_ome_tiff, write_text_atomic
+    from segrefine.io import DiskArray, atomic_path, label_pyramid_levels, write_pyramid_ome_tiff, write_text_atomic
     from segrefine.tiling import Progress, read_plan, read_tile, tile_file
 
     t_start = time.monotonic()
@@ -284,7 +282,7 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
               "normalization": sorted({str(s["intensity_reference"]) for s in shards if s.get("intensity_reference")})}
     timings = report["timings_s"]
     # the overlay on a second thread: its slide view needs only the slide (made while the tiles are pasted), its
-    # drawing only the small pyramid level (made while labels.tif is compressed); numpy, zlib and zarr release
+    # drawing only the small pyramid level (made while labels.tif is compressed); numpy, zlib and file reads release
     # the GIL
     pool = concurrent.futures.ThreadPoolExecutor(1)
     if overlay_out:
@@ -292,11 +290,11 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
         k_ov = _overlay_level(shapes)
         background = pool.submit(_timed, _overlay_background, slide_path, shapes[k_ov], 2 ** k_ov)
     try:
-        store = zarr.create_array(store=str(work / "level0.zarr"), shape=(H, W), chunks=(512, 512), dtype="uint32",
-                                  fill_value=0)
         next_id = 1
         clock = _Clock("paste", "cell_table", "geojson")
         with contextlib.ExitStack() as stack:
+            store = DiskArray(work / "level0.raw", (H, W), np.uint32)  # sparse: background is never written
+            stack.callback(store.close)
             table = _TableWriter(stack, cells_csv, cells_parquet)
             geo = _GeoJSONWriter(stack, geojson_out) if geojson_out else None
             progress = Progress(len(tiles), "stitch")
@@ -375,6 +373,8 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
             report["cells"] = next_id - 1
             t0, c0 = time.monotonic(), time.thread_time()
             levels = label_pyramid_levels(store, work)
+            for lv in levels[1:]:
+                stack.callback(lv.close)
             drawn = None
             if overlay_out:
                 png = stack.enter_context(atomic_path(overlay_out, suffix=".png"))
