@@ -705,3 +705,14 @@ def test_disk_array_reads_what_was_written_and_stays_sparse(tmp_path):
         assert os.stat(tmp_path / "b.raw").st_blocks * 512 < 10 * 2 ** 20
     finally:
         b.close()
+
+
+def test_inner_boundaries_equal_scikit_image_find_boundaries():
+    from skimage.segmentation import find_boundaries
+
+    from segrefine.stitch import inner_boundaries
+
+    rng = np.random.default_rng(8)
+    lab = np.repeat(np.repeat(rng.integers(0, 6, (30, 41)), 3, 0), 2, 1).astype(np.uint32)
+    lab[rng.random(lab.shape) < 0.05] = 7
+    assert (inner_boundaries(lab) == find_boundaries(lab, mode="inner")).all()

@@ -230,19 +230,28 @@ def _overlay_background(slide_path, shape, factor: int) -> np.ndarray:
     return (g * 255).astype(np.uint8)
 
 
+def inner_boundaries(lab: np.ndarray) -> np.ndarray:
+    """Cell pixels with a 4-neighbour of another label (or background): scikit-image's
+    ``find_boundaries(lab, mode="inner")`` (the slide's edge continues each pixel's own label), in numpy, so the
+    stitch does not import scikit-image and scipy for the overlay."""
+    p = np.pad(lab, 1, mode="edge")
+    centre = p[1:-1, 1:-1]
+    differs = (p[:-2, 1:-1] != centre) | (p[2:, 1:-1] != centre) | (p[1:-1, :-2] != centre) | (p[1:-1, 2:] != centre)
+    return differs & (lab != 0)
+
+
 def _overlay(levels: list, slide_path, out_png, max_side: int = 1024, background=None) -> None:
     """A downsampled RGB view: the slide in gray, the stitched cells' outlines in yellow. ``background``: the
     ``_overlay_background`` already computed for these levels. Written as an RGBA PNG (alpha 255) at 100 dpi,
     the pixels ``matplotlib.image.imsave`` writes, by Pillow directly (importing matplotlib costs seconds)."""
     from PIL import Image
-    from skimage.segmentation import find_boundaries
 
     k = _overlay_level([lv.shape for lv in levels], max_side)
     lab = np.asarray(levels[k][:, :])
     gray = background if background is not None else _overlay_background(slide_path, lab.shape, 2 ** k)
     rgba = np.full(gray.shape + (4,), 255, np.uint8)
     rgba[..., :3] = gray[..., None]
-    rgba[find_boundaries(lab, mode="inner"), :3] = (np.array([1.0, 0.85, 0.0]) * 255).astype(np.uint8)  # yellow
+    rgba[inner_boundaries(lab), :3] = (np.array([1.0, 0.85, 0.0]) * 255).astype(np.uint8)  # yellow
     Image.fromarray(rgba, "RGBA").save(out_png, format="png", dpi=(100, 100))
 
 
