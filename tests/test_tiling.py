@@ -65,7 +65,7 @@ def run_all(tmp, slide_path, card, model, tile=96, halo=24, shards=2, **kw):
 def test_grid_partitions_the_slide_and_windows_add_the_margin():
     plan = grid_tiles((300, 500), 128, 20)
     cover = np.zeros((300, 500), int)
-    for t in plan.itertuples():
+    for t in plan:
         cover[t.y0:t.y1, t.x0:t.x1] += 1
         assert (t.wx0, t.wy0) == (max(0, t.x0 - 20), max(0, t.y0 - 20))
         assert (t.wx1, t.wy1) == (min(500, t.x1 + 20), min(300, t.y1 + 20))
@@ -247,7 +247,7 @@ def test_shard_cell_sums_equal_the_table_of_the_owned_labels():
     img, _, _ = make_slide(256, seed=5)
     labels = LocalClassical().predict(img)
     H, W = labels.shape
-    for t in grid_tiles((H, W), 96, 24).itertuples():
+    for t in grid_tiles((H, W), 96, 24):
         owned, origin, large, stats = own_cells(labels[t.wy0:t.wy1, t.wx0:t.wx1], t, (H, W), with_stats=True)
         assert stats.shape == (int(owned.max()) if owned.size else 0, 7)
         assert (stats == cell_stats(owned)).all()
@@ -313,13 +313,13 @@ def test_ownership_keeps_each_seam_cell_in_exactly_one_tile():
     labels[10:20, 90:99] = 3   # left core
     plan = grid_tiles((H, W), 100, 20)
     owners = []
-    for t in plan.itertuples():
+    for t in plan:
         win = labels[t.wy0:t.wy1, t.wx0:t.wx1]
         owned, origin, large = own_cells(win, t, (H, W))
         owners.append(int(owned.max()) if owned.size else 0)
         assert not large
     assert owners == [1, 1]  # each tile owns one cell: the seam cell goes to the tile holding its anchor
-    t = plan.iloc[1]
+    t = plan[1]
     owned, (ox, oy), _ = own_cells(labels[t.wy0:t.wy1, t.wx0:t.wx1], t, (H, W))
     assert (ox, oy) == (95, 40) and owned.shape == (10, 11)
 
@@ -330,7 +330,7 @@ def test_cells_larger_than_the_halo_are_reported_with_their_location():
     labels[30:70, 60:140] = 1  # 80 px wide: larger than the 10 px halo
     plan = grid_tiles((H, W), 100, 10)
     reports = []
-    for t in plan.itertuples():  # each window sees a clipped part (x 60..110 and 90..140) and owns it
+    for t in plan:  # each window sees a clipped part (x 60..110 and 90..140) and owns it
         owned, origin, large = own_cells(labels[t.wy0:t.wy1, t.wx0:t.wx1], t, (H, W))
         assert owned.max() == 1 and len(large) == 1
         reports.append((large[0]["anchor_x"], large[0]["bbox_x0"], large[0]["bbox_x1"]))
@@ -388,7 +388,8 @@ def test_unreadable_slide_is_named(tmp_path):
 def test_stitch_refuses_missing_tiles_and_other_plans(slide, tmp_path):
     slide_path, _, card = slide
     run_all(tmp_path, slide_path, card, LocalClassical(), shards=1)
-    victim = tile_file(tmp_path / "tiles", int(read_plan(tmp_path / "tiles.tsv")[0].query("in_tissue")["tile_id"].iloc[0]))
+    plan = read_plan(tmp_path / "tiles.tsv")[0]
+    victim = tile_file(tmp_path / "tiles", int(plan[plan["in_tissue"]]["tile_id"][0]))
     victim.unlink()
     with pytest.raises(SegRefineError, match="1 tile result\\(s\\) missing .*forcerun segment_shard"):
         stitch(tmp_path / "tiles.tsv", tmp_path / "tiles", [tmp_path / "s0.json"], slide_path, tmp_path / "l2.tif",
@@ -585,7 +586,7 @@ def test_shipped_classical_model_tiled_equals_whole_with_the_slide_reference(sli
     plan, meta = read_plan(tmp_path / "tiles.tsv")
     per_window, slide_level = ClassicalAdapter({}), ClassicalAdapter({})
     assert slide_level.set_intensity_reference(meta["intensity_reference"]) is True
-    windows = [img[t.wy0:t.wy1, t.wx0:t.wx1] for t in plan.itertuples()]
+    windows = [img[t.wy0:t.wy1, t.wx0:t.wx1] for t in plan]
     assert any((per_window.predict(w) > 0).sum() != (slide_level.predict(w) > 0).sum() for w in windows)
 
 

@@ -272,7 +272,8 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
     card_shas = {s["card_sha256"] for s in shards}
     if len(card_shas) > 1:
         raise SegRefineError(f"shards {shard_jsons} were computed with different models; rerun them")
-    tiles = plan[plan["in_tissue"]].sort_values("tile_id")
+    tiles = plan[plan["in_tissue"]]
+    tiles = tiles[np.argsort(tiles["tile_id"], kind="stable")]
     missing = [int(t) for t in tiles["tile_id"] if not tile_file(tiles_dir, t).is_file()]
     if missing:
         raise SegRefineError(f"{tiles_dir}: {len(missing)} tile result(s) missing (tiles {missing[:10]}); "
@@ -307,7 +308,7 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
             table = _TableWriter(stack, cells_csv, cells_parquet)
             geo = _GeoJSONWriter(stack, geojson_out) if geojson_out else None
             progress = Progress(len(tiles), "stitch")
-            order = list(tiles.itertuples())
+            order = list(tiles)
             # the next tile is read (np.load, zlib: GIL released) on a reader thread while this one is pasted
             reader = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
             pending = reader.submit(read_tile, tile_file(tiles_dir, order[0].tile_id)) if order else None
