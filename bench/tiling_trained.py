@@ -278,6 +278,8 @@ def main():
     ap.add_argument("--context", default="0",
                     help="context px added to every image's halo (tile-plan's context_px), or 'model': the "
                          "adapter's context_px() (the margin it needs beyond the halo to be exact), 0 where it has none")
+    ap.add_argument("--images", nargs="+", metavar="TEXT",
+                    help="only the images whose name contains one of these (default: all)")
     ap.add_argument("--work", default="/tmp/segrefine-bench-tiling-trained")
     ap.add_argument("--out", help="write all figures as JSON here")
     a = ap.parse_args()
@@ -302,6 +304,8 @@ def main():
 
     case_specs = []
     for name, img, tile, halo in cases(a.synthetic_size):
+        if a.images and not any(t in name for t in a.images):
+            continue
         key = name.replace(" ", "_")
         slide = work / "slides" / f"{key}.tif"
         slide.parent.mkdir(parents=True, exist_ok=True)
