@@ -6,6 +6,8 @@ NDPI and SVS files cost only the tiles the region touches.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -242,10 +244,15 @@ class Slide:
 
 # --- streaming pyramidal OME-TIFF ---------------------------------------------------------------------------------------
 def _padded_tiles(array, tile: int):
-    """Row-major (tile, tile) blocks of a 2-D array-like (numpy, DiskArray), zero-padded at the right and bottom edges."""
+    """Row-major (tile, tile) blocks of a 2-D array-like (numpy, DiskArray), zero-padded at the right and bottom
+    edges; None for a block of a DiskArray that was never written (all zero, not read)."""
     H, W = array.shape
+    written = getattr(array, "written", None)
     for y in range(0, H, tile):
         for x in range(0, W, tile):
+            if written is not None and not written(y, min(H, y + tile), x, min(W, x + tile)):
+                yield None
+                continue
             block = np.asarray(array[y:min(H, y + tile), x:min(W, x + tile)])
             if block.shape != (tile, tile):
                 full = np.zeros((tile, tile), block.dtype)
@@ -271,6 +278,7 @@ class DiskArray:
         self.path, self.shape, self.dtype = Path(path), (int(shape[0]), int(shape[1])), np.dtype(dtype)
         self.ndim, self.chunk = 2, int(chunk)
         self._ncx = -(-self.shape[1] // self.chunk)
+        self._written = set()  # blocks (by, bx) ever written: the others are zero without reading them
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(self._fd, -(-self.shape[0] // self.chunk) * self._ncx * self.chunk ** 2 * self.dtype.itemsize)
 
@@ -283,16 +291,22 @@ class DiskArray:
         return y0, max(y0, y1), x0, max(x0, x1)
 
     def _pieces(self, y0, y1, x0, x1):
-        """(file offset of the block's first row in the region, block rows, block columns, region rows,
-        region columns) of every block the region overlaps."""
+        """(block (by, bx), file offset of the block's first row in the region, block rows, block columns,
+        region rows, region columns) of every block the region overlaps."""
         c, size = self.chunk, self.dtype.itemsize
         for by in range(y0 // c, -(-y1 // c)):
             ra, rb = max(y0, by * c), min(y1, (by + 1) * c)
             for bx in range(x0 // c, -(-x1 // c)):
                 ca, cb = max(x0, bx * c), min(x1, (bx + 1) * c)
                 offset = ((by * self._ncx + bx) * c * c + (ra - by * c) * c) * size
-                yield (offset, slice(0, rb - ra), slice(ca - bx * c, cb - bx * c),
+                yield ((by, bx), offset, slice(0, rb - ra), slice(ca - bx * c, cb - bx * c),
                        slice(ra - y0, rb - y0), slice(ca - x0, cb - x0))
+
+    def written(self, y0: int, y1: int, x0: int, x1: int) -> bool:
+        """Whether any block overlapping the region [y0, y1) x [x0, x1) was ever written."""
+        c = self.chunk
+        return any((by, bx) in self._written for by in range(y0 // c, -(-y1 // c))
+                   for bx in range(x0 // c, -(-x1 // c)))
 
     def _pread(self, offset: int, rows: int) -> np.ndarray:
         buf = np.empty((rows, self.chunk), self.dtype)
@@ -302,20 +316,23 @@ class DiskArray:
 
     def __getitem__(self, key) -> np.ndarray:
         y0, y1, x0, x1 = self._box(key)
-        out = np.empty((y1 - y0, x1 - x0), self.dtype)
-        for offset, brows, bcols, orows, ocols in self._pieces(y0, y1, x0, x1):
-            out[orows, ocols] = self._pread(offset, brows.stop)[:, bcols]
+        out = np.zeros((y1 - y0, x1 - x0), self.dtype)
+        for block, offset, brows, bcols, orows, ocols in self._pieces(y0, y1, x0, x1):
+            if block in self._written:
+                out[orows, ocols] = self._pread(offset, brows.stop)[:, bcols]
         return out
 
     def __setitem__(self, key, value) -> None:
         y0, y1, x0, x1 = self._box(key)
         value = np.broadcast_to(np.asarray(value, self.dtype), (y1 - y0, x1 - x0))
-        for offset, brows, bcols, orows, ocols in self._pieces(y0, y1, x0, x1):
+        for block, offset, brows, bcols, orows, ocols in self._pieces(y0, y1, x0, x1):
             if bcols.stop - bcols.start == self.chunk:
                 buf = np.ascontiguousarray(value[orows, ocols])
             else:  # some of the block's columns: keep the others
-                buf = self._pread(offset, brows.stop)
+                buf = self._pread(offset, brows.stop) if block in self._written else \
+                    np.zeros((brows.stop, self.chunk), self.dtype)
                 buf[:, bcols] = value[orows, ocols]
+            self._written.add(block)
             data = memoryview(buf.reshape(-1)).cast("B")
             while data:  # pwrite may write less than asked
                 n = os.pwrite(self._fd, data, offset)
@@ -344,22 +361,48 @@ def label_pyramid_levels(level0, work_dir, min_side: int = 1024, block: int = 20
         H, W = prev.shape
         h, w = (H + 1) // 2, (W + 1) // 2
         lv = DiskArray(Path(work_dir) / f"level{len(levels)}.raw", (h, w), prev.dtype)
+        written = getattr(prev, "written", None)
         for y in range(0, h, block // 2):
             for x in range(0, w, block // 2):
+                if written is not None and not written(2 * y, min(H, 2 * y + block), 2 * x, min(W, 2 * x + block)):
+                    continue  # never written: zero in this level too, without reading or writing it
                 lv[y:min(h, y + block // 2), x:min(w, x + block // 2)] = \
                     np.asarray(prev[2 * y:min(H, 2 * y + block), 2 * x:min(W, 2 * x + block)])[::2, ::2]
         levels.append(lv)
     return levels
 
 
+def _deflated(tiles, tile: int, dtype, level: int, pool, ahead: int = 8):
+    """The zlib streams (TIFF compression 8, "adobe deflate") of ``tiles`` (arrays, or None for a zero tile), in
+    order, by tifffile's own deflate encoder (imagecodecs, which releases the GIL) on ``pool``'s threads at most
+    ``ahead`` tiles in advance; a zero tile (background: most of a chip) is deflated once and its bytes reused."""
+    import tifffile
+
+    encode = tifffile.TIFF.COMPRESSORS[8]
+
+    def deflate(block):
+        return bytes(encode(np.ascontiguousarray(block).tobytes(), level=level))
+
+    zero = deflate(np.zeros((tile, tile), dtype))
+    pending = collections.deque()
+    for block in tiles:
+        pending.append(zero if block is None or not block.any() else pool.submit(deflate, block))
+        if len(pending) > ahead:
+            done = pending.popleft()
+            yield done if isinstance(done, bytes) else done.result()
+    for done in pending:
+        yield done if isinstance(done, bytes) else done.result()
+
+
 def write_pyramid_ome_tiff(path, levels: list, tile: int = 512, pixel_size_um: Optional[float] = None,
-                           name: str = "labels", zlib_level: Optional[int] = None) -> None:
+                           name: str = "labels", zlib_level: Optional[int] = None, workers: int = 2) -> None:
     """Write a tiled, zlib-compressed, pyramidal OME-TIFF (sub-resolutions as SubIFDs) atomically.
 
     ``levels`` are 2-D array-likes (numpy, zarr, DiskArray), full size first; they are
     streamed tile by tile. tifffile, QuPath (Bio-Formats), napari and Fiji read
     level 0 as the image and the SubIFDs as its pyramid. ``zlib_level``: the
-    deflate level (None: tifffile's default).
+    deflate level (None: 6, tifffile's default); the tiles are deflated here on
+    ``workers`` threads and handed to tifffile as encoded tiles.
     """
     import tifffile
 
@@ -370,15 +413,16 @@ def write_pyramid_ome_tiff(path, levels: list, tile: int = 512, pixel_size_um: O
         meta.update(PhysicalSizeX=float(pixel_size_um), PhysicalSizeXUnit="µm",
                     PhysicalSizeY=float(pixel_size_um), PhysicalSizeYUnit="µm")
     opts = dict(dtype=dtype, tile=(tile, tile), compression="zlib", photometric="minisblack")
-    if zlib_level is not None:  # None: tifffile's default (6); label tiles: 3 costs ~40% of 6's time, ~1.5x the bytes
-        opts["compressionargs"] = {"level": int(zlib_level)}
+    # label tiles: level 3 costs ~40% of the default 6's time for ~1.5x the bytes
+    level = 6 if zlib_level is None else int(zlib_level)
     bigtiff = level0.shape[0] * level0.shape[1] * dtype.itemsize > 2**31
-    with atomic_path(path, suffix=".tif") as tmp:
+    with atomic_path(path, suffix=".tif") as tmp, concurrent.futures.ThreadPoolExecutor(workers) as pool:
         try:
             with tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=True) as tif:
-                tif.write(_padded_tiles(level0, tile), shape=level0.shape, subifds=len(levels) - 1, metadata=meta,
-                          **opts)
+                tif.write(_deflated(_padded_tiles(level0, tile), tile, dtype, level, pool), shape=level0.shape,
+                          subifds=len(levels) - 1, metadata=meta, **opts)
                 for lv in levels[1:]:
-                    tif.write(_padded_tiles(lv, tile), shape=lv.shape, subfiletype=1, **opts)
+                    tif.write(_deflated(_padded_tiles(lv, tile), tile, dtype, level, pool), shape=lv.shape,
+                              subfiletype=1, **opts)
         except OSError as exc:
             raise SegRefineError(f"{path}: cannot write ({exc}; is the disk full?)") from exc
