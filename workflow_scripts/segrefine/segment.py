@@ -46,7 +46,7 @@ def segment_whole(card_path, slide_path, model=None, tissue: bool = False, tissu
     from segrefine.intensity import intensity_reference
     from segrefine.io import Slide
     from segrefine.models import load_model
-    from segrefine.tiling import slide_tissue
+    from segrefine.tiling import slide_tissue, window_predictor
 
     if model is None:
         model, _ = load_model(card_path)
@@ -54,8 +54,7 @@ def segment_whole(card_path, slide_path, model=None, tissue: bool = False, tissu
         image = slide.read_all()
         mask = slide_tissue(slide, tissue_downsample, tissue_level, bright_field) if tissue else None
     model.set_intensity_reference(intensity_reference(image, tissue=None if mask is None else (mask[0], mask[2])))
-    predict_window = getattr(model, "predict_window", None) or (lambda img, origin: model.predict(img))
-    return np.asarray(predict_window(image, (0, 0))).astype(np.uint32)
+    return np.asarray(window_predictor(model)(image, (0, 0))).astype(np.uint32)
 
 
 def segment_slide(card_path, slide_path, out_dir, tile_size: int = 1024, halo_px: int = 64, context_px: int = 0,

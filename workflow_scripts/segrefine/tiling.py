@@ -627,6 +627,13 @@ class Progress:
                  100.0 * done / max(self.total, 1), rate, left)
 
 
+def window_predictor(model):
+    """``f(image, (x, y))``: the model's labels of a window whose top-left pixel is (x, y) in the slide
+    (``Adapter.predict_window``: models with a slide-anchored grid need it); ``predict(image)`` for duck-typed
+    models (tests, benchmarks) that have only that."""
+    return getattr(model, "predict_window", None) or (lambda image, origin: model.predict(image))
+
+
 def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, gpus: int = 0,
               prefetch: int = 2, model=None) -> dict:
     """Predict every tile of one shard not already done; write each tile's owned cells atomically.
@@ -697,8 +704,7 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
                                 meta["halo_px"])
                 return int(owned.max()) if owned.size else 0, len(large), time.monotonic() - t0
 
-            # the window's place in the slide (models with a slide-anchored grid); duck-typed models: predict(img)
-            predict_window = getattr(model, "predict_window", None) or (lambda img, origin: model.predict(img))
+            predict_window = window_predictor(model)
             progress = Progress(len(todo), f"shard {shard}")
             with concurrent.futures.ThreadPoolExecutor(1) as reader, \
                     concurrent.futures.ThreadPoolExecutor(1) as writer:
