@@ -169,7 +169,8 @@ def segmentation_card(wildcards):
     return f"{RESULTS}/models/{seg['model']}/{wildcards.get('stage', seg['stage'])}/card.json"
 
 
-TILING_DEFAULTS = {"tile_size": 1024, "halo": 64, "halo_unit": "px", "context": 0, "shards": "auto",
+TILING_DEFAULTS = {"tile_size": 1024, "halo": 64, "halo_unit": "px", "context": 0, "model_context": True,
+                   "shards": "auto",
                    "tissue": {"activate": True, "level": "auto", "downsample": 16}}
 
 

@@ -39,6 +39,7 @@ rule segment_shard:
     params:
         run=segrefine(model_env(config["segmentation"]["model"])),
         tiles=lambda wc, output: str(Path(output[0]).parent.parent / "tiles"),
+        model_context="" if tiling_cfg()["model_context"] else "--no-model-context",
     wildcard_constraints:
         shard=r"\d+",
     log:
@@ -53,7 +54,7 @@ rule segment_shard:
     shell:
         "OMP_NUM_THREADS={threads} {params.run} segment-shard --plan {input.plan} --shard {wildcards.shard} "
         "--card {input.card} --slide {input.slide:q} --tiles-dir {params.tiles} --out {output} "
-        "--gpus {resources.gpu} 2> {log}"
+        "--gpus {resources.gpu} {params.model_context} 2> {log}"
 
 
 rule stitch:

@@ -717,3 +717,44 @@ def test_inner_boundaries_equal_scikit_image_find_boundaries():
     lab = np.repeat(np.repeat(rng.integers(0, 6, (30, 41)), 3, 0), 2, 1).astype(np.uint32)
     lab[rng.random(lab.shape) < 0.05] = 7
     assert (inner_boundaries(lab) == find_boundaries(lab, mode="inner")).all()
+
+
+class ContextModel:
+    """A strictly local model (connected components above a fixed level) that declares a context: the shard
+    must predict each window grown by it (clipped at the slide), at its place in the slide, and crop back."""
+    device = "cpu"
+
+    def __init__(self, context):
+        self.context, self.seen = context, []
+
+    def context_px(self):
+        return self.context
+
+    def predict(self, img):
+        from scipy import ndimage
+
+        return ndimage.label(img > 60)[0]
+
+    def predict_window(self, img, origin):
+        self.seen.append((tuple(int(v) for v in origin), img.shape[:2]))
+        return self.predict(img)
+
+
+def test_shard_grows_windows_by_the_model_context_and_crops_back(slide, tmp_path):
+    slide_path, img, card = slide
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    run_all(plain, slide_path, card, ContextModel(0), shards=1)
+    model = ContextModel(20)
+    plan, meta, rep = run_all(tmp_path, slide_path, card, model, shards=1)
+    H, W = img.shape
+    want = sorted(((max(0, t.wx0 - 20), max(0, t.wy0 - 20)), (min(H, t.wy1 + 20) - max(0, t.wy0 - 20),
+                                                                min(W, t.wx1 + 20) - max(0, t.wx0 - 20)))
+                  for t in plan if t.in_tissue)
+    assert sorted(model.seen) == want
+    assert json.loads((tmp_path / "s0.json").read_text())["model_context_px"] == 20
+    assert (tifffile.imread(tmp_path / "labels.tif") == tifffile.imread(plain / "labels.tif")).all()
+    # the context is part of what a tile was computed from: without it the shard predicts every tile again
+    stats = run_shard(tmp_path / "tiles.tsv", 0, card, slide_path, tmp_path / "tiles", tmp_path / "s0b.json",
+                      model=ContextModel(20), model_context=False)
+    assert stats["tiles_computed"] == stats["tiles"] and stats["model_context_px"] == 0

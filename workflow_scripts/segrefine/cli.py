@@ -197,7 +197,8 @@ def cmd_segment(a):
     from segrefine.segment import segment_slide
 
     segment_slide(a.card, a.slide, a.out_dir, a.tile_size, a.halo, a.context, a.shards, not a.no_tissue,
-                  _tissue_level(a.tissue_level), a.tissue_downsample, a.bright_field, a.trainset, a.pixel_size_um)
+                  _tissue_level(a.tissue_level), a.tissue_downsample, a.bright_field, a.trainset, a.pixel_size_um,
+                  model_context=not a.no_model_context)
 
 
 def cmd_tile_plan(a):
@@ -216,7 +217,8 @@ def cmd_tile_plan(a):
 def cmd_segment_shard(a):
     from segrefine.tiling import run_shard
 
-    run_shard(a.plan, a.shard, a.card, a.slide, a.tiles_dir, a.out, gpus=a.gpus, prefetch=a.prefetch)
+    run_shard(a.plan, a.shard, a.card, a.slide, a.tiles_dir, a.out, gpus=a.gpus, prefetch=a.prefetch,
+              model_context=not a.no_model_context)
 
 
 def cmd_stitch(a):
@@ -368,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", nargs="+", required=True, help="one name per losses file")
     p.add_argument("--out", required=True)
 
+    def model_context_arg(p):
+        p.add_argument("--no-model-context", action="store_true",
+                       help="do not grow the windows by the margin the model declares for tile-exact prediction")
+
     def tiling_args(p):
         p.add_argument("--tile-size", type=int, default=1024, help="core size of a tile (px)")
         p.add_argument("--halo", type=float, default=64, help="at least the largest cell diameter")
@@ -431,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slide", required=True)
     p.add_argument("--out-dir", required=True, help="labels.tif, cells.csv/.parquet/.geojson, overlay.png, ...")
     tiling_args(p)
+    model_context_arg(p)
 
     p = step("tile-plan", cmd_tile_plan, "tile plan of a slide: cores, halo windows, tissue flags, shards")
     p.add_argument("--slide", required=True)
@@ -448,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="shard summary (JSON)")
     p.add_argument("--gpus", type=int, default=0, help="the job's gpu resource: take one free local GPU")
     p.add_argument("--prefetch", type=int, default=2, help="tiles read ahead while the model works")
+    model_context_arg(p)
 
     p = step("stitch", cmd_stitch, "stitch per-tile results into whole-slide labels, cell table, outlines, overlay")
     p.add_argument("--plan", required=True)

@@ -60,7 +60,8 @@ def segment_whole(card_path, slide_path, model=None, tissue: bool = False, tissu
 def segment_slide(card_path, slide_path, out_dir, tile_size: int = 1024, halo_px: int = 64, context_px: int = 0,
                   shards: int = 1, tissue: bool = True, tissue_level: Optional[int] = None,
                   tissue_downsample: int = 16, bright_field: bool = False, trainset=None,
-                  pixel_size_um: Optional[float] = None, geojson: bool = True, overlay: bool = True) -> dict:
+                  pixel_size_um: Optional[float] = None, geojson: bool = True, overlay: bool = True,
+                  model_context: bool = True) -> dict:
     """Plan, all shards one after another, and stitch, in one process; outputs in ``out_dir`` as the workflow names them.
 
     Runs in any model's env; ``cells.parquet`` is written where pyarrow is installed (the core env; the model
@@ -76,7 +77,7 @@ def segment_slide(card_path, slide_path, out_dir, tile_size: int = 1024, halo_px
     write_plan(plan, meta, out / "tiles.tsv", out / "tiles.json")
     shard_jsons = [out / "shards" / f"{k}.json" for k in range(shards)]
     for k, sj in enumerate(shard_jsons):
-        run_shard(out / "tiles.tsv", k, card_path, slide_path, out / "tiles", sj)
+        run_shard(out / "tiles.tsv", k, card_path, slide_path, out / "tiles", sj, model_context=model_context)
     parquet = out / "cells.parquet" if importlib.util.find_spec("pyarrow") else None
     if parquet is None:
         log.warning("pyarrow is not installed in this env: no cells.parquet (cells.csv holds the same table)")

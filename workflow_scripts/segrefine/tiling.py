@@ -527,11 +527,13 @@ def tile_file(tiles_dir, tile_id: int) -> Path:
     return Path(tiles_dir) / f"tile{int(tile_id):06d}.npz"
 
 
-def tile_fingerprint(meta: dict, card_sha: str, tile) -> str:
+def tile_fingerprint(meta: dict, card_sha: str, tile, model_context: bool = True) -> str:
+    """What a tile result was computed from: the plan, the model card, the slide's intensity reference, the
+    window, and whether the window was grown by the model's own context (the card fixes how much)."""
     ref = meta.get("intensity_reference")
     norm = hashlib.sha256(json.dumps(ref, sort_keys=True).encode()).hexdigest()[:8] if ref is not None else "none"
     return (f"{meta['plan_id']}:{card_sha[:16]}:{norm}:{int(tile.tile_id)}:"
-            f"{int(tile.wx0)},{int(tile.wy0)},{int(tile.wx1)},{int(tile.wy1)}")
+            f"{int(tile.wx0)},{int(tile.wy0)},{int(tile.wx1)},{int(tile.wy1)}" + (":mc" if model_context else ""))
 
 
 TILE_FORMAT = 2  # 2: + per-cell table sums and GeoJSON ring text (1: labels and outline coordinates only)
@@ -634,14 +636,25 @@ def window_predictor(model):
     return getattr(model, "predict_window", None) or (lambda image, origin: model.predict(image))
 
 
+def model_context_px(model) -> int:
+    """The margin (px) beyond a window that the model must see to predict the window's cells as it would in the
+    whole slide (``Adapter.context_px``; 0 for models that do not declare one)."""
+    f = getattr(model, "context_px", None)
+    return max(0, int(f())) if f is not None else 0
+
+
 def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, gpus: int = 0,
-              prefetch: int = 2, model=None) -> dict:
+              prefetch: int = 2, model=None, model_context: bool = True) -> dict:
     """Predict every tile of one shard not already done; write each tile's owned cells atomically.
 
     The model is loaded once; a reader thread reads the next ``prefetch``
     windows while the model works, and a writer thread applies the ownership
     rule and writes the previous tile's result. A killed shard leaves only
     complete tile files, so its rerun predicts only the unfinished tiles.
+    ``model_context``: grow each window by the model's own context
+    (``model_context_px``, clipped at the slide) for the prediction and crop
+    the labels back to the window before the ownership rule: the plan's
+    margin stays what the cells need, the model sees what it needs.
     ``model``: an already loaded model to use instead of the card's
     (benchmarks, tests); the card still identifies it in the tile fingerprints."""
     from segrefine.devices import gpu_device
@@ -657,7 +670,8 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
     card_sha = sha256_file(card_path)
     tiles = [t for t in plan if t.shard == shard]
     Path(tiles_dir).mkdir(parents=True, exist_ok=True)
-    todo = [t for t in tiles if not tile_done(tile_file(tiles_dir, t.tile_id), tile_fingerprint(meta, card_sha, t))]
+    todo = [t for t in tiles
+            if not tile_done(tile_file(tiles_dir, t.tile_id), tile_fingerprint(meta, card_sha, t, model_context))]
     stats = {"shard": shard, "tiles": len(tiles), "tiles_resumed": len(tiles) - len(todo), "tiles_computed": len(todo),
              "card_sha256": card_sha, "plan_id": meta["plan_id"], "read_s": 0.0, "predict_s": 0.0, "predict_cpu_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0,
              "own_write_s": 0.0, "cells": 0, "large_cells": 0, "device": None,
@@ -682,21 +696,32 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
                             f"model {type(model).__name__} does not take a slide-level intensity reference")
             stats["device"] = str(model.device)
             stats["gpu"] = dev
-            log.info("shard %d: model %s [%s] on %s", shard, card.get("name"), card.get("stage"), model.device)
+            extra = model_context_px(model) if model_context else 0
+            stats["model_context_px"] = extra
+            log.info("shard %d: model %s [%s] on %s; windows grown by the model's context: %d px", shard,
+                     card.get("name"), card.get("stage"), model.device, extra)
             if tuple(slide.shape) != (meta["height"], meta["width"]):
                 raise SegRefineError(f"{slide_path}: slide size {slide.shape} differs from the plan's "
                                      f"({meta['height']}, {meta['width']})")
 
+            H, W = slide.shape
+
+            def grown(t):
+                """The window the model predicts: the plan's window grown by the model's context, in the slide."""
+                return (max(0, int(t.wx0) - extra), max(0, int(t.wy0) - extra),
+                        min(W, int(t.wx1) + extra), min(H, int(t.wy1) + extra))
+
             def read(t):
                 t0 = time.monotonic()
-                img = slide.read(int(t.wx0), int(t.wy0), int(t.wx1 - t.wx0), int(t.wy1 - t.wy0))
+                gx0, gy0, gx1, gy1 = grown(t)
+                img = slide.read(gx0, gy0, gx1 - gx0, gy1 - gy0)
                 return img, time.monotonic() - t0
 
             def own_and_write(t, labels):
                 t0 = time.monotonic()
                 owned, origin, large, cstats = own_cells(labels, t, slide.shape, with_stats=True)
                 write_tile(tile_file(tiles_dir, t.tile_id), owned, origin, large,
-                           {"tile_id": int(t.tile_id), "fingerprint": tile_fingerprint(meta, card_sha, t)},
+                           {"tile_id": int(t.tile_id), "fingerprint": tile_fingerprint(meta, card_sha, t, model_context)},
                            stats=cstats)
                 for cell in large:
                     log.warning("tile %d: cell at anchor (x=%d, y=%d) reaches the window edge: it is larger than the "
@@ -718,12 +743,14 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
                     if i + prefetch < len(todo):
                         reads.append(reader.submit(read, todo[i + prefetch]))
                     t0, c0 = time.monotonic(), time.thread_time()
-                    labels = np.asarray(predict_window(img, (int(t.wx0), int(t.wy0))))
+                    gx0, gy0, _, _ = grown(t)
+                    labels = np.asarray(predict_window(img, (gx0, gy0)))
                     stats["predict_s"] += time.monotonic() - t0
                     stats["predict_cpu_s"] += time.thread_time() - c0  # this thread's CPU (model threads not counted)
                     if labels.shape != img.shape[:2]:
                         raise SegRefineError(f"model {card_path} returned labels of shape {labels.shape} for a "
                                              f"window of shape {img.shape[:2]} (tile {t.tile_id})")
+                    labels = labels[int(t.wy0) - gy0:int(t.wy1) - gy0, int(t.wx0) - gx0:int(t.wx1) - gx0]
                     writes.append(writer.submit(own_and_write, t, labels))
                     t0 = time.monotonic()
                     while len(writes) > 1:  # at most one write behind: errors (a full disk) surface at once

@@ -62,6 +62,13 @@ class Adapter(abc.ABC):
         is ``predict_window(image, (0, 0))``. Default: ``predict(image)``: the origin does not matter."""
         return self.predict(image)
 
+    def context_px(self) -> int:
+        """The margin (px) beyond a tile window that this model must see so that its prediction of the window
+        equals its whole-slide prediction there (its receptive field, or the blocks it predicts in). The shard
+        grows every window by this much and crops the labels back (``segmentation.tiling.model_context``).
+        Default 0: the window's own pixels (and the halo the plan gives every window) suffice."""
+        return 0
+
     #: inference thresholds the evaluation's threshold sweep may set (keys of ``self.params``); none by default
     SWEEPABLE_THRESHOLDS: Tuple[str, ...] = ()
 
