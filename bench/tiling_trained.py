@@ -4,7 +4,7 @@
     PYTHONPATH=workflow_scripts .envs/core/bin/python bench/tiling_trained.py \
         --cellpose-card results/models/cyto_demo/finetuned/card.json --stardist-card DIR/card.json
     PYTHONPATH=workflow_scripts .envs/core/bin/python bench/tiling_trained.py --models cellpose \
-        --cellpose-card DIR/card.json --context model   # margin = halo + the adapter's context_px()
+        --cellpose-card DIR/card.json --model-context off   # windows = the plan's (halo) only
 
 Models: with no ``--cellpose-card`` / ``--stardist-card`` the script trains
 them through the project's CLI exactly as bench/finetune_families.py does
@@ -20,13 +20,15 @@ DSB2018 512, the synthetic demo slide), in the model's own env (a subprocess
 of that env's python, PYTHONPATH=workflow_scripts): tiled inference with
 ``segrefine.segment.segment_slide`` (tile-plan with its slide intensity
 reference, one shard, stitch; small tiles so that most cells lie near a seam;
-window margin = the image's halo + ``--context`` px, "model" = the adapter's
-``context_px()`` where it has one, else 0) and whole-image inference with
-``segrefine.segment.segment_whole`` (one predict_window call at origin (0, 0),
-the same reference computed on the whole image). Scored here in
-the core env with the measures of bench/tiling.py: F1 at IoU 0.5 of tiled vs
-whole (``segrefine.metrics.object_metrics``) and ``segrefine.stitch.seam_report``
-(seam cells, cut at seams, duplicates, ids unique and dense).
+plan margin = the image's halo + ``--context`` px; the shard grows each window
+by the model's own ``context_px()`` unless ``--model-context off``) and
+whole-image inference with ``segrefine.segment.segment_whole`` (one
+predict_window call at origin (0, 0), the same reference computed on the whole
+image). Scored here in the core env with the measures of bench/tiling.py: F1
+at IoU 0.5 of tiled vs whole (``segrefine.metrics.object_metrics``) and
+``segrefine.stitch.seam_report`` (seam cells, cut at seams, duplicates, ids
+unique and dense). ``--images`` keeps only some images; ``--synthetic-size``
+sets the synthetic slide's size (tiles of 256 px).
 
 Cellpose runs through the shipped ``CellposeAdapter.predict_window`` (its
 slide-anchored resampling and block grid). ``--variants`` adds diagnostic
@@ -149,13 +151,13 @@ def cases(synthetic_size: int):
 
 
 # --- the worker, in the model's env --------------------------------------------------------------------------------------
-def tiled_steps(card, slide, out: Path, tile: int, halo: int, context: int = 0) -> dict:
+def tiled_steps(card, slide, out: Path, tile: int, halo: int, context: int = 0, model_context: bool = True) -> dict:
     """``segrefine.segment.segment_slide`` (plan, one shard, stitch in one process), every tile predicted, no
     outlines or overlay (not scored here); returns the stitch report."""
     from segrefine.segment import segment_slide
 
     return segment_slide(card, slide, out, tile_size=tile, halo_px=halo, context_px=context, shards=1, tissue=False,
-                         geojson=False, overlay=False)
+                         geojson=False, overlay=False, model_context=model_context)
 
 
 def worker(spec_path: Path) -> None:
@@ -181,18 +183,16 @@ def worker(spec_path: Path) -> None:
         from segrefine.models.cellpose_adapter import CellposeAdapter
 
         CellposeAdapter.predict = CellposeAdapter.predict_window = stock_predict_window
-    model = load_model(card_used)[0]  # also warms the imports (torch / tensorflow) outside the timings
-    context = spec.get("context") or 0
-    if context == "model":  # the margin beyond the halo that the adapter says it needs to be exact
-        context = int(model.context_px()) if hasattr(model, "context_px") else 0
-    context = int(context)
+    load_model(card_used)  # warm the imports (torch / tensorflow) outside the timings
+    context = int(spec.get("context") or 0)
+    model_context = spec.get("model_context", True)
     results = []
     for case in spec["cases"]:
         out = Path(case["work"])
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         t0 = time.monotonic()
-        tiled_steps(card_used, case["slide"], out, case["tile"], case["halo"], context)
+        tiled_steps(card_used, case["slide"], out, case["tile"], case["halo"], context, model_context)
         tiled_s = time.monotonic() - t0
         t0 = time.monotonic()
         whole = segment_whole(card_used, case["slide"])
@@ -205,12 +205,13 @@ def worker(spec_path: Path) -> None:
     Path(spec["out"]).write_text(json.dumps(results))
 
 
-def run_worker(framework: str, model_label: str, card, case_specs, work: Path, patch=None, context=0):
+def run_worker(framework: str, model_label: str, card, case_specs, work: Path, patch=None, context=0,
+               model_context=True):
     from segrefine.envs import env_python
 
     work.mkdir(parents=True, exist_ok=True)
     spec = {"card": str(card), "model": model_label, "cases": case_specs, "out": str(work / "worker.json"),
-            "work": str(work), "patch": patch, "context": context}
+            "work": str(work), "patch": patch, "context": context, "model_context": model_context}
     (work / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=str(SCRIPTS), TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([str(env_python(FRAMEWORK_ENV[framework])), str(Path(__file__).resolve()), "--worker",
@@ -275,9 +276,11 @@ def main():
                          "bench/finetune_families.py does when this card is missing)")
     ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), metavar="VARIANT",
                     help=f"also run these diagnostic variants (none given: all): {list(VARIANTS)}")
-    ap.add_argument("--context", default="0",
-                    help="context px added to every image's halo (tile-plan's context_px), or 'model': the "
-                         "adapter's context_px() (the margin it needs beyond the halo to be exact), 0 where it has none")
+    ap.add_argument("--context", type=int, default=0, help="context px added to every image's halo in the plan "
+                                                            "(tile-plan's context_px)")
+    ap.add_argument("--model-context", choices=["on", "off"], default="on",
+                    help="on (the shipped default): the shard grows each window by the model's context_px() and "
+                         "crops the labels back; off: the model sees the plan's window only")
     ap.add_argument("--images", nargs="+", metavar="TEXT",
                     help="only the images whose name contains one of these (default: all)")
     ap.add_argument("--work", default="/tmp/segrefine-bench-tiling-trained")
@@ -324,12 +327,13 @@ def main():
         specs = [dict(c, work=str(work / "runs" / label.replace(" ", "_").replace(",", "") / c["key"]))
                  for c in case_specs]
         res = run_worker(fw, label, card, specs, work / "runs" / label.replace(" ", "_").replace(",", ""), patch,
-                         a.context)
+                         a.context, a.model_context == "on")
         for c, r in zip(case_specs, res):
             whole, tiled = tifffile.imread(r["whole"]), tifffile.imread(r["tiled"])
             plan = json.loads((Path(r["tiled"]).parent / "tiles.json").read_text())
             row = {"image": c["name"], "size": c["size"], "tiles": int(plan["tiles"]), "tile": c["tile"],
-                   "halo": c["halo"], "context": int(r["context"]), "model": label, "framework": fw, "card": str(card),
+                   "halo": c["halo"], "context": int(r["context"]), "model_context_px": _model_context(r["tiled"]),
+                   "model": label, "framework": fw, "card": str(card),
                    "card_diameter_px": cdata.get("preprocessing", {}).get("diameter_px"),
                    **score(whole, tiled, c["tile"], c["halo"]), "tiled_s": r["tiled_s"], "whole_s": r["whole_s"],
                    "largest_whole_cell_px": _largest(whole)}
@@ -339,11 +343,12 @@ def main():
                   flush=True)
 
     print("\n## Fidelity with trained deep models: tiled vs whole-image inference, same model (F1 at IoU 0.5)\n")
-    print("| image | size | tiles (px, halo + context) | model | cells whole / tiled | F1 | seam cells | cut at seams "
+    print("| image | size | tiles (px, halo + context, + model context) | model | cells whole / tiled | F1 | seam cells | cut at seams "
           "| duplicates | ids unique | s tiled / whole |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['image']} | {r['size']} | {r['tiles']} ({r['tile']}, {r['halo']} + {r['context']}) | {r['model']} | "
+        print(f"| {r['image']} | {r['size']} | {r['tiles']} ({r['tile']}, {r['halo']} + {r['context']}, + "
+              f"{r['model_context_px']}) | {r['model']} | "
               f"{r['cells_whole']} / {r['cells_tiled']} | {r['f1']:.4f} | {r['seam_cells']} | "
               f"{r['cut_at_seams']} | {r['duplicates']} | {r['ids_unique']} | {r['tiled_s']:.1f} / {r['whole_s']:.1f} |")
     total = time.monotonic() - t_start
@@ -354,6 +359,12 @@ def main():
         Path(a.out).write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "total_s": total,
                                            "cards": {k: str(v) for k, v in cards.items()}, "training": train_info,
                                            "fidelity": rows}, indent=2, default=float) + "\n")
+
+
+def _model_context(labels_path) -> int:
+    """How far the shard grew each window for the model (its shard report's model_context_px; 0 if absent)."""
+    shards = sorted((Path(labels_path).parent / "shards").glob("*.json"))
+    return int(json.loads(shards[0].read_text()).get("model_context_px", 0)) if shards else 0
 
 
 def _largest(labels: np.ndarray) -> int:

@@ -3,6 +3,11 @@
 Training is cellpose's own ``train.train_seg``; the defaults are the paper's
 (SGD, initial learning rate 0.2, weight decay 1e-5). Runs on the GPU when torch
 sees one, on the CPU otherwise.
+
+Inference (``predict_window``; ``predict`` is its call at the origin) runs
+cellpose's network and dynamics on a resampling grid and a block grid anchored
+at the slide's origin, not at the image's, so that a tile window with a margin
+of ``context_px()`` beyond the halo predicts the same cells as the whole slide.
 """
 from __future__ import annotations
 
@@ -282,8 +287,9 @@ class CellposeAdapter(Adapter):
         rescaled px away), their input is interpolated from source pixels one further, and its output is
         interpolated from the two neighbouring rescaled pixels: a pixel at least this far from every window edge
         that is not a slide edge gets the whole image's outputs (up to float noise), and so does a cell all of
-        whose pixels are (its dynamics only use the flows of its own pixels). With ``segmentation.tiling.context``
-        >= this value, a cell smaller than the halo that a tile owns is predicted exactly as in the whole slide."""
+        whose pixels are (its dynamics only use the flows of its own pixels). The shard grows every window by this
+        much (``segmentation.tiling.model_context``, on by default) and crops the labels back, so that a cell smaller
+        than the halo that a tile owns is predicted exactly as in the whole slide. ~BLOCK / r: 225 px for r = 1.016."""
         return int(np.ceil((self.BLOCK + 2) / self.rescale())) + 2
 
     def predict(self, image: np.ndarray) -> np.ndarray:
