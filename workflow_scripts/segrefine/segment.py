@@ -50,10 +50,13 @@ def segment_whole(card_path, slide_path, model=None, tissue: bool = False, tissu
 
     if model is None:
         model, _ = load_model(card_path)
+    tissue_mask = None  # (low-resolution mask, level-0 px per mask px), as tile-plan makes it
     with Slide(slide_path) as slide:
         image = slide.read_all()
-        mask = slide_tissue(slide, tissue_downsample, tissue_level, bright_field) if tissue else None
-    model.set_intensity_reference(intensity_reference(image, tissue=None if mask is None else (mask[0], mask[2])))
+        if tissue:
+            mask, _, f = slide_tissue(slide, tissue_downsample, tissue_level, bright_field)
+            tissue_mask = (mask, f)
+    model.set_intensity_reference(intensity_reference(image, tissue=tissue_mask))
     return np.asarray(window_predictor(model)(image, (0, 0))).astype(np.uint32)
 
 
