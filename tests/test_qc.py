@@ -115,3 +115,29 @@ def test_stage_names_are_checked(tmp_path):
         read_cell_tables(cellmaps, samples, ["pretrained"])
     with pytest.raises(SegRefineError, match=r"cell tables of 3 stages \['a', 'b', 'c'\]: the comparison takes two"):
         expression_qc(cellmaps[:3], samples[:3], tmp_path / "qc", stages=["a", "b", "c"])
+
+
+def test_a_slide_without_cells_gives_zero_cell_tables_and_a_plot_saying_so(tmp_path):
+    """0 cells is a result: every table is written (a 0-cell summary row per table, 0-row cell tables and
+    comparison), the plot says there is no cell, and the step exits 0 naming the empty tables."""
+    empty = _cellmap(tmp_path / "empty.csv", [], [], [])
+    some = _cellmap(tmp_path / "some.csv", [10, 12, 300], [4, 5, 6], [2, 2, 3])
+    proc = run_step("core", "expression-qc", "--cellmaps", empty, empty, "--samples", "S1", "S1",
+                    "--stages", "pretrained", "finetuned", "--out-dir", tmp_path / "qc")
+    assert f"no cell in {empty} (S1 pretrained), {empty} (S1 finetuned)" in proc.stderr
+    out = tmp_path / "qc"
+    assert sorted(p.name for p in out.iterdir()) == ["before_after.csv", "cells.csv", "distributions.png",
+                                                      "extreme_area.csv", "summary.csv"]
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["stage"]) == ["pretrained", "finetuned"] and list(summary["cells"]) == [0, 0]
+    assert math.isnan(summary["area_q50"].iloc[0])
+    for name in ("cells.csv", "extreme_area.csv", "before_after.csv"):
+        table = pd.read_csv(out / name)
+        assert len(table) == 0 and "sample" in table.columns
+    assert (out / "distributions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one stage without cells, the other with: the empty one keeps its summary row, the comparison has no row
+    run_step("core", "expression-qc", "--cellmaps", empty, some, "--samples", "S1", "S1",
+             "--stages", "pretrained", "finetuned", "--out-dir", tmp_path / "qc2")
+    summary = pd.read_csv(tmp_path / "qc2" / "summary.csv")
+    assert list(summary["cells"]) == [0, 3]
+    assert len(pd.read_csv(tmp_path / "qc2" / "before_after.csv")) == 0

@@ -64,8 +64,9 @@ def test_table_and_version(tmp_path):
 
 def test_image_mask_size_mismatch_names_the_files(tmp_path):
     img, _ = _pair(tmp_path, "S1-x0_y0_w32_h32", 2)
-    _, mask = _pair(tmp_path, "S1-x9_y0_w32_h32", 2, shape=(30, 32))
-    with pytest.raises(SegRefineError, match=r"S1-x9_y0_w32_h32-mask.tif: mask is 32x30 px but image .* is 32x32"):
+    (tmp_path / "other").mkdir()
+    _, mask = _pair(tmp_path / "other", "S1-x0_y0_w32_h32", 2, shape=(30, 32))
+    with pytest.raises(SegRefineError, match=r"other/S1-x0_y0_w32_h32-mask.tif: mask is 32x30 px but image .* is 32x32"):
         build_rows([img], [mask], 0, 0.0, 0.0)
 
 
@@ -73,3 +74,25 @@ def test_no_cells_to_train_on_is_refused(tmp_path):
     pairs = [_pair(tmp_path, n, 0) for n in _names(4)]
     with pytest.raises(SegRefineError, match="training split holds no cells"):
         build_rows([p[0] for p in pairs], [p[1] for p in pairs], 0, 0.0, 0.0)
+
+
+def test_images_and_masks_are_paired_by_patch_name_not_position(tmp_path):
+    """Masks listed in another order than their images still meet their own image (rows name both files)."""
+    pairs = [_pair(tmp_path, n, k + 1) for k, n in enumerate(_names(4))]
+    rows = build_rows([p[0] for p in pairs], [p[1] for p in reversed(pairs)], 0, 0.1, 0.2)
+    assert [r["n_cells"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert r["mask"] == r["image"].replace("-img.tif", "-mask.tif")
+
+
+def test_unmatched_images_and_masks_are_refused_naming_them(tmp_path):
+    pairs = [_pair(tmp_path, n, 2) for n in _names(3)]
+    other = _pair(tmp_path, "S2-x0_y0_w256_h256", 1)
+    with pytest.raises(SegRefineError) as err:
+        build_rows([p[0] for p in pairs[:2]] + [other[0]], [p[1] for p in pairs], 0, 0.1, 0.2)
+    msg = str(err.value)
+    assert f"image(s) without a mask: {other[0]}" in msg and f"mask(s) without an image: {pairs[2][1]}" in msg
+    with pytest.raises(SegRefineError, match="two masks of patch S1-x0_y0_w256_h256"):
+        build_rows([pairs[0][0]], [pairs[0][1], pairs[0][1]], 0, 0.1, 0.2)
+    with pytest.raises(SegRefineError, match="notapatch.tif: mask file not named after its patch"):
+        build_rows([pairs[0][0]], [str(tmp_path / "notapatch.tif")], 0, 0.1, 0.2)

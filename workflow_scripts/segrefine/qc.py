@@ -74,11 +74,17 @@ def _area_fences(areas, k: float):
     return med, q1 - k * spread, q3 + k * spread
 
 
-def summarize_cells(cells, k: float = 3.0):
+def summarize_cells(cells, k: float = 3.0, tables: Optional[Sequence[Tuple[str, str]]] = None):
+    """One row per sample and stage; ``tables`` (the (sample, stage) of every cell table read) also gives a row of
+    0 cells to a table without any cell."""
     import pandas as pd
 
+    groups = list(_groups(cells))
+    if tables is not None:
+        have = {(sm, st): df for sm, st, df in groups}
+        groups = [(sm, st, have.get((sm, st), cells.iloc[:0])) for sm, st in dict.fromkeys(map(tuple, tables))]
     rows = []
-    for sample, stage, df in _groups(cells):
+    for sample, stage, df in groups:
         row = {"sample": sample, "stage": stage, "cells": len(df), "empty_cells": int((df["total_counts"] == 0).sum()),
                "umis_in_cells": int(df["total_counts"].sum())}
         for col, _ in METRICS:
@@ -93,7 +99,9 @@ def summarize_cells(cells, k: float = 3.0):
         else:
             row["extreme_large"] = row["extreme_small"] = 0
         rows.append(row)
-    return pd.DataFrame(rows)
+    cols = ["sample", "stage", "cells", "empty_cells", "umis_in_cells"]
+    cols += [f"{c}_{s}" for c, _ in METRICS for s in ["mean"] + [f"q{int(q * 100):02d}" for q in QUANTILES] + ["max"]]
+    return pd.DataFrame(rows, columns=cols + ["extreme_large", "extreme_small"])
 
 
 def extreme_area(cells, k: float = 3.0):
@@ -178,6 +186,15 @@ def plot_distributions(cells, path, tests=None) -> None:
     from segrefine.io import atomic_path
 
     pair = stage_pair(cells)
+    if not len(cells):  # no cell in any table: a figure that says so instead of empty axes
+        fig, ax = plt.subplots(figsize=(8, 2.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "per-cell QC: no cell in any cell table (0 cells segmented under the expression matrix)",
+                ha="center", va="center", fontsize=11, wrap=True)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        return
     rows = sorted(cells["sample"].unique()) if pair else [None]
     fig, axes = plt.subplots(len(rows), 3, figsize=(13, 3.8 * len(rows)), squeeze=False)
     colours = {st: f"C{i}" for i, st in enumerate(cells["stage"].unique())}
@@ -195,7 +212,8 @@ def plot_distributions(cells, path, tests=None) -> None:
                     ax.axvline(np.median(v), color=line.get_edgecolor(), linestyle="--", linewidth=1)
             ax.set_xlabel(title)
             ax.set_ylabel("cells")
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
             if pair and tests is not None:
                 t = tests[(tests["sample"] == sample) & (tests["metric"] == col)]
                 if len(t):
@@ -215,9 +233,20 @@ def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    import logging
+
     cells = read_cell_tables(cellmaps, samples, stages)
-    pair = stage_pair(cells)
-    tables = [("cells.csv", cells), ("summary.csv", summarize_cells(cells, k)),
+    read = list(zip(samples, [""] * len(samples) if not stages else
+                    (list(stages) * len(samples) if len(stages) == 1 else list(stages))))
+    given = list(dict.fromkeys(st for _, st in read))  # the stages asked for, even those without any cell
+    if len(given) > 2:
+        raise SegRefineError(f"cell tables of {len(given)} stages {given}: the comparison takes two (before, after)")
+    pair = (given[0], given[1]) if len(given) == 2 else None
+    empty = [f"{p} ({sm}{' ' + st if st else ''})" for p, (sm, st) in zip(cellmaps, read)
+             if not ((cells["sample"] == sm) & (cells["stage"] == st)).any()]
+    if empty:
+        logging.getLogger(__name__).warning("no cell in %s: QC written with 0 cells there", ", ".join(empty))
+    tables = [("cells.csv", cells), ("summary.csv", summarize_cells(cells, k, read)),
               ("extreme_area.csv", extreme_area(cells, k))]
     tests = compare_stages(cells, *pair) if pair else None
     if pair:

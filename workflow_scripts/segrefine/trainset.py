@@ -55,18 +55,48 @@ def assign_splits(patches: Sequence[str], seed: int, val_fraction: float, test_f
     return split
 
 
+def _by_patch(paths: Sequence[str], kind: str) -> Dict[str, str]:
+    from segrefine.patches import parse_patch_name
+
+    out: Dict[str, str] = {}
+    for path in paths:
+        try:
+            name = parse_patch_name(Path(path).stem).name  # accepts {patch}, {patch}-img, {patch}-mask
+        except SegRefineError as exc:
+            raise SegRefineError(f"{path}: {kind} file not named after its patch: {exc}") from None
+        if name in out:
+            raise SegRefineError(f"two {kind}s of patch {name}: {out[name]} and {path}")
+        out[name] = str(path)
+    return out
+
+
+def pair_by_patch(images: Sequence[str], masks: Sequence[str]) -> List[tuple]:
+    """(image, mask) pairs matched by the patch name in each file name, in the order of the images; an image
+    without a mask or a mask without an image is refused, naming them."""
+    img, msk = _by_patch(images, "image"), _by_patch(masks, "mask")
+    lonely_img = [img[n] for n in img if n not in msk]
+    lonely_msk = [msk[n] for n in msk if n not in img]
+    if lonely_img or lonely_msk:
+        parts = []
+        if lonely_img:
+            parts.append(f"image(s) without a mask: {', '.join(lonely_img)}")
+        if lonely_msk:
+            parts.append(f"mask(s) without an image: {', '.join(lonely_msk)}")
+        raise SegRefineError("patch images and masks are paired by patch name; " + "; ".join(parts))
+    return [(img[n], msk[n]) for n in img]
+
+
 def build_rows(images: Sequence[str], masks: Sequence[str], seed: int, val_fraction: float,
                test_fraction: float) -> List[dict]:
-    """Rows of the training-set table for matching lists of patch images and masks."""
+    """Rows of the training-set table of patch images and their masks (paired by patch name)."""
     from segrefine.io import read_tiff
     from segrefine.patches import parse_patch_name
 
-    if len(images) != len(masks):
-        raise SegRefineError(f"{len(images)} patch images but {len(masks)} masks")
-    if not images:
+    if not images and not masks:
         raise SegRefineError("no annotated patches: put annotation files in each sample's annotation folder")
+    pairs = pair_by_patch(images, masks)
     rows = []
-    for image, mask in zip(images, masks):
+    for image, mask in pairs:
         box = parse_patch_name(Path(image).stem)
         img = read_tiff(image)
         lab = read_tiff(mask)
