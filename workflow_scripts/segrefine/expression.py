@@ -108,7 +108,7 @@ def parse_origin(spec: Union[str, Tuple[int, int], None]) -> Optional[Tuple[int,
 
 
 def resolve_origin(gem, spec) -> Tuple[Tuple[int, int], str]:
-    """The origin to use and where it came from (for the log and error messages)."""
+    """The origin to use and where it came from (for the log and error messages); ``gem`` has ``offset``."""
     explicit = parse_origin(spec)
     if explicit is not None:
         return explicit, "config"
@@ -116,28 +116,112 @@ def resolve_origin(gem, spec) -> Tuple[Tuple[int, int], str]:
     return (-ox, -oy), ("the file's OffsetX/OffsetY" if (ox or oy) else "default (0, 0)")
 
 
-def read_labels(path) -> np.ndarray:
-    """Level 0 of the whole-slide label image (plain or pyramidal TIFF), 2-D integer."""
-    import tifffile
+class LabelImage:
+    """Level 0 of a whole-slide label image (TIFF / OME-TIFF, tiled or striped, pyramidal or not), read by bands.
 
-    path = Path(path)
-    if not path.is_file():
-        raise SegRefineError(f"{path}: label image not found")
-    try:
-        with tifffile.TiffFile(path) as tif:
-            labels = tif.series[0].levels[0].asarray()
-    except Exception as exc:
-        raise SegRefineError(f"{path}: not a readable TIFF label image ({type(exc).__name__}: {exc})") from exc
-    labels = np.squeeze(labels)
-    if labels.ndim != 2 or labels.dtype.kind not in "ui":
-        raise SegRefineError(f"{path}: expected 2-D integer instance labels, got {labels.dtype} {labels.shape}")
-    if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
-        raise SegRefineError(f"{path}: negative label ids")
-    return labels
+    ``rows(y0, y1, x0, x1)`` decodes only the strips or tiles that cover the window
+    (an uncompressed contiguous image is memory-mapped), so memory follows the band,
+    not the slide. Works without zarr (the gef env is Python 3.10).
+    """
+
+    def __init__(self, path):
+        import tifffile
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SegRefineError(f"{self.path}: label image not found")
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            level = self._tif.series[0].levels[0]
+            pages = [p for p in level.pages if p is not None]
+            page = pages[0].keyframe if hasattr(pages[0], "keyframe") and pages[0].keyframe is not None else pages[0]
+            shape = tuple(int(s) for s in level.shape if s != 1)
+        except Exception as exc:
+            raise SegRefineError(f"{self.path}: not a readable TIFF label image ({type(exc).__name__}: {exc})") from exc
+        dtype = np.dtype(level.dtype)
+        if len(pages) != 1 or len(shape) != 2 or page.samplesperpixel != 1 or dtype.kind not in "ui":
+            self._tif.close()
+            raise SegRefineError(f"{self.path}: expected 2-D integer instance labels, got {dtype} {level.shape}")
+        self._page, self.dtype = page, dtype
+        self.shape = (int(page.imagelength), int(page.imagewidth))
+        self._memmap = None
+        if page.is_contiguous and not page.is_tiled or (page.is_contiguous and page.tilewidth == page.imagewidth):
+            self._memmap = np.memmap(self.path, dtype=dtype.newbyteorder(self._tif.byteorder), mode="r",
+                                     offset=int(page.dataoffsets[0]), shape=self.shape)
+
+    def rows(self, y0: int, y1: int, x0: int = 0, x1: Optional[int] = None) -> np.ndarray:
+        """Label rows y0..y1-1, columns x0..x1-1, as a native-endian 2-D array."""
+        H, W = self.shape
+        x1 = W if x1 is None else x1
+        if not (0 <= y0 <= y1 <= H and 0 <= x0 <= x1 <= W):
+            raise SegRefineError(f"{self.path}: rows {y0}..{y1}, columns {x0}..{x1} lie outside the {W}x{H} image")
+        try:
+            if self._memmap is not None:
+                out = np.asarray(self._memmap[y0:y1, x0:x1]).astype(self.dtype.newbyteorder("="))
+            else:
+                out = self._segments(y0, y1, x0, x1)
+        except SegRefineError:
+            raise
+        except Exception as exc:
+            raise SegRefineError(f"{self.path}: cannot read label rows {y0}..{y1} "
+                                 f"(truncated or corrupt file? {type(exc).__name__}: {exc})") from exc
+        if self.dtype.kind == "i" and out.size and out.min() < 0:
+            raise SegRefineError(f"{self.path}: negative label ids")
+        if self.dtype.itemsize > 4 and out.size and int(out.max()) > (1 << 32) - 1:
+            raise SegRefineError(f"{self.path}: label id {int(out.max())} does not fit in uint32 "
+                                 "(the cgef layout numbers at most 4,294,967,295 cells)")
+        return out
+
+    def _segments(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        page = self._page
+        out = np.zeros((y1 - y0, x1 - x0), self.dtype.newbyteorder("="))
+        if y1 <= y0 or x1 <= x0:
+            return out
+        H, W = self.shape
+        if page.is_tiled:
+            th, tw = int(page.tilelength), int(page.tilewidth)
+            ntx = -(-W // tw)
+            index = [ty * ntx + tx for ty in range(y0 // th, (y1 - 1) // th + 1)
+                     for tx in range(x0 // tw, (x1 - 1) // tw + 1)]
+        else:
+            rps = max(1, min(int(page.rowsperstrip or H), H))
+            index = list(range(y0 // rps, (y1 - 1) // rps + 1))
+        offsets, counts = page.dataoffsets, page.databytecounts
+        fh = self._tif.filehandle
+        decode = page.decode
+        for data, i in fh.read_segments([offsets[i] for i in index], [counts[i] for i in index], indices=index,
+                                        sort=True, flat=True):
+            seg, (_, _, sy, sx, _), shape = decode(data, i, jpegtables=page.jpegtables)
+            if seg is None:
+                continue  # an empty segment reads as 0
+            seg = np.asarray(seg).reshape(shape)[0, :, :, 0]
+            ay, by = max(sy, y0), min(sy + seg.shape[0], y1, H)
+            ax, bx = max(sx, x0), min(sx + seg.shape[1], x1, W)
+            if by > ay and bx > ax:
+                out[ay - y0:by - y0, ax - x0:bx - x0] = seg[ay - sy:by - sy, ax - sx:bx - sx]
+        return out
+
+    def close(self) -> None:
+        self._memmap = None
+        self._tif.close()
+
+
+def labels_at(labels, xs: np.ndarray, ys: np.ndarray, band_rows: int = 512) -> np.ndarray:
+    """The labels under points (label pixel coordinates), read band by band."""
+    out = np.zeros(len(xs), np.int64)
+    order = np.argsort(ys, kind="stable")
+    ys_sorted = ys[order]
+    for y0 in range(0, labels.shape[0], band_rows):
+        s, e = np.searchsorted(ys_sorted, [y0, y0 + band_rows])
+        if e > s:
+            pick = order[s:e]
+            band = labels.rows(y0, min(labels.shape[0], y0 + band_rows))
+            out[pick] = band[ys[pick] - y0, xs[pick]]
+    return out
 
 
 def check_frame(gem, labels_shape, origin, how: str, gem_path, labels_path) -> None:
-    """Refuse a matrix that does not lie inside the label image in the given frame."""
+    """Refuse a matrix that does not lie inside the label image in the given frame (``gem`` has ``extent()``)."""
     x0, x1, y0, y1 = gem.extent()
     if x1 < x0:
         raise SegRefineError(f"{gem_path}: no transcript with a count > 0")
@@ -152,88 +236,133 @@ def check_frame(gem, labels_shape, origin, how: str, gem_path, labels_path) -> N
 
 
 def make_cgef(gem_path, labels_path, cgef_out, cellmap_out, threads: int = 2, writer: str = "exact",
-              origin=None) -> int:
-    """Expression (GEM/bgef) + whole-slide labels -> cgef and the per-cell table (cellmap.csv)."""
-    from segrefine.gem import is_hdf5, read_expression
+              origin=None, chunk: Optional[int] = None, band_records: Optional[int] = None,
+              band_rows: Optional[int] = None) -> int:
+    """Expression (GEM/bgef) + whole-slide labels -> cgef and the per-cell table (cellmap.csv), streaming.
+
+    Pass 1 reads the expression in chunks of ``chunk`` records and spills them, sorted by
+    label row, into a temporary folder beside the output (removed whatever happens);
+    the labels are read in bands of at most ``band_rows`` rows holding at most
+    ``band_records`` records. See ``segrefine.cgef.exact_cell_bin``.
+    """
+    import signal
+    import sys
+    import threading
+
+    from segrefine.cgef import BAND_RECORDS, BAND_ROWS, RecordSpill
+    from segrefine.gem import CHUNK_RECORDS, open_expression
 
     if writer not in WRITERS:
         raise SegRefineError(f"unknown cgef writer {writer!r}: one of {list(WRITERS)}")
+    chunk, band_records, band_rows = chunk or CHUNK_RECORDS, band_records or BAND_RECORDS, band_rows or BAND_ROWS
     gem_path, labels_path = Path(gem_path), Path(labels_path)
-    gem = read_expression(gem_path)
-    labels = read_labels(labels_path)
-    org, how = resolve_origin(gem, origin)
-    check_frame(gem, labels.shape, org, how, gem_path, labels_path)
-    log.info("%s: %d records, %d UMIs, %d genes; origin %s [%s]; labels %s %dx%d", gem_path, len(gem.count),
-             int(gem.count.sum()), len(gem.genes), org, how, labels_path, labels.shape[1], labels.shape[0])
+    reader = open_expression(gem_path, chunk)
+    labels = LabelImage(labels_path)
+    org, how = resolve_origin(reader, origin)
     Path(cgef_out).parent.mkdir(parents=True, exist_ok=True)
-    if writer == "exact":
-        return _make_exact(gem, gem_path, labels, org, cgef_out, cellmap_out)
-    return _make_gefpy(gem, gem_path, is_hdf5(gem_path), labels, org, cgef_out, cellmap_out, threads)
+    if threading.current_thread() is threading.main_thread():  # a terminated job still removes its temporary files
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    work = Path(tempfile.mkdtemp(prefix=".cgef.", dir=Path(cgef_out).parent))
+    try:
+        spill = RecordSpill(reader, org, labels.shape, work)
+        check_frame(spill, labels.shape, org, how, gem_path, labels_path)
+        log.info("%s: %d records, %d UMIs, %d genes; origin %s [%s]; labels %s %dx%d", gem_path, spill.n_records,
+                 spill.umis, len(spill.genes), org, how, labels_path, labels.shape[1], labels.shape[0])
+        if writer == "exact":
+            return _make_exact(spill, gem_path, labels, work, cgef_out, cellmap_out, band_records, band_rows)
+        return _make_gefpy(spill, gem_path, reader.__class__.__name__ == "BgefReader", labels, org, work, cgef_out,
+                           cellmap_out, threads, band_rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        labels.close()
 
 
-def _make_exact(gem, gem_path, labels, origin, cgef_out, cellmap_out) -> int:
-    from segrefine.cgef import exact_cell_bin, write_cgef
+def _make_exact(spill, gem_path, labels, work, cgef_out, cellmap_out, band_records, band_rows) -> int:
+    from segrefine.cgef import exact_cell_bin
     from segrefine.io import atomic_path
 
-    tables = exact_cell_bin(gem, labels, origin, source=str(gem_path))
-    cell = tables["cell"]
     with atomic_path(cgef_out, suffix=".cgef") as tmp:
-        write_cgef(tables, tmp)
+        tables = exact_cell_bin(spill, labels, work, tmp, band_records, band_rows, source=str(gem_path))
+        cell = tables["cell"]
         _write_cellmap(cellmap_out, cell["id"], tables["label_id"], cell["x"], cell["y"], cell["area"],
                        cell["expCount"], cell["geneCount"])
     return len(cell)
 
 
-def write_gem_v01(gem, path) -> None:
-    """The records as a plain GEMv0.1 (the variant gefpy's bgef writer accepts)."""
+def write_gem_v01(spill, path, rows: int = 1 << 16) -> None:
+    """The spilled records as a plain GEMv0.1 (the variant gefpy's bgef writer accepts), run by run."""
+    ox, oy = spill.origin
+    names = spill.genes
     with open(path, "w") as fh:
         fh.write("#FileFormat=GEMv0.1\n#BinSize=1\n#OffsetX=0\n#OffsetY=0\ngeneID\tx\ty\tMIDCount\n")
-        names = gem.genes[gem.gene]
-        for chunk in range(0, len(names), 1 << 16):
-            sl = slice(chunk, chunk + (1 << 16))
-            fh.write("".join(f"{a}\t{b}\t{c}\t{d}\n" for a, b, c, d in
-                             zip(names[sl], gem.x[sl], gem.y[sl], gem.count[sl])))
+        for i in range(len(spill.runs.sizes)):
+            run = np.load(spill.runs.folder / f"{spill.runs.name}.{i}.npy", mmap_mode="r")
+            for s in range(0, len(run), rows):
+                part = np.array(run[s:s + rows])
+                g = names[spill.code[part["gene"]]]
+                x, y = part["x"].astype(np.int64) + ox, part["k"].astype(np.int64) + oy
+                fh.write("".join(f"{a}\t{b}\t{c}\t{d}\n" for a, b, c, d in zip(g, x, y, part["count"])))
+            del run
 
 
-def _make_gefpy(gem, gem_path, given_bgef, labels, origin, cgef_out, cellmap_out, threads) -> int:
+def _mask_strips(labels, origin, height: int, width: int, rows: int):
+    """zlib-compressed strips of gefpy's mask: the separated labels pasted at ``origin`` into height x width."""
+    import zlib
+
+    ox, oy = origin
+    H, W = labels.shape
+    xs = slice(max(ox, 0), min(ox + W, width))
+    for m0 in range(0, height, rows):
+        m1 = min(height, m0 + rows)
+        strip = np.zeros((m1 - m0, width), np.uint8)
+        a, b = max(m0 - oy, 0), min(m1 - oy, H)  # label rows of this strip
+        if b > a and xs.stop > xs.start:
+            ha, hb = max(a - 1, 0), min(b + 1, H)  # one row of context each side for 8-contacts
+            keep = separate_touching(labels.rows(ha, hb))[a - ha:b - ha]
+            strip[a + oy - m0:b + oy - m0, xs] = keep[:, xs.start - ox:xs.stop - ox] * np.uint8(255)
+        yield strip, zlib.compress(strip.tobytes())
+
+
+def _make_gefpy(spill, gem_path, given_bgef, labels, origin, work, cgef_out, cellmap_out, threads, band_rows) -> int:
     import tifffile
 
     from segrefine.io import atomic_path
 
-    work = Path(tempfile.mkdtemp(prefix=".cgef.", dir=Path(cgef_out).parent))
-    try:
-        if given_bgef:
-            bgef = gem_path
-        else:  # gefpy reads only some GEM variants: hand it a plain GEMv0.1 of the parsed records
-            norm = work / "input.gem"
-            write_gem_v01(gem, norm)
-            bgef = work / "bin1.bgef"
-            run_isolated(f"gefpy generate_bgef on {gem_path}", _gem_to_bgef, norm, bgef, threads)
-        _, x1, _, y1 = bgef_extent(bgef)
-        # gefpy wants the mask at 0..maxX x 0..maxY of the matrix: paste the separated labels at the origin
-        ox, oy = origin
-        keep = separate_touching(labels)
-        mask = np.zeros((y1 + 1, x1 + 1), np.uint8)
-        ys, xs = slice(max(oy, 0), min(oy + labels.shape[0], y1 + 1)), slice(max(ox, 0), min(ox + labels.shape[1], x1 + 1))
-        mask[ys, xs] = keep[ys.start - oy:ys.stop - oy, xs.start - ox:xs.stop - ox] * np.uint8(255)
-        if not mask.any():
-            raise SegRefineError(f"no cell of the label image lies inside the expression matrix of {gem_path}")
-        mask_path = work / "mask.tif"
-        tifffile.imwrite(mask_path, mask, compression="zlib")
-        del mask
-        cgef_tmp = work / "out.cgef"
-        run_isolated(f"gefpy generate_cgef on {gem_path}", _bgef_to_cgef, cgef_tmp, bgef, mask_path)
-        from segrefine.cgef import read_cell_table
+    if given_bgef:
+        bgef = gem_path
+    else:  # gefpy reads only some GEM variants: hand it a plain GEMv0.1 of the parsed records
+        norm = work / "input.gem"
+        write_gem_v01(spill, norm)
+        bgef = work / "bin1.bgef"
+        run_isolated(f"gefpy generate_bgef on {gem_path}", _gem_to_bgef, norm, bgef, threads)
+        norm.unlink()
+    _, x1, _, y1 = bgef_extent(bgef)
+    # gefpy wants the mask at 0..maxX x 0..maxY of the matrix: the separated labels pasted at the origin, by strips
+    any_cell = []
 
-        cells = read_cell_table(cgef_tmp)
-        lx = np.clip(cells["x"].astype(np.int64) - ox, 0, labels.shape[1] - 1)
-        ly = np.clip(cells["y"].astype(np.int64) - oy, 0, labels.shape[0] - 1)
-        with atomic_path(cgef_out, suffix=".cgef") as tmp:
-            shutil.move(str(cgef_tmp), str(tmp))
-            _write_cellmap(cellmap_out, cells["id"], labels[ly, lx], cells["x"], cells["y"], cells["area"],
-                           cells["expCount"], cells["geneCount"])
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    def strips():
+        for strip, data in _mask_strips(labels, origin, y1 + 1, x1 + 1, band_rows):
+            if not any_cell and strip.any():
+                any_cell.append(True)
+            yield data
+
+    mask_path = work / "mask.tif"
+    tifffile.imwrite(mask_path, data=strips(), shape=(y1 + 1, x1 + 1), dtype=np.uint8, rowsperstrip=band_rows,
+                     compression="zlib")
+    if not any_cell:
+        raise SegRefineError(f"no cell of the label image lies inside the expression matrix of {gem_path}")
+    cgef_tmp = work / "out.cgef"
+    run_isolated(f"gefpy generate_cgef on {gem_path}", _bgef_to_cgef, cgef_tmp, bgef, mask_path)
+    from segrefine.cgef import read_cell_table
+
+    cells = read_cell_table(cgef_tmp)
+    ox, oy = origin
+    lx = np.clip(cells["x"].astype(np.int64) - ox, 0, labels.shape[1] - 1)
+    ly = np.clip(cells["y"].astype(np.int64) - oy, 0, labels.shape[0] - 1)
+    with atomic_path(cgef_out, suffix=".cgef") as tmp:
+        shutil.move(str(cgef_tmp), str(tmp))
+        _write_cellmap(cellmap_out, cells["id"], labels_at(labels, lx, ly, band_rows), cells["x"], cells["y"],
+                       cells["area"], cells["expCount"], cells["geneCount"])
     return len(cells)
 
 
@@ -249,23 +378,43 @@ def _write_cellmap(path, cgef_cell, label_id, x, y, area, total, n_genes) -> Non
 
 
 def cgef_to_h5ad(cgef, cellmap_csv, out_h5ad) -> int:
-    """cgef -> AnnData with stereopy; obs gains the label id of each cell in the whole-slide mask."""
+    """cgef -> AnnData with stereopy; obs gains the label id of each cell in the whole-slide mask.
+
+    A cgef without any cell (no cell over any transcript) gives a valid AnnData of 0 cells with the same columns,
+    written without stereopy (whose reader crashes on it with a segmentation fault)."""
     import anndata
+    import h5py
     import pandas as pd
-    import stereo as st
 
     from segrefine.io import atomic_path
 
     Path(out_h5ad).parent.mkdir(parents=True, exist_ok=True)
+    cellmap = pd.read_csv(cellmap_csv)
+    missing = [c for c in CELLMAP_COLUMNS if c not in cellmap.columns]
+    if missing:
+        raise SegRefineError(f"{cellmap_csv}: missing column(s) {missing} (written by an older `segrefine cgef`?)")
+    try:
+        with h5py.File(cgef, "r") as f:
+            n_cells = int(f["cellBin/cell"].shape[0])
+            genes = [g.decode() for g in f["cellBin/gene"]["geneName"]] if not n_cells else []
+            resolution = int(f.attrs["resolution"][0]) if "resolution" in f.attrs else 500
+    except (OSError, KeyError) as exc:
+        raise SegRefineError(f"{cgef}: not a readable cell-bin GEF ({exc})") from None
+    if n_cells == 0:
+        if len(cellmap):
+            raise SegRefineError(f"{cgef} holds no cell but {cellmap_csv} lists {len(cellmap)}: rerun `segrefine cgef`")
+        adata = _empty_cell_bin_anndata(genes, resolution, Path(cgef).stem)
+        with atomic_path(out_h5ad, suffix=".h5ad") as tmp:
+            adata.write_h5ad(tmp)
+        log.warning("%s holds no cell: wrote an AnnData of 0 cells x %d genes to %s", cgef, len(genes), out_h5ad)
+        return 0
+    import stereo as st
+
     data = st.io.read_gef(str(cgef), bin_type="cell_bins")
     with tempfile.TemporaryDirectory(dir=Path(out_h5ad).parent) as tmpdir:
         raw = Path(tmpdir) / "stereopy.h5ad"
         st.io.stereo_to_anndata(data, flavor="scanpy", output=str(raw))
         adata = anndata.read_h5ad(raw)
-    cellmap = pd.read_csv(cellmap_csv)
-    missing = [c for c in CELLMAP_COLUMNS if c not in cellmap.columns]
-    if missing:
-        raise SegRefineError(f"{cellmap_csv}: missing column(s) {missing} (written by an older `segrefine cgef`?)")
     # stereopy keeps the cgef's cell order; its obs names encode the centre, which we check
     same = (len(cellmap) == adata.n_obs and np.array_equal(cellmap["x"].to_numpy(), adata.obs["x"].to_numpy())
             and np.array_equal(cellmap["y"].to_numpy(), adata.obs["y"].to_numpy()))
@@ -288,3 +437,25 @@ def cgef_to_h5ad(cgef, cellmap_csv, out_h5ad) -> int:
     with atomic_path(out_h5ad, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
     return adata.n_obs
+
+
+def _empty_cell_bin_anndata(genes, resolution: int, sn: str):
+    """An AnnData of 0 cells laid out like ``cgef_to_h5ad``'s (stereopy's obs, obsm and uns, then ours)."""
+    import anndata
+    import pandas as pd
+    import scipy.sparse as sp
+
+    obs = pd.DataFrame({
+        "dnbCount": np.zeros(0, np.uint32), "area": np.zeros(0, np.int64),
+        "orig.ident": pd.Categorical([], categories=["sample"]),
+        "x": np.zeros(0, np.uint32), "y": np.zeros(0, np.uint32),
+        **{c: np.zeros(0, np.int64) for c in ("cgef_cell", "label_id", "centroid_x", "centroid_y", "total_counts",
+                                              "n_genes")},
+    }, index=pd.Index([], dtype=str))
+    adata = anndata.AnnData(X=sp.csr_matrix((0, len(genes)), dtype=np.uint32), obs=obs,
+                            var=pd.DataFrame(index=pd.Index([str(g) for g in genes], dtype=str)))
+    adata.obsm["spatial"] = np.zeros((0, 2), np.uint32)
+    adata.obsm["cell_border"] = np.zeros((0, 32, 2), np.int64)
+    adata.uns.update({"bin_size": 1, "bin_type": "cell_bins", "merged": False, "resolution": resolution,
+                      "sn": pd.DataFrame({"batch": [-1], "sn": [sn]})})
+    return adata
