@@ -6,7 +6,12 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo's config, unless the run names its own with --configfile: Snakemake would merge the two, and the demo's
+# models and samples would join the user's (as `--replace-workflow-config` does, a user's config replaces it whole).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
 report: "report/workflow.rst"
 
 

@@ -15,6 +15,18 @@ def test_every_step_has_help(step):
     assert out.startswith(f"usage: segrefine {step}")
 
 
+def test_every_option_has_help_text():
+    """Walk the parser: every option of every step says what it is (and its help formats, e.g. %(default)s)."""
+    import argparse
+
+    missing = []
+    for name, parser in build_parser()._subparsers._group_actions[0].choices.items():
+        parser.format_help()
+        missing += [f"{name} {'/'.join(a.option_strings)}" for a in parser._actions
+                    if a.option_strings and not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    assert not missing, f"options without help: {missing}"
+
+
 @pytest.mark.parametrize("env,step", [("stereopy", "h5ad"), ("gef", "cgef"), ("cellpose", "finetune")])
 def test_the_package_imports_in_every_framework_env(env, step):
     """The stereopy env is Python 3.8 and the gef env 3.10: the CLI must load in both."""

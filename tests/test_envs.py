@@ -1,3 +1,5 @@
+import os
+import subprocess
 import textwrap
 
 import pytest
@@ -5,6 +7,8 @@ import yaml
 
 from conftest import REPO
 from segrefine import envs
+
+ENVS = REPO / "envs"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "envs").glob("*.yaml")), ids=lambda p: p.stem)
@@ -88,3 +92,21 @@ def test_editable_install_check_names_the_exact_clone():
     assert editable_points_to(finder, "/check/work/main/workflow_scripts")
     assert editable_points_to("/work/main/workflow_scripts\n", "/work/main/workflow_scripts")
     assert not editable_points_to("/check/work/main/workflow_scripts\n", "/work/main/workflow_scripts")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in ENVS.glob("*.yaml")))
+def test_by_hand_commands_work_in_every_env(name, tmp_path):
+    """README 'Running steps by hand': `.envs/<env>/bin/python -m segrefine <step> --help` from any folder, with no
+    PYTHONPATH, runs this clone's package (the core env by its editable install, the others by a .pth file)."""
+    from segrefine.envs import COMPLETE_MARKER, PTH_NAME, env_dir, site_packages
+
+    target = env_dir(ENVS / f"{name}.yaml")
+    if not (target / COMPLETE_MARKER).is_file():
+        pytest.skip(f"env {name} not built here")
+    if name != "core":
+        assert (site_packages(target) / PTH_NAME).read_text().strip() == str(REPO / "workflow_scripts")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(target / "bin" / "python"), "-c", "import segrefine, segrefine.cli; "
+                           "print(segrefine.__file__)"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(REPO / "workflow_scripts" / "segrefine" / "__init__.py")

@@ -6,8 +6,11 @@ Each subcommand imports only what it needs, so the package works in every env
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -493,7 +496,179 @@ def build_parser() -> argparse.ArgumentParser:
                         "'before', the second 'after': before_after.csv and overlaid distributions")
     p.add_argument("--extreme-iqr", type=float, default=3.0, help="area outlier fence in IQRs beyond the quartiles")
     p.add_argument("--out-dir", required=True)
+    _fill_help(ap)
     return ap
+
+
+# --- help of the options whose add_argument above carries none: first per step, then by option name ---------------------
+STEP_OPTION_HELP = {
+    ("demo-data", "--out"): "output folder of the demo chip",
+    ("demo-data", "--sn"): "chip serial number (names the files) [%(default)s]",
+    ("demo-data", "--size"): "slide side (px) [%(default)s]",
+    ("demo-data", "--patches"): "number of annotated patches [%(default)s]",
+    ("demo-data", "--patch-size"): "annotated patch side (px) [%(default)s]",
+    ("patches", "--out-dir"): "output folder of the patches ({name}-img.tif)",
+    ("convert-annotation", "--out"): "instance mask (TIFF, uint16/uint32 labels)",
+    ("trainset", "--images"): "patch images, named {SN}-x.._y.._w.._h..-img.tif",
+    ("trainset", "--masks"): "instance masks, named {SN}-x.._y.._w.._h..-mask.tif; paired with the images by patch name",
+    ("trainset", "--out"): "training-set table (TSV; its summary JSON is written beside it)",
+    ("trainset", "--seed"): "seed of the split assignment [%(default)s]",
+    ("fetch-pretrained", "--name"): "official model name (e.g. cyto3, 2D_versatile_fluo)",
+    ("fetch-pretrained", "--out"): "where to put the weights in the model cache",
+    ("pretrained-card", "--name"): "model name written in the card",
+    ("train-base", "--name"): "base model name",
+    ("train-base", "--n-images"): "number of synthetic training images [%(default)s]",
+    ("train-base", "--size"): "side of each synthetic image (px) [%(default)s]",
+    ("finetune", "--pretrained-card"): "card.json of the pretrained model (fine-tuning always starts from it)",
+    ("finetune", "--name"): "model name written in the fine-tuned card",
+    ("evaluate", "--out"): "per-image metrics table (CSV)",
+    ("summarize", "--inputs"): "per-image evaluation tables (CSV)",
+    ("summarize", "--out"): "summary table (CSV)",
+    ("threshold-sweep", "--out"): "mean F1 per threshold combination (CSV)",
+    ("rank-candidates", "--metric"): "column of the per-image tables to rank by [%(default)s]",
+    ("rank-candidates", "--out"): "ranking (CSV)",
+    ("plot-evaluation", "--mode"): "metrics mode to plot (standard, partial, paper) [%(default)s]",
+    ("overlays", "--title"): "figure title prefix",
+    ("overlays", "--out-dir"): "output folder (created whole) of the overlay PNGs",
+    ("loss-curves", "--out"): "figure (PNG)",
+    ("complexity", "--out"): "complexity table (CSV)",
+    ("learning-curve-subset", "--out"): "the subset as a training-set table (TSV)",
+    ("learning-curve", "--out"): "learning-curve table (CSV)",
+    ("learning-curve", "--png"): "learning-curve figure (PNG)",
+    ("annotate-next-predict", "--size"): "candidate patch side (px) [%(default)s]",
+    ("annotate-next-predict", "--step"): "step between candidate patches (px) [%(default)s]",
+    ("annotate-next", "--top-n"): "how many patches to propose [%(default)s]",
+    ("annotate-next", "--complexity-weight"): "weight of tissue complexity against model disagreement [%(default)s]",
+    ("segment-shard", "--shard"): "shard number in the plan (0-based)",
+    ("cgef", "--writer"): "exact: our writer of gefpy's cgef layout; gefpy: gefpy's generate_cgef [%(default)s]",
+    ("cgef", "--labels"): "whole-slide labels (uint32 OME-TIFF from `stitch`)",
+    ("cgef", "--cgef"): "output cell-bin GEF (.cgef)",
+    ("h5ad", "--cgef"): "cell-bin GEF written by `segrefine cgef`",
+    ("h5ad", "--cellmap"): "its cell table (cellmap.csv written by `segrefine cgef`)",
+    ("h5ad", "--out"): "AnnData (.h5ad): one row per cell, label_id and centre in obs",
+    ("expression-qc", "--cellmaps"): "cell tables (cellmap.csv) written by `segrefine cgef`",
+    ("expression-qc", "--out-dir"): "output folder: cells.csv, summary.csv, extreme_area.csv, distributions.png",
+}
+OPTION_HELP = {
+    "--out": "output file", "--out-dir": "output folder", "--seed": "random seed [%(default)s]",
+    "--slide": "whole-slide image (TIFF/OME-TIFF/NDPI/SVS; read region by region)",
+    "--sn": "chip serial number (prefix of the patch names)",
+    "--card": "model card (card.json) of a saved model",
+    "--trainset": "training-set table (TSV written by `segrefine trainset`)",
+    "--framework": "model framework (cellpose, cpsam, stardist, unet, classical)",
+    "--params": "hyperparameters as a JSON object [%(default)s]",
+    "--split": "split of the training set to use [%(default)s]",
+    "--iou-threshold": "IoU at which a predicted cell matches a true one [%(default)s]",
+    "--min-size": "ignore objects smaller than this (pixels) [%(default)s]",
+    "--val-fraction": "fraction of patches in the validation split [%(default)s]",
+    "--test-fraction": "fraction of patches in the test split [%(default)s]",
+    "--shards": "number of shards (one per GPU) [%(default)s]",
+    "--pixel-size-um": "pixel size in micrometres",
+    "--halo-unit": "unit of --halo: px or um (needs --pixel-size-um) [%(default)s]",
+    "--plan": "tile plan (TSV written by `segrefine tile-plan`)",
+    "--tiles-dir": "folder of the per-tile results",
+    "--threads": "threads [%(default)s]",
+}
+
+
+def _fill_help(ap: argparse.ArgumentParser) -> None:
+    """Give every option without a help text its text from the tables above (a test checks none is left without)."""
+    for name, p in ap._subparsers._group_actions[0].choices.items():
+        for action in p._actions:
+            if action.help is None and action.option_strings:
+                opt = max(action.option_strings, key=len)
+                action.help = STEP_OPTION_HELP.get((name, opt)) or OPTION_HELP.get(opt)
+
+
+# --- errors -----------------------------------------------------------------------------------------------------------
+# the options that name a step's outputs (the default for every step, then per step), to name the file of a write error
+# that carries no file name (a full disk under tifffile or pandas)
+OUTPUT_OPTIONS = ("out", "out_dir", "out_json")
+STEP_OUTPUTS = {
+    "stitch": ("labels", "cells", "parquet", "geojson", "overlay", "report"),
+    "cgef": ("cgef", "cellmap"),
+    "evaluate": ("out", "predictions"),
+    "summarize": ("out", "long", "xlsx"),
+    "plot-evaluation": ("out", "stats"),
+    "complexity": ("out", "joined"),
+    "learning-curve": ("out", "png"),
+    "annotate-next": ("out", "geojson", "out_dir"),
+}
+_PROBLEMS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (file size limit or file system)",
+    errno.EACCES: "permission denied (the folder or file is not writable by this user)",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOENT: "no such file or folder",
+    errno.EIO: "input/output error (failing disk or network file system)",
+}
+# h5py (HDF5) and other C libraries put the OS error in the message: "..., name = 'x.h5', errno = 28, ..."
+_H5_ERRNO = re.compile(r"errno\s*=\s*(\d+)")
+_H5_NAME = re.compile(r"(?:file)?name\s*=\s*'([^']*)'")
+
+
+def _step_outputs(args) -> List[str]:
+    keys = STEP_OUTPUTS.get(args.step, OUTPUT_OPTIONS)
+    out = []
+    for key in keys:
+        value = getattr(args, key, None)
+        if value:
+            out += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    return out
+
+
+def _free_space(path: str) -> str:
+    p = Path(path).resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(str(p))
+    except OSError:
+        return ""
+    return f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB free on the device of {p}"
+
+
+_TEMP_NAME = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.part")  # segrefine.io.atomic_path's temporary files
+
+
+def os_error_message(exc: BaseException, args) -> Optional[str]:
+    """One line naming the file and the problem for an OS-level failure (full disk, read-only or unwritable folder,
+    quota, missing file), raised directly or through h5py/HDF5, tifffile or pandas; None for any other exception."""
+    chain, seen = [], set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:  # the error itself, then what caused it
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        is_os = isinstance(e, OSError)
+        code = e.errno if is_os else None
+        name = e.filename if is_os else None
+        text = str(e)
+        if code is None:
+            m = _H5_ERRNO.search(text)
+            code = int(m.group(1)) if m else None
+        if code is None or (not is_os and code not in _PROBLEMS):
+            continue
+        if not name:
+            m = _H5_NAME.search(text)
+            name = m.group(1) if m else None
+        if name:
+            m = _TEMP_NAME.match(Path(str(name)).name)
+            name = str(Path(str(name)).parent / m.group(1)) if m else str(name)  # the file it was to become
+        problem = _PROBLEMS.get(code) or os.strerror(code)
+        outputs = _step_outputs(args)
+        where = name or ", ".join(outputs) or "the step's outputs"
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            free = _free_space(name or (outputs or ["."])[0])
+            return (f"{where}: cannot write: {problem}" + (f" ({free})" if free else "")
+                    + "; no partial file is left under its name: free space and rerun")
+        if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"{where}: cannot write: {problem}; make the output folder writable (or choose another) and rerun"
+        return f"{where}: {problem}"
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -503,5 +678,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.func(args)
     except SegRefineError as exc:
         print(f"segrefine {args.step}: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # an OS-level failure (full disk, read-only folder) as one line; anything else is a bug
+        message = os_error_message(exc, args)
+        if message is None:
+            raise
+        logging.getLogger("segrefine").debug("failure", exc_info=True)
+        print(f"segrefine {args.step}: error: {message}", file=sys.stderr)
         return 1
     return 0

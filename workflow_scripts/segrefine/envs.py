@@ -225,6 +225,30 @@ def install_project(name: str = "core") -> None:
               "-e", here], log)
 
 
+PTH_NAME = "segrefine-workflow-scripts.pth"
+
+
+def site_packages(target: Path) -> Path:
+    found = sorted(Path(target).glob("lib/python3.*/site-packages"))
+    if not found:
+        raise EnvError(f"{target}: no lib/python3.*/site-packages (not a virtualenv?)")
+    return found[0]
+
+
+def link_package(name: str) -> Path:
+    """Make ``python -m segrefine`` work in env ``name`` by hand: a .pth file in its site-packages naming this
+    clone's workflow_scripts (the rules put workflow_scripts on PYTHONPATH, which comes first, so they never depend
+    on it). Re-written only when it names another folder; no package is installed, so no env is rebuilt."""
+    target = env_dir(ENVS_DIR / f"{name}.yaml")
+    pth = site_packages(target) / PTH_NAME
+    here = str(REPO_ROOT / "workflow_scripts")
+    if not (pth.is_file() and pth.read_text().strip() == here):
+        tmp = pth.with_name(f".{pth.name}.tmp")
+        tmp.write_text(here + "\n")
+        os.replace(tmp, pth)
+    return pth
+
+
 def link_envs(names: List[str], link_dir: Path) -> None:
     """Convenience links (``.envs/<name>``) from the clone to the cached envs."""
     link_dir.mkdir(exist_ok=True)
@@ -252,7 +276,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name in names:
             build(ENVS_DIR / f"{name}.yaml")
         if "core" in names:
-            install_project("core")
+            install_project("core")  # also the `segrefine` command
+        for name in names:
+            if name != "core":
+                link_package(name)
         link_envs(names, Path(args.link_dir))
         print(f"[segrefine-env] ready: {', '.join(names)}", flush=True)
     except EnvError as exc:

@@ -83,9 +83,23 @@ def _messages(log_text: str) -> Dict[str, str]:
     return out
 
 
-def summarize_run(log_path: Union[None, str, List[str]], workdir: str = ".") -> List[Dict[str, str]]:
+_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit)\b.*)$", re.M)
+
+
+def crash_row(log_text: str) -> Dict[str, str]:
+    """The row of a run that Snakemake itself stopped with an exception (e.g. it could not remove or create an
+    output in a read-only folder) before any job reported an error: the exception's last line as the reason."""
+    hits = [m.group(1).strip() for m in _EXCEPTION.finditer(log_text) if not m.group(1).startswith("Error in rule")]
+    reason = hits[-1][:300] if hits else "Snakemake stopped before the run finished (see the Snakemake log)"
+    return {"status": "failed", "rule": "(snakemake)", "jobid": "", "outputs": "", "log": "", "external_jobid": "",
+            "failed_attempts": "1", "reason": reason}
+
+
+def summarize_run(log_path: Union[None, str, List[str]], workdir: str = ".", crashed: bool = False
+                  ) -> List[Dict[str, str]]:
     """One row per job that failed at least once in the run logged at `log_path` (Snakemake 9 hands
-    the handlers a list of log files)."""
+    the handlers a list of log files); ``crashed``: Snakemake ended without calling its success or error handler,
+    so a row of its own exception is added."""
     paths = [log_path] if isinstance(log_path, (str, os.PathLike)) else list(log_path or [])
     text = "\n".join(Path(p).read_text(errors="replace") for p in paths if p and Path(p).is_file())
     executor_msgs = _messages(text)
@@ -116,16 +130,33 @@ def summarize_run(log_path: Union[None, str, List[str]], workdir: str = ".") -> 
             "log": ",".join(logs), "external_jobid": ext, "failed_attempts": str(attempts[key]),
             "reason": reason or "no log (see the Snakemake log)",
         })
+    if crashed:
+        rows.append(crash_row(text))
     return rows
 
 
-def write_summary(rows: List[Dict[str, str]], out: str) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, COLUMNS, delimiter="\t", lineterminator="\n")
-            w.writeheader()
-            w.writerows(rows)
+def write_summary(rows: List[Dict[str, str]], out: str, fallback: str = ".snakemake/run_summary.tsv") -> str:
+    """Write the summary at ``out``; where that fails (a read-only or full results folder, often the very
+    reason the run failed) write it at ``fallback`` instead. Returns the path written."""
+    def write(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, COLUMNS, delimiter="\t", lineterminator="\n")
+                w.writeheader()
+                w.writerows(rows)
+        return str(path)
+
+    try:
+        return write(out)
+    except OSError as exc:
+        if not fallback:
+            raise
+        written = write(fallback)
+        rows.append({"status": "failed", "rule": "(run summary)", "jobid": "", "outputs": str(out), "log": "",
+                     "external_jobid": "", "failed_attempts": "1",
+                     "reason": f"{out}: cannot write ({exc.strerror or exc}); this summary is at {written}"})
+        return write(fallback)
 
 
 def report(rows: List[Dict[str, str]]) -> str:

@@ -281,7 +281,11 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
     H, W = int(meta["height"]), int(meta["width"])
     labels_out = Path(labels_out)
     labels_out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".stitch-", dir=work_dir or labels_out.parent))
+    work_parent = Path(work_dir or labels_out.parent)
+    for old in work_parent.glob(".stitch-*"):  # work folders of killed runs of this job (one job per output folder)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=".stitch-", dir=work_parent))
     report = {"slide": str(slide_path), "height": H, "width": W, "tiles": int(meta["tiles"]),
               "tiles_in_tissue": int(meta["tiles_in_tissue"]),
               "tiles_skipped_background": int(meta["tiles_skipped_background"]), "halo_px": int(meta["halo_px"]),
@@ -422,6 +426,9 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
              "%d large cells -> %s (%.1f s)", report["cells"], len(tiles), report["tiles_skipped_background"],
              report["duplicates_resolved"], report["pixels_trimmed"], report["n_large_cells"], labels_out,
              timings["stitch_total"])
+    if report["cells"] == 0:
+        log.warning("no cell found in %s: the labels, cell table%s are written empty", slide_path,
+                    " and outlines" if geojson_out else "")
     return report
 
 
