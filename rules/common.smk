@@ -1,4 +1,5 @@
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -16,14 +17,34 @@ from segrefine.patches import parse_patch_name  # noqa: E402
 from segrefine.pretrained import official_path  # noqa: E402
 
 
-validate(config, schema="../config/schemas/config.schema.yaml")
+def fail(message):
+    raise WorkflowError(f"SegRefine configuration: {message}")
+
+
+def validated(data, schema, what):
+    """Snakemake's validate, its error cut to a few lines naming the key (the full error prints the whole schema)."""
+    message = None
+    try:
+        validate(data, schema=schema)
+    except WorkflowError as exc:
+        err = exc.__context__  # the jsonschema ValidationError
+        if not (hasattr(err, "absolute_path") and hasattr(err, "message")):
+            raise
+        where = ".".join(map(str, err.absolute_path))
+        row = re.search(r"Error validating row (\d+)", str(exc))
+        message = (f"{what}{f' row {int(row.group(1)) + 1}' if row else ''}{f', key {where}' if where else ''}: "
+                   f"{err.message}")
+    if message:
+        fail(message)
+
+
+validated(config, "../config/schemas/config.schema.yaml", "config")
 
 RESULTS = config["results"]
 ANNOTATION_SUFFIXES = (".geojson", ".json", ".tif", ".tiff", ".png")
-
-
-def fail(message):
-    raise WorkflowError(f"SegRefine configuration: {message}")
+if config["segmentation"]["model"] not in config["models"]:
+    fail(f"segmentation.model {config['segmentation']['model']!r} is not a configured model "
+         f"(models: {', '.join(sorted(config['models']))})")
 
 
 # --- samples ----------------------------------------------------------------------------------------------------------
@@ -34,7 +55,7 @@ def _read_samples(path):
     if "expression" not in sheet:
         sheet["expression"] = ""  # the column is optional
     sheet["expression"] = sheet["expression"].fillna("")
-    validate(sheet, schema="../config/schemas/samples.schema.yaml")
+    validated(sheet, "../config/schemas/samples.schema.yaml", f"sample sheet {path}")
     if sheet["sample"].duplicated().any():
         fail(f"{path}: duplicate sample ids {sorted(sheet['sample'][sheet['sample'].duplicated()])}")
     for row in sheet.itertuples():

@@ -144,7 +144,32 @@ def test_config_typo_fails_before_any_job_naming_the_key(workdir):
     cfg = _broken_config(workdir, "trainset: {seed: 0,", "trainset: {sed: 0,")
     proc = snakemake(workdir, "-n", config=cfg)
     assert proc.returncode != 0
-    assert "Additional properties are not allowed ('sed' was unexpected)" in proc.stdout
+    assert "config, key trainset: Additional properties are not allowed ('sed' was unexpected)" in proc.stdout
+    assert len(proc.stdout.strip().splitlines()) <= 8, proc.stdout  # a few lines, not the schema
+    # a top-level typo: Snakemake's own message prints the whole schema (hundreds of lines)
+    cfg = _broken_config(workdir, "model_cache: model_cache", "model_cach: model_cache", "top.yaml")
+    proc = snakemake(workdir, "-n", config=cfg)
+    assert proc.returncode != 0
+    assert "SegRefine configuration: config: Additional properties are not allowed ('model_cach' was unexpected)" \
+        in proc.stdout
+    assert len(proc.stdout.strip().splitlines()) <= 8, proc.stdout
+
+
+def test_unconfigured_segmentation_model_is_named(workdir):
+    cfg = _broken_config(workdir, "  model: tiny\n", "  model: tinyy\n", "segmodel.yaml")
+    proc = snakemake(workdir, "-n", config=cfg)
+    assert proc.returncode != 0
+    assert ("segmentation.model 'tinyy' is not a configured model (models: baseline, sd, tiny, unet_tiny)"
+            in proc.stdout), proc.stdout
+
+
+def test_a_users_configfile_replaces_the_demo_config(workdir):
+    """--configfile replaces config/config.yaml instead of merging into it: the demo's model (cyto_demo) and sample
+    (DEMO01) are not planned beside the test config's."""
+    proc = snakemake(workdir, "-n")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "cyto_demo" not in proc.stdout and "DEMO01" not in proc.stdout
+    assert "model=tiny" in proc.stdout and planned_jobs(proc)["finetune"] == 4
 
 
 def test_unknown_framework_names_the_allowed_values(workdir):
