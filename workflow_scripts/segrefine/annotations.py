@@ -5,13 +5,24 @@ Accepted annotation files, one per patch, named after the patch:
   (holes kept) of annotation, detection or cell objects, in the patch's pixel
   frame (QuPath's convention: (0, 0) is the top-left corner of the first pixel,
   so pixel (row r, col c) is inside a polygon when its centre (c+0.5, r+0.5) is).
-- Masks (``.tif``/``.tiff``/``.png``): binary or semantic masks (0/1, 0/255:
-  foreground split into cells by 4-connected components) or instance masks
-  (labels 1..N, kept as they are).
+  A self-intersecting outline is repaired keeping all of its area (shapely's
+  ``make_valid``, "structure" method); NaN/infinite coordinates and features
+  that are not JSON objects are refused; an unclassified rectangle annotation
+  covering (almost) the whole patch is a region of interest (QuPath exports
+  the rectangle drawn around the patch as an annotation with no class) and is
+  ignored with a warning.
+- Masks (``.tif``/``.tiff``/``.png``): told apart by their structure
+  (``mask_kind``): binary (one value), semantic (a few values, each in many
+  separate pieces: classes, anti-aliased edges of a binary mask) are split into
+  cells by 4-connected components of the foreground; instance masks (one
+  connected piece per value, labels 1..N) are kept as they are; a mask that
+  is neither is refused.
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -23,17 +34,74 @@ CELL_OBJECT_TYPES = ("annotation", "detection", "cell")
 # how far (px) a vertex may stray outside the patch before we call it an error:
 # QuPath's brush can leave sub-pixel overshoot at the border
 OUTSIDE_TOLERANCE_PX = 1.0
+# an unclassified rectangle annotation covering at least this fraction of its patch is a region of interest
+ROI_PATCH_FRACTION = 0.9
+# masks: (separate pieces of equal value) / (distinct nonzero values): an instance mask has one piece per label
+INSTANCE_MAX_PIECES_PER_VALUE = 1.5
+SEMANTIC_MIN_PIECES_PER_VALUE = 2.0
+
+log = logging.getLogger("segrefine.annotations")
 
 
 def _features(doc, path: Path) -> List[dict]:
     if isinstance(doc, list):
-        return doc
-    if isinstance(doc, dict):
-        if doc.get("type") == "FeatureCollection":
-            return list(doc.get("features") or [])
-        if doc.get("type") == "Feature":
-            return [doc]
-    raise SegRefineError(f"{path}: not a GeoJSON Feature, FeatureCollection or list of features")
+        feats = doc
+    elif isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
+        feats = doc.get("features") or []
+        if not isinstance(feats, list):
+            raise SegRefineError(f"{path}: 'features' must be a list, got {type(feats).__name__}")
+    elif isinstance(doc, dict) and doc.get("type") == "Feature":
+        feats = [doc]
+    else:
+        raise SegRefineError(f"{path}: not a GeoJSON Feature, FeatureCollection or list of features")
+    for i, feat in enumerate(feats):
+        if not isinstance(feat, dict):
+            raise SegRefineError(f"{path}: feature {i} is not a GeoJSON object but {type(feat).__name__} "
+                                 f"{_short(feat)}")
+        for key in ("properties", "geometry", "nucleusGeometry"):
+            if feat.get(key) is not None and not isinstance(feat[key], dict):
+                raise SegRefineError(f"{path}: feature {i}{_feature_name(feat)}: '{key}' is not an object but "
+                                     f"{type(feat[key]).__name__} {_short(feat[key])}")
+    return feats
+
+
+def _short(value, n: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _feature_name(feat: dict) -> str:
+    """' (id ..., name ...)' of a feature, for messages."""
+    props = feat.get("properties") if isinstance(feat.get("properties"), dict) else {}
+    bits = [f"id {feat['id']!r}"] if feat.get("id") is not None else []
+    if props.get("name"):
+        bits.append(f"name {props['name']!r}")
+    return f" ({', '.join(bits)})" if bits else ""
+
+
+def _check_coordinates(coords, path: Path, i: int, feat: dict) -> None:
+    """A clear error for a coordinate that is not a finite number (JSON NaN, Infinity, null, strings)."""
+    stack = [coords]
+    while stack:
+        c = stack.pop()
+        if isinstance(c, (list, tuple)):
+            stack.extend(c)
+        elif isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+            raise SegRefineError(f"{path}: feature {i}{_feature_name(feat)} has an invalid coordinate {c!r}: "
+                                 f"every vertex must be a pair of finite numbers")
+
+
+def _is_roi(props: dict, geom, shape: Tuple[int, int]) -> bool:
+    """An unclassified annotation rectangle covering (almost) the whole patch: a region of interest, not a cell."""
+    import shapely
+
+    if props.get("objectType", "annotation") != "annotation" or _class_name(props) is not None:
+        return False
+    env = geom.envelope
+    if env.area <= 0 or geom.area < 0.98 * env.area:  # not a rectangle
+        return False
+    h, w = shape
+    return geom.intersection(shapely.box(0, 0, w, h)).area >= ROI_PATCH_FRACTION * w * h
 
 
 def _class_name(props: dict) -> Optional[str]:
@@ -43,8 +111,13 @@ def _class_name(props: dict) -> Optional[str]:
     return cls if isinstance(cls, str) else None
 
 
-def cell_polygons(path, exclude_classes: Sequence[str] = ("Region",), use_nucleus: bool = False):
-    """The cell geometries of a QuPath GeoJSON file as shapely (Multi)Polygons."""
+def cell_polygons(path, exclude_classes: Sequence[str] = ("Region",), use_nucleus: bool = False,
+                  shape: Optional[Tuple[int, int]] = None):
+    """The cell geometries of a QuPath GeoJSON file as (feature index, shapely (Multi)Polygon).
+
+    ``shape``: the patch's (height, width); an unclassified rectangle annotation covering (almost) all of it is a
+    region of interest and is left out with a warning."""
+    import shapely
     import shapely.geometry
 
     path = Path(path)
@@ -63,14 +136,29 @@ def cell_polygons(path, exclude_classes: Sequence[str] = ("Region",), use_nucleu
         geom = feat.get("nucleusGeometry") if (use_nucleus and feat.get("nucleusGeometry")) else feat.get("geometry")
         if not geom or geom.get("type") not in ("Polygon", "MultiPolygon"):
             continue  # points, lines: not cells
+        _check_coordinates(geom.get("coordinates"), path, i, feat)
         try:
-            shape = shapely.geometry.shape(geom)
+            cell = shapely.geometry.shape(geom)
         except Exception as exc:
-            raise SegRefineError(f"{path}: feature {i} has a malformed {geom.get('type')} ({exc})") from exc
-        if not shape.is_valid:
-            shape = shape.buffer(0)  # self-touching outlines drawn by hand
-        if not shape.is_empty:
-            geoms.append((i, shape))
+            raise SegRefineError(f"{path}: feature {i}{_feature_name(feat)} has a malformed {geom.get('type')} "
+                                 f"({exc})") from exc
+        if not cell.is_valid:  # self-intersecting or self-touching outlines drawn by hand: keep every lobe
+            reason = shapely.is_valid_reason(cell)
+            fixed = shapely.make_valid(cell, method="structure", keep_collapsed=False)
+            parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type in ("Polygon", "MultiPolygon")]
+            fixed = shapely.union_all(parts) if parts else shapely.Polygon()
+            log.warning("%s: feature %d%s: invalid outline (%s) repaired keeping all its area: %.1f px^2 in %d "
+                        "part(s)", path, i, _feature_name(feat), reason, fixed.area,
+                        len(getattr(fixed, "geoms", [fixed])))
+            cell = fixed
+        if cell.is_empty:
+            continue
+        if shape is not None and _is_roi(props, cell, shape):
+            log.warning("%s: feature %d%s: an unclassified rectangle covering %.0f%% of the %dx%d px patch is a "
+                        "region of interest, not a cell: ignored", path, i, _feature_name(feat),
+                        100.0 * cell.area / (shape[0] * shape[1]), shape[1], shape[0])
+            continue
+        geoms.append((i, cell))
     return geoms
 
 
@@ -109,8 +197,37 @@ def relabel_sequential(labels: np.ndarray) -> np.ndarray:
     return out.astype(np.uint16 if n < 2**16 else np.uint32)
 
 
+def mask_kind(mask: np.ndarray) -> Tuple[str, str]:
+    """("binary" | "semantic" | "instance" | "ambiguous", why) of a 2-D mask of whole numbers >= 0, by its structure.
+
+    A piece is a connected (8-neighbour) set of pixels of one value. In an
+    instance mask each label is one piece, so there are about as many pieces
+    as values; in a semantic mask (classes 0/1/2, or a binary mask with
+    anti-aliased edges: 0/128/255) a few values each form many separate pieces.
+    """
+    from skimage.measure import label
+
+    values = np.unique(mask)
+    values = values[values != 0]
+    n_values = len(values)
+    if n_values == 0:
+        return "binary", "no foreground"
+    if n_values == 1:
+        return "binary", f"one foreground value ({values[0]})"
+    pieces_img = label(mask, background=0, connectivity=2)  # neighbours of equal value connect
+    pieces = int(pieces_img.max())
+    ratio = pieces / n_values
+    why = f"{n_values} foreground values in {pieces} separate pieces ({ratio:.2f} pieces per value)"
+    if ratio <= INSTANCE_MAX_PIECES_PER_VALUE:
+        return "instance", why
+    if ratio >= SEMANTIC_MIN_PIECES_PER_VALUE:
+        return "semantic", why
+    return "ambiguous", why
+
+
 def mask_to_instances(mask: np.ndarray, source: str = "mask") -> np.ndarray:
-    """Binary/semantic masks -> 4-connected components; instance masks kept as they are."""
+    """Binary/semantic masks -> 4-connected components of the foreground; instance masks kept as they are
+    (``mask_kind`` tells them apart, and the decision is logged); an ambiguous mask is refused."""
     from skimage.measure import label
 
     mask = np.asarray(mask)
@@ -120,15 +237,27 @@ def mask_to_instances(mask: np.ndarray, source: str = "mask") -> np.ndarray:
         mask = mask[..., 0]
     if mask.ndim != 2:
         raise SegRefineError(f"{source}: a mask must be 2-D, got shape {mask.shape}")
+    if mask.dtype == bool:
+        mask = mask.astype(np.uint8)
     if np.issubdtype(mask.dtype, np.floating):
         if not np.all(np.isfinite(mask)) or np.any(mask != np.round(mask)):
             raise SegRefineError(f"{source}: a mask must hold whole numbers (labels or 0/1/255)")
     if mask.min() < 0:
         raise SegRefineError(f"{source}: a mask cannot hold negative labels")
-    values = np.unique(mask)
-    if len(values) <= 2:  # background + one value: binary or semantic
-        return relabel_sequential(label(mask > 0, connectivity=1))
-    return relabel_sequential(mask.astype(np.int64))
+    kind, why = mask_kind(mask)
+    if kind == "ambiguous":
+        raise SegRefineError(
+            f"{source}: cannot tell whether this is an instance mask or a semantic mask: {why}; an instance mask "
+            f"has one connected piece per label (labels 1..N), a binary or semantic mask a few values in many "
+            f"pieces: save it as one or the other (e.g. 0/255 for a binary mask)")
+    if kind == "instance":
+        log.info("%s: instance mask (%s): labels kept", source, why)
+        return relabel_sequential(mask.astype(np.int64))
+    cells = relabel_sequential(label(mask > 0, connectivity=1))
+    (log.warning if kind == "semantic" else log.info)(
+        "%s: %s mask (%s): split into %d cells by 4-connected components of the foreground (nonzero) pixels",
+        source, kind, why, int(cells.max()))
+    return cells
 
 
 def convert_annotation(path, shape: Tuple[int, int], exclude_classes: Sequence[str] = ("Region",),
@@ -139,10 +268,10 @@ def convert_annotation(path, shape: Tuple[int, int], exclude_classes: Sequence[s
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".geojson", ".json"):
-        geoms = cell_polygons(path, exclude_classes, use_nucleus)
+        geoms = cell_polygons(path, exclude_classes, use_nucleus, shape=shape)
         if not geoms:
             raise SegRefineError(f"{path}: no cell polygons found (empty annotation, or only points/lines/"
-                                 f"excluded classes {list(exclude_classes)})")
+                                 f"excluded classes {list(exclude_classes)}/a region-of-interest rectangle)")
         labels = rasterize_polygons(geoms, shape, source=str(path))
     elif suffix in (".tif", ".tiff", ".png"):
         if suffix == ".png":

@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
@@ -29,6 +30,7 @@ def atomic_path(path, suffix: Optional[str] = None) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     suffix = suffix if suffix is not None else "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + suffix, dir=path.parent)
     os.close(fd)
@@ -40,9 +42,28 @@ def atomic_path(path, suffix: Optional[str] = None) -> Iterator[Path]:
         if tmp.exists():
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
+    except OSError as exc:
+        if not exc.filename:  # a write error of a file object (full disk) names no file: name the one being written
+            exc.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_leftovers(path) -> None:
+    """Remove the temporary files ``atomic_path`` left beside ``path`` in runs that were killed. Called when ``path``
+    is about to be written, so they belong to earlier attempts of the same job (one job per output at a time)."""
+    path = Path(path)
+    pattern = re.compile(r"^\." + re.escape(path.name) + r"\.[a-z0-9_]{8}\.part")  # mkstemp's 8 characters
+    try:
+        names = [e.name for e in os.scandir(path.parent) if e.name.startswith(f".{path.name}.")]
+    except OSError:
+        return
+    for name in names:
+        if pattern.match(name):
+            with contextlib.suppress(OSError):
+                (path.parent / name).unlink()
 
 
 def sha256_file(path) -> str:
@@ -96,15 +117,85 @@ def _yx_axes(axes: str, shape: Tuple[int, ...]) -> Tuple[int, int, Optional[int]
     return axes.index("Y"), axes.index("X"), ch
 
 
-class Slide:
-    """A whole-slide image, read region by region (level 0) or level by level (pyramid).
+#: what a tifffile axis letter other than Y, X and the channels (S, C) means, for error messages
+_AXIS_MEANING = {"Z": "focal planes (a Z stack)", "T": "time points", "Q": "separate images (pages without axis "
+                 "metadata)", "I": "separate images (pages)", "R": "tiles or regions (R)", "E": "lambda (E)",
+                 "H": "lifetime histogram (H)", "A": "angles (A)", "P": "phases (P)", "L": "exposures (L)",
+                 "V": "views (V)", "M": "mosaic positions (M)"}
+#: TIFF ExtraSamples values: 1 associated alpha (premultiplied), 2 unassociated alpha
+_ALPHA_SAMPLES = (1, 2)
+#: the largest strip or tile the slide reader decodes (a region read decodes whole chunks)
+MAX_CHUNK_BYTES = 2 ** 31
+#: how many pages of a level ``Slide`` checks against the file size (the headers of the others are not read)
+MAX_CHECKED_PAGES = 4096
 
-    ``shape`` is (height, width) of level 0; ``channels`` is 1 for grayscale, 3
-    for RGB; ``levels`` lists the (height, width) of every pyramid level
-    (``[shape]`` for a plain TIFF).
+
+def _check_chunks(path: Path, level, index: int, file_size: int) -> None:
+    """A clear error when a pyramid level's header describes data that the file cannot hold: fewer strips/tiles
+    than its size needs, data beyond the end of the file, an uncompressed image larger than its strips, or one
+    strip/tile too large to decode (a corrupt or forged header claiming e.g. 1e6 x 1e6 px in a small file)."""
+    pages = list(getattr(level, "pages", None) or [level.keyframe])
+    key = level.keyframe
+    sizes = f"{level.shape} ({level.axes})"
+    for n, page in enumerate(pages[:MAX_CHECKED_PAGES]):
+        if page is None:
+            continue
+        offsets = list(page.dataoffsets)
+        counts = list(page.databytecounts)
+        chunked = getattr(key, "chunked", None)
+        need = int(np.prod(chunked)) if chunked else len(offsets)
+        where = f"level {index}" + (f", page {n}" if len(pages) > 1 else "")
+        if len(offsets) < need:
+            raise SegRefineError(
+                f"{path}: corrupt TIFF header: {where} claims {sizes} px, which needs {need} strips/tiles, but the "
+                f"file lists {len(offsets)}; refusing to read it")
+        end = max((o + c for o, c in zip(offsets, counts) if c > 0), default=0)
+        if end > file_size:
+            raise SegRefineError(
+                f"{path}: truncated or corrupt TIFF: {where} ({sizes} px) has data up to byte {end}, but the file "
+                f"has {file_size} bytes")
+        chunk_bytes = int(np.prod(key.chunks)) * key.dtype.itemsize
+        if chunk_bytes > MAX_CHUNK_BYTES:
+            raise SegRefineError(
+                f"{path}: {where} ({sizes} px) is stored in strips/tiles of {chunk_bytes / 2**30:.1f} GiB each; a "
+                f"region read decodes whole strips/tiles: rewrite the slide tiled (e.g. 512x512 tiles, as QuPath "
+                f"or `bfconvert -tilex 512 -tiley 512` write it)")
+        if int(key.compression) == 1:
+            expected = int(np.prod(key.shape)) * key.dtype.itemsize
+            if sum(counts) < expected and all(c > 0 for c in counts):
+                raise SegRefineError(
+                    f"{path}: corrupt TIFF header: {where} claims {sizes} px ({expected} bytes uncompressed), but "
+                    f"its strips/tiles hold {sum(counts)} bytes")
+
+
+class Slide:
+    """A whole-slide image, described once and read region by region (level 0) or level by level (pyramid).
+
+    The one place that says what a slide is and turns it into what the models
+    take (a grayscale or RGB image), the same way for every read (regions,
+    pyramid levels, thumbnails, and so the intensity reference):
+
+    - ``file_axes``/``file_shape``/``dtype``: the file's own description
+      (tifffile's axis letters); ``describe()`` returns all of it as a dict.
+    - axes other than Y, X and one channel axis (S or C) with more than one
+      element (a Z stack, a time series, pages of unknown meaning) are refused,
+      naming the file and its axes.
+    - alpha (TIFF ExtraSamples 1 or 2) is dropped: ``alpha`` says it was.
+    - grayscale and RGB (photometric RGB/YCbCr, 3 colours) are kept as they are;
+      any other number of channels (2-channel or multi-channel fluorescence,
+      a 3-channel image that is not RGB) needs ``channel``: the 0-based index
+      of the channel to segment, read as a grayscale slide.
+    - float pixels that are NaN or infinite are refused where they are read,
+      naming the file and the region.
+    - a header that describes more data than the file holds (a forged or
+      corrupt size, a truncated file) is refused at open time.
+
+    ``shape`` is (height, width) of level 0; ``channels`` is what reads return:
+    1 (2-D arrays) or 3 (RGB); ``levels`` lists the (height, width) of every
+    pyramid level (``[shape]`` for a plain TIFF).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, channel: Optional[int] = None):
         import tifffile
         import zarr
 
@@ -113,21 +204,113 @@ class Slide:
             raise SegRefineError(f"{self.path}: slide image not found")
         try:
             self._tif = tifffile.TiffFile(self.path)
-            series = self._tif.series[0]
-            level = series.levels[0]
-            self.axes = level.axes
-            self.dtype = np.dtype(level.dtype)
-            self._y, self._x, self._c = _yx_axes(self.axes, level.shape)
-            self._full_shape = level.shape
-            self._array = zarr.open(self._tif.aszarr(series=0, level=0), mode="r")
-            self._levels = list(series.levels)
-        except SegRefineError:
-            raise
         except Exception as exc:
             raise SegRefineError(f"{self.path}: not a readable TIFF slide ({type(exc).__name__}: {exc})") from exc
+        try:
+            self._describe(channel)
+            size = self.path.stat().st_size
+            for i, lv in enumerate(self._levels):
+                _check_chunks(self.path, lv, i, size)
+            self._array = zarr.open(self._tif.aszarr(series=0, level=0), mode="r")
+        except SegRefineError:
+            self._tif.close()
+            raise
+        except Exception as exc:
+            self._tif.close()
+            raise SegRefineError(f"{self.path}: not a readable TIFF slide ({type(exc).__name__}: {exc})") from exc
+
+    def _describe(self, channel: Optional[int]) -> None:
+        series = self._tif.series[0]
+        level = series.levels[0]
+        self.file_axes = self.axes = level.axes
+        self.file_shape = self._full_shape = tuple(int(n) for n in level.shape)
+        self.dtype = np.dtype(level.dtype)
+        self._levels = list(series.levels)
+        self._y, self._x, self._c = _yx_axes(self.axes, level.shape)
+        key = level.keyframe
+        self.photometric = getattr(key.photometric, "name", str(key.photometric))
+        self.series_kind = getattr(series, "kind", "") or ""
+        extra = [int(e) for e in (key.extrasamples or ())]
+        others = [(a, n) for i, (a, n) in enumerate(zip(self.axes, self.file_shape))
+                  if i not in (self._y, self._x, self._c) and n > 1]
+        if others:
+            what = "; ".join(f"{n} {_AXIS_MEANING.get(a, 'elements')} along axis {a}" for a, n in others)
+            raise SegRefineError(
+                f"{self.path}: the slide holds more than one image: axes {self.axes} of shape {self.file_shape} "
+                f"({what}); the models segment one 2-D image: save the plane (or projection) to segment as its "
+                f"own TIFF")
+        if self._c is not None and any(a in ("S", "C") and n > 1 for i, (a, n) in enumerate(
+                zip(self.axes, self.file_shape)) if i != self._c):
+            raise SegRefineError(f"{self.path}: two channel axes (axes {self.axes}, shape {self.file_shape}); "
+                                 f"save the channel to segment as its own TIFF")
+        self.file_channels = self.file_shape[self._c] if self._c is not None else 1
+        # alpha: ExtraSamples are the last samples of a pixel
+        alpha = [self.file_channels - len(extra) + i for i, e in enumerate(extra) if e in _ALPHA_SAMPLES]
+        alpha = [a for a in alpha if 0 < a < self.file_channels] if self._c is not None else []
+        self.alpha = alpha
+        colour = [c for c in range(self.file_channels) if c not in alpha]
+        rgb = self.photometric in ("RGB", "YCBCR", "CIELAB", "ICCLAB", "ITULAB") and len(colour) == 3
+        self.channel = None
+        if channel is not None:
+            if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)) or \
+                    not 0 <= int(channel) < len(colour):
+                raise SegRefineError(f"{self.path}: channel {channel!r} does not exist: the slide has "
+                                     f"{len(colour)} channel(s) (0..{len(colour) - 1}; {self._channel_words()})")
+            self.channel = int(channel)
+            self._keep = [colour[self.channel]]
+        elif len(colour) == 1 or rgb:
+            self._keep = colour
+        else:
+            raise SegRefineError(
+                f"{self.path}: {len(colour)} channels ({self._channel_words()}), not grayscale or RGB; the models "
+                f"segment one grayscale channel or an RGB image: choose the channel to segment (0..{len(colour) - 1}"
+                f") with the sample sheet's 'channel' column")
+        if self._c is None or self._keep == list(range(self.file_channels)):
+            self._keep = None  # reads return the file's channels as they are
+        self.channels = 1 if self._c is None or self.channel is not None or len(colour) == 1 else len(colour)
         self.shape = (int(level.shape[self._y]), int(level.shape[self._x]))
-        self.channels = int(level.shape[self._c]) if self._c is not None else 1
         self.levels = [(int(lv.shape[self._y]), int(lv.shape[self._x])) for lv in self._levels]
+
+    def _channel_words(self) -> str:
+        words = f"axes {self.file_axes}, shape {self.file_shape}, {self.dtype}, photometric {self.photometric}"
+        names = self._channel_names()
+        if names:
+            words += ", names " + ", ".join(names)
+        if self.alpha:
+            words += f", alpha channel {self.alpha} dropped"
+        return words
+
+    def _channel_names(self) -> list:
+        """Channel names from OME metadata, where the file has them."""
+        import re
+
+        xml = getattr(self._tif, "ome_metadata", None) if getattr(self._tif, "is_ome", False) else None
+        if not xml:
+            return []
+        return re.findall(r'<Channel [^>]*?Name="([^"]*)"', xml)[:64]
+
+    def describe(self) -> dict:
+        """What the file is and what reads return, JSON-able (for logs and plan metadata)."""
+        return {"path": str(self.path), "axes": self.file_axes, "shape": list(self.file_shape),
+                "dtype": str(self.dtype), "photometric": self.photometric, "file_channels": int(self.file_channels),
+                "alpha_dropped": list(self.alpha), "channel": self.channel, "channels": int(self.channels),
+                "height": self.shape[0], "width": self.shape[1], "levels": [list(lv) for lv in self.levels]}
+
+    def _convert(self, arr: np.ndarray, where: str, origin: Tuple[int, int] = (0, 0)) -> np.ndarray:
+        """A (h, w[, file channels]) read as the models take it: alpha dropped, the chosen channel, finite."""
+        if self._keep is not None and arr.ndim == 3:
+            arr = arr[..., self._keep]
+            if arr.shape[-1] == 1:
+                arr = arr[..., 0]
+        if self.dtype.kind == "f":
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                ys, xs = np.nonzero(bad if bad.ndim == 2 else bad.any(axis=-1))
+                raise SegRefineError(
+                    f"{self.path}: {int(bad.sum())} NaN or infinite pixel value(s) in {where} (the first at x={origin[0] + xs[0]} "
+                    f"y={origin[1] + ys[0]}); a float slide must hold finite intensities: replace them (e.g. by "
+                    f"0) and save the slide again")
+        return arr
 
     def downsample(self, level: int) -> float:
         """Level 0 pixels per pixel of ``level`` (along x)."""
@@ -166,7 +349,7 @@ class Slide:
         arr = arr[tuple(index)]
         kept = [a for i, a in enumerate(axes) if isinstance(index[i], slice)]
         order = [kept.index("Y"), kept.index("X")] + ([kept.index(axes[c])] if c is not None else [])
-        return np.transpose(arr, order)
+        return self._convert(np.transpose(arr, order), f"pyramid level {level}")
 
     def thumbnail(self, downsample: int, level: Optional[int] = None, strip: int = 2048) -> Tuple[np.ndarray, float]:
         """A grayscale (float32) low-resolution view and its downsample factor (level-0 px per thumbnail px).
@@ -226,7 +409,7 @@ class Slide:
                                  f"(truncated or corrupt file? {type(exc).__name__}: {exc})") from exc
         kept = [a for i, a in enumerate(self.axes) if isinstance(index[i], slice)]
         order = [kept.index("Y"), kept.index("X")] + ([kept.index(self.axes[self._c])] if self._c is not None else [])
-        return np.transpose(region, order)
+        return self._convert(np.transpose(region, order), f"the region x={x} y={y} w={w} h={h}", (x, y))
 
     def read_all(self) -> np.ndarray:
         H, W = self.shape

@@ -1,0 +1,318 @@
+"""Bad inputs, one row each: the input (tiny, seeded, written by the row), the step that reads it, and the message it
+must produce, or the correct result it must give. The next kind of bad input is one more row.
+
+Each row: (id, make(tmp_path) -> zero-argument callable that runs a segrefine step on the input, expected), where
+expected is a regular expression the ``SegRefineError`` must match (it must also name the input file, which is
+checked for every error row), or a function checking the step's result.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import tifffile
+
+from segrefine import SegRefineError
+from segrefine.annotations import convert_annotation
+from segrefine.cli import main as cli_main
+from segrefine.intensity import intensity_reference
+from segrefine.io import Slide
+from segrefine.tiling import make_plan
+
+RNG_SEED = 14
+
+
+# --- inputs -------------------------------------------------------------------------------------------------------
+def blobs(shape=(96, 128), n=12, seed=RNG_SEED, radius=(4, 7)):
+    """(uint8 intensity image of n bright discs on a dark noisy background, their instance labels)."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    labels = np.zeros(shape, np.uint16)
+    yy, xx = np.mgrid[:h, :w]
+    k = 0
+    for _ in range(200):
+        r = int(rng.integers(*radius))
+        cy, cx = int(rng.integers(r + 1, h - r - 1)), int(rng.integers(r + 1, w - r - 1))
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        grown = (yy - cy) ** 2 + (xx - cx) ** 2 <= (r + 2) ** 2
+        if labels[grown].any():
+            continue  # keep the cells apart: each is one 4-connected component of the foreground
+        k += 1
+        labels[disc] = k
+        if k == n:
+            break
+    img = (rng.normal(20, 4, shape) + 160 * (labels > 0)).clip(0, 255).astype(np.uint8)
+    return img, labels
+
+
+def gray_slide(tmp_path, name="slide.tif", dtype=np.uint8, **kw):
+    img = blobs()[0].astype(dtype)
+    path = tmp_path / name
+    tifffile.imwrite(path, img, **kw)
+    return path
+
+
+def stacked(axes, n):
+    img = blobs()[0]
+    return np.stack([np.roll(img, 3 * i, axis=1) for i in range(n)]), axes
+
+
+def write_stack(tmp_path, name, axes, n, ome=False):
+    arr, axes = stacked(axes, n)
+    path = tmp_path / name
+    tifffile.imwrite(path, arr, metadata={"axes": axes}, ome=ome, photometric="minisblack")
+    return path
+
+
+def forged_size(tmp_path, **kw):
+    """A small TIFF whose header claims 1e6 x 1e6 px."""
+    path = tmp_path / "huge.tif"
+    tifffile.imwrite(path, blobs()[0][:64, :64], **kw)
+    with tifffile.TiffFile(path, mode="r+") as tif:
+        tif.pages[0].tags["ImageWidth"].overwrite(1_000_000)
+        tif.pages[0].tags["ImageLength"].overwrite(1_000_000)
+    return path
+
+
+def float_slide_with_nan(tmp_path):
+    img = blobs()[0].astype(np.float32)
+    img[40, 70] = np.nan
+    img[5, 6] = np.inf
+    path = tmp_path / "float.tif"
+    tifffile.imwrite(path, img)
+    return path
+
+
+def rgb_and_rgba(tmp_path):
+    """The same RGB slide twice: plain, and with an alpha channel whose values are unrelated to the image."""
+    img, _ = blobs((160, 192), n=30)
+    rgb = np.stack([img, (img * 0.8).astype(np.uint8), (img * 0.5).astype(np.uint8)], axis=-1)
+    alpha = np.random.default_rng(RNG_SEED).integers(0, 256, img.shape, dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb", tile=(64, 64))
+    tifffile.imwrite(tmp_path / "rgba.tif", np.dstack([rgb, alpha]), photometric="rgb", extrasamples=["unassalpha"],
+                     tile=(64, 64))
+    return tmp_path / "rgb.tif", tmp_path / "rgba.tif"
+
+
+def mask_file(tmp_path, mask, name="S-x0_y0_w128_h96-mask.tif"):
+    path = tmp_path / name
+    tifffile.imwrite(path, mask)
+    return path
+
+
+def anti_aliased(tmp_path):
+    """A binary mask 0/255 whose cell edges are 128 (anti-aliased): 12 cells, not 2."""
+    _, labels = blobs()
+    from scipy import ndimage
+
+    fg = labels > 0
+    edge = fg & ~ndimage.binary_erosion(fg)
+    mask = np.where(edge, 128, np.where(fg, 255, 0)).astype(np.uint8)
+    return mask_file(tmp_path, mask)
+
+
+def classes(tmp_path):
+    """A semantic mask: class 1 = cell interior, class 2 = its rim (0 background): 12 cells, not 2."""
+    _, labels = blobs()
+    from scipy import ndimage
+
+    fg = labels > 0
+    rim = fg & ~ndimage.binary_erosion(fg, iterations=2)
+    return mask_file(tmp_path, np.where(rim, 2, np.where(fg, 1, 0)).astype(np.uint8))
+
+
+def ambiguous_mask(tmp_path):
+    """12 labels of which 8 come in two pieces (20 pieces, 1.67 per value): neither one piece per label nor a few
+    values in many pieces."""
+    _, labels = blobs()
+    mask = labels.astype(np.uint16)
+    for lab in range(1, 9):  # each of these labels reappears as a second spot in an empty corner
+        assert not labels[94:96, 8 * lab:8 * lab + 3].any()
+        mask[94:96, 8 * lab:8 * lab + 3] = lab
+    return mask_file(tmp_path, mask)
+
+
+def geojson(tmp_path, features, name="S-x0_y0_w128_h96.geojson"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+def polygon(coords, cls="Nucleus", otype="annotation", fid=None):
+    feat = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [coords]},
+            "properties": {"objectType": otype}}
+    if cls:
+        feat["properties"]["classification"] = {"name": cls}
+    if fid:
+        feat["id"] = fid
+    return feat
+
+
+SQUARE = [[10, 10], [30, 10], [30, 30], [10, 30], [10, 10]]
+BOWTIE = [[40, 40], [60, 60], [60, 40], [40, 60], [40, 40]]  # self-intersecting at (50, 50): two triangles
+
+
+# --- steps ----------------------------------------------------------------------------------------------------------
+def open_slide(path, **kw):
+    def run():
+        with Slide(path, **kw) as s:
+            return s.read(0, 0, *s.shape[::-1])
+    return run
+
+
+def tile_plan(path):
+    return lambda: make_plan(path, 64, 8)
+
+
+def patches(path, tmp_path):
+    def run():
+        rc = cli_main(["patches", "--slide", str(path), "--out-dir", str(tmp_path / "out"), "--grid", "32", "32",
+                       "--sn", "S"])
+        if rc:
+            raise SegRefineError("the patches step failed")  # its message was printed; checked by the rows below
+        return rc
+    return run
+
+
+def convert(path, shape=(96, 128)):
+    return lambda: convert_annotation(path, shape)
+
+
+# --- checks of correct results --------------------------------------------------------------------------------------
+def cells(n):
+    def check(labels):
+        ids = np.unique(labels[labels > 0])
+        assert int(labels.max()) == n == len(ids), f"{labels.max()} cells, not {n}"
+    return check
+
+
+def bowtie_kept_whole(labels):
+    # one cell covering both triangles (x 40..50 and 50..60: 90 pixel centres each), not one lobe (half of it)
+    assert int(labels.max()) == 2
+    ys, xs = np.nonzero(labels == 2)
+    assert (xs < 50).sum() == (xs >= 50).sum() == 90, ((xs < 50).sum(), (xs >= 50).sum())
+
+
+def rgba_equals_rgb(tmp_path):
+    from segrefine.models.classical_adapter import ClassicalAdapter
+    from segrefine.segment import segment_whole
+
+    rgb, rgba = rgb_and_rgba(tmp_path)
+
+    def run():
+        out = {}
+        for name, path in (("rgb", rgb), ("rgba", rgba)):
+            with Slide(path) as s:
+                out[name] = (s.channels, s.read(10, 20, 50, 40), intensity_reference(s),
+                             segment_whole(None, path, model=ClassicalAdapter({})), s.thumbnail(4)[0])
+        return out
+    return run
+
+
+def same_as_rgb(out):
+    (c1, r1, ref1, cells1, th1), (c2, r2, ref2, cells2, th2) = out["rgb"], out["rgba"]
+    assert c1 == c2 == 3
+    np.testing.assert_array_equal(r1, r2)
+    assert ref1 == ref2
+    assert int(cells1.max()) >= 25
+    np.testing.assert_array_equal(cells1, cells2)
+    np.testing.assert_array_equal(th1, th2)
+
+
+def chosen_channel(region):
+    arr, _ = stacked("CYX", 2)
+    np.testing.assert_array_equal(region, arr[1])
+
+
+ROWS = [
+    # slides
+    ("rgba slide = its rgb version", rgba_equals_rgb, same_as_rgb),
+    ("z stack", lambda t: open_slide(write_stack(t, "z.tif", "ZYX", 3)),
+     r"z\.tif: the slide holds more than one image: axes ZYX .*3 focal planes"),
+    ("z stack ome", lambda t: open_slide(write_stack(t, "z.ome.tif", "ZYX", 3, ome=True)),
+     r"z\.ome\.tif: .*axes ZYX .*3 focal planes"),
+    ("time series", lambda t: open_slide(write_stack(t, "t.ome.tif", "TYX", 2, ome=True)),
+     r"t\.ome\.tif: .*2 time points"),
+    ("pages of unknown meaning", lambda t: open_slide(write_stack(t, "q.tif", "QYX", 4)),
+     r"q\.tif: .*4 separate images"),
+    ("2-channel mIF slide in tile-plan", lambda t: tile_plan(write_stack(t, "mif.ome.tif", "CYX", 2, ome=True)),
+     r"mif\.ome\.tif: 2 channels \(axes CYX.*choose the channel to segment \(0\.\.1\) with the sample sheet's "
+     r"'channel' column"),
+    ("2-channel mIF slide in patches", lambda t: patches(write_stack(t, "mif2.tif", "CYX", 2), t),
+     r"the patches step failed"),
+    ("5-channel fluorescence", lambda t: open_slide(write_stack(t, "five.ome.tif", "CYX", 5, ome=True)),
+     r"five\.ome\.tif: 5 channels .*\(0\.\.4\)"),
+    ("2-channel mIF slide, channel chosen", lambda t: open_slide(write_stack(t, "mif.tif", "CYX", 2), channel=1),
+     chosen_channel),
+    ("channel that does not exist", lambda t: open_slide(write_stack(t, "mif.tif", "CYX", 2), channel=2),
+     r"mif\.tif: channel 2 does not exist: the slide has 2 channel"),
+    ("float slide with NaN", lambda t: open_slide(float_slide_with_nan(t)),
+     r"float\.tif: 2 NaN or infinite pixel value\(s\) in the region x=0 y=0 w=128 h=96 \(the first at x=6 y=5\)"),
+    ("float slide with NaN in tile-plan", lambda t: tile_plan(float_slide_with_nan(t)),
+     r"float\.tif: 2 NaN or infinite"),
+    ("header claims 1e6 px, strips", lambda t: tile_plan(forged_size(t, rowsperstrip=8)),
+     r"huge\.tif: corrupt TIFF header: level 0 claims \(1000000, 1000000\).*needs 125000 strips/tiles, but the "
+     r"file lists 8"),
+    ("header claims 1e6 px, tiles", lambda t: open_slide(forged_size(t, tile=(16, 16), compression="zlib")),
+     r"huge\.tif: corrupt TIFF header: level 0 claims \(1000000, 1000000\)"),
+    ("header claims 1e6 px, one strip", lambda t: open_slide(forged_size(t)),
+     r"huge\.tif: corrupt TIFF header"),
+    ("truncated slide", lambda t: open_slide(truncated(t)), r"cut\.tif: truncated or corrupt TIFF"),
+    # masks
+    ("anti-aliased binary mask 0/128/255", lambda t: convert(anti_aliased(t)), cells(12)),
+    ("semantic mask classes 0/1/2", lambda t: convert(classes(t)), cells(12)),
+    ("instance mask", lambda t: convert(mask_file(t, blobs()[1])), cells(12)),
+    ("instance mask, 2 cells", lambda t: convert(mask_file(t, np.where(blobs()[1] <= 2, blobs()[1], 0))), cells(2)),
+    ("ambiguous mask", lambda t: convert(ambiguous_mask(t)),
+     r"S-x0_y0_w128_h96-mask\.tif: cannot tell whether this is an instance mask or a semantic mask"),
+    # GeoJSON
+    ("self-intersecting polygon", lambda t: convert(geojson(t, [polygon(SQUARE), polygon(BOWTIE)])),
+     bowtie_kept_whole),
+    ("NaN coordinate", lambda t: convert(geojson(t, [polygon(SQUARE), polygon(  # json writes NaN, QuPath may too
+        [[40, 40], [float("nan"), 60], [60, 40], [40, 40]], fid="c7")])),
+     r"S-x0_y0_w128_h96\.geojson: feature 1 \(id 'c7'\) has an invalid coordinate nan"),
+    ("Infinity coordinate", lambda t: convert(geojson(t, [polygon([[40, 40], [float("inf"), 60], [60, 40],
+                                                                   [40, 40]])])),
+     r"\.geojson: feature 0 has an invalid coordinate inf"),
+    ("feature that is not an object", lambda t: convert(geojson(t, [polygon(SQUARE), [1, 2, 3]])),
+     r"\.geojson: feature 1 is not a GeoJSON object but list \[1, 2, 3\]"),
+    ("geometry that is not an object", lambda t: convert(geojson(t, [{"type": "Feature", "geometry": "Polygon"}])),
+     r"\.geojson: feature 0: 'geometry' is not an object but str"),
+    ("unclassified whole-patch rectangle = region of interest",
+     lambda t: convert(geojson(t, [polygon([[0, 0], [128, 0], [128, 96], [0, 96], [0, 0]], cls=None),
+                                   polygon(SQUARE)])), cells(1)),
+    ("only a region of interest", lambda t: convert(geojson(t, [polygon([[0, 0], [127, 0], [127, 95], [0, 95],
+                                                                          [0, 0]], cls=None)])),
+     r"\.geojson: no cell polygons found .*region-of-interest rectangle"),
+    ("classified rectangle is a cell", lambda t: convert(geojson(t, [polygon([[0, 0], [128, 0], [128, 96], [0, 96],
+                                                                              [0, 0]])])), cells(1)),
+]
+
+
+def truncated(tmp_path):
+    path = tmp_path / "full.tif"
+    tifffile.imwrite(path, blobs()[0], tile=(32, 32), compression="zlib")
+    data = path.read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+    return tmp_path / "cut.tif"
+
+
+@pytest.mark.parametrize("make, expected", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
+def test_bad_input(make, expected, tmp_path, capsys):
+    run = make(tmp_path)
+    if callable(expected):
+        expected(run())
+        return
+    with pytest.raises(SegRefineError) as err:
+        run()
+    message = str(err.value)
+    if message == "the patches step failed":  # the CLI printed the step's one-line error
+        message = capsys.readouterr().err
+        assert re.search(r"segrefine patches: error: .*mif2\.tif: 2 channels \(axes CYX", message), message
+        assert "Traceback" not in message
+        assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+        return
+    assert re.search(expected, message), message
+    assert "Traceback" not in message
