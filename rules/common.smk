@@ -72,6 +72,14 @@ def _read_samples(path):
 samples = _read_samples(config["samples"])
 
 
+def channel_arg(wildcards):
+    """`--channel N` where the sample sheet's optional 'channel' column chooses the slide's channel to segment
+    (2-channel and multi-channel fluorescence; segrefine.io.Slide refuses such a slide without it)."""
+    if "channel" not in samples or pd.isnull(samples.loc[wildcards.sample, "channel"]):
+        return ""
+    return f"--channel {int(samples.loc[wildcards.sample, 'channel'])}"
+
+
 def _find_annotations():
     """{(sample, patch): annotation file}; file names must name their patch and chip."""
     found = {}

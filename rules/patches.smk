@@ -7,13 +7,14 @@ rule annotated_patch:
     params:
         pad=f"--pad-to {config['patches']['pad_to']}" if config["patches"]["pad_to"] else "",
         outdir=lambda wc, output: str(Path(output[0]).parent),
+        channel=channel_arg,
     log:
         "logs/patches/{sample}/{patch}.log",
     conda:
         env_file("core")
     shell:
         segrefine("core") + " patches --slide {input.slide} --name {wildcards.patch} "
-        "--out-dir {params.outdir} {params.pad} 2> {log}"
+        "--out-dir {params.outdir} {params.pad} {params.channel} 2> {log}"
 
 
 rule candidate_patches:
@@ -27,10 +28,11 @@ rule candidate_patches:
     params:
         where=lambda wc, input: (f"--coords {shlex.quote(input.coords)}" if input.coords
                else "--grid {size} {step}".format(**config["patches"]["candidates"])),
+        channel=channel_arg,
     log:
         "logs/candidates/{sample}.log",
     conda:
         env_file("core")
     shell:
         segrefine("core") + " patches --slide {input.slide} {params.where} "
-        "--sn {wildcards.sample} --out-dir {output.patches} 2> {log}"
+        "--sn {wildcards.sample} --out-dir {output.patches} {params.channel} 2> {log}"

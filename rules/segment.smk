@@ -16,6 +16,7 @@ rule tile_plan:
         meta=f"{RESULTS}/segmentation/{{sample}}/tiles.json",
     params:
         args=tile_plan_args,
+        channel=channel_arg,
     log:
         "logs/segment/{sample}.plan.log",
     benchmark:
@@ -24,7 +25,7 @@ rule tile_plan:
         env_file("core")
     shell:
         segrefine("core") + " tile-plan --slide {input.slide:q} --trainset {input.trainset} --out {output.plan} "
-        "--out-json {output.meta} {params.args} 2> {log}"
+        "--out-json {output.meta} {params.args} {params.channel} 2> {log}"
 
 
 rule segment_shard:

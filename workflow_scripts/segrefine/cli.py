@@ -28,6 +28,10 @@ def _json(text: str) -> dict:
     return value
 
 
+CHANNEL_HELP = ("the slide's channel to segment (0-based), read as a grayscale slide; needed for 2-channel and "
+                "multi-channel fluorescence (the sample sheet's 'channel' column)")
+
+
 # --- steps ------------------------------------------------------------------------------------------------------------
 def cmd_demo_data(a):
     from segrefine.demo import make_demo
@@ -40,7 +44,7 @@ def cmd_patches(a):
     from segrefine.io import Slide, write_tiff
     from segrefine.patches import boxes_from_table, grid_boxes, parse_patch_name, reflect_pad
 
-    with Slide(a.slide) as slide:
+    with Slide(a.slide, channel=a.channel) as slide:
         if a.name:
             boxes = [parse_patch_name(n) for n in a.name]
         elif a.coords:
@@ -201,7 +205,7 @@ def cmd_segment(a):
 
     segment_slide(a.card, a.slide, a.out_dir, a.tile_size, a.halo, a.context, a.shards, not a.no_tissue,
                   _tissue_level(a.tissue_level), a.tissue_downsample, a.bright_field, a.trainset, a.pixel_size_um,
-                  model_context=not a.no_model_context)
+                  model_context=not a.no_model_context, channel=a.channel)
 
 
 def cmd_tile_plan(a):
@@ -213,7 +217,8 @@ def cmd_tile_plan(a):
             raise SegRefineError("--halo-unit um needs --pixel-size-um")
         halo = a.halo / a.pixel_size_um
     plan, meta = make_plan(a.slide, a.tile_size, int(round(halo)), a.context, a.shards, not a.no_tissue,
-                           _tissue_level(a.tissue_level), a.tissue_downsample, a.bright_field, a.trainset)
+                           _tissue_level(a.tissue_level), a.tissue_downsample, a.bright_field, a.trainset,
+                           channel=a.channel)
     write_plan(plan, meta, a.out, a.out_json)
 
 
@@ -279,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coords", help="TSV/CSV of patches with columns x, y, w, h")
     p.add_argument("--sn", help="chip SN for --grid/--coords names")
     p.add_argument("--pad-to", type=int, help="reflection-pad each patch to this size (e.g. 512)")
+    p.add_argument("--channel", type=int, help=CHANNEL_HELP)
 
     p = step("convert-annotation", cmd_convert_annotation, "QuPath GeoJSON / binary / instance mask -> instance mask")
     p.add_argument("--annotation", required=True, help="file named after its patch: {SN}-x.._y.._w.._h..[-img|-mask].ext")
@@ -388,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bright-field", action="store_true", help="tissue is darker than background (H&E)")
         p.add_argument("--trainset", help="training-set table: the halo must cover its largest cell")
         p.add_argument("--pixel-size-um", type=float)
+        p.add_argument("--channel", type=int, help=CHANNEL_HELP)
 
     p = step("complexity", cmd_complexity, "tissue complexity of every annotated patch (the paper's six measures)")
     p.add_argument("--trainset", required=True)

@@ -264,7 +264,7 @@ class Slide:
             raise SegRefineError(
                 f"{self.path}: {len(colour)} channels ({self._channel_words()}), not grayscale or RGB; the models "
                 f"segment one grayscale channel or an RGB image: choose the channel to segment (0..{len(colour) - 1}"
-                f") with the sample sheet's 'channel' column")
+                f") with the sample sheet's 'channel' column (`--channel` of segrefine patches, tile-plan, segment)")
         if self._c is None or self._keep == list(range(self.file_channels)):
             self._keep = None  # reads return the file's channels as they are
         self.channels = 1 if self._c is None or self.channel is not None or len(colour) == 1 else len(colour)

@@ -36,13 +36,13 @@ def cell_table(labels: np.ndarray):
 
 
 def segment_whole(card_path, slide_path, model=None, tissue: bool = False, tissue_level: Optional[int] = None,
-                  tissue_downsample: int = 16, bright_field: bool = False) -> np.ndarray:
+                  tissue_downsample: int = 16, bright_field: bool = False, channel: Optional[int] = None) -> np.ndarray:
     """The whole-image approach: the whole slide in memory, one predict call (the reference for benchmarks).
 
     The model gets the same slide-level intensity reference as the tiled run
     with the same tissue settings (computed here on the whole image: identical
     to tile-plan's), so "the same model" means the same normalisation.
-    ``model``: an already loaded model."""
+    ``model``: an already loaded model; ``channel``: the slide's channel to segment (``segrefine.io.Slide``)."""
     from segrefine.intensity import intensity_reference
     from segrefine.io import Slide
     from segrefine.models import load_model
@@ -51,7 +51,7 @@ def segment_whole(card_path, slide_path, model=None, tissue: bool = False, tissu
     if model is None:
         model, _ = load_model(card_path)
     tissue_mask = None  # (low-resolution mask, level-0 px per mask px), as tile-plan makes it
-    with Slide(slide_path) as slide:
+    with Slide(slide_path, channel=channel) as slide:
         image = slide.read_all()
         if tissue:
             mask, _, f = slide_tissue(slide, tissue_downsample, tissue_level, bright_field)
@@ -64,7 +64,7 @@ def segment_slide(card_path, slide_path, out_dir, tile_size: int = 1024, halo_px
                   shards: int = 1, tissue: bool = True, tissue_level: Optional[int] = None,
                   tissue_downsample: int = 16, bright_field: bool = False, trainset=None,
                   pixel_size_um: Optional[float] = None, geojson: bool = True, overlay: bool = True,
-                  model_context: bool = True) -> dict:
+                  model_context: bool = True, channel: Optional[int] = None) -> dict:
     """Plan, all shards one after another, and stitch, in one process; outputs in ``out_dir`` as the workflow names them.
 
     Runs in any model's env; ``cells.parquet`` is written where pyarrow is installed (the core env; the model
@@ -76,7 +76,7 @@ def segment_slide(card_path, slide_path, out_dir, tile_size: int = 1024, halo_px
 
     out = Path(out_dir)
     plan, meta = make_plan(slide_path, tile_size, halo_px, context_px, shards, tissue, tissue_level,
-                           tissue_downsample, bright_field, trainset)
+                           tissue_downsample, bright_field, trainset, channel=channel)
     write_plan(plan, meta, out / "tiles.tsv", out / "tiles.json")
     shard_jsons = [out / "shards" / f"{k}.json" for k in range(shards)]
     for k, sj in enumerate(shard_jsons):

@@ -215,12 +215,12 @@ def _overlay_level(shapes: list, max_side: int = 1024) -> int:
     return next((i for i, sh in enumerate(shapes) if max(sh) <= max_side), len(shapes) - 1)
 
 
-def _overlay_background(slide_path, shape, factor: int) -> np.ndarray:
+def _overlay_background(slide_path, shape, factor: int, channel: Optional[int] = None) -> np.ndarray:
     """The overlay's gray slide view, (h, w) uint8, for a label level of ``shape`` that is ``factor`` times
     smaller than level 0. Needs only the slide: computed while the tiles are pasted."""
     from segrefine.io import Slide
 
-    with Slide(slide_path) as slide:
+    with Slide(slide_path, channel=channel) as slide:
         thumb, f = slide.thumbnail(factor)
     ys = np.minimum((np.arange(shape[0]) * factor / f).astype(int), thumb.shape[0] - 1)
     xs = np.minimum((np.arange(shape[1]) * factor / f).astype(int), thumb.shape[1] - 1)
@@ -302,7 +302,8 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
     if overlay_out:
         shapes = _pyramid_shapes((H, W))
         k_ov = _overlay_level(shapes)
-        background = pool.submit(_timed, _overlay_background, slide_path, shapes[k_ov], 2 ** k_ov)
+        background = pool.submit(_timed, _overlay_background, slide_path, shapes[k_ov], 2 ** k_ov,
+                                 meta.get("channel"))
     try:
         next_id = 1
         clock = _Clock("paste", "cell_table", "geojson")

@@ -123,7 +123,7 @@ def _slide_stamp(path: Path) -> str:
 
 def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, shards: int = 1, tissue: bool = True,
               tissue_level: Optional[int] = None, tissue_downsample: int = 16, bright_field: bool = False,
-              trainset=None):
+              trainset=None, channel: Optional[int] = None):
     """(plan table, plan metadata) of a slide. Checks the halo against the largest training cell."""
     from segrefine.intensity import intensity_reference
     from segrefine.io import Slide
@@ -141,7 +141,9 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
                 f"{mask}, from {trainset}); cells that large would be cut at tile seams: set "
                 f"segmentation.tiling.halo to at least {diam} px")
     slide_path = Path(slide_path)
-    with Slide(slide_path) as slide:
+    with Slide(slide_path, channel=channel) as slide:
+        meta["slide_description"] = slide.describe()  # what the file is, and what the model is given
+        meta["channel"] = slide.channel  # every later read of the slide (shards, stitch) reads the same channel
         H, W = slide.shape
         plan = grid_tiles(slide.shape, tile_size, halo_px + context_px)
         meta.update(slide=str(slide_path), slide_stamp=_slide_stamp(slide_path), height=H, width=W,
@@ -167,7 +169,8 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
     inside = np.nonzero(plan["in_tissue"])[0]
     plan["shard"][inside] = np.arange(len(inside)) % shards  # round robin: each shard gets a share of every region
     meta.update(tiles=int(len(plan)), tiles_in_tissue=int(len(inside)), tiles_skipped_background=int(len(plan) - len(inside)))
-    key = json.dumps({k: meta[k] for k in ("tile_size", "margin_px", "height", "width", "slide_stamp")}, sort_keys=True)
+    key = json.dumps({k: meta[k] for k in ("tile_size", "margin_px", "height", "width", "slide_stamp")
+                      + (("channel",) if meta["channel"] is not None else ())}, sort_keys=True)
     meta["plan_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
     return plan, meta
 
@@ -678,7 +681,7 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
              "intensity_reference": None}  # "slide" or "per window" once the model is loaded (None: all resumed)
     log.info("shard %d: %d tiles, %d already done, %d to predict", shard, len(tiles), len(tiles) - len(todo), len(todo))
     if todo:
-        with gpu_device(gpus) as dev, Slide(slide_path) as slide:
+        with gpu_device(gpus) as dev, Slide(slide_path, channel=meta.get("channel")) as slide:
             if model is None:
                 from segrefine.models import load_model
 
