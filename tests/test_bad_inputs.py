@@ -221,6 +221,41 @@ def same_as_rgb(out):
     np.testing.assert_array_equal(th1, th2)
 
 
+def channel_through_the_plan(tmp_path):
+    """A 2-channel slide with channel 1 chosen, through tile-plan and the whole-image path: the same reference
+    and cells as the grayscale slide of that channel; the plan records the channel for the shards and the stitch."""
+    from segrefine.models.classical_adapter import ClassicalAdapter
+    from segrefine.segment import segment_whole
+
+    mif = write_stack(tmp_path, "mif.ome.tif", "CYX", 2, ome=True)
+    gray = tmp_path / "gray.tif"
+    tifffile.imwrite(gray, stacked("CYX", 2)[0][1])
+
+    def run():
+        plans = [make_plan(mif, 64, 8, tissue=False, channel=1)[1], make_plan(gray, 64, 8, tissue=False)[1]]
+        cells = [segment_whole(None, mif, model=ClassicalAdapter({}), channel=1),
+                 segment_whole(None, gray, model=ClassicalAdapter({}))]
+        return plans, cells
+    return run
+
+
+def same_as_gray(out):
+    (plan_mif, plan_gray), (cells_mif, cells_gray) = out
+    assert plan_mif["channel"] == 1 and plan_gray["channel"] is None
+    assert plan_mif["slide_description"]["file_channels"] == 2 and plan_mif["slide_description"]["channels"] == 1
+    assert plan_mif["intensity_reference"] == plan_gray["intensity_reference"]
+    assert plan_mif["plan_id"] != plan_gray["plan_id"]
+    assert int(cells_gray.max()) >= 10
+    np.testing.assert_array_equal(cells_mif, cells_gray)
+
+
+def gray_alpha(tmp_path):
+    img = blobs()[0]
+    tifffile.imwrite(tmp_path / "ga.tif", np.dstack([img, 255 - img]), photometric="minisblack",
+                     extrasamples=["unassalpha"])
+    return lambda: (open_slide(tmp_path / "ga.tif")(), img)
+
+
 def chosen_channel(region):
     arr, _ = stacked("CYX", 2)
     np.testing.assert_array_equal(region, arr[1])
@@ -246,6 +281,8 @@ ROWS = [
      r"five\.ome\.tif: 5 channels .*\(0\.\.4\)"),
     ("2-channel mIF slide, channel chosen", lambda t: open_slide(write_stack(t, "mif.tif", "CYX", 2), channel=1),
      chosen_channel),
+    ("2-channel mIF slide, channel chosen, tile-plan and cells", channel_through_the_plan, same_as_gray),
+    ("gray slide with alpha = the gray slide", gray_alpha, lambda out: np.testing.assert_array_equal(*out)),
     ("channel that does not exist", lambda t: open_slide(write_stack(t, "mif.tif", "CYX", 2), channel=2),
      r"mif\.tif: channel 2 does not exist: the slide has 2 channel"),
     ("float slide with NaN", lambda t: open_slide(float_slide_with_nan(t)),
