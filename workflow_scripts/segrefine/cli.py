@@ -638,6 +638,8 @@ def _free_space(path: str) -> str:
 
 
 _TEMP_NAME = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.part")  # segrefine.io.atomic_path's temporary files
+_TEMP_DIR = re.compile(r"(^|/)(tmp[a-z0-9_]{8}|\.[\w.-]+\.[a-z0-9_]{8}|\.stitch-[a-z0-9_]{8})/")  # mkdtemp's folders
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 def os_error_message(exc: BaseException, args) -> Optional[str]:
@@ -657,21 +659,25 @@ def os_error_message(exc: BaseException, args) -> Optional[str]:
         if code is None:
             m = _H5_ERRNO.search(text)
             code = int(m.group(1)) if m else None
+        if code is None and is_os and _SHORT_WRITE.search(text):  # numpy's tofile on a full disk says only this
+            code = errno.ENOSPC
         if code is None or (not is_os and code not in _PROBLEMS):
             continue
         if not name:
             m = _H5_NAME.search(text)
             name = m.group(1) if m else None
+        outputs = _step_outputs(args)
         if name:
             m = _TEMP_NAME.match(Path(str(name)).name)
             name = str(Path(str(name)).parent / m.group(1)) if m else str(name)  # the file it was to become
+            if _TEMP_DIR.search(name) and outputs:  # inside a temporary folder: name the outputs
+                name = f"{', '.join(outputs)} (temporary file {name})"
         problem = _PROBLEMS.get(code) or os.strerror(code)
-        outputs = _step_outputs(args)
         where = name or ", ".join(outputs) or "the step's outputs"
         if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             free = _free_space(name or (outputs or ["."])[0])
             return (f"{where}: cannot write: {problem}" + (f" ({free})" if free else "")
-                    + "; no partial file is left under its name: free space and rerun")
+                    + "; no partial file is left under a final name: free space and rerun")
         if code in (errno.EACCES, errno.EPERM, errno.EROFS):
             return f"{where}: cannot write: {problem}; make the output folder writable (or choose another) and rerun"
         return f"{where}: {problem}"
@@ -690,7 +696,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = os_error_message(exc, args)
         if message is None:
             raise
-        logging.getLogger("segrefine").debug("failure", exc_info=True)
         print(f"segrefine {args.step}: error: {message}", file=sys.stderr)
-        return 1
+        if argv is not None:  # called from Python
+            return 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # on the command line, leave at once: the temporary files are already removed, and a library's teardown
+        # after a failed write can crash (stereopy/HDF5 after a full disk: a segmentation fault replacing status 1)
+        os._exit(1)
     return 0

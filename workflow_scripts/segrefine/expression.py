@@ -411,10 +411,26 @@ def cgef_to_h5ad(cgef, cellmap_csv, out_h5ad) -> int:
     import stereo as st
 
     data = st.io.read_gef(str(cgef), bin_type="cell_bins")
-    with tempfile.TemporaryDirectory(dir=Path(out_h5ad).parent) as tmpdir:
-        raw = Path(tmpdir) / "stereopy.h5ad"
-        st.io.stereo_to_anndata(data, flavor="scanpy", output=str(raw))
-        adata = anndata.read_h5ad(raw)
+    # a failed HDF5 write (full disk) makes h5py's objects fail again as they are freed, each printing a traceback
+    # (Cython's unraisable errors go through sys.excepthook and sys.unraisablehook): the write error itself is raised
+    # (and reported in one line), those are noise
+    import sys
+
+    hooks = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook = lambda unraisable: log.debug("ignored while unwinding: %s", unraisable.exc_value)
+    sys.excepthook = lambda kind, value, tb: log.debug("ignored while unwinding: %s", value)
+    try:
+        with tempfile.TemporaryDirectory(dir=Path(out_h5ad).parent) as tmpdir:
+            raw = Path(tmpdir) / "stereopy.h5ad"
+            st.io.stereo_to_anndata(data, flavor="scanpy", output=str(raw))
+            adata = anndata.read_h5ad(raw)
+    except BaseException:
+        import gc
+
+        gc.collect()  # free the failed file's objects while the quiet hook is in place
+        raise
+    finally:
+        sys.unraisablehook, sys.excepthook = hooks
     # stereopy keeps the cgef's cell order; its obs names encode the centre, which we check
     same = (len(cellmap) == adata.n_obs and np.array_equal(cellmap["x"].to_numpy(), adata.obs["x"].to_numpy())
             and np.array_equal(cellmap["y"].to_numpy(), adata.obs["y"].to_numpy()))

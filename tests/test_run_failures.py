@@ -1,0 +1,185 @@
+"""Run-level failures end in one clear line, and empty results are results. Table-driven: one row per case and the
+message it must produce.
+
+Full disks and read-only folders are real: each step runs in a private mount namespace (`unshare -rm`, no root
+needed where user namespaces are allowed) on a small tmpfs, or on a read-only one, mounted over its output folder.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO, SCRIPTS, run_step
+from segrefine.envs import env_python
+
+
+def _can_mount():
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k none /mnt"],
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+needs_mount = pytest.mark.skipif(not _can_mount(), reason="unshare -rm / tmpfs mounts not allowed here")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A small demo chip, its cgef and cell table (gef env) and a 0-cell cgef (labels that cover no transcript)."""
+    d = tmp_path_factory.mktemp("failures")
+    run_step("core", "demo-data", "--out", d / "demo", "--sn", "P1", "--size", 512, "--patches", 2,
+             "--patch-size", 128)
+    run_step("gef", "cgef", "--gem", d / "demo" / "P1.gem.gz", "--labels", d / "demo" / "P1-truth.tif",
+             "--cgef", d / "ok" / "c.cgef", "--cellmap", d / "ok" / "cellmap.csv")
+    from segrefine.io import write_tiff
+
+    write_tiff(d / "zero.tif", np.zeros((512, 512), np.uint32))
+    run_step("gef", "cgef", "--gem", d / "demo" / "P1.gem.gz", "--labels", d / "zero.tif",
+             "--cgef", d / "zero" / "c.cgef", "--cellmap", d / "zero" / "cellmap.csv")
+    return d
+
+
+def run_on_fs(env, args, mount, fs, cwd):
+    """`segrefine <args>` in env with `mount` (a folder) replaced by a tmpfs of `fs` KiB, or a read-only one."""
+    opts = "ro,size=4k" if fs == "ro" else f"size={fs}k"
+    mount.mkdir(parents=True, exist_ok=True)
+    cmd = " ".join(map(_q, [env_python(env), "-m", "segrefine", *args]))
+    return subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o {opts} none {_q(mount)} && {cmd}"],
+                          cwd=cwd, env=dict(os.environ, PYTHONPATH=str(SCRIPTS)), capture_output=True, text=True)
+
+
+def _q(x):
+    import shlex
+
+    return shlex.quote(str(x))
+
+
+# id, env, filesystem (KiB of tmpfs, or "ro"), step arguments ({d}: the demo folder; output under "out/"),
+# the one line it must end with
+CASES = [
+    ("patches-full-disk", "core", 48,
+     ["patches", "--slide", "{d}/demo/P1.tif", "--grid", "128", "128", "--sn", "P1", "--out-dir", "out/p"],
+     r"segrefine patches: error: out/p/P1-x\d+_y\d+_w128_h128-img\.tif: cannot write: no space left on the device "
+     r"\(0\.0 MiB free on the device of .*/out/p\); no partial file is left under a final name: free space and rerun"),
+    ("patches-read-only", "core", "ro",
+     ["patches", "--slide", "{d}/demo/P1.tif", "--grid", "128", "128", "--sn", "P1", "--out-dir", "out/p"],
+     r"segrefine patches: error: out/p: cannot write: read-only file system; make the output folder writable "
+     r"\(or choose another\) and rerun"),
+    ("cgef-full-disk", "gef", 16,
+     ["cgef", "--gem", "{d}/demo/P1.gem.gz", "--labels", "{d}/demo/P1-truth.tif", "--cgef", "out/c.cgef",
+      "--cellmap", "out/cellmap.csv"],
+     r"segrefine cgef: error: out/c\.cgef(, out/cellmap\.csv)?: cannot write: no space left on the device .*"
+     r"free space and rerun"),
+    ("cgef-read-only", "gef", "ro",
+     ["cgef", "--gem", "{d}/demo/P1.gem.gz", "--labels", "{d}/demo/P1-truth.tif", "--cgef", "out/x/c.cgef",
+      "--cellmap", "out/x/cellmap.csv"],
+     r"segrefine cgef: error: out/x: cannot write: read-only file system; .*"),
+    ("h5ad-full-disk (HDF5 error, stereopy)", "stereopy", 16,
+     ["h5ad", "--cgef", "{d}/ok/c.cgef", "--cellmap", "{d}/ok/cellmap.csv", "--out", "out/cells.h5ad"],
+     r"segrefine h5ad: error: out/cells\.h5ad( \(temporary file out/tmp\w+/stereopy\.h5ad\))?: cannot write: "
+     r"no space left on the device .*free space and rerun"),
+    ("h5ad-read-only", "stereopy", "ro",
+     ["h5ad", "--cgef", "{d}/ok/c.cgef", "--cellmap", "{d}/ok/cellmap.csv", "--out", "out/cells.h5ad"],
+     r"segrefine h5ad: error: out/\S*: cannot write: read-only file system; .*"),
+]
+
+
+@needs_mount
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_os_failures_end_in_one_line_naming_the_file(case, demo, tmp_path):
+    _, env, fs, args, expected = case
+    proc = run_on_fs(env, [a.replace("{d}", str(demo)) for a in args], tmp_path / "out", fs, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert re.fullmatch(expected, lines[-1]), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert [ln for ln in lines if ln.startswith("segrefine ")] == [lines[-1]]
+
+
+def test_h5ad_of_a_slide_without_cells_is_a_valid_empty_anndata(demo, tmp_path):
+    """0 cells is a result: stereopy crashes (segmentation fault) on a cgef without cells, so h5ad writes the
+    0-cell AnnData itself, with the columns of a normal one; the anndata env (current anndata) opens it."""
+    assert len(pd.read_csv(demo / "zero" / "cellmap.csv")) == 0
+    proc = run_step("stereopy", "h5ad", "--cgef", demo / "zero" / "c.cgef", "--cellmap", demo / "zero" / "cellmap.csv",
+                    "--out", tmp_path / "zero.h5ad")
+    assert "holds no cell: wrote an AnnData of 0 cells x 20 genes" in proc.stderr
+    run_step("stereopy", "h5ad", "--cgef", demo / "ok" / "c.cgef", "--cellmap", demo / "ok" / "cellmap.csv",
+             "--out", tmp_path / "ok.h5ad")
+    check = ("import anndata, sys; a = anndata.read_h5ad(sys.argv[1]); b = anndata.read_h5ad(sys.argv[2]); "
+             "assert a.n_obs == 0 and b.n_obs > 0; assert list(a.obs.columns) == list(b.obs.columns); "
+             "assert list(a.obs.dtypes.astype(str)) == list(b.obs.dtypes.astype(str)); "
+             "assert list(a.var_names) == list(b.var_names) and a.X.shape == (0, b.n_vars); "
+             "assert sorted(a.obsm) == sorted(b.obsm) and set(a.uns) <= set(b.uns); print('ok')")
+    for env in ("stereopy", "anndata"):
+        out = subprocess.run([str(env_python(env)), "-c", check, str(tmp_path / "zero.h5ad"), str(tmp_path / "ok.h5ad")],
+                             capture_output=True, text=True)
+        assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_rerun_removes_the_temporary_files_of_killed_runs(demo, tmp_path):
+    """atomic_path's temporary files (.{name}.XXXXXXXX.part...) beside an output and stitch's work folders
+    (.stitch-*) of killed runs are removed when the step writes that output again; other hidden files stay. A blank
+    slide also shows stitch's 0-cell case: empty outputs, said so."""
+    run_step("core", "pretrained-card", "--framework", "classical", "--name", "b", "--source", "none",
+             "--out-dir", tmp_path / "card")
+    from segrefine.io import write_tiff
+
+    write_tiff(tmp_path / "blank.tif", np.zeros((512, 512), np.uint8))
+    seg = tmp_path / "seg"
+    (seg / ".stitch-k1ll3d_x").mkdir(parents=True)
+    (seg / ".stitch-k1ll3d_x" / "level0.raw").write_bytes(b"\0" * 4096)
+    leftovers = [seg / ".cells.csv.ab12cd_3.part.csv", seg / ".labels.tif.zz9yx8w7.part.tif"]
+    kept = [seg / ".cells.csv.gz.ab12cd_3.part.csv.gz", seg / ".notes"]  # another output's, and not ours
+    for f in leftovers + kept:
+        f.write_text("x")
+    proc = run_step("core", "segment", "--card", tmp_path / "card" / "card.json", "--slide", tmp_path / "blank.tif",
+                    "--out-dir", seg, "--no-tissue", "--tile-size", 256)
+    assert not (seg / ".stitch-k1ll3d_x").exists() and not any(f.exists() for f in leftovers)
+    assert all(f.exists() for f in kept)
+    assert not [p.name for p in seg.iterdir() if p.name.startswith(".stitch-")]
+    assert "no cell found in" in proc.stderr and "written empty" in proc.stderr
+    assert len(pd.read_csv(seg / "cells.csv")) == 0
+
+
+def _tiny_workdir(tmp_path):
+    for f in (REPO / "config" / "test").iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    run_step("core", "demo-data", "--out", tmp_path / "demo", "--sn", "TINY01", "--size", 384, "--patches", 6,
+             "--patch-size", 96)
+    patch = sorted((tmp_path / "demo" / "annotations").glob("*.geojson"))[0].stem
+    return f"results/patches/TINY01/{patch}-img.tif"
+
+
+# id, the folder mounted read-only, where the summary must be, the reason it must give
+SUMMARY_CASES = [
+    ("patch-folder-read-only", "results/patches/TINY01", "results/run_summary.tsv",
+     r"OSError: \[Errno 30\] Read-only file system: 'results/patches/TINY01/TINY01-\w+-img\.tif'"),
+    ("results-read-only", "results", ".snakemake/run_summary.tsv",
+     r"OSError: \[Errno 30\] Read-only file system: 'results/patches'"),
+]
+
+
+@needs_mount
+@pytest.mark.parametrize("case", SUMMARY_CASES, ids=[c[0] for c in SUMMARY_CASES])
+def test_run_summary_is_written_whatever_happened(case, tmp_path):
+    """Snakemake itself stops (it cannot remove or create an output in a read-only folder) and calls neither
+    onsuccess nor onerror: the summary is still written, naming the failure (beside .snakemake/ when results/ is
+    the read-only folder), and printed last."""
+    _, ro, where, reason = case
+    target = _tiny_workdir(tmp_path)
+    (tmp_path / ro).mkdir(parents=True)
+    snake = " ".join(map(_q, [env_python("core"), "-m", "snakemake", "-s", REPO / "Snakefile", "--configfile",
+                              "config.yaml", "--cores", "1", target]))
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro,size=4k none {ro} && {snake}"],
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(SCRIPTS)), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    assert proc.returncode != 0
+    summary = pd.read_csv(tmp_path / where, sep="\t", dtype=str).fillna("")
+    assert summary["status"].iloc[0] == "failed" and summary["rule"].iloc[0] == "(snakemake)"
+    assert re.fullmatch(reason, summary["reason"].iloc[0]), summary
+    assert f"(written to {where})" in proc.stdout.strip().splitlines()[-1]
