@@ -304,6 +304,9 @@ ROWS = [
     ("instance mask, 2 cells", lambda t: convert(mask_file(t, np.where(blobs()[1] <= 2, blobs()[1], 0))), cells(2)),
     ("ambiguous mask", lambda t: convert(ambiguous_mask(t)),
      r"S-x0_y0_w128_h96-mask\.tif: cannot tell whether this is an instance mask or a semantic mask"),
+    ("class mask: one region covers most of the patch", lambda t: convert(mask_file(t, np.where(
+        np.arange(128)[None, :] < 100, 1, 2) * np.ones((96, 1), np.uint8))), r"-mask\.tif: read as an instance mask .* "
+     r"one cell covers 78% of the 128x96 px patch: a class or tissue region, not a cell"),
     # GeoJSON
     ("self-intersecting polygon", lambda t: convert(geojson(t, [polygon(SQUARE), polygon(BOWTIE)])),
      bowtie_kept_whole),

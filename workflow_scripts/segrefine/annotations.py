@@ -39,6 +39,8 @@ ROI_PATCH_FRACTION = 0.9
 # masks: (separate pieces of equal value) / (distinct nonzero values): an instance mask has one piece per label
 INSTANCE_MAX_PIECES_PER_VALUE = 1.5
 SEMANTIC_MIN_PIECES_PER_VALUE = 2.0
+# a mask region larger than this fraction of its patch is a class or tissue region, not a cell
+MAX_CELL_PATCH_FRACTION = 0.5
 
 log = logging.getLogger("segrefine.annotations")
 
@@ -252,11 +254,19 @@ def mask_to_instances(mask: np.ndarray, source: str = "mask") -> np.ndarray:
             f"pieces: save it as one or the other (e.g. 0/255 for a binary mask)")
     if kind == "instance":
         log.info("%s: instance mask (%s): labels kept", source, why)
-        return relabel_sequential(mask.astype(np.int64))
-    cells = relabel_sequential(label(mask > 0, connectivity=1))
-    (log.warning if kind == "semantic" else log.info)(
-        "%s: %s mask (%s): split into %d cells by 4-connected components of the foreground (nonzero) pixels",
-        source, kind, why, int(cells.max()))
+        cells = relabel_sequential(mask.astype(np.int64))
+    else:
+        cells = relabel_sequential(label(mask > 0, connectivity=1))
+        (log.warning if kind == "semantic" else log.info)(
+            "%s: %s mask (%s): split into %d cells by 4-connected components of the foreground (nonzero) pixels",
+            source, kind, why, int(cells.max()))
+    areas = np.bincount(cells.ravel())[1:]
+    if areas.size and areas.max() > MAX_CELL_PATCH_FRACTION * cells.size:
+        h, w = cells.shape
+        raise SegRefineError(
+            f"{source}: read as {'an' if kind == 'instance' else 'a'} {kind} mask ({why}), one cell covers {100.0 * areas.max() / cells.size:.0f}% of "
+            f"the {w}x{h} px patch: a class or tissue region, not a cell; save the cells as a binary (0/255) or "
+            f"instance mask (labels 1..N)")
     return cells
 
 

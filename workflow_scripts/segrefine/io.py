@@ -140,8 +140,8 @@ def _check_chunks(path: Path, level, index: int, file_size: int) -> None:
     for n, page in enumerate(pages[:MAX_CHECKED_PAGES]):
         if page is None:
             continue
-        offsets = list(page.dataoffsets)
-        counts = list(page.databytecounts)
+        offsets = np.asarray(page.dataoffsets, np.int64)
+        counts = np.asarray(page.databytecounts, np.int64)
         chunked = getattr(key, "chunked", None)
         need = int(np.prod(chunked)) if chunked else len(offsets)
         where = f"level {index}" + (f", page {n}" if len(pages) > 1 else "")
@@ -149,7 +149,7 @@ def _check_chunks(path: Path, level, index: int, file_size: int) -> None:
             raise SegRefineError(
                 f"{path}: corrupt TIFF header: {where} claims {sizes} px, which needs {need} strips/tiles, but the "
                 f"file lists {len(offsets)}; refusing to read it")
-        end = max((o + c for o, c in zip(offsets, counts) if c > 0), default=0)
+        end = int((offsets + counts)[counts > 0].max()) if (counts > 0).any() else 0
         if end > file_size:
             raise SegRefineError(
                 f"{path}: truncated or corrupt TIFF: {where} ({sizes} px) has data up to byte {end}, but the file "
@@ -162,10 +162,10 @@ def _check_chunks(path: Path, level, index: int, file_size: int) -> None:
                 f"or `bfconvert -tilex 512 -tiley 512` write it)")
         if int(key.compression) == 1:
             expected = int(np.prod(key.shape)) * key.dtype.itemsize
-            if sum(counts) < expected and all(c > 0 for c in counts):
+            if int(counts.sum()) < expected and (counts > 0).all():
                 raise SegRefineError(
                     f"{path}: corrupt TIFF header: {where} claims {sizes} px ({expected} bytes uncompressed), but "
-                    f"its strips/tiles hold {sum(counts)} bytes")
+                    f"its strips/tiles hold {int(counts.sum())} bytes")
 
 
 class Slide:
