@@ -183,3 +183,52 @@ def test_run_summary_is_written_whatever_happened(case, tmp_path):
     assert summary["status"].iloc[0] == "failed" and summary["rule"].iloc[0] == "(snakemake)"
     assert re.fullmatch(reason, summary["reason"].iloc[0]), summary
     assert f"(written to {where})" in proc.stdout.strip().splitlines()[-1]
+
+
+# errors as the libraries raise them (ones this root-run machine cannot provoke, e.g. EACCES, which root bypasses),
+# and the line they must become; {out}: the step's --out
+MESSAGE_CASES = [
+    ("permission denied", lambda: OSError(13, "Permission denied", "res/a/x.tif"),
+     r"res/a/x\.tif: cannot write: permission denied \(the folder or file is not writable by this user\); make the "
+     r"output folder writable \(or choose another\) and rerun"),
+    ("quota", lambda: OSError(122, "Disk quota exceeded"),
+     r"{out}: cannot write: disk quota exceeded \(.* MiB free on the device of .*\); .*"),
+    ("atomic_path's temporary file named as its output", lambda: OSError(28, "No space", "res/.c.csv.ab_12cd3.part.csv"),
+     r"res/c\.csv: cannot write: no space left on the device .*"),
+    ("h5py write error (RuntimeError, errno in the text)",
+     lambda: RuntimeError("Can't write data (file write failed: time = x, filename = 'res/m.h5', file descriptor = 3, "
+                          "errno = 28, error message = 'No space left on device', buf = 0x1)"),
+     r"res/m\.h5: cannot write: no space left on the device .*"),
+    ("numpy short write", lambda: OSError("36383 requested and 1012 written"),
+     r"{out}: cannot write: no space left on the device .*"),
+    ("wrapped in another error", lambda: _wrapped(OSError(30, "Read-only file system", "res/b")),
+     r"res/b: cannot write: read-only file system; .*"),
+]
+
+
+def _wrapped(cause):
+    try:
+        raise cause
+    except OSError as exc:
+        try:
+            raise ValueError("while writing") from exc
+        except ValueError as outer:
+            return outer
+
+
+@pytest.mark.parametrize("case", MESSAGE_CASES, ids=[c[0] for c in MESSAGE_CASES])
+def test_os_error_messages(case, tmp_path):
+    from segrefine.cli import build_parser, os_error_message
+
+    args = build_parser().parse_args(["h5ad", "--cgef", "c", "--cellmap", "m", "--out", str(tmp_path / "o.h5ad")])
+    msg = os_error_message(case[1](), args)
+    assert msg is not None and re.fullmatch(case[2].replace("{out}", re.escape(str(tmp_path / "o.h5ad"))), msg), msg
+
+
+def test_other_errors_are_not_dressed_up_as_os_errors():
+    """A bug (no OS error anywhere in the chain) keeps its traceback: os_error_message declines it."""
+    from segrefine.cli import build_parser, os_error_message
+
+    args = build_parser().parse_args(["h5ad", "--cgef", "c", "--cellmap", "m", "--out", "o.h5ad"])
+    assert os_error_message(KeyError("x"), args) is None
+    assert os_error_message(OSError("Unable to open file (file signature not found)"), args) is None
