@@ -199,7 +199,7 @@ def segmentation_card(wildcards):
 
 
 TILING_DEFAULTS = {"tile_size": 1024, "halo": 64, "halo_unit": "px", "context": 0, "model_context": True,
-                   "shards": "auto",
+                   "group": "auto", "shards": "auto",
                    "tissue": {"activate": True, "level": "auto", "downsample": 16}}
 
 
@@ -218,9 +218,29 @@ def n_shards():
     return max(1, int(getattr(gpu, "value", gpu) or 1))
 
 
+def model_context_bound():
+    """Upper bound (px) of the context the segmentation model's framework declares, to size the prediction groups
+    (segrefine.tiling.FRAMEWORK_CONTEXT_BOUND_PX): from the configuration only, so the tile plan does not depend on
+    the fine-tuned model; 0 with model_context off."""
+    from segrefine.tiling import FRAMEWORK_CONTEXT_BOUND_PX
+
+    if not tiling_cfg()["model_context"]:
+        return 0
+    return FRAMEWORK_CONTEXT_BOUND_PX.get(model_cfg(config["segmentation"]["model"])["framework"], 0)
+
+
+def halo_check_input(wildcards):
+    """The file of the halo_check job (the plan's halo against the training masks' largest cell), an input of the
+    fine-tuned stage's shards only: the pretrained stage's whole slide does not depend on the training set, so a
+    new annotation does not replan or resegment it."""
+    stage = wildcards.get("stage", config["segmentation"]["stage"])
+    return [f"{RESULTS}/segmentation/{wildcards.sample}/halo_check.json"] if stage == "finetuned" else []
+
+
 def tile_plan_args(wildcards):
     t = tiling_cfg()
     args = (f"--tile-size {t['tile_size']} --halo {t['halo']} --halo-unit {t['halo_unit']} --context {t['context']} "
+            f"--group {t['group']} --context-bound {model_context_bound()} "
             f"--shards {n_shards()} --pixel-size-um {samples.loc[wildcards.sample, 'pixel_size_um']} "
             f"--tissue-level {t['tissue']['level']} --tissue-downsample {t['tissue']['downsample']}")
     if not t["tissue"]["activate"]:

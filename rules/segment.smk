@@ -6,11 +6,10 @@
 
 
 rule tile_plan:
-    """Tile grid with halo windows, tissue flags (low resolution) and shard assignment; checks the halo
-    against the largest cell of the training masks."""
+    """Tile grid with halo windows, tissue flags (low resolution), prediction groups and shard assignment. From the
+    slide and the configuration only: both stages share it, and new annotations do not change it."""
     input:
         slide=lambda wc: samples.loc[wc.sample, "image"],
-        trainset=f"{RESULTS}/trainset/trainset.tsv",
     output:
         plan=f"{RESULTS}/segmentation/{{sample}}/tiles.tsv",
         meta=f"{RESULTS}/segmentation/{{sample}}/tiles.json",
@@ -24,8 +23,24 @@ rule tile_plan:
     conda:
         env_file("core")
     shell:
-        segrefine("core") + " tile-plan --slide {input.slide:q} --trainset {input.trainset} --out {output.plan} "
+        segrefine("core") + " tile-plan --slide {input.slide:q} --out {output.plan} "
         "--out-json {output.meta} {params.args} {params.channel} 2> {log}"
+
+
+rule halo_check:
+    """The plan's halo against the largest cell of the training masks: the fine-tuned stage's shards wait for it
+    (halo_check_input), the pretrained stage's do not depend on the training set."""
+    input:
+        meta=f"{RESULTS}/segmentation/{{sample}}/tiles.json",
+        trainset=f"{RESULTS}/trainset/trainset.tsv",
+    output:
+        f"{RESULTS}/segmentation/{{sample}}/halo_check.json",
+    log:
+        "logs/segment/{sample}.halo_check.log",
+    conda:
+        env_file("core")
+    shell:
+        segrefine("core") + " halo-check --plan-json {input.meta} --trainset {input.trainset} --out {output} 2> {log}"
 
 
 rule segment_shard:
@@ -35,6 +50,7 @@ rule segment_shard:
         plan=f"{RESULTS}/segmentation/{{sample}}/tiles.tsv",
         card=segmentation_card,
         slide=lambda wc: samples.loc[wc.sample, "image"],
+        halo_check=halo_check_input,
     output:
         f"{RESULTS}/segmentation/{{sample}}/shards/{{shard}}.json",
     params:

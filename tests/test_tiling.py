@@ -17,7 +17,8 @@ from segrefine.io import Slide, write_tiff
 from segrefine.metrics import object_metrics
 from segrefine.models.classical_adapter import DEFAULTS, segment
 from segrefine.stitch import cell_outlines, seam_report, stitch
-from segrefine.tiling import grid_tiles, make_plan, own_cells, read_plan, run_shard, tile_file, write_plan
+from segrefine.tiling import (auto_group, grid_tiles, halo_check, make_plan, own_cells, read_plan, run_shard,
+                              tile_file, write_plan)
 
 
 class LocalClassical:
@@ -51,6 +52,7 @@ def slide(tmp_path_factory):
 
 
 def run_all(tmp, slide_path, card, model, tile=96, halo=24, shards=2, **kw):
+    tmp.mkdir(parents=True, exist_ok=True)
     plan, meta = make_plan(slide_path, tile, halo, shards=shards, tissue_downsample=4, **kw)
     write_plan(plan, meta, tmp / "tiles.tsv", tmp / "tiles.json")
     jsons = [tmp / f"s{k}.json" for k in range(shards)]
@@ -350,6 +352,17 @@ def test_halo_smaller_than_training_cells_fails_naming_the_mask(slide, tmp_path)
         make_plan(slide_path, 96, 24, trainset=tmp_path / "ts.tsv")
     _, meta = make_plan(slide_path, 96, 30, trainset=tmp_path / "ts.tsv")
     assert meta["largest_training_cell"]["extent_px"] == 30
+    # the workflow's check (rule halo_check), apart from the plan: the same message, from the plan's metadata
+    for halo in (24, 30):
+        plan, meta = make_plan(slide_path, 96, halo)
+        write_plan(plan, meta, tmp_path / f"p{halo}.tsv", tmp_path / f"p{halo}.json")
+    with pytest.raises(SegRefineError, match=r"halo 24 px is smaller than the largest cell in the training masks "
+                                             r"\(30 px: cell 1 of .*m-mask.tif"):
+        halo_check(tmp_path / "p24.json", tmp_path / "ts.tsv", tmp_path / "check24.json")
+    assert not (tmp_path / "check24.json").exists()
+    out = halo_check(tmp_path / "p30.json", tmp_path / "ts.tsv", tmp_path / "check30.json")
+    assert json.loads((tmp_path / "check30.json").read_text()) == json.loads(json.dumps(out))
+    assert out["largest_training_cell"]["extent_px"] == 30 and out["halo_px"] == 30
 
 
 def test_pyramid_levels_read_and_missing_level_named(tmp_path):
@@ -758,3 +771,77 @@ def test_shard_grows_windows_by_the_model_context_and_crops_back(slide, tmp_path
     stats = run_shard(tmp_path / "tiles.tsv", 0, card, slide_path, tmp_path / "tiles", tmp_path / "s0b.json",
                       model=ContextModel(20), model_context=False)
     assert stats["tiles_computed"] == stats["tiles"] and stats["model_context_px"] == 0
+
+
+def test_auto_group_keeps_the_grouped_window_within_the_target_ratio():
+    assert auto_group(1024, 64) == 1  # the halo alone: 1152² windows, 1.27x the core
+    # Cellpose's context bound on top of the halo: 5 x 5 tiles per window, 5760² for 5120² of cores
+    assert auto_group(1024, 64 + 256) == 5 and (5760 / 5120) ** 2 <= 1.3 < (4736 / 4096) ** 2
+    assert auto_group(1024, 1000) == 4  # capped: no window wider than MAX_GROUP_WINDOW_PX (6144)
+    assert auto_group(96, 24 + 100, max_window=10 ** 6) == 19  # 1 + 248 / (96 g) <= sqrt(1.3)
+
+
+def test_grouped_windows_are_tile_exact_and_the_seen_ratio_is_what_the_model_saw(slide, tmp_path):
+    """A context-declaring local model predicting 2 x 2 (then 3 x 3) tiles per window: the windows are the groups'
+    bounding boxes grown by the context, the labels equal the one-tile-at-a-time run's, and the shard reports the
+    pixels the model saw per core pixel."""
+    slide_path, img, card = slide
+    H, W = img.shape
+    single = ContextModel(20)
+    plan1, meta1, rep1 = run_all(tmp_path / "g1", slide_path, card, single, shards=1)
+    assert meta1["group_tiles"] == 1 and len(single.seen) == rep1["tiles_in_tissue"]
+    for g in (2, 3):
+        model = ContextModel(20)
+        plan, meta, rep = run_all(tmp_path / f"g{g}", slide_path, card, model, shards=1, group=g)
+        assert meta["group_tiles"] == g
+        assert (tifffile.imread(tmp_path / f"g{g}" / "labels.tif") ==
+                tifffile.imread(tmp_path / "g1" / "labels.tif")).all()
+        assert rep["cells"] == rep1["cells"]
+        tissue = [t for t in plan if t.in_tissue]
+        # group (0, 0): cores [0, 96 g)², windows to 96 g + 24, grown by the context 20: one window from the origin
+        assert ((0, 0), (min(H, 96 * g + 44), min(W, 96 * g + 44))) in model.seen
+        assert len(model.seen) < len(single.seen)
+        stats = json.loads((tmp_path / f"g{g}" / "s0.json").read_text())
+        seen = sum(h * w for _, (h, w) in model.seen)
+        cores = sum((t.x1 - t.x0) * (t.y1 - t.y0) for t in tissue)
+        assert (stats["pixels_seen"], stats["pixels_cores"], stats["windows"]) == (seen, cores, len(model.seen))
+        assert stats["seen_ratio"] == pytest.approx(seen / cores)
+        single_seen = sum(h * w for _, (h, w) in single.seen)
+        assert json.loads((tmp_path / "g1" / "s0.json").read_text())["seen_ratio"] == pytest.approx(single_seen / cores)
+        assert stats["seen_ratio"] < single_seen / cores
+        # every window holds each of its tiles' plan windows 20 px inside, wherever that is not the slide's edge
+        for t in tissue:
+            assert any(ox <= max(0, t.wx0 - 20) and oy <= max(0, t.wy0 - 20) and ox + w >= min(W, t.wx1 + 20)
+                       and oy + h >= min(H, t.wy1 + 20) for (ox, oy), (h, w) in model.seen)
+
+
+def test_classical_model_with_grouped_windows_equals_whole_image(slide, tmp_path):
+    slide_path, img, card = slide
+    model = LocalClassical()
+    whole = model.predict(img)
+    _, meta, rep = run_all(tmp_path, slide_path, card, model, shards=2, group=3)
+    tiled = tifffile.imread(tmp_path / "labels.tif")
+    m = object_metrics(whole, tiled)
+    assert m["f1"] == 1.0 and rep["cells"] == len(np.unique(whole)) - 1
+
+
+def test_plan_assigns_shards_by_group_and_auto_leaves_no_shard_idle(slide, tmp_path):
+    slide_path, img, _ = slide
+    plan, meta = make_plan(slide_path, 96, 24, shards=2, tissue_downsample=4, group="auto", context_bound_px=100)
+    g = meta["group_tiles"]
+    assert 1 <= g < auto_group(96, 124) and meta["group"] == "auto" and meta["groups"] >= 2
+    tissue = [t for t in plan if t.in_tissue]
+    by_group = {}
+    for t in tissue:
+        by_group.setdefault((t.row // g, t.col // g), set()).add(int(t.shard))
+    assert all(len(v) == 1 for v in by_group.values()) and len(by_group) == meta["groups"]
+    assert {int(t.shard) for t in tissue} == {0, 1}
+    assert all(t.shard == -1 for t in plan if not t.in_tissue)
+    # the plan's pixel figures: cores in tissue, the plan's own windows, the estimate at the context bound
+    px = meta["pixels"]
+    assert px["cores_in_tissue"] == sum((t.x1 - t.x0) * (t.y1 - t.y0) for t in tissue)
+    assert px["windows_planned"] == sum((t.wx1 - t.wx0) * (t.wy1 - t.wy0) for t in tissue)
+    assert px["slide"] == img.size and 0 < px["tissue"] <= img.size
+    assert meta["seen_ratio_at_context_bound"] == pytest.approx(px["seen_at_context_bound"] / px["cores_in_tissue"])
+    with pytest.raises(SegRefineError, match="group must be a positive number of tiles or 'auto'"):
+        make_plan(slide_path, 96, 24, group=0)

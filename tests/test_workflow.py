@@ -121,11 +121,12 @@ def test_adding_an_annotation_reruns_exactly_what_depends_on_it(workdir):
     finally:
         new.unlink()
     assert plan == {"annotated_patch": 1, "convert_annotation": 1, "trainset": 1, "finetune": 4, "evaluate": 8,
-                    "evaluation_summary": 1, "tile_plan": 1,
-                    "segment_shard": 2, "stitch": 1, "cgef": 1, "h5ad": 1, "expression_qc": 1,
-                    # the pretrained stage's whole slide for the before/after QC: its model did not change, but the
-                    # tile plan it shares (halo checked against the training cells) is re-made
-                    "segment_shard_qc": 2, "stitch_qc": 1, "cgef_qc": 1,
+                    "evaluation_summary": 1,
+                    # the fine-tuned stage's whole slide: the halo against the new training cells, then its shards;
+                    # the tile plan (slide and configuration only) and the pretrained stage's whole slide for the
+                    # before/after QC (segment_shard_qc, stitch_qc, cgef_qc) are NOT redone: neither depends on the
+                    # training set
+                    "halo_check": 1, "segment_shard": 2, "stitch": 1, "cgef": 1, "h5ad": 1, "expression_qc": 1,
                     "all": 1,
                     # evaluation figures and decisions (docs/evaluation.md): overlays per model and stage, threshold
                     # sweeps of the cellpose and stardist models, zero-shot screening of the 4 pretrained models

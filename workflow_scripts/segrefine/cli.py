@@ -216,10 +216,27 @@ def cmd_tile_plan(a):
         if not a.pixel_size_um:
             raise SegRefineError("--halo-unit um needs --pixel-size-um")
         halo = a.halo / a.pixel_size_um
+    group = a.group if a.group == "auto" else _positive_int(a.group, "--group")
     plan, meta = make_plan(a.slide, a.tile_size, int(round(halo)), a.context, a.shards, not a.no_tissue,
                            _tissue_level(a.tissue_level), a.tissue_downsample, a.bright_field, a.trainset,
-                           channel=a.channel)
+                           group=group, context_bound_px=a.context_bound, channel=a.channel)
     write_plan(plan, meta, a.out, a.out_json)
+
+
+def _positive_int(value: str, name: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise SegRefineError(f"{name} must be a positive integer or auto, got {value!r}")
+    return n
+
+
+def cmd_halo_check(a):
+    from segrefine.tiling import halo_check
+
+    halo_check(a.plan_json, a.trainset, a.out)
 
 
 def cmd_segment_shard(a):
@@ -454,7 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="plan table (TSV)")
     p.add_argument("--out-json", required=True, help="plan metadata (JSON)")
     p.add_argument("--halo-unit", choices=["px", "um"], default="px")
+    p.add_argument("--group", default="1",
+                   help="tiles per side a shard predicts in one window, or auto (sized from the margin)")
+    p.add_argument("--context-bound", type=int, default=0,
+                   help="upper bound (px) of the model's own context, to size auto groups")
     tiling_args(p)
+
+    p = step("halo-check", cmd_halo_check, "refuse a tile plan whose halo is smaller than the largest training cell")
+    p.add_argument("--plan-json", required=True, help="the tile plan's metadata (tiles.json)")
+    p.add_argument("--trainset", required=True)
+    p.add_argument("--out", required=True, help="the check's result (JSON)")
 
     p = step("segment-shard", cmd_segment_shard, "predict the tiles of one shard (model loaded once, resumable)")
     p.add_argument("--plan", required=True)

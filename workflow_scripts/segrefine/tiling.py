@@ -14,6 +14,13 @@ and away from its edge, so it is never cut; a kept cell that touches a window
 edge that is not the slide's edge is larger than the halo: it is kept as seen
 (clipped by the window) and reported with its location.
 
+Prediction groups: the shard predicts up to ``group`` x ``group`` adjacent
+tiles of the plan in one window (the bounding box of their windows, grown by
+the model's context) and crops each tile's window out of it, so that a model
+that needs a wide context (Cellpose: ~225 px) sees little more than the
+slide; each tile's window lies at least that context inside the grouped
+window, so the result is the same as predicting the tiles one by one.
+
 Only numpy, scipy, scikit-image, tifffile, zarr and pandas are imported here:
 the shard runner runs in every model framework's env.
 """
@@ -94,6 +101,91 @@ def _grow(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+#: an upper bound of the context (px) a framework's adapter declares (``Adapter.context_px``), used only to size
+#: the prediction groups when the plan is made (the plan must not depend on the fine-tuned model, whose context
+#: is known only in the shard): Cellpose 3.1's ceil(226 / r) + 2 is at most 256 px for a rescale r >= 0.9 (cell
+#: diameter <= 33 px at diam_mean 30). A model whose context exceeds it is still exact (the shard grows windows
+#: by the real context); only its pixel ratio is higher.
+FRAMEWORK_CONTEXT_BOUND_PX = {"cellpose": 256}
+#: ``group: auto`` aims at windows with at most this many pixels per core pixel ...
+TARGET_SEEN_RATIO = 1.3
+#: ... with no grouped window wider than this (memory: one window's image and labels in the shard)
+MAX_GROUP_WINDOW_PX = 6144
+
+
+def auto_group(tile_size: int, margin_px: int, target: float = TARGET_SEEN_RATIO,
+               max_window: int = MAX_GROUP_WINDOW_PX) -> int:
+    """Tiles per side of a prediction group: the smallest g whose window (g x tile_size + 2 x margin) has at most
+    ``target`` times the pixels of its g x g cores, or the largest g whose window fits ``max_window``."""
+    g = 1
+    while ((g * tile_size + 2 * margin_px) / (g * tile_size)) ** 2 > target \
+            and (g + 1) * tile_size + 2 * margin_px <= max_window:
+        g += 1
+    return g
+
+
+def prediction_windows(tiles, group: int, extra: int, shape: Tuple[int, int]):
+    """The windows a shard predicts for ``tiles`` (plan records): [(tiles, (x0, y0, x1, y1))], in group order.
+
+    Tiles are grouped by their ``group`` x ``group`` block of the plan grid. A window is the bounding box of some
+    tiles' plan windows grown by ``extra`` px (the model's context) and clipped at the slide; a group's tiles are
+    predicted in the windows of the guillotine cut of the group (the whole group, or its two parts on either side
+    of a row or column boundary, cut again, down to single tiles) that sees the fewest pixels: one window for a
+    group full of tissue, a few that follow the tissue's edge otherwise. Every tile's plan window lies ``extra``
+    px inside its prediction window, wherever that is not the slide's edge: the model predicts the tile's pixels
+    as it would in the whole slide."""
+    H, W = shape
+    group = max(1, int(group))
+
+    def box(ts):
+        return (max(0, min(int(t.wx0) for t in ts) - extra), max(0, min(int(t.wy0) for t in ts) - extra),
+                min(W, max(int(t.wx1) for t in ts) + extra), min(H, max(int(t.wy1) for t in ts) + extra))
+
+    def area(b):
+        return (b[2] - b[0]) * (b[3] - b[1])
+
+    groups: Dict[Tuple[int, int], list] = {}
+    for t in tiles:
+        groups.setdefault((int(t.row) // group, int(t.col) // group), []).append(t)
+    out = []
+    for key in sorted(groups):
+        at = {(int(t.row), int(t.col)): t for t in groups[key]}
+        memo: Dict[Tuple[int, int, int, int], Tuple[int, list]] = {}
+
+        def best(r0, r1, c0, c1):
+            """(pixels seen, windows) of the cheapest guillotine cover of the tiles in rows [r0, r1) x cols [c0, c1)."""
+            k = (r0, r1, c0, c1)
+            if k not in memo:
+                ts = [at[rc] for rc in sorted(at) if r0 <= rc[0] < r1 and c0 <= rc[1] < c1]
+                if not ts:
+                    memo[k] = (0, [])
+                else:
+                    b = box(ts)
+                    cands = [(area(b), [(ts, b)])]
+                    for r in range(r0 + 1, r1):
+                        (a1, w1), (a2, w2) = best(r0, r, c0, c1), best(r, r1, c0, c1)
+                        cands.append((a1 + a2, w1 + w2))
+                    for c in range(c0 + 1, c1):
+                        (a1, w1), (a2, w2) = best(r0, r1, c0, c), best(r0, r1, c, c1)
+                        cands.append((a1 + a2, w1 + w2))
+                    memo[k] = min(cands, key=lambda x: (x[0], len(x[1])))
+            return memo[k]
+
+        rows = [rc[0] for rc in at]
+        cols = [rc[1] for rc in at]
+        out.extend(best(min(rows), max(rows) + 1, min(cols), max(cols) + 1)[1])
+    return out
+
+
+def seen_pixels(windows) -> int:
+    """Pixels the model sees for ``prediction_windows``' windows."""
+    return int(sum((b[2] - b[0]) * (b[3] - b[1]) for _, b in windows))
+
+
+def core_pixels(tiles) -> int:
+    return int(sum((int(t.x1) - int(t.x0)) * (int(t.y1) - int(t.y0)) for t in tiles))
+
+
 def largest_training_cell(trainset_tsv) -> Tuple[int, str, int]:
     """(largest cell extent in px = max of bbox height and width, its mask file, its label) over the training masks."""
     from scipy import ndimage
@@ -121,25 +213,62 @@ def _slide_stamp(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def check_halo(halo_px: int, trainset) -> dict:
+    """The largest training cell ({extent_px, mask, label}); an error naming it when the halo is smaller."""
+    diam, mask, lab = largest_training_cell(trainset)
+    if halo_px < diam:
+        raise SegRefineError(
+            f"halo {halo_px} px is smaller than the largest cell in the training masks ({diam} px: cell {lab} of "
+            f"{mask}, from {trainset}); cells that large would be cut at tile seams: set "
+            f"segmentation.tiling.halo to at least {diam} px")
+    return {"extent_px": diam, "mask": mask, "label": lab}
+
+
+def halo_check(plan_json, trainset, out_json) -> dict:
+    """The workflow's halo check (rule ``halo_check``): the plan's halo against the training masks' largest cell,
+    apart from the plan so that the plan, and the pretrained stage's segmentation, do not depend on the training
+    set; writes {halo_px, largest_training_cell, plan_id} to ``out_json``."""
+    from segrefine.io import write_text_atomic
+
+    plan_json = Path(plan_json)
+    if not plan_json.is_file():
+        raise SegRefineError(f"{plan_json}: tile plan metadata not found (run `segrefine tile-plan` first)")
+    meta = json.loads(plan_json.read_text())
+    if "halo_px" not in meta:
+        raise SegRefineError(f"{plan_json}: not a tile plan's metadata (no halo_px)")
+    cell = check_halo(int(meta["halo_px"]), trainset)
+    out = {"halo_px": int(meta["halo_px"]), "largest_training_cell": cell, "plan_id": meta.get("plan_id"),
+           "trainset": str(trainset)}
+    write_text_atomic(out_json, json.dumps(out, indent=2, sort_keys=True) + "\n")
+    log.info("halo %d px covers the largest training cell (%d px: cell %d of %s)", out["halo_px"], cell["extent_px"],
+             cell["label"], cell["mask"])
+    return out
+
+
 def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, shards: int = 1, tissue: bool = True,
               tissue_level: Optional[int] = None, tissue_downsample: int = 16, bright_field: bool = False,
-              trainset=None, channel: Optional[int] = None):
-    """(plan table, plan metadata) of a slide. Checks the halo against the largest training cell."""
+              trainset=None, group=1, context_bound_px: int = 0, channel: Optional[int] = None):
+    """(plan table, plan metadata) of a slide. Checks the halo against the largest training cell when given a
+    training set (``segrefine segment``; the workflow checks it in its own rule, ``halo_check``).
+
+    ``group``: tiles per side the shard predicts in one window (``prediction_windows``), or ``"auto"``: the
+    smallest group whose windows, grown by the margin and ``context_bound_px`` (an upper bound of the model's
+    context, ``FRAMEWORK_CONTEXT_BOUND_PX``), have at most ``TARGET_SEEN_RATIO`` times the pixels of their cores,
+    reduced while the slide's tissue has fewer groups than shards. Shards are assigned by group."""
     from segrefine.intensity import intensity_reference
     from segrefine.io import Slide
 
     if shards < 1:
         raise SegRefineError(f"shards must be at least 1, got {shards}")
+    if context_bound_px < 0:
+        raise SegRefineError(f"model context bound {context_bound_px} px is negative")
+    if group != "auto" and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+        raise SegRefineError(f"group must be a positive number of tiles or 'auto', got {group!r}")
     meta: Dict[str, object] = {"tile_size": int(tile_size), "halo_px": int(halo_px), "context_px": int(context_px),
-                               "margin_px": int(halo_px) + int(context_px), "shards": int(shards)}
+                               "margin_px": int(halo_px) + int(context_px), "shards": int(shards),
+                               "context_bound_px": int(context_bound_px)}
     if trainset is not None:
-        diam, mask, lab = largest_training_cell(trainset)
-        meta["largest_training_cell"] = {"extent_px": diam, "mask": mask, "label": lab}
-        if halo_px < diam:
-            raise SegRefineError(
-                f"halo {halo_px} px is smaller than the largest cell in the training masks ({diam} px: cell {lab} of "
-                f"{mask}, from {trainset}); cells that large would be cut at tile seams: set "
-                f"segmentation.tiling.halo to at least {diam} px")
+        meta["largest_training_cell"] = check_halo(halo_px, trainset)
     slide_path = Path(slide_path)
     with Slide(slide_path, channel=channel) as slide:
         meta["slide_description"] = slide.describe()  # what the file is, and what the model is given
@@ -167,9 +296,39 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
         # the intensity statistics of the slide's tissue, so every window is normalised like the whole slide
         meta["intensity_reference"] = intensity_reference(slide, tissue=None if mask is None else (mask, f))
     inside = np.nonzero(plan["in_tissue"])[0]
-    plan["shard"][inside] = np.arange(len(inside)) % shards  # round robin: each shard gets a share of every region
-    meta.update(tiles=int(len(plan)), tiles_in_tissue=int(len(inside)), tiles_skipped_background=int(len(plan) - len(inside)))
-    key = json.dumps({k: meta[k] for k in ("tile_size", "margin_px", "height", "width", "slide_stamp")
+    margin = int(halo_px) + int(context_px)
+
+    def group_ids(g):
+        keys = [(int(r) // g, int(c) // g) for r, c in zip(plan["row"][inside], plan["col"][inside])]
+        index = {k: i for i, k in enumerate(sorted(set(keys)))}
+        return np.array([index[k] for k in keys], np.int64), len(index)
+
+    if group == "auto":
+        g = auto_group(int(tile_size), margin + int(context_bound_px))
+        while g > 1 and group_ids(g)[1] < shards:  # never leave a shard (a GPU) without work for a larger group
+            g -= 1
+    else:
+        g = int(group)
+    gid, n_groups = group_ids(g)
+    # round robin over the groups in raster order: each shard gets a share of every region, a group in one shard
+    plan["shard"][inside] = gid % shards
+    meta.update(tiles=int(len(plan)), tiles_in_tissue=int(len(inside)), tiles_skipped_background=int(len(plan) - len(inside)),
+                group_tiles=int(g), group="auto" if group == "auto" else int(group), groups=int(n_groups))
+    # what the model will see, per pixel of the cores it predicts: the plan's windows, and the shards' windows if the
+    # model's context is the bound (the shards report the real figure: seen_ratio in shards/K.json)
+    tissue_tiles = plan[inside]
+    cores = core_pixels(tissue_tiles)
+    H, W = int(meta["height"]), int(meta["width"])
+    est = sum(seen_pixels(prediction_windows([t for t in tissue_tiles if t.shard == k], g, int(context_bound_px),
+                                             (H, W))) for k in range(shards))
+    pixels = {"slide": H * W, "cores_in_tissue": cores,
+              "windows_planned": seen_pixels(prediction_windows(tissue_tiles, 1, 0, (H, W))),
+              "seen_at_context_bound": int(est)}
+    if mask is not None:
+        pixels["tissue"] = int(round(float(mask.sum()) * (H / mask.shape[0]) * (W / mask.shape[1])))
+    meta["pixels"] = pixels
+    meta["seen_ratio_at_context_bound"] = est / cores if cores else None
+    key = json.dumps({k: meta[k] for k in ("tile_size", "margin_px", "height", "width", "slide_stamp", "group_tiles")
                       + (("channel",) if meta["channel"] is not None else ())}, sort_keys=True)
     meta["plan_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
     return plan, meta
@@ -658,6 +817,10 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
     (``model_context_px``, clipped at the slide) for the prediction and crop
     the labels back to the window before the ownership rule: the plan's
     margin stays what the cells need, the model sees what it needs.
+    The shard predicts the plan's groups of adjacent tiles in one window each
+    (``prediction_windows``, ``group_tiles`` in the plan) and crops each tile's
+    window out of the group's labels; the shard's JSON reports the pixels the
+    model saw per core pixel (``seen_ratio``).
     ``model``: an already loaded model to use instead of the card's
     (benchmarks, tests); the card still identifies it in the tile fingerprints."""
     from segrefine.devices import gpu_device
@@ -678,6 +841,8 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
     stats = {"shard": shard, "tiles": len(tiles), "tiles_resumed": len(tiles) - len(todo), "tiles_computed": len(todo),
              "card_sha256": card_sha, "plan_id": meta["plan_id"], "read_s": 0.0, "predict_s": 0.0, "predict_cpu_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0,
              "own_write_s": 0.0, "cells": 0, "large_cells": 0, "device": None,
+             "group_tiles": int(meta.get("group_tiles", 1)), "windows": 0, "max_window_px": [0, 0],
+             "pixels_seen": 0, "pixels_cores": 0, "seen_ratio": None,
              "intensity_reference": None}  # "slide" or "per window" once the model is loaded (None: all resumed)
     log.info("shard %d: %d tiles, %d already done, %d to predict", shard, len(tiles), len(tiles) - len(todo), len(todo))
     if todo:
@@ -708,62 +873,77 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
                                      f"({meta['height']}, {meta['width']})")
 
             H, W = slide.shape
+            jobs = prediction_windows(todo, int(meta.get("group_tiles", 1)), extra, (H, W))
+            stats["windows"] = len(jobs)
+            stats["pixels_seen"] = seen_pixels(jobs)
+            stats["pixels_cores"] = core_pixels(todo)
+            stats["seen_ratio"] = stats["pixels_seen"] / stats["pixels_cores"] if stats["pixels_cores"] else None
+            stats["max_window_px"] = [max(b[3] - b[1] for _, b in jobs), max(b[2] - b[0] for _, b in jobs)]
+            log.info("shard %d: %d tiles in %d window(s) (groups of up to %d x %d tiles, largest %d x %d px): the "
+                     "model sees %.3f px per core px", shard, len(todo), len(jobs), stats["group_tiles"],
+                     stats["group_tiles"], stats["max_window_px"][1], stats["max_window_px"][0],
+                     stats["seen_ratio"] or 0.0)
 
-            def grown(t):
-                """The window the model predicts: the plan's window grown by the model's context, in the slide."""
-                return (max(0, int(t.wx0) - extra), max(0, int(t.wy0) - extra),
-                        min(W, int(t.wx1) + extra), min(H, int(t.wy1) + extra))
-
-            def read(t):
+            def read(job):
                 t0 = time.monotonic()
-                gx0, gy0, gx1, gy1 = grown(t)
+                gx0, gy0, gx1, gy1 = job[1]
                 img = slide.read(gx0, gy0, gx1 - gx0, gy1 - gy0)
                 return img, time.monotonic() - t0
 
-            def own_and_write(t, labels):
+            def own_and_write(job, labels):
+                """Every tile of a predicted window: its plan window cut out of the labels, its owned cells written."""
                 t0 = time.monotonic()
-                owned, origin, large, cstats = own_cells(labels, t, slide.shape, with_stats=True)
-                write_tile(tile_file(tiles_dir, t.tile_id), owned, origin, large,
-                           {"tile_id": int(t.tile_id), "fingerprint": tile_fingerprint(meta, card_sha, t, model_context)},
-                           stats=cstats)
-                for cell in large:
-                    log.warning("tile %d: cell at anchor (x=%d, y=%d) reaches the window edge: it is larger than the "
-                                "halo (%d px) and clipped there", t.tile_id, cell["anchor_x"], cell["anchor_y"],
-                                meta["halo_px"])
-                return int(owned.max()) if owned.size else 0, len(large), time.monotonic() - t0
+                gx0, gy0 = job[1][:2]
+                n_cells = n_large = 0
+                for t in job[0]:
+                    crop = labels[int(t.wy0) - gy0:int(t.wy1) - gy0, int(t.wx0) - gx0:int(t.wx1) - gx0]
+                    owned, origin, large, cstats = own_cells(crop, t, slide.shape, with_stats=True)
+                    write_tile(tile_file(tiles_dir, t.tile_id), owned, origin, large,
+                               {"tile_id": int(t.tile_id),
+                                "fingerprint": tile_fingerprint(meta, card_sha, t, model_context)}, stats=cstats)
+                    for cell in large:
+                        log.warning("tile %d: cell at anchor (x=%d, y=%d) reaches the window edge: it is larger than "
+                                    "the halo (%d px) and clipped there", t.tile_id, cell["anchor_x"],
+                                    cell["anchor_y"], meta["halo_px"])
+                    n_cells += int(owned.max()) if owned.size else 0
+                    n_large += len(large)
+                return n_cells, n_large, time.monotonic() - t0, len(job[0])
 
             predict_window = window_predictor(model)
             progress = Progress(len(todo), f"shard {shard}")
+            done = 0
             with concurrent.futures.ThreadPoolExecutor(1) as reader, \
                     concurrent.futures.ThreadPoolExecutor(1) as writer:
-                reads = collections.deque(reader.submit(read, t) for t in todo[:prefetch])
+                reads = collections.deque(reader.submit(read, j) for j in jobs[:prefetch])
                 writes = collections.deque()
-                for i, t in enumerate(todo):
+                for i, job in enumerate(jobs):
                     t0 = time.monotonic()
                     img, read_s = reads.popleft().result()
                     stats["wait_read_s"] += time.monotonic() - t0
                     stats["read_s"] += read_s
-                    if i + prefetch < len(todo):
-                        reads.append(reader.submit(read, todo[i + prefetch]))
+                    if i + prefetch < len(jobs):
+                        reads.append(reader.submit(read, jobs[i + prefetch]))
                     t0, c0 = time.monotonic(), time.thread_time()
-                    gx0, gy0, _, _ = grown(t)
-                    labels = np.asarray(predict_window(img, (gx0, gy0)))
+                    labels = np.asarray(predict_window(img, job[1][:2]))
                     stats["predict_s"] += time.monotonic() - t0
                     stats["predict_cpu_s"] += time.thread_time() - c0  # this thread's CPU (model threads not counted)
                     if labels.shape != img.shape[:2]:
                         raise SegRefineError(f"model {card_path} returned labels of shape {labels.shape} for a "
-                                             f"window of shape {img.shape[:2]} (tile {t.tile_id})")
-                    labels = labels[int(t.wy0) - gy0:int(t.wy1) - gy0, int(t.wx0) - gx0:int(t.wx1) - gx0]
-                    writes.append(writer.submit(own_and_write, t, labels))
+                                             f"window of shape {img.shape[:2]} (tiles "
+                                             f"{[int(t.tile_id) for t in job[0]]})")
+                    del img
+                    writes.append(writer.submit(own_and_write, job, labels))
+                    del labels
                     t0 = time.monotonic()
-                    while len(writes) > 1:  # at most one write behind: errors (a full disk) surface at once
-                        _account(stats, writes.popleft().result())
+                    while len(writes) > 1:  # at most one window's writes behind: errors (a full disk) surface at once
+                        done += _account(stats, writes.popleft().result())
                     stats["wait_write_s"] += time.monotonic() - t0  # the writer thread slower than the model
-                    progress.update(i + 1)
+                    progress.update(done)
                 t0 = time.monotonic()
                 while writes:
-                    _account(stats, writes.popleft().result())
+                    done += _account(stats, writes.popleft().result())
                 stats["wait_write_s"] += time.monotonic() - t0
+                progress.update(done, force=True)
     stats["wall_s"] = time.monotonic() - t_start
     stats["tiles_per_s"] = stats["tiles_computed"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
     write_text_atomic(out_json, json.dumps(stats, indent=2, sort_keys=True) + "\n")
@@ -773,8 +953,9 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
     return stats
 
 
-def _account(stats: dict, result) -> None:
-    n, n_large, s = result
+def _account(stats: dict, result) -> int:
+    n, n_large, s, n_tiles = result
     stats["cells"] += n
     stats["large_cells"] += n_large
     stats["own_write_s"] += s
+    return n_tiles
