@@ -25,6 +25,7 @@ rule annotate_next_predict:
         run=lambda wc: segrefine(model_env(wc.model)),
         cfg=ANNOTATE_NEXT,
         bright=lambda wc: "--bright-field" if samples.loc[wc.sample, "stain"] == "HE" else "",
+        channel=channel_arg,
     log:
         "logs/annotate_next/{sample}/{model}/{stage}.log",
     threads: 2
@@ -35,7 +36,7 @@ rule annotate_next_predict:
     shell:
         "OMP_NUM_THREADS={threads} {params.run} annotate-next-predict --card {input.card} --slide {input.slide} "
         "--sn {wildcards.sample} --size {params.cfg[size]} --step {params.cfg[step]} --trainset {input.trainset} "
-        "--min-tissue {params.cfg[min_tissue]} {params.bright} --out {output} 2> {log}"
+        "--min-tissue {params.cfg[min_tissue]} {params.bright} {params.channel} --out {output} 2> {log}"
 
 
 rule annotate_next:
@@ -52,6 +53,7 @@ rule annotate_next:
     params:
         names=" ".join(f"{m}/{s}" for m, s in AN_PREDICTIONS),
         cfg=ANNOTATE_NEXT,
+        channel=channel_arg,
     log:
         "logs/annotate_next/{sample}/rank.log",
     conda:
@@ -60,4 +62,4 @@ rule annotate_next:
         segrefine("core") + " annotate-next --slide {input.slide} --sn {wildcards.sample} "
         "--predictions {input.predictions} --names {params.names} --top-n {params.cfg[top_n]} "
         "--complexity-weight {params.cfg[complexity_weight]} --out {output.table} --geojson {output.geojson} "
-        "--out-dir {output.patches} > {log} 2>&1"
+        "--out-dir {output.patches} {params.channel} > {log} 2>&1"

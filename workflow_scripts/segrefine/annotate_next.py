@@ -44,7 +44,7 @@ def _gray(img: np.ndarray, bright_field: bool) -> np.ndarray:
 
 
 def candidate_boxes(slide_path, sn: str, size: int, step: int, annotated: Sequence[str] = (),
-                    min_tissue: float = 0.02, bright_field: bool = False):
+                    min_tissue: float = 0.02, bright_field: bool = False, channel: Optional[int] = None):
     """Grid boxes of the slide that overlap no annotated patch and hold tissue: [(box, image)]."""
     from skimage.filters import threshold_otsu
 
@@ -55,7 +55,7 @@ def candidate_boxes(slide_path, sn: str, size: int, step: int, annotated: Sequen
         raise SegRefineError(f"candidate size and step must be positive (size={size}, step={step})")
     taken = [parse_patch_name(n) for n in annotated]
     taken = [b for b in taken if b.sn == sn]
-    with Slide(slide_path) as slide:
+    with Slide(slide_path, channel=channel) as slide:
         boxes = [b for b in grid_boxes(sn, slide.shape, size, step)
                  if not any(b.x < t.x + t.w and t.x < b.x + b.w and b.y < t.y + t.h and t.y < b.y + b.h
                             for t in taken)]
@@ -73,14 +73,15 @@ def candidate_boxes(slide_path, sn: str, size: int, step: int, annotated: Sequen
 
 
 def predict_candidates(card_path, slide_path, sn: str, size: int, step: int, annotated: Sequence[str], out_npz,
-                       min_tissue: float = 0.02, bright_field: bool = False) -> int:
+                       min_tissue: float = 0.02, bright_field: bool = False, channel: Optional[int] = None) -> int:
     """The model's labels of every candidate patch, one array per patch name (.npz)."""
     from segrefine.io import atomic_path
     from segrefine.models import load_model
 
     model, card = load_model(card_path)
     preds = {b.name: np.asarray(model.predict(img)).astype(np.uint32)
-             for b, img in candidate_boxes(slide_path, sn, size, step, annotated, min_tissue, bright_field)}
+             for b, img in candidate_boxes(slide_path, sn, size, step, annotated, min_tissue, bright_field,
+                                                   channel)}
     with atomic_path(out_npz, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **preds)
@@ -152,7 +153,7 @@ def regions_geojson(patch_names: Sequence[str], scores: Optional[Sequence[float]
 
 
 def annotate_next(slide_path, sn: str, prediction_npzs: Sequence[str], names: Sequence[str], out_table, out_geojson,
-                  out_dir, top_n: int = 10, complexity_weight: float = 0.25):
+                  out_dir, top_n: int = 10, complexity_weight: float = 0.25, channel: Optional[int] = None):
     """Rank the candidates predicted in ``prediction_npzs`` and write the table, the GeoJSON of the
     top ``top_n`` and their ``{name}-img.tif`` patches (in ``out_dir``). Returns the table."""
     from segrefine.io import Slide, atomic_path, write_text_atomic, write_tiff
@@ -169,7 +170,7 @@ def annotate_next(slide_path, sn: str, prediction_npzs: Sequence[str], names: Se
         with np.load(path) as z:
             predictions[name] = {k: z[k] for k in z.files}
     boxes = {p: parse_patch_name(p) for p in predictions[names[0]]}
-    with Slide(slide_path) as slide:
+    with Slide(slide_path, channel=channel) as slide:
         images = {p: slide.read(b.x, b.y, b.w, b.h) for p, b in boxes.items()}
     table = score_candidates(predictions, images, complexity_weight)
     table.insert(2, "sn", sn)

@@ -189,14 +189,14 @@ def cmd_annotate_next_predict(a):
     from segrefine.annotate_next import predict_candidates
 
     predict_candidates(a.card, a.slide, a.sn, a.size, a.step, _annotated_names(a), a.out, a.min_tissue,
-                       a.bright_field)
+                       a.bright_field, channel=a.channel)
 
 
 def cmd_annotate_next(a):
     from segrefine.annotate_next import annotate_next
 
     top = annotate_next(a.slide, a.sn, a.predictions, a.names, a.out, a.geojson, a.out_dir, a.top_n,
-                        a.complexity_weight).head(a.top_n)
+                        a.complexity_weight, channel=a.channel).head(a.top_n)
     print(top[["rank", "patch", "score", "disagreement", "complexity", "n_cells"]].to_string(index=False))
 
 
@@ -446,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-tissue", type=float, default=0.02, help="least fraction of tissue pixels (Otsu)")
     p.add_argument("--bright-field", action="store_true", help="dark tissue on a bright background (H&E)")
     p.add_argument("--out", required=True, help=".npz, one label array per candidate patch")
+    p.add_argument("--channel", type=int, help=CHANNEL_HELP)
 
     p = step("annotate-next", cmd_annotate_next,
              "rank candidate patches by model disagreement and complexity: table, QuPath GeoJSON, patch images")
@@ -458,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="ranking of every candidate (.csv)")
     p.add_argument("--geojson", required=True, help="the top N as QuPath annotation rectangles")
     p.add_argument("--out-dir", required=True, help="the top N patches as {name}-img.tif")
+    p.add_argument("--channel", type=int, help=CHANNEL_HELP)
 
     p = step("segment", cmd_segment, "segment a whole slide with a saved model (plan, shards, stitch in one process)")
     p.add_argument("--card", required=True)
