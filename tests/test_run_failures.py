@@ -68,8 +68,8 @@ CASES = [
      r"\(0\.0 MiB free on the device of .*/out/p\); no partial file is left under a final name: free space and rerun"),
     ("patches-read-only", "core", "ro",
      ["patches", "--slide", "{d}/demo/P1.tif", "--grid", "128", "128", "--sn", "P1", "--out-dir", "out/p"],
-     r"segrefine patches: error: out/p: cannot write: read-only file system; make the output folder writable "
-     r"\(or choose another\) and rerun"),
+     r"segrefine patches: error: out/p: cannot write: read-only file system; choose an output folder on a "
+     r"writable file system and rerun"),
     ("cgef-full-disk", "gef", 16,
      ["cgef", "--gem", "{d}/demo/P1.gem.gz", "--labels", "{d}/demo/P1-truth.tif", "--cgef", "out/c.cgef",
       "--cellmap", "out/cellmap.csv"],
@@ -189,8 +189,8 @@ def test_run_summary_is_written_whatever_happened(case, tmp_path):
 # and the line they must become; {out}: the step's --out
 MESSAGE_CASES = [
     ("permission denied", lambda: OSError(13, "Permission denied", "res/a/x.tif"),
-     r"res/a/x\.tif: cannot write: permission denied \(the folder or file is not writable by this user\); make the "
-     r"output folder writable \(or choose another\) and rerun"),
+     r"res/a/x\.tif: permission denied; make it readable \(an input\) or its folder writable \(an output\) for this "
+     r"user and rerun"),
     ("quota", lambda: OSError(122, "Disk quota exceeded"),
      r"{out}: cannot write: disk quota exceeded \(.* MiB free on the device of .*\); .*"),
     ("atomic_path's temporary file named as its output", lambda: OSError(28, "No space", "res/.c.csv.ab_12cd3.part.csv"),

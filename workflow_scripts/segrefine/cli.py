@@ -633,7 +633,7 @@ _PROBLEMS = {
     errno.ENOSPC: "no space left on the device",
     errno.EDQUOT: "disk quota exceeded",
     errno.EFBIG: "file too large (file size limit or file system)",
-    errno.EACCES: "permission denied (the folder or file is not writable by this user)",
+    errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
     errno.EROFS: "read-only file system",
     errno.ENOENT: "no such file or folder",
@@ -695,19 +695,23 @@ def os_error_message(exc: BaseException, args) -> Optional[str]:
             m = _H5_NAME.search(text)
             name = m.group(1) if m else None
         outputs = _step_outputs(args)
+        where = ", ".join(outputs) or "the step's outputs"
         if name:
-            m = _TEMP_NAME.match(Path(str(name)).name)
-            name = str(Path(str(name)).parent / m.group(1)) if m else str(name)  # the file it was to become
-            if _TEMP_DIR.search(name) and outputs:  # inside a temporary folder: name the outputs
-                name = f"{', '.join(outputs)} (temporary file {name})"
+            name = str(name)
+            m = _TEMP_NAME.match(Path(name).name)
+            name = str(Path(name).parent / m.group(1)) if m else name  # the file it was to become
+            # inside a temporary folder: name the outputs
+            where = f"{where} (temporary file {name})" if _TEMP_DIR.search(name) and outputs else name
         problem = _PROBLEMS.get(code) or os.strerror(code)
-        where = name or ", ".join(outputs) or "the step's outputs"
         if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             free = _free_space(name or (outputs or ["."])[0])
             return (f"{where}: cannot write: {problem}" + (f" ({free})" if free else "")
                     + "; no partial file is left under a final name: free space and rerun")
-        if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return f"{where}: cannot write: {problem}; make the output folder writable (or choose another) and rerun"
+        if code == errno.EROFS:
+            return f"{where}: cannot write: {problem}; choose an output folder on a writable file system and rerun"
+        if code in (errno.EACCES, errno.EPERM):
+            return (f"{where}: {problem}; make it readable (an input) or its folder writable (an output) for this "
+                    "user and rerun")
         return f"{where}: {problem}"
     return None
 
