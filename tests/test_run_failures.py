@@ -183,6 +183,7 @@ def test_run_summary_is_written_whatever_happened(case, tmp_path):
     assert summary["status"].iloc[0] == "failed" and summary["rule"].iloc[0] == "(snakemake)"
     assert re.fullmatch(reason, summary["reason"].iloc[0]), summary
     assert f"(written to {where})" in proc.stdout.strip().splitlines()[-1]
+    assert "SegRefine run summary: 0 job(s) failed; Snakemake itself stopped" in proc.stdout
 
 
 # errors as the libraries raise them (ones this root-run machine cannot provoke, e.g. EACCES, which root bypasses),

@@ -160,9 +160,11 @@ def write_summary(rows: List[Dict[str, str]], out: str, fallback: str = ".snakem
 
 
 def report(rows: List[Dict[str, str]]) -> str:
-    failed = [r for r in rows if r["status"] == "failed"]
+    jobs = [r for r in rows if not r["rule"].startswith("(")]  # "(snakemake)", "(run summary)": not jobs
+    failed = [r for r in jobs if r["status"] == "failed"]
     lines = [f"SegRefine run summary: {len(failed)} job(s) failed"
-             + (f", {len(rows) - len(failed)} succeeded on retry" if len(rows) > len(failed) else "")]
+             + (f", {len(jobs) - len(failed)} succeeded on retry" if len(jobs) > len(failed) else "")
+             + ("; Snakemake itself stopped" if any(r["rule"] == "(snakemake)" for r in rows) else "")]
     for r in rows:
         lines.append(f"  {r['status']}: rule {r['rule']} -> {r['outputs'] or '-'} (failed attempts: {r['failed_attempts']}, "
                      f"log: {r['log'] or '-'}): {r['reason']}")
