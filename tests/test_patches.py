@@ -63,6 +63,10 @@ def test_slide_reads_real_pyramidal_files(realdata):
     ndpi = realdata / "dapi-wsi-ndpi" / "test3-DAPI-2-387.ndpi"
     with Slide(ndpi) as s:
         assert s.shape == (4864, 3968) and s.channels == 3
+        d = s.describe()
+        assert (d["axes"], d["photometric"], d["file_channels"], d["alpha_dropped"], d["channel"]) == \
+            ("YXS", "YCBCR", 3, [], None)
+        assert d["levels"] == [[4864, 3968], [2432, 1984], [1216, 992], [608, 496]]
         level0 = tifffile.imread(ndpi, series=0, level=0)
         np.testing.assert_array_equal(s.read(2000, 1500, 256, 300), level0[1500:1800, 2000:2256])
 
