@@ -16,6 +16,10 @@ statistics) gives on the whole image, recovered from the cumulative histogram.
 The gray image (mean of the channels) is histogrammed exactly too (as the sum
 of the channels), for Otsu's threshold. For float images the reference comes
 from a seeded sample of pixels (up to ``max_sample`` in all).
+
+A slide is read through ``segrefine.io.Slide``, so the reference describes
+exactly the image every model window gets: alpha dropped, the chosen channel
+of a multi-channel slide, finite values only.
 """
 from __future__ import annotations
 

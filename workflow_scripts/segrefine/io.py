@@ -229,7 +229,6 @@ class Slide:
         self._y, self._x, self._c = _yx_axes(self.axes, level.shape)
         key = level.keyframe
         self.photometric = getattr(key.photometric, "name", str(key.photometric))
-        self.series_kind = getattr(series, "kind", "") or ""
         extra = [int(e) for e in (key.extrasamples or ())]
         others = [(a, n) for i, (a, n) in enumerate(zip(self.axes, self.file_shape))
                   if i not in (self._y, self._x, self._c) and n > 1]
