@@ -10,7 +10,6 @@ import tifffile
 
 from conftest import run_step
 from segrefine import SegRefineError
-from segrefine.cgef import exact_cell_bin
 from segrefine.envs import env_python
 from segrefine.expression import check_frame, resolve_origin
 from segrefine.gem import Gem, density_labels, read_gem
@@ -84,48 +83,175 @@ def counts_by_label(cellmap_csv, exp):
     return got
 
 
-def test_exact_tables_in_memory_match_the_known_counts():
-    gem = read_gem_text(_gem_text())
-    t = exact_cell_bin(gem, _labels(), ORIGIN)
-    assert sorted(t["label_id"]) == sorted(EXPECTED) and list(gem.genes) == ["A", "B", "C", "Z"]
-    for row, lab in enumerate(t["label_id"]):
-        c = t["cell"][row]
-        part = t["cell_exp"][c["offset"]: c["offset"] + c["geneCount"]]
-        assert {gem.genes[g]: int(n) for g, n in zip(part["geneID"], part["count"])} == EXPECTED[lab]
-        assert c["area"] == AREA[lab] and c["expCount"] == sum(EXPECTED[lab].values())
+DUMP_WITH_H5PY = """
+import json, sys
+import h5py, numpy as np
+with h5py.File(sys.argv[1], "r") as f:
+    g = f["cellBin"]
+    print(json.dumps({k: {n: np.asarray(g[k][n]).tolist() for n in g[k].dtype.names} if g[k].dtype.names
+                      else np.asarray(g[k]).tolist() for k in ("cell", "cellExp", "geneExp", "blockIndex", "blockSize")}
+                     | {"genes": [n.decode() for n in g["gene"]["geneName"]],
+                        "gene": {n: np.asarray(g["gene"][n]).tolist() for n in g["gene"].dtype.names if n != "geneName"},
+                        "border_shape": list(g["cellBorder"].shape), "maxX": int(f.attrs["maxX"][0])}))
+"""
+
+
+def dump_with_h5py(cgef):
+    out = subprocess.run([str(env_python("gef")), "-c", DUMP_WITH_H5PY, str(cgef)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_exact_tables_match_the_known_counts(chip):
+    _cgef(chip)
+    t = dump_with_h5py(chip / "exact.cgef")
+    label_id = pd.read_csv(chip / "exact.csv")["label_id"].tolist()
+    assert sorted(label_id) == sorted(EXPECTED) and t["genes"] == ["A", "B", "C", "Z"]
+    c = t["cell"]
+    for row, lab in enumerate(label_id):
+        s, n = c["offset"][row], c["geneCount"][row]
+        got = {t["genes"][g]: k for g, k in zip(t["cellExp"]["geneID"][s:s + n], t["cellExp"]["count"][s:s + n])}
+        assert got == EXPECTED[lab] and c["area"][row] == AREA[lab] and c["expCount"][row] == sum(EXPECTED[lab].values())
     # the gene index holds every gene (Z with no cell) and points back at the same counts
-    genes = t["gene"]
-    assert [g.decode() for g in genes["geneName"]] == ["A", "B", "C", "Z"]
-    assert list(genes["cellCount"]) == [2, 1, 2, 0] and list(genes["expCount"]) == [7, 1, 6, 0]
-    assert int(t["gene_exp"]["count"].sum()) == int(t["cell_exp"]["count"].sum()) == 14
+    assert t["gene"]["cellCount"] == [2, 1, 2, 0] and t["gene"]["expCount"] == [7, 1, 6, 0]
+    assert sum(t["geneExp"]["count"]) == sum(t["cellExp"]["count"]) == 14
     # centres in GEM coordinates; cells ordered by 256-px block of the centre
-    row3 = list(t["label_id"]).index(3)
-    assert (t["cell"][row3]["x"], t["cell"][row3]["y"]) == (1002, 502)
-    assert t["block_index"][-1] == 4 and list(t["block_size"][:2]) == [256, 256]
+    row3 = label_id.index(3)
+    assert (c["x"][row3], c["y"][row3]) == (1002, 502)
+    assert t["blockIndex"][-1] == 4 and t["blockSize"][:2] == [256, 256]
 
 
-def read_gem_text(text):
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "g.gem"
-        p.write_text(text)
-        return read_gem(p)
-
-
-def test_more_than_65535_cells():
+def test_more_than_65535_cells(tmp_path):
     h, w = 250, 300  # 75,000 one-pixel cells, each with one transcript of gene (id % 3)
     lab = np.arange(1, h * w + 1, dtype=np.uint32).reshape(h, w)
+    tifffile.imwrite(tmp_path / "labels.tif", lab, compression="zlib", tile=(64, 64))
     yy, xx = np.mgrid[0:h, 0:w]
-    gene = (lab.ravel().astype(np.int64) % 3)
-    gem = Gem(genes=np.array(["G0", "G1", "G2"]), gene=gene, x=xx.ravel().astype(np.int64),
-              y=yy.ravel().astype(np.int64), count=np.ones(h * w, np.int64))
-    t = exact_cell_bin(gem, lab, (0, 0))
-    assert len(t["cell"]) == h * w and t["cell"]["id"].max() == h * w - 1
-    row = np.argsort(t["label_id"])
-    assert np.all(t["cell"]["expCount"] == 1)
-    assert np.all(t["cell_exp"]["geneID"][t["cell"]["offset"][row]] == np.arange(1, h * w + 1) % 3)
+    (tmp_path / "g.gem").write_text("geneID\tx\ty\tMIDCount\n" + "".join(
+        f"G{v % 3}\t{x}\t{y}\t1\n" for v, x, y in zip(lab.ravel(), xx.ravel(), yy.ravel())))
+    run_step("gef", "cgef", "--gem", tmp_path / "g.gem", "--labels", tmp_path / "labels.tif", "--cgef",
+             tmp_path / "c.cgef", "--cellmap", tmp_path / "c.csv", "--chunk", 20000, "--band-records", 30000)
+    t = dump_with_h5py(tmp_path / "c.cgef")
+    label_id = pd.read_csv(tmp_path / "c.csv")["label_id"].to_numpy()
+    assert len(label_id) == h * w and max(t["cell"]["id"]) == h * w - 1 and set(t["cell"]["expCount"]) == {1}
+    assert np.array_equal(np.array(t["cellExp"]["geneID"])[t["cell"]["offset"]], label_id % 3)
+
+
+def _random_chip(d, tiled: bool):
+    """Touching squares (ids up to 70,000), empty rows, records on background, several per DNB."""
+    rng = np.random.default_rng(7)
+    lab = np.zeros((64, 48), np.uint32)
+    for k in range(1, 60):
+        y, x = rng.integers(0, 58), rng.integers(0, 42)
+        lab[y:y + rng.integers(2, 9), x:x + rng.integers(2, 9)] = k if k % 7 else 70000 + k
+    lab[30:36] = 0  # rows with no cell
+    opts = dict(compression="zlib", tile=(16, 16)) if tiled else dict(compression="zlib", rowsperstrip=5)
+    tifffile.imwrite(d / "labels.tif", lab, **opts)
+    n = 3000
+    x, y = rng.integers(3, 45, n), rng.integers(2, 62, n)
+    keep = ~((y >= 10) & (y < 14))  # rows without any record: empty bands
+    x, y = x[keep], y[keep]
+    gene, count = rng.integers(0, 30, len(x)), rng.integers(0, 4, len(x))
+    ox, oy = 500, 700
+    (d / "g.gem").write_text("#OffsetX=-500\n#OffsetY=-700\ngeneID\tx\ty\tMIDCount\n" + "".join(
+        f"g{a:02d}\t{b + ox}\t{c + oy}\t{e}\n" for a, b, c, e in zip(gene, x, y, count)))
+    return lab, (ox, oy)
+
+
+@pytest.mark.parametrize("tiled", [True, False])
+def test_streaming_at_tiny_chunks_and_bands_equals_the_exact_reference(tmp_path, tiled):
+    from segrefine.gem import aggregate_by_labels
+
+    lab, origin = _random_chip(tmp_path, tiled)
+    gem = read_gem(tmp_path / "g.gem")
+    files = {}
+    # chunk, band records, band rows: every cell cut by band edges, records at every chunk edge, empty bands
+    for k, sizes in enumerate([(1 << 22, 1 << 22, 512), (1, 1, 1), (7, 40, 3), (1000, 500, 64)]):
+        out = tmp_path / f"c{k}.cgef"
+        run_step("gef", "cgef", "--gem", tmp_path / "g.gem", "--labels", tmp_path / "labels.tif", "--cgef", out,
+                 "--cellmap", tmp_path / f"c{k}.csv", "--chunk", sizes[0], "--band-records", sizes[1],
+                 "--band-rows", sizes[2])
+        files[k] = (out.read_bytes(), (tmp_path / f"c{k}.csv").read_text())
+    assert all(files[k] == files[0] for k in files)  # the same bytes whatever the sizes
+    t = dump_with_h5py(tmp_path / "c0.cgef")
+    cellmap = pd.read_csv(tmp_path / "c0.csv")
+    ids, matrix, _ = aggregate_by_labels(gem, lab, origin)
+    x0, x1, y0, y1 = gem.extent()
+    box = lab[y0 - origin[1]:y1 - origin[1] + 1, x0 - origin[0]:x1 - origin[0] + 1]
+    assert sorted(cellmap["label_id"]) == sorted(set(np.unique(box)) - {0})  # empty cells of the box included
+    assert set(ids) <= set(cellmap["label_id"]) and len(ids) > 20
+    dense = matrix.toarray()
+    c = t["cell"]
+    lx, ly = gem.x - origin[0], gem.y - origin[1]
+    for row, lid in enumerate(cellmap["label_id"]):
+        s, n = c["offset"][row], c["geneCount"][row]
+        got = np.zeros(len(gem.genes), np.int64)
+        got[t["cellExp"]["geneID"][s:s + n]] = t["cellExp"]["count"][s:s + n]
+        want = dense[list(ids).index(lid)] if lid in ids else np.zeros(len(gem.genes), np.int64)
+        assert np.array_equal(got, want)
+        on = lab[ly, lx] == lid
+        assert c["dnbCount"][row] == len(set(zip(lx[on], ly[on]))) and c["area"][row] == int((lab == lid).sum())
+    # geneExp is the transpose, by gene then cell
+    ge_cell, ge_count = np.array(t["geneExp"]["cellID"]), np.array(t["geneExp"]["count"])
+    for g in range(len(gem.genes)):
+        s, n = t["gene"]["offset"][g], t["gene"]["cellCount"][g]
+        rows = ge_cell[s:s + n]
+        assert list(rows) == sorted(rows)
+        want = {r: dense[list(ids).index(cellmap["label_id"][r]), g] for r in range(len(cellmap))
+                if cellmap["label_id"][r] in ids and dense[list(ids).index(cellmap["label_id"][r]), g]}
+        assert dict(zip(rows.tolist(), ge_count[s:s + n].tolist())) == want
+
+
+def test_a_matrix_with_no_transcript_in_any_cell_gives_an_empty_cgef(tmp_path):
+    lab = np.zeros((40, 40), np.uint32)
+    lab[30:35, 30:35] = 4  # outside the matrix's bounding box
+    tifffile.imwrite(tmp_path / "labels.tif", lab)
+    (tmp_path / "g.gem").write_text("geneID\tx\ty\tMIDCount\nA\t2\t3\t1\nB\t5\t9\t2\n")
+    run_step("gef", "cgef", "--gem", tmp_path / "g.gem", "--labels", tmp_path / "labels.tif", "--cgef",
+             tmp_path / "c.cgef", "--cellmap", tmp_path / "c.csv")
+    t = dump_with_h5py(tmp_path / "c.cgef")
+    assert t["cell"]["id"] == [] and t["cellExp"]["count"] == [] and t["geneExp"]["count"] == []
+    assert t["genes"] == ["A", "B"] and t["gene"]["cellCount"] == [0, 0] and t["border_shape"] == [0, 32, 2]
+    assert (tmp_path / "c.csv").read_text().splitlines() == [",".join(
+        ("cgef_cell", "label_id", "x", "y", "area", "total_counts", "n_genes"))]
+    check = "import sys; from gefpy.cgef_reader_cy import CgefR; r = CgefR(sys.argv[1]); print(r.get_cell_num())"
+    out = subprocess.run([str(env_python("gef")), "-c", check, str(tmp_path / "c.cgef")], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "0", out.stderr[-2000:]  # gefpy opens it: 0 cells
+
+
+def _leaves_only(d, names, proc, message):
+    assert proc.returncode == 1 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]  # one line
+    left = sorted(p.name for p in d.iterdir()) if d.exists() else []
+    assert left == sorted(names)  # no output, no temporary folder
+
+
+def test_a_malformed_line_in_the_last_chunk_is_named_and_nothing_is_left(chip):
+    text = _gem_text() + "A\t1001\t501\t1\n" * 6 + "A\t1001\t501\n"
+    (chip / "bad.gem").write_text(text)
+    line = len(text.splitlines())
+    proc = run_step("gef", "cgef", "--gem", chip / "bad.gem", "--labels", chip / "labels.tif", "--cgef",
+                    chip / "o" / "c.cgef", "--cellmap", chip / "o" / "c.csv", "--origin", "1000,500", "--chunk", 4,
+                    check=False)
+    _leaves_only(chip / "o", [], proc, f"bad.gem:{line}: malformed GEM line: no value in column MIDCount")
+
+
+def test_a_truncated_bgef_and_oversized_label_ids_fail_naming_the_file(chip):
+    make = ("import sys, h5py, numpy as np; f = h5py.File(sys.argv[1], 'w'); "  # a bgef-shaped file, then cut
+            "f['geneExp/bin1/expression'] = np.zeros(100000, [('x', '<i4'), ('y', '<i4'), ('count', '<u2')]); "
+            "f['geneExp/bin1/gene'] = np.array([(b'A', 0, 100000)], [('gene', 'S64'), ('offset', '<u4'), "
+            "('count', '<u4')]); f.close()")
+    subprocess.run([str(env_python("gef")), "-c", make, str(chip / "fake.bgef")], check=True)
+    data = (chip / "fake.bgef").read_bytes()
+    (chip / "cut.bgef").write_bytes(data[: len(data) // 2])
+    (chip / "fake.bgef").unlink()
+    proc = run_step("gef", "cgef", "--gem", chip / "cut.bgef", "--labels", chip / "labels.tif", "--cgef",
+                    chip / "o" / "c.cgef", "--cellmap", chip / "o" / "c.csv", check=False)
+    _leaves_only(chip / "o", [], proc, "cut.bgef: cannot read as HDF5")
+    big = _labels().astype(np.uint64)
+    big[big == 9] = 1 << 33
+    tifffile.imwrite(chip / "big.tif", big)
+    proc = run_step("gef", "cgef", "--gem", chip / "chip.gem.gz", "--labels", chip / "big.tif", "--cgef",
+                    chip / "o" / "c.cgef", "--cellmap", chip / "o" / "c.csv", "--origin", "1000,500", check=False)
+    _leaves_only(chip / "o", [], proc, "big.tif: label id 8589934592 does not fit in uint32")
 
 
 def test_exact_cgef_is_read_by_gefpy_with_the_known_counts(chip):
@@ -147,15 +273,17 @@ def test_gefpy_writer_keeps_touching_cells_apart_but_loses_their_contact_pixels(
 
 
 def test_bgef_input_gives_the_same_cells_as_the_gem(chip):
-    make_bgef = ("import sys; sys.path.insert(0, sys.argv[3]); from segrefine.gem import read_gem; "
-                 "from segrefine.expression import write_gem_v01, _gem_to_bgef; "
-                 "write_gem_v01(read_gem(sys.argv[1]), sys.argv[1] + '.v01'); _gem_to_bgef(sys.argv[1] + '.v01', sys.argv[2], 1)")
+    v01 = "".join(line + "\n" for line in _gem_text(header="#FileFormat=GEMv0.1\n#BinSize=1\n#OffsetX=0\n"
+                                                     "#OffsetY=0\n").splitlines() if not line.endswith("\t0"))
+    (chip / "chip.v01").write_text(v01)
+    make_bgef = ("import sys; sys.path.insert(0, sys.argv[3]); from segrefine.expression import _gem_to_bgef; "
+                 "_gem_to_bgef(sys.argv[1], sys.argv[2], 1)")
     from conftest import SCRIPTS
-    subprocess.run([str(env_python("gef")), "-c", make_bgef, str(chip / "chip.gem.gz"), str(chip / "chip.bgef"),
+    subprocess.run([str(env_python("gef")), "-c", make_bgef, str(chip / "chip.v01"), str(chip / "chip.bgef"),
                     str(SCRIPTS)], check=True, capture_output=True)
     _cgef(chip)
     run_step("gef", "cgef", "--gem", chip / "chip.bgef", "--labels", chip / "labels.tif", "--cgef", chip / "b.cgef",
-             "--cellmap", chip / "b.csv", "--origin", "1000,500")
+             "--cellmap", chip / "b.csv", "--origin", "1000,500", "--chunk", 2)  # bgef read by slices of 2 rows
     assert pd.read_csv(chip / "b.csv").equals(pd.read_csv(chip / "exact.csv"))
     assert counts_by_label(chip / "b.csv", read_with_gefpy(chip / "b.cgef")["exp"]) == EXPECTED
 

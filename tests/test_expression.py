@@ -76,3 +76,33 @@ def test_h5ad_refuses_a_cell_table_that_does_not_match_and_writes_nothing(tmp_pa
                     "--out", tmp_path / "out" / "cells.h5ad", check=False)
     assert proc.returncode == 1 and "stereopy's cells do not line up with" in proc.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("layout", ["tiled", "striped", "contiguous", "pyramid", "bigendian"])
+def test_label_image_reads_any_window_of_level_0_by_segments(tmp_path, layout):
+    import tifffile
+
+    from segrefine.expression import LabelImage
+
+    rng = np.random.default_rng(3)
+    lab = rng.integers(0, 70000, (150, 97)).astype(np.uint32)
+    path = tmp_path / "l.tif"
+    if layout == "tiled":
+        tifffile.imwrite(path, lab, tile=(32, 48), compression="zlib")
+    elif layout == "striped":
+        tifffile.imwrite(path, lab, rowsperstrip=7, compression="zlib", predictor=True)
+    elif layout == "contiguous":
+        tifffile.imwrite(path, lab)
+    elif layout == "bigendian":
+        tifffile.imwrite(path, lab, byteorder=">")
+    else:  # OME-TIFF pyramid, level 0 tiled, with a sub-resolution
+        with tifffile.TiffWriter(path, ome=True) as tw:
+            tw.write(lab, tile=(32, 32), subifds=1, compression="zlib")
+            tw.write(lab[::2, ::2], tile=(32, 32), subfiletype=1, compression="zlib")
+    img = LabelImage(path)
+    assert img.shape == lab.shape
+    for y0, y1, x0, x1 in [(0, 150, 0, 97), (31, 33, 47, 49), (149, 150, 96, 97), (5, 70, 10, 11), (0, 0, 0, 97)]:
+        np.testing.assert_array_equal(img.rows(y0, y1, x0, x1), lab[y0:y1, x0:x1])
+    img.close()
+    with pytest.raises(SegRefineError, match="l.tif: rows 0..151"):
+        LabelImage(path).rows(0, 151)

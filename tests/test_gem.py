@@ -40,10 +40,11 @@ def test_count_column_variants_and_gene_name(tmp_path, col):
 @pytest.mark.parametrize("row,message", [("G1\t5\t6\t-1", "column MIDCount must be an integer >= 0, got '-1'"),
                                          ("G1\t5\t6\t1.5", "column MIDCount must be an integer >= 0, got '1.5'"),
                                          ("G1\tx\t6\t1", "column x must be an integer >= 0, got 'x'")])
-def test_bad_values_name_file_and_line(tmp_path, row, message):
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 22])
+def test_bad_values_name_file_and_line(tmp_path, row, message, chunk):
     p = _write(tmp_path / "b.gem.gz", "#OffsetX=0\n#OffsetY=0\ngeneID\tx\ty\tMIDCount\nG1\t1\t2\t1\n" + row + "\n")
     with pytest.raises(SegRefineError, match=rf"b.gem.gz:5: {message}"):
-        read_gem(p)
+        read_gem(p, chunk=chunk)
 
 
 def test_missing_column_and_truncated_gzip(tmp_path):
@@ -78,10 +79,28 @@ def test_exact_aggregation_with_touching_cells_offsets_and_border(tmp_path):
 
 @pytest.mark.parametrize("row,message", [("G1\t1\t2\t1\t7\t8", r"m.gem:5: malformed GEM line: 6 fields, the header names 4"),
                                          ("G1\t1", r"m.gem:5: malformed GEM line: no value in column y")])
-def test_malformed_lines_name_file_and_line(tmp_path, row, message):
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 22])
+def test_malformed_lines_name_file_and_line(tmp_path, row, message, chunk):
+    """The malformed line is the last one: with chunk 1, 2 or 3 it falls in the last chunk, alone or not."""
     p = _write(tmp_path / "m.gem", "#OffsetX=0\n#OffsetY=0\ngeneID\tx\ty\tMIDCount\nG1\t1\t2\t1\n" + row + "\n", gz=False)
     with pytest.raises(SegRefineError, match=message):
-        read_gem(p)
+        read_gem(p, chunk=chunk)
+
+
+def test_chunked_reading_gives_the_same_records_and_gene_codes_at_any_chunk_size(realdata):
+    from segrefine.gem import GemReader
+
+    path = realdata / "stereoseq-spateo-gem" / "SS200000135TL_D1_bin1_small.gem.gz"
+    whole = read_gem(path)
+    for chunk in (1000, 7777):  # chunk edges fall between records of the same DNB and gene
+        part = read_gem(path, chunk=chunk)
+        assert list(part.genes) == list(whole.genes)
+        for name in ("gene", "x", "y", "count"):
+            np.testing.assert_array_equal(getattr(part, name), getattr(whole, name))
+    reader = GemReader(path, chunk=30000)
+    sizes = [len(c.count) + 0 for c in reader.chunks()]
+    assert len(sizes) == 3 and sum(sizes) == len(whole.count)  # 77,634 lines in 3 chunks, none read whole
+    assert sorted(reader.names) == list(whole.genes)  # provisional codes cover every gene
 
 
 def test_header_offsets_and_extent(tmp_path):

@@ -22,8 +22,9 @@ code here runs in the gef env and needs no gefpy.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -34,6 +35,9 @@ BORDER_POINTS = 32
 BORDER_PAD = 32767
 GEF_VERSION = 2
 GEFTOOL_VERSION = (1, 3, 3)  # the gefpy release whose layout this file reproduces
+BAND_RECORDS = 1 << 22       # at most this many records (or cell-gene partials) per band / bucket
+BAND_ROWS = 512              # at most this many label rows per band
+UINT32_MAX = (1 << 32) - 1
 
 CELL_DTYPE = np.dtype([("id", "<u4"), ("x", "<i4"), ("y", "<i4"), ("offset", "<u4"), ("geneCount", "<u4"),
                        ("expCount", "<u4"), ("dnbCount", "<u4"), ("area", "<u4"), ("cellTypeID", "<u2"),
@@ -42,6 +46,65 @@ GENE_DTYPE = np.dtype([("geneName", "S64"), ("offset", "<u4"), ("cellCount", "<u
                        ("maxMIDcount", "<u2")])
 CELL_EXP_DTYPE = np.dtype([("geneID", "<u4"), ("count", "<u2")])
 GENE_EXP_DTYPE = np.dtype([("cellID", "<u4"), ("count", "<u2")])
+# spilled to the temporary folder, each run sorted by its key "k"
+RECORD_DTYPE = np.dtype([("k", "<u4"), ("x", "<u4"), ("gene", "<u4"), ("count", "<u4")])   # k = label row
+PARTIAL_DTYPE = np.dtype([("k", "<u4"), ("gene", "<u4"), ("count", "<u8")])                # k = cell row
+BY_GENE_DTYPE = np.dtype([("k", "<u4"), ("cellID", "<u4"), ("count", "<u2")])              # k = gene
+
+
+class ArrayBands:
+    """A label image held in memory, read like a ``LabelImage`` (tests, small images)."""
+
+    def __init__(self, array: np.ndarray, name: str = "labels"):
+        self.array, self.shape, self.path = np.asarray(array), tuple(np.shape(array)), name
+
+    def rows(self, y0: int, y1: int, x0: int = 0, x1: Optional[int] = None) -> np.ndarray:
+        return self.array[y0:y1, x0:x1]
+
+
+class Runs:
+    """Sorted runs of records on disk (one .npy per run); ``take(lo, hi)`` gathers keys lo <= k < hi from all."""
+
+    def __init__(self, folder, name: str, dtype: np.dtype):
+        self.folder, self.name, self.dtype = Path(folder), name, dtype
+        self.sizes: List[int] = []
+        self.bounds: List[Tuple[int, int]] = []
+
+    def add(self, run: np.ndarray) -> None:
+        np.save(self.folder / f"{self.name}.{len(self.sizes)}.npy", run)
+        self.sizes.append(len(run))
+        self.bounds.append((int(run["k"][0]), int(run["k"][-1])) if len(run) else (1, 0))
+
+    def take(self, lo: int, hi: int) -> np.ndarray:
+        parts = []
+        for i, (a, b) in enumerate(self.bounds):
+            if b < lo or a >= hi:
+                continue
+            run = np.load(self.folder / f"{self.name}.{i}.npy", mmap_mode="r")
+            s, e = np.searchsorted(run["k"], [lo, hi])
+            if e > s:
+                parts.append(np.array(run[s:e]))
+            del run
+        return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
+
+
+def _bands(y0: int, y1: int, rows: int):
+    for a in range(y0, y1, rows):
+        yield a, min(y1, a + rows)
+
+
+def _buckets(per_key: np.ndarray, limit: int, max_keys: Optional[int] = None) -> List[Tuple[int, int]]:
+    """Consecutive key ranges [a, b), each holding at most ``limit`` items (or one key) and ``max_keys`` keys."""
+    out, a, n = [], 0, len(per_key)
+    cum = np.concatenate([[0], np.cumsum(per_key, dtype=np.int64)])
+    while a < n:
+        b = int(np.searchsorted(cum, cum[a] + limit, side="right")) - 1
+        b = max(b, a + 1)
+        if max_keys:
+            b = min(b, a + max_keys)
+        out.append((a, min(b, n)))
+        a = min(b, n)
+    return out
 
 
 class _Index:
@@ -64,13 +127,22 @@ class _Index:
         return np.where(self.ids[pos] == lab, pos, -1) if len(self.ids) else np.full(lab.shape, -1, np.int64)
 
 
-def _bands(height: int, rows: int):
-    for y0 in range(0, height, rows):
-        yield y0, min(height, y0 + rows)
+def present_labels(labels, y0: int, y1: int, x0: int, x1: int, band_rows: int = BAND_ROWS) -> np.ndarray:
+    """Sorted ids > 0 present in rows y0..y1-1, columns x0..x1-1 of ``labels`` (a band reader)."""
+    ids = np.zeros(0, np.int64)
+    for a, b in _bands(y0, y1, band_rows):
+        band = labels.rows(a, b, x0, x1)
+        top = int(band.max()) if band.size else 0
+        if top <= (1 << 24):
+            found = np.flatnonzero(np.bincount(band.ravel(), minlength=top + 1))
+        else:
+            found = np.unique(band)
+        ids = np.union1d(ids, found[found > 0].astype(np.int64))
+    return ids
 
 
-def cell_geometry(labels: np.ndarray, ids: np.ndarray, band_rows: int = 1024) -> Dict[str, np.ndarray]:
-    """Area, centroid (row, col) and star outline of the cells ``ids`` (sorted) in ``labels``.
+def cell_geometry(labels, ids: np.ndarray, band_rows: int = BAND_ROWS) -> Dict[str, np.ndarray]:
+    """Area, centroid (row, col) and star outline of the cells ``ids`` (sorted) in ``labels`` (a band reader).
 
     Pixels of cells not in ``ids`` are ignored. Outlines are (n, 32, 2) int64 (x, y)
     offsets from the rounded centroid, padded with 32767: in each of 32 equal angular
@@ -82,9 +154,10 @@ def cell_geometry(labels: np.ndarray, ids: np.ndarray, band_rows: int = 1024) ->
     H, W = labels.shape
     area = np.zeros(n, np.int64)
     sum_r, sum_c = np.zeros(n), np.zeros(n)
-    for y0, y1 in _bands(H, band_rows):
-        rows, cols = np.nonzero(labels[y0:y1])
-        idx = index(labels[y0:y1][rows, cols])
+    for y0, y1 in _bands(0, H, band_rows):
+        band = labels.rows(y0, y1)
+        rows, cols = np.nonzero(band)
+        idx = index(band[rows, cols])
         ok = idx >= 0
         idx, rows, cols = idx[ok], rows[ok] + y0, cols[ok]
         area += np.bincount(idx, minlength=n)
@@ -98,9 +171,9 @@ def cell_geometry(labels: np.ndarray, ids: np.ndarray, band_rows: int = 1024) ->
     # pass 2: boundary pixels (a 4-neighbour of another label or outside the image); per band the farthest
     # boundary pixel of each (cell, sector), then the farthest over bands
     cand = []
-    for y0, y1 in _bands(H, band_rows):
+    for y0, y1 in _bands(0, H, band_rows):
         a, b = max(0, y0 - 1), min(H, y1 + 1)
-        block = np.pad(labels[a:b], 1, mode="constant", constant_values=0)  # outside the image: background
+        block = np.pad(labels.rows(a, b), 1, mode="constant", constant_values=0)  # outside the image: background
         core = block[1 + (y0 - a):1 + (y0 - a) + (y1 - y0), 1:-1]
         up = block[(y0 - a):(y0 - a) + (y1 - y0), 1:-1]
         down = block[2 + (y0 - a):2 + (y0 - a) + (y1 - y0), 1:-1]
@@ -137,17 +210,55 @@ def _farthest_per_sector(idx: np.ndarray, dx: np.ndarray, dy: np.ndarray):
     return idx[pick], dx[pick], dy[pick]
 
 
-def present_labels(labels: np.ndarray, band_rows: int = 1024) -> np.ndarray:
-    """Sorted ids > 0 present in ``labels`` (counted by bands; no sort of the whole image)."""
-    top = int(labels.max()) if labels.size else 0
-    if top > (1 << 26):
-        ids = np.unique(labels)
-        return ids[ids > 0].astype(np.int64)
-    seen = np.zeros(top + 1, bool)
-    for y0, y1 in _bands(labels.shape[0], band_rows):
-        seen[np.bincount(labels[y0:y1].ravel(), minlength=top + 1) > 0] = True
-    seen[0] = False
-    return np.flatnonzero(seen).astype(np.int64)
+class RecordSpill:
+    """Pass 1: the records of a chunked expression reader, in label-pixel coordinates, spilled to ``work``.
+
+    Each chunk becomes one run sorted by label row, so a band of rows is gathered from
+    every run by binary search. Also the extent (GEM coordinates, inclusive), the number
+    of records per label row, and the UMIs. Records outside the label image are not
+    spilled; ``inside`` tells whether there were any (the caller refuses the frame).
+    """
+
+    def __init__(self, reader, origin: Tuple[int, int], shape: Tuple[int, int], work):
+        self.reader, self.origin, self.shape = reader, origin, shape
+        self.runs = Runs(work, "records", RECORD_DTYPE)
+        H, W = shape
+        ox, oy = origin
+        self.per_row = np.zeros(H, np.int64)
+        self.n_records = self.umis = 0
+        lo, hi = [np.iinfo(np.int64).max] * 2, [np.iinfo(np.int64).min] * 2
+        self.inside = True
+        for chunk in reader.chunks():
+            if not len(chunk.count):
+                continue
+            lo = [min(lo[0], int(chunk.x.min())), min(lo[1], int(chunk.y.min()))]
+            hi = [max(hi[0], int(chunk.x.max())), max(hi[1], int(chunk.y.max()))]
+            self.n_records += len(chunk.count)
+            self.umis += int(chunk.count.sum())
+            if int(chunk.count.max()) > UINT32_MAX:
+                raise SegRefineError(f"{reader.path}: a record holds {int(chunk.count.max())} UMIs (> 2^32 - 1)")
+            lx, ly = chunk.x - ox, chunk.y - oy
+            if self.inside and (lx.min() < 0 or ly.min() < 0 or lx.max() >= W or ly.max() >= H):
+                self.inside = False  # the frame is refused once the whole extent is known: stop spilling
+            if not self.inside:
+                continue
+            order = np.argsort(ly, kind="stable")
+            run = np.empty(len(order), RECORD_DTYPE)
+            run["k"], run["x"], run["gene"], run["count"] = ly[order], lx[order], chunk.gene[order], chunk.count[order]
+            self.runs.add(run)
+            self.per_row += np.bincount(ly, minlength=H)
+        self._extent = (lo[0], hi[0], lo[1], hi[1]) if self.n_records else (0, -1, 0, -1)
+        self.genes, self.code = reader.gene_codes()
+
+    def extent(self) -> Tuple[int, int, int, int]:
+        """(min x, max x, min y, max y) of the transcripts (GEM coordinates), inclusive."""
+        return self._extent
+
+    def band(self, y0: int, y1: int) -> np.ndarray:
+        """The records on label rows y0..y1-1 (gene codes final)."""
+        rec = self.runs.take(y0, y1)
+        rec["gene"] = self.code[rec["gene"]]
+        return rec
 
 
 def _stats(ds, name: str, values: np.ndarray, dtype) -> None:
@@ -158,89 +269,159 @@ def _stats(ds, name: str, values: np.ndarray, dtype) -> None:
     ds.attrs[f"min{name}"] = np.array([v.min() if len(v) else 0], dtype)
 
 
-def exact_cell_bin(gem, labels: np.ndarray, origin: Tuple[int, int], source: str = "GEM") -> Dict[str, np.ndarray]:
-    """The exact cell x gene aggregation and every table of the cgef.
+def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int = BAND_RECORDS,
+                   band_rows: int = BAND_ROWS, resolution: int = 500, source: str = "GEM") -> Dict[str, np.ndarray]:
+    """The exact cell x gene aggregation of the spilled records, written as a cgef at ``out_path``.
 
-    ``labels``: instance labels whose pixel (0, 0) is GEM coordinate ``origin``; every
-    transcript must fall inside it (checked by the caller). Cells are those labels that
-    cover at least one pixel of the GEM's bounding box, empty ones included.
+    ``labels``: a band reader (``rows(y0, y1, x0, x1)``, ``shape``) of instance labels whose
+    pixel (0, 0) is GEM coordinate ``spill.origin``; every record lies inside it (checked
+    by the caller). Cells are the labels that cover at least one pixel of the matrix's
+    bounding box, empty ones included. Memory follows ``band_records`` / ``band_rows``
+    and the number of cells and genes; partial sums go through ``work``. Returns the
+    per-cell tables (``label_id``, ``cell``) for the cell map.
     """
-    ox, oy = origin
-    n_genes = len(gem.genes)
-    lx, ly = gem.x - ox, gem.y - oy
-    if len(lx) and (lx.min() < 0 or ly.min() < 0 or lx.max() >= labels.shape[1] or ly.max() >= labels.shape[0]):
-        raise SegRefineError(f"{source}: transcripts fall outside the label image (checked too late: frame bug)")
-    if len(lx):
-        x0, x1, y0, y1 = int(lx.min()), int(lx.max()), int(ly.min()), int(ly.max())
-    else:
-        x0 = x1 = y0 = y1 = 0
-    ids = present_labels(labels[y0:y1 + 1, x0:x1 + 1])
-    geo = cell_geometry(labels, ids)
+    work = Path(work)
+    ox, oy = spill.origin
+    genes = spill.genes
+    n_genes = len(genes)
+    gx0, gx1, gy0, gy1 = spill.extent()
+    x0, x1, y0, y1 = gx0 - ox, gx1 - ox, gy0 - oy, gy1 - oy  # label pixels of the matrix's bounding box
+    ids = present_labels(labels, y0, y1 + 1, x0, x1 + 1, band_rows)
+    if len(ids) and ids[-1] > UINT32_MAX:
+        raise SegRefineError(f"{labels.path}: label id {int(ids[-1])} does not fit in uint32")
+    geo = cell_geometry(labels, ids, band_rows)
     cx, cy = geo["cx"] + ox, geo["cy"] + oy  # GEM coordinates of the centres
     # order cells by the 256 x 256 block of their centre (row-major over 0..max), then by label id
-    max_x = int(max(gem.x.max() if len(gem.x) else 0, cx.max() if len(cx) else 0))
-    max_y = int(max(gem.y.max() if len(gem.y) else 0, cy.max() if len(cy) else 0))
+    max_x = int(max(gx1, cx.max() if len(cx) else 0))
+    max_y = int(max(gy1, cy.max() if len(cy) else 0))
     nbx, nby = max_x // BLOCK + 1, max_y // BLOCK + 1
     block = np.clip(cy, 0, None) // BLOCK * nbx + np.clip(cx, 0, None) // BLOCK
     order = np.lexsort((ids, block))
+    n_cells = len(ids)
+    row_of_rank = np.empty(n_cells, np.int64)  # final row of the j-th smallest label id
+    row_of_rank[order] = np.arange(n_cells)
+    index = _Index(ids)
     ids, block = ids[order], block[order]
     cx, cy, area, border = cx[order], cy[order], geo["area"][order], geo["border"][order]
-    n_cells = len(ids)
     block_index = np.searchsorted(block, np.arange(nbx * nby + 1)).astype(np.uint32)
+    big = np.abs(np.where(border == BORDER_PAD, 0, border)).max() if n_cells else 0
+    if big >= BORDER_PAD:
+        raise SegRefineError(f"{source}: a cell spans more than {BORDER_PAD} px from its centre (not a cell)")
+    del geo
 
-    # transcripts -> (cell row, gene), summed
-    lab = labels[ly, lx].astype(np.int64)
-    in_cell = lab > 0
-    by_id = np.argsort(ids)  # row of the j-th smallest label id
-    row = by_id[_Index(ids[by_id])(lab[in_cell])] if n_cells else np.zeros(0, np.int64)
-    gene = gem.gene[in_cell]
-    count = gem.count[in_cell]
-    key = row * n_genes + gene
-    ukey, inv = np.unique(key, return_inverse=True)
-    summed = np.bincount(inv, weights=count, minlength=len(ukey)).astype(np.int64)
-    c_row, c_gene = ukey // max(n_genes, 1), ukey % max(n_genes, 1)
-    if len(summed) and summed.max() > 65535:
-        i = int(np.argmax(summed))
-        raise SegRefineError(f"{source}: cell {ids[c_row[i]]} has {summed[i]} UMIs of gene {gem.genes[c_gene[i]]}; "
-                             "the cgef layout stores at most 65,535 per cell and gene")
-    n_pix = labels.shape[0] * labels.shape[1]
-    dnb = np.unique(row * n_pix + ly[in_cell].astype(np.int64) * labels.shape[1] + lx[in_cell])
-    dnb_count = np.bincount(dnb // n_pix, minlength=n_cells) if len(dnb) else np.zeros(n_cells, np.int64)
+    # pass 2, by bands of label rows holding at most band_records records: (cell row, gene) partial sums
+    partials = Runs(work, "partials", PARTIAL_DTYPE)
+    per_cell = np.zeros(n_cells, np.int64)  # partials per cell row, to size the merge buckets
+    dnb_count = np.zeros(n_cells, np.int64)
+    W = int(x1 - x0 + 1)
+    for a, b in _buckets(spill.per_row[y0:y1 + 1], band_records, band_rows):
+        a, b = a + y0, b + y0
+        rec = spill.band(a, b)
+        if not len(rec):
+            continue  # an empty band: nothing to read
+        band = labels.rows(a, b, x0, x1 + 1)
+        ry = rec["k"].astype(np.int64) - a
+        rx = rec["x"].astype(np.int64) - x0
+        lab = band[ry, rx]
+        del band
+        inc = lab > 0
+        if not inc.any():
+            continue
+        row = row_of_rank[index(lab[inc])]
+        gene = rec["gene"][inc].astype(np.int64)
+        count = rec["count"][inc].astype(np.int64)
+        pix = ry[inc] * W + rx[inc]
+        del rec, lab
+        key = row * n_genes + gene
+        ukey, inv = np.unique(key, return_inverse=True)
+        part = np.empty(len(ukey), PARTIAL_DTYPE)
+        part["k"], part["gene"] = ukey // n_genes, ukey % n_genes
+        part["count"] = np.bincount(inv.ravel(), weights=count, minlength=len(ukey))
+        partials.add(part)
+        per_cell += np.bincount(part["k"].astype(np.int64), minlength=n_cells)
+        _, first = np.unique(pix, return_index=True)  # a DNB lies in one label: count distinct DNBs per cell
+        dnb_count += np.bincount(row[first], minlength=n_cells)
 
-    gene_count = np.bincount(c_row, minlength=n_cells)
-    exp_count = np.bincount(c_row, weights=summed, minlength=n_cells).astype(np.int64)
+    # merge the partials by buckets of cell rows: cellExp in final order, and runs by gene for geneExp
+    gene_count = np.zeros(n_cells, np.int64)
+    exp_count = np.zeros(n_cells, np.int64)
+    cell_count = np.zeros(n_genes, np.int64)
+    gene_umis = np.zeros(n_genes, np.int64)
+    gene_max = np.zeros(n_genes, np.int64)
+    by_gene = Runs(work, "bygene", BY_GENE_DTYPE)
+    merged: List[Path] = []
+    max_count = 0
+    for c0, c1 in _buckets(per_cell, band_records):
+        part = partials.take(c0, c1)
+        key = part["k"].astype(np.int64) * n_genes + part["gene"]
+        ukey, inv = np.unique(key, return_inverse=True)
+        summed = np.bincount(inv.ravel(), weights=part["count"], minlength=len(ukey)).astype(np.int64)
+        del part, key, inv
+        c_row, c_gene = ukey // n_genes, ukey % n_genes
+        if len(summed) and summed.max() > 65535:
+            i = int(np.argmax(summed))
+            raise SegRefineError(f"{source}: cell {ids[c_row[i]]} has {summed[i]} UMIs of gene {genes[c_gene[i]]}; "
+                                 "the cgef layout stores at most 65,535 per cell and gene")
+        gene_count[c0:c1] = np.bincount(c_row - c0, minlength=c1 - c0)
+        exp_count[c0:c1] = np.bincount(c_row - c0, weights=summed, minlength=c1 - c0).astype(np.int64)
+        cell_count += np.bincount(c_gene, minlength=n_genes)
+        gene_umis += np.bincount(c_gene, weights=summed, minlength=n_genes).astype(np.int64)
+        np.maximum.at(gene_max, c_gene, summed)
+        max_count = max(max_count, int(summed.max()) if len(summed) else 0)
+        exp = np.empty(len(ukey), CELL_EXP_DTYPE)  # ukey is sorted by (row, gene) already
+        exp["geneID"], exp["count"] = c_gene, summed
+        merged.append(work / f"cellexp.{len(merged)}.npy")
+        np.save(merged[-1], exp)
+        del exp
+        perm = np.lexsort((c_row, c_gene))
+        run = np.empty(len(perm), BY_GENE_DTYPE)
+        run["k"], run["cellID"], run["count"] = c_gene[perm], c_row[perm], summed[perm]
+        by_gene.add(run)
+        del run, perm, ukey, summed, c_row, c_gene
+    n_exp = int(gene_count.sum())
+    if n_exp > UINT32_MAX or int(exp_count.max() if n_cells else 0) > UINT32_MAX:
+        raise SegRefineError(f"{source}: {n_exp} cell-gene entries do not fit the cgef layout's uint32 offsets")
+
     cell = np.zeros(n_cells, CELL_DTYPE)
     cell["id"] = np.arange(n_cells)
     cell["x"], cell["y"] = cx, cy
     cell["offset"] = np.concatenate([[0], np.cumsum(gene_count)[:-1]]) if n_cells else []
     cell["geneCount"], cell["expCount"], cell["dnbCount"] = gene_count, exp_count, dnb_count
     cell["area"] = area
-    cell_exp = np.zeros(len(ukey), CELL_EXP_DTYPE)  # ukey is sorted by (row, gene) already
-    cell_exp["geneID"], cell_exp["count"] = c_gene, summed
+    gene = np.zeros(n_genes, GENE_DTYPE)
+    gene["geneName"] = [str(g).encode() for g in genes]
+    gene["offset"] = np.concatenate([[0], np.cumsum(cell_count)[:-1]]) if n_genes else []
+    gene["cellCount"], gene["expCount"], gene["maxMIDcount"] = cell_count, gene_umis, gene_max
+    tables = {"label_id": ids, "cell": cell, "gene": gene, "border": border.astype(np.int16),
+              "block_index": block_index, "block_size": np.array([BLOCK, BLOCK, nbx, nby], np.uint32),
+              "max_x": max_x, "max_y": max_y, "max_count": max_count, "n_exp": n_exp}
+    gene_offset = gene["offset"].astype(np.int64)
 
-    by_gene = np.lexsort((c_row, c_gene))
-    gene_exp = np.zeros(len(ukey), GENE_EXP_DTYPE)
-    gene_exp["cellID"], gene_exp["count"] = c_row[by_gene], summed[by_gene]
-    cell_count = np.bincount(c_gene, minlength=n_genes)
-    genes = np.zeros(n_genes, GENE_DTYPE)
-    genes["geneName"] = [str(g).encode() for g in gem.genes]
-    genes["offset"] = np.concatenate([[0], np.cumsum(cell_count)[:-1]]) if n_genes else []
-    genes["cellCount"] = cell_count
-    genes["expCount"] = np.bincount(c_gene, weights=summed, minlength=n_genes).astype(np.int64)
-    mx = np.zeros(n_genes, np.int64)
-    np.maximum.at(mx, c_gene, summed)
-    genes["maxMIDcount"] = mx
+    def fill_cell_exp(ds):
+        at = 0
+        for path in merged:
+            exp = np.load(path)
+            if len(exp):
+                ds[at:at + len(exp)] = exp
+            at += len(exp)
+            os.remove(path)
 
-    big = np.abs(np.where(border == BORDER_PAD, 0, border)).max() if n_cells else 0
-    if big >= BORDER_PAD:
-        raise SegRefineError(f"{source}: a cell spans more than {BORDER_PAD} px from its centre (not a cell)")
-    return {"label_id": ids, "cell": cell, "cell_exp": cell_exp, "gene": genes, "gene_exp": gene_exp,
-            "border": border.astype(np.int16), "block_index": block_index,
-            "block_size": np.array([BLOCK, BLOCK, nbx, nby], np.uint32), "max_x": max_x, "max_y": max_y}
+    def fill_gene_exp(ds):
+        for g0, g1 in _buckets(cell_count, band_records):
+            run = by_gene.take(g0, g1)
+            if not len(run):
+                continue
+            run = run[np.lexsort((run["cellID"], run["k"]))]
+            exp = np.empty(len(run), GENE_EXP_DTYPE)
+            exp["cellID"], exp["count"] = run["cellID"], run["count"]
+            ds[gene_offset[g0]:gene_offset[g0] + len(exp)] = exp
+
+    write_cgef(tables, out_path, fill_cell_exp, fill_gene_exp, resolution)
+    return tables
 
 
-def write_cgef(tables: Dict[str, np.ndarray], path, resolution: int = 500) -> None:
-    """Write the tables of ``exact_cell_bin`` as a cgef (the caller makes the write atomic)."""
+def write_cgef(tables: Dict[str, np.ndarray], path, fill_cell_exp, fill_gene_exp, resolution: int = 500) -> None:
+    """Write the tables of ``exact_cell_bin`` as a cgef; cellExp/geneExp are created whole and filled by slices."""
     import h5py
 
     cell, border = tables["cell"], tables["border"]
@@ -260,11 +441,11 @@ def write_cgef(tables: Dict[str, np.ndarray], path, resolution: int = 500) -> No
         g.create_dataset("blockIndex", data=tables["block_index"])
         g.create_dataset("blockSize", data=tables["block_size"])
         d = g.create_dataset("cell", data=cell)
-        for name, field in (("Area", "area"), ("DnbCount", "dnbCount"), ("ExpCount", "expCount"),
-                            ("GeneCount", "geneCount")):
-            _stats(d, name, cell[field], u32)
-        for name, field in (("X", "x"), ("Y", "y")):
-            v = cell[field]
+        for name, fld in (("Area", "area"), ("DnbCount", "dnbCount"), ("ExpCount", "expCount"),
+                          ("GeneCount", "geneCount")):
+            _stats(d, name, cell[fld], u32)
+        for name, fld in (("X", "x"), ("Y", "y")):
+            v = cell[fld]
             d.attrs[f"max{name}"] = np.array([v.max() if len(v) else 0], np.int32)
             d.attrs[f"min{name}"] = np.array([v.min() if len(v) else 0], np.int32)
         b = g.create_dataset("cellBorder", data=border)
@@ -274,16 +455,17 @@ def write_cgef(tables: Dict[str, np.ndarray], path, resolution: int = 500) -> No
         for name, v in (("X", bx), ("Y", by)):
             b.attrs[f"max{name}"] = np.array([v.max() if len(v) else 0], np.int32)
             b.attrs[f"min{name}"] = np.array([v.min() if len(v) else 0], np.int32)
-        ce = g.create_dataset("cellExp", data=tables["cell_exp"])
-        ce.attrs["maxCount"] = np.array([tables["cell_exp"]["count"].max() if len(tables["cell_exp"]) else 0],
-                                        np.uint16)
+        ce = g.create_dataset("cellExp", shape=(tables["n_exp"],), dtype=CELL_EXP_DTYPE)
+        fill_cell_exp(ce)
+        ce.attrs["maxCount"] = np.array([tables["max_count"]], np.uint16)
         g.create_dataset("cellTypeList", data=np.array([b"default"], "S32"))
         gd = g.create_dataset("gene", data=tables["gene"])
-        for name, field in (("CellCount", "cellCount"), ("ExpCount", "expCount")):
-            v = tables["gene"][field]
+        for name, fld in (("CellCount", "cellCount"), ("ExpCount", "expCount")):
+            v = tables["gene"][fld]
             gd.attrs[f"max{name}"] = np.array([v.max() if len(v) else 0], u32)
             gd.attrs[f"min{name}"] = np.array([v.min() if len(v) else 0], u32)
-        ge = g.create_dataset("geneExp", data=tables["gene_exp"])
+        ge = g.create_dataset("geneExp", shape=(tables["n_exp"],), dtype=GENE_EXP_DTYPE)
+        fill_gene_exp(ge)
         ge.attrs["maxCount"] = ce.attrs["maxCount"]
 
 

@@ -135,17 +135,16 @@ class LabelImage:
             level = self._tif.series[0].levels[0]
             pages = [p for p in level.pages if p is not None]
             page = pages[0].keyframe if hasattr(pages[0], "keyframe") and pages[0].keyframe is not None else pages[0]
-            shape = tuple(int(s) for s in level.shape if s != 1)
         except Exception as exc:
             raise SegRefineError(f"{self.path}: not a readable TIFF label image ({type(exc).__name__}: {exc})") from exc
         dtype = np.dtype(level.dtype)
-        if len(pages) != 1 or len(shape) != 2 or page.samplesperpixel != 1 or dtype.kind not in "ui":
+        if len(pages) != 1 or page.imagedepth != 1 or page.samplesperpixel != 1 or dtype.kind not in "ui":
             self._tif.close()
             raise SegRefineError(f"{self.path}: expected 2-D integer instance labels, got {dtype} {level.shape}")
         self._page, self.dtype = page, dtype
         self.shape = (int(page.imagelength), int(page.imagewidth))
         self._memmap = None
-        if page.is_contiguous and not page.is_tiled or (page.is_contiguous and page.tilewidth == page.imagewidth):
+        if page.is_contiguous and (not page.is_tiled or page.tilewidth == page.imagewidth):
             self._memmap = np.memmap(self.path, dtype=dtype.newbyteorder(self._tif.byteorder), mode="r",
                                      offset=int(page.dataoffsets[0]), shape=self.shape)
 
@@ -189,8 +188,13 @@ class LabelImage:
         offsets, counts = page.dataoffsets, page.databytecounts
         fh = self._tif.filehandle
         decode = page.decode
-        for data, i in fh.read_segments([offsets[i] for i in index], [counts[i] for i in index], indices=index,
-                                        sort=True, flat=True):
+        for i in sorted(index, key=lambda j: offsets[j]):
+            data = None
+            if counts[i] > 0 and offsets[i] > 0:
+                fh.seek(offsets[i])
+                data = fh.read(counts[i])
+                if len(data) != counts[i]:
+                    raise SegRefineError(f"{self.path}: segment {i} ends early (truncated file)")
             seg, (_, _, sy, sx, _), shape = decode(data, i, jpegtables=page.jpegtables)
             if seg is None:
                 continue  # an empty segment reads as 0
