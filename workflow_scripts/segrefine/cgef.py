@@ -35,7 +35,7 @@ BORDER_POINTS = 32
 BORDER_PAD = 32767
 GEF_VERSION = 2
 GEFTOOL_VERSION = (1, 3, 3)  # the gefpy release whose layout this file reproduces
-BAND_RECORDS = 1 << 22       # at most this many records (or cell-gene partials) per band / bucket
+BAND_RECORDS = 1 << 21       # at most this many records (or cell-gene partials) per band / bucket
 BAND_ROWS = 512              # at most this many label rows per band
 UINT32_MAX = (1 << 32) - 1
 
@@ -144,10 +144,11 @@ def present_labels(labels, y0: int, y1: int, x0: int, x1: int, band_rows: int = 
 def cell_geometry(labels, ids: np.ndarray, band_rows: int = BAND_ROWS) -> Dict[str, np.ndarray]:
     """Area, centroid (row, col) and star outline of the cells ``ids`` (sorted) in ``labels`` (a band reader).
 
-    Pixels of cells not in ``ids`` are ignored. Outlines are (n, 32, 2) int64 (x, y)
+    Pixels of cells not in ``ids`` are ignored. Outlines are (n, 32, 2) int16 (x, y)
     offsets from the rounded centroid, padded with 32767: in each of 32 equal angular
     sectors around the centre, the cell's boundary pixel farthest from it. The image
-    is read in bands of rows (two passes), so memory follows the band, not the slide.
+    is read in bands of rows (two passes), so memory follows the band and the cells, not the slide.
+    ``too_far``: some boundary pixel lies 32,767 px or more from its centre (not a cell).
     """
     n = len(ids)
     index = _Index(ids)
@@ -169,8 +170,11 @@ def cell_geometry(labels, ids: np.ndarray, band_rows: int = BAND_ROWS) -> Dict[s
     cyi = np.nan_to_num(cy).astype(np.int64)
     cxi = np.nan_to_num(cx).astype(np.int64)
     # pass 2: boundary pixels (a 4-neighbour of another label or outside the image); per band the farthest
-    # boundary pixel of each (cell, sector), then the farthest over bands
-    cand = []
+    # boundary pixel of each (cell, sector), kept where it is farther than the earlier bands' (ties: the earlier)
+    best = np.zeros((n, BORDER_POINTS), np.uint32)  # 1 + squared distance of the vertex so far; 0: none yet
+    bdx = np.zeros((n, BORDER_POINTS), np.int16)
+    bdy = np.zeros((n, BORDER_POINTS), np.int16)
+    too_far = False
     for y0, y1 in _bands(0, H, band_rows):
         a, b = max(0, y0 - 1), min(H, y1 + 1)
         block = np.pad(labels.rows(a, b), 1, mode="constant", constant_values=0)  # outside the image: background
@@ -184,21 +188,28 @@ def cell_geometry(labels, ids: np.ndarray, band_rows: int = BAND_ROWS) -> Dict[s
         idx = index(core[rows, cols])
         ok = idx >= 0
         idx, rows, cols = idx[ok], rows[ok] + y0, cols[ok]
-        dx, dy = cols - cxi[idx], rows - cyi[idx]
-        cand.append(_farthest_per_sector(idx, dx, dy))
-    idx = np.concatenate([c[0] for c in cand]) if cand else np.zeros(0, np.int64)
-    dx = np.concatenate([c[1] for c in cand]) if cand else np.zeros(0, np.int64)
-    dy = np.concatenate([c[2] for c in cand]) if cand else np.zeros(0, np.int64)
-    idx, dx, dy = _farthest_per_sector(idx, dx, dy)
-    border = np.full((n, BORDER_POINTS, 2), BORDER_PAD, np.int64)
-    slot = np.arange(len(idx)) - np.searchsorted(idx, idx)  # vertex number within its cell, in angle order
-    border[idx, slot, 0] = dx
-    border[idx, slot, 1] = dy
-    return {"area": area, "cy": cyi, "cx": cxi, "border": border}
+        idx, sector, dx, dy = _farthest_per_sector(idx, cols - cxi[idx], rows - cyi[idx])
+        if len(dx) and max(int(np.abs(dx).max()), int(np.abs(dy).max())) >= BORDER_PAD:
+            too_far = True
+            continue
+        r2 = (dx * dx + dy * dy + 1).astype(np.uint32)
+        better = r2 > best[idx, sector]
+        idx, sector = idx[better], sector[better]
+        best[idx, sector], bdx[idx, sector], bdy[idx, sector] = r2[better], dx[better], dy[better]
+    # vertices in angle order, numbered from 0 in each cell, padded with 32767
+    border = np.full((n, BORDER_POINTS, 2), BORDER_PAD, np.int16)
+    for c0 in range(0, n, 1 << 16):
+        c1 = min(n, c0 + (1 << 16))
+        present = best[c0:c1] > 0
+        slot = np.cumsum(present, axis=1) - 1
+        cell, sec = np.nonzero(present)
+        border[c0 + cell, slot[cell, sec], 0] = bdx[c0 + cell, sec]
+        border[c0 + cell, slot[cell, sec], 1] = bdy[c0 + cell, sec]
+    return {"area": area, "cy": cyi, "cx": cxi, "border": border, "too_far": too_far}
 
 
 def _farthest_per_sector(idx: np.ndarray, dx: np.ndarray, dy: np.ndarray):
-    """For each (cell, angular sector) the pixel farthest from the centre; sorted by cell, then angle."""
+    """For each (cell, angular sector) the pixel farthest from the centre (the first of equals): cell, sector, dx, dy."""
     sector = np.floor((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * BORDER_POINTS).astype(np.int64) % BORDER_POINTS
     r2 = np.minimum(dx * dx + dy * dy, (1 << 32) - 1)
     group = idx * BORDER_POINTS + sector
@@ -207,7 +218,7 @@ def _farthest_per_sector(idx: np.ndarray, dx: np.ndarray, dy: np.ndarray):
     first = np.ones(len(order), bool)
     first[1:] = key[1:] != key[:-1]
     pick = order[first]
-    return idx[pick], dx[pick], dy[pick]
+    return idx[pick], sector[pick], dx[pick], dy[pick]
 
 
 class RecordSpill:
@@ -302,11 +313,10 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
     row_of_rank[order] = np.arange(n_cells)
     index = _Index(ids)
     ids, block = ids[order], block[order]
+    if geo["too_far"]:
+        raise SegRefineError(f"{source}: a cell spans more than {BORDER_PAD} px from its centre (not a cell)")
     cx, cy, area, border = cx[order], cy[order], geo["area"][order], geo["border"][order]
     block_index = np.searchsorted(block, np.arange(nbx * nby + 1)).astype(np.uint32)
-    big = np.abs(np.where(border == BORDER_PAD, 0, border)).max() if n_cells else 0
-    if big >= BORDER_PAD:
-        raise SegRefineError(f"{source}: a cell spans more than {BORDER_PAD} px from its centre (not a cell)")
     del geo
 
     # pass 2, by bands of label rows holding at most band_records records: (cell row, gene) partial sums
@@ -392,7 +402,7 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
     gene["geneName"] = [str(g).encode() for g in genes]
     gene["offset"] = np.concatenate([[0], np.cumsum(cell_count)[:-1]]) if n_genes else []
     gene["cellCount"], gene["expCount"], gene["maxMIDcount"] = cell_count, gene_umis, gene_max
-    tables = {"label_id": ids, "cell": cell, "gene": gene, "border": border.astype(np.int16),
+    tables = {"label_id": ids, "cell": cell, "gene": gene, "border": border,
               "block_index": block_index, "block_size": np.array([BLOCK, BLOCK, nbx, nby], np.uint32),
               "max_x": max_x, "max_y": max_y, "max_count": max_count, "n_exp": n_exp}
     gene_offset = gene["offset"].astype(np.int64)

@@ -517,9 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgef", required=True)
     p.add_argument("--cellmap", required=True, help="output table: cgef cell -> label id")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--chunk", type=int, help="expression records read at a time (default 4,194,304)")
+    p.add_argument("--chunk", type=int,
+                   help="expression records read at a time (default 2,097,152; a GEM in blocks of about as many lines)")
     p.add_argument("--band-records", type=int,
-                   help="at most this many records per band of label rows and per merge bucket (default 4,194,304)")
+                   help="at most this many records per band of label rows and per merge bucket (default 2,097,152)")
     p.add_argument("--band-rows", type=int, help="at most this many label rows read at a time (default 512)")
 
     p = step("h5ad", cmd_h5ad, "cgef -> AnnData (.h5ad) with stereopy")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import itertools
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import numpy as np
 from segrefine import SegRefineError
 
 COUNT_COLUMNS = ("MIDCount", "MIDCounts", "UMICount")
-CHUNK_RECORDS = 1 << 22  # records per chunk (GEM lines or bgef table rows)
+CHUNK_RECORDS = 1 << 21  # records per chunk (bgef table rows; GEM: about as many lines, chunk x 32 characters)
 
 
 @dataclass
@@ -191,24 +190,36 @@ class GemReader(_Reader):
         return guard()
 
     def chunks(self) -> Iterator[Chunk]:
+        """Blocks of about ``chunk`` lines (``chunk`` x 32 characters, cut at a line end; at least one line)."""
         self.names, self._code = [], {}
         first = self.n_header + 2  # 1-based line of the first data line
         with self._guard():
             with _open_text(self.path) as fh:
                 for _ in range(self.n_header + 1):
                     fh.readline()
+                rest = ""
                 while True:
-                    lines = list(itertools.islice(fh, self.chunk))
-                    if not lines:
-                        break
-                    if not lines[-1].endswith("\n"):
-                        lines[-1] += "\n"
-                    fields = lines[0].rstrip("\r\n").count("\t") + 1
+                    block = fh.read(self.chunk * 32)
+                    text = rest + block
+                    if not block:
+                        rest = ""
+                        if not text:
+                            break
+                        if not text.endswith("\n"):
+                            text += "\n"
+                    else:
+                        cut = text.rfind("\n")
+                        if cut < 0:
+                            rest = text
+                            continue
+                        text, rest = text[:cut + 1], text[cut + 1:]
+                    fields = text[:text.find("\n")].rstrip("\r").count("\t") + 1
                     if fields > len(self.columns):  # pandas would take the extra fields of a chunk's first line
                         raise SegRefineError(f"{self.path}:{first}: malformed GEM line: {fields} fields, "  # as index
                                              f"the header names {len(self.columns)}")
-                    yield self._parse("".join(lines), first)
-                    first += len(lines)
+                    yield self._parse(text, first)
+                    first += text.count("\n")
+                    del text
 
     def _parse(self, text: str, first: int) -> Chunk:
         """One chunk of data lines whose first is file line ``first``."""
@@ -219,7 +230,7 @@ class GemReader(_Reader):
         try:
             try:
                 table = pd.read_csv(io.StringIO(body), sep="\t", keep_default_na=False, na_filter=False,
-                                    dtype={"geneID": str, "x": np.int64, "y": np.int64, col: np.int64})
+                                    dtype={"geneID": "category", "x": np.int64, "y": np.int64, col: np.int64})
             except (ValueError, TypeError, pd.errors.ParserError):
                 # some value is not an integer or a line is malformed: every field as text, for an exact message
                 table = pd.read_csv(io.StringIO(body), sep="\t", dtype=str, keep_default_na=False)
@@ -254,7 +265,11 @@ class GemReader(_Reader):
 
         x, y = integers("x", 0), integers("y", 0)
         count = integers(col, 0)
-        codes, uniques = pd.factorize(table["geneID"])
+        names = table["geneID"]
+        if isinstance(names.dtype, pd.CategoricalDtype):  # the fast pass: one string per gene, not per record
+            codes, uniques = names.cat.codes.to_numpy().astype(np.int64), list(names.cat.categories)
+        else:
+            codes, uniques = pd.factorize(names)
         local = np.empty(len(uniques), np.int64)
         for i, name in enumerate(uniques):
             c = self._code.get(name)
