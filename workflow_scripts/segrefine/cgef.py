@@ -37,6 +37,7 @@ GEF_VERSION = 2
 GEFTOOL_VERSION = (1, 3, 3)  # the gefpy release whose layout this file reproduces
 BAND_RECORDS = 1 << 21       # at most this many records (or cell-gene partials) per band / bucket
 BAND_ROWS = 512              # at most this many label rows per band
+BAND_PIXELS = 1 << 22        # and, by default, at most this many label pixels
 UINT32_MAX = (1 << 32) - 1
 
 CELL_DTYPE = np.dtype([("id", "<u4"), ("x", "<i4"), ("y", "<i4"), ("offset", "<u4"), ("geneCount", "<u4"),
@@ -459,12 +460,18 @@ def write_cgef(tables: Dict[str, np.ndarray], path, fill_cell_exp, fill_gene_exp
             d.attrs[f"max{name}"] = np.array([v.max() if len(v) else 0], np.int32)
             d.attrs[f"min{name}"] = np.array([v.min() if len(v) else 0], np.int32)
         b = g.create_dataset("cellBorder", data=border)
-        real = border[..., 0] != BORDER_PAD
-        bx = (border[..., 0].astype(np.int64) + cell["x"][:, None])[real]
-        by = (border[..., 1].astype(np.int64) + cell["y"][:, None])[real]
-        for name, v in (("X", bx), ("Y", by)):
-            b.attrs[f"max{name}"] = np.array([v.max() if len(v) else 0], np.int32)
-            b.attrs[f"min{name}"] = np.array([v.min() if len(v) else 0], np.int32)
+        lo, hi = {}, {}
+        for c0 in range(0, len(cell), 1 << 16):  # the outline's extent in GEM coordinates, by blocks of cells
+            part = border[c0:c0 + (1 << 16)]
+            real = part[..., 0] != BORDER_PAD
+            for i, name in ((0, "X"), (1, "Y")):
+                v = (part[..., i].astype(np.int64) + cell[name.lower()][c0:c0 + (1 << 16), None])[real]
+                if len(v):
+                    lo[name] = min(lo.get(name, int(v.min())), int(v.min()))
+                    hi[name] = max(hi.get(name, int(v.max())), int(v.max()))
+        for name in ("X", "Y"):
+            b.attrs[f"max{name}"] = np.array([hi.get(name, 0)], np.int32)
+            b.attrs[f"min{name}"] = np.array([lo.get(name, 0)], np.int32)
         ce = g.create_dataset("cellExp", shape=(tables["n_exp"],), dtype=CELL_EXP_DTYPE)
         fill_cell_exp(ce)
         ce.attrs["maxCount"] = np.array([tables["max_count"]], np.uint16)

@@ -521,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expression records read at a time (default 2,097,152; a GEM in blocks of about as many lines)")
     p.add_argument("--band-records", type=int,
                    help="at most this many records per band of label rows and per merge bucket (default 2,097,152)")
-    p.add_argument("--band-rows", type=int, help="at most this many label rows read at a time (default 512)")
+    p.add_argument("--band-rows", type=int, help="at most this many label rows read at a time (default: 512, "
+                   "or fewer so that a band holds at most 4,194,304 pixels)")
 
     p = step("h5ad", cmd_h5ad, "cgef -> AnnData (.h5ad) with stereopy")
     p.add_argument("--cgef", required=True)

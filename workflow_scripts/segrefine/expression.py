@@ -13,6 +13,10 @@ Two cgef writers (config ``expression.writer``):
   kills the whole process (exit 255) on error, so its calls run in a child
   process and a failure becomes an error of this step.
 
+Both stream: the expression is read in chunks and spilled to a temporary folder
+beside the output, the labels are read in bands (``LabelImage``), so memory
+follows the chunk and band sizes and the number of cells, not the slide.
+
 The frame: pixel (0, 0) of the label image is GEM coordinate ``origin``; a
 transcript at GEM (x, y) lies on label pixel (x - origin_x, y - origin_y).
 ``origin`` is explicit (config) or read from the expression file
@@ -143,7 +147,7 @@ class LabelImage:
             raise SegRefineError(f"{self.path}: expected 2-D integer instance labels, got {dtype} {level.shape}")
         self._page, self.dtype = page, dtype
         self.shape = (int(page.imagelength), int(page.imagewidth))
-        self._memmap = None
+        self._memmap, self._cache = None, {}
         if page.is_contiguous and (not page.is_tiled or page.tilewidth == page.imagewidth):
             self._memmap = np.memmap(self.path, dtype=dtype.newbyteorder(self._tif.byteorder), mode="r",
                                      offset=int(page.dataoffsets[0]), shape=self.shape)
@@ -188,25 +192,32 @@ class LabelImage:
         offsets, counts = page.dataoffsets, page.databytecounts
         fh = self._tif.filehandle
         decode = page.decode
+        cache = {}  # the segments of this window, kept for the next (consecutive bands share tiles / strips)
         for i in sorted(index, key=lambda j: offsets[j]):
-            data = None
-            if counts[i] > 0 and offsets[i] > 0:
-                fh.seek(offsets[i])
-                data = fh.read(counts[i])
-                if len(data) != counts[i]:
-                    raise SegRefineError(f"{self.path}: segment {i} ends early (truncated file)")
-            seg, (_, _, sy, sx, _), shape = decode(data, i, jpegtables=page.jpegtables)
+            if i in self._cache:
+                seg, sy, sx = cache[i] = self._cache[i]
+            else:
+                data = None
+                if counts[i] > 0 and offsets[i] > 0:
+                    fh.seek(offsets[i])
+                    data = fh.read(counts[i])
+                    if len(data) != counts[i]:
+                        raise SegRefineError(f"{self.path}: segment {i} ends early (truncated file)")
+                seg, (_, _, sy, sx, _), shape = decode(data, i, jpegtables=page.jpegtables)
+                if seg is not None:
+                    seg = np.asarray(seg).reshape(shape)[0, :, :, 0]
+                cache[i] = (seg, sy, sx)
             if seg is None:
                 continue  # an empty segment reads as 0
-            seg = np.asarray(seg).reshape(shape)[0, :, :, 0]
             ay, by = max(sy, y0), min(sy + seg.shape[0], y1, H)
             ax, bx = max(sx, x0), min(sx + seg.shape[1], x1, W)
             if by > ay and bx > ax:
                 out[ay - y0:by - y0, ax - x0:bx - x0] = seg[ay - sy:by - sy, ax - sx:bx - sx]
+        self._cache = cache
         return out
 
     def close(self) -> None:
-        self._memmap = None
+        self._memmap, self._cache = None, {}
         self._tif.close()
 
 
@@ -253,19 +264,22 @@ def make_cgef(gem_path, labels_path, cgef_out, cellmap_out, threads: int = 2, wr
     import sys
     import threading
 
-    from segrefine.cgef import BAND_RECORDS, BAND_ROWS, RecordSpill
+    from segrefine.cgef import BAND_PIXELS, BAND_RECORDS, BAND_ROWS, RecordSpill
     from segrefine.gem import CHUNK_RECORDS, open_expression
 
     if writer not in WRITERS:
         raise SegRefineError(f"unknown cgef writer {writer!r}: one of {list(WRITERS)}")
-    chunk, band_records, band_rows = chunk or CHUNK_RECORDS, band_records or BAND_RECORDS, band_rows or BAND_ROWS
+    chunk, band_records = chunk or CHUNK_RECORDS, band_records or BAND_RECORDS
     gem_path, labels_path = Path(gem_path), Path(labels_path)
     reader = open_expression(gem_path, chunk)
     labels = LabelImage(labels_path)
+    # bands of at most band_rows rows and, by default, BAND_PIXELS pixels (a 60,000 px wide chip: 69 rows)
+    band_rows = band_rows or max(1, min(BAND_ROWS, BAND_PIXELS // max(1, labels.shape[1])))
     org, how = resolve_origin(reader, origin)
     Path(cgef_out).parent.mkdir(parents=True, exist_ok=True)
+    previous = None
     if threading.current_thread() is threading.main_thread():  # a terminated job still removes its temporary files
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix=".cgef.", dir=Path(cgef_out).parent))
     try:
         spill = RecordSpill(reader, org, labels.shape, work)
@@ -279,6 +293,8 @@ def make_cgef(gem_path, labels_path, cgef_out, cellmap_out, threads: int = 2, wr
     finally:
         shutil.rmtree(work, ignore_errors=True)
         labels.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _make_exact(spill, gem_path, labels, work, cgef_out, cellmap_out, band_records, band_rows) -> int:
