@@ -19,6 +19,11 @@ themselves and writes the same HDF5 layout as gefpy 1.3.3's cgef (version 2):
 Cell ids are row numbers (uint32), so any number of cells fits; a single
 cell-gene count above 65,535 (gefpy's uint16) is refused. The numpy and h5py
 code here runs in the gef env and needs no gefpy.
+
+It streams (``RecordSpill`` then ``exact_cell_bin``): records spilled by label
+row to a temporary folder, labels read in bands, (cell, gene) partial sums
+spilled per band and merged by buckets of cells, then of genes; memory follows
+the band and bucket sizes and the number of cells and genes, not the records.
 """
 from __future__ import annotations
 
