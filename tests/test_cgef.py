@@ -359,3 +359,28 @@ def test_a_truncated_gem_fails_naming_the_file_and_leaves_nothing_behind(chip):
     proc = _cgef(chip, gem="cut.gem.gz", check=False)
     assert proc.returncode == 1 and "cut.gem.gz: the gzip stream is damaged or ends early" in proc.stderr
     assert sorted(p.name for p in chip.iterdir()) == ["chip.gem.gz", "cut.gem.gz", "labels.tif"]
+
+
+def test_a_terminated_job_leaves_no_output_and_no_temporary_folder(tmp_path):
+    import os
+    import signal
+    import time
+
+    from conftest import SCRIPTS
+
+    _random_chip(tmp_path, tiled=True)
+    out = tmp_path / "o"
+    out.mkdir()
+    # one record per chunk and per band: slow enough to be stopped while it spills
+    proc = subprocess.Popen([str(env_python("gef")), "-m", "segrefine", "cgef", "--gem", str(tmp_path / "g.gem"),
+                             "--labels", str(tmp_path / "labels.tif"), "--cgef", str(out / "c.cgef"), "--cellmap",
+                             str(out / "c.csv"), "--chunk", "1", "--band-records", "1", "--band-rows", "1"],
+                            env=dict(os.environ, PYTHONPATH=str(SCRIPTS)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not list(out.glob(".cgef.*/records.*.npy")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert list(out.iterdir()) == []  # nothing under a final name, the temporary folder removed
