@@ -15,6 +15,7 @@ from segrefine import SegRefineError  # noqa: E402
 from segrefine.envs import EnvError, env_python  # noqa: E402
 from segrefine.patches import parse_patch_name  # noqa: E402
 from segrefine.pretrained import official_path  # noqa: E402
+from segrefine.saw import resolve_outs  # noqa: E402
 
 
 def fail(message):
@@ -51,11 +52,21 @@ if config["segmentation"]["model"] not in config["models"]:
 def _read_samples(path):
     if not Path(path).is_file():
         fail(f"sample sheet {path} not found")
-    sheet = pd.read_csv(path, sep="\t", dtype={"sample": str, "expression": str}, comment="#")
-    if "expression" not in sheet:
-        sheet["expression"] = ""  # the column is optional
-    sheet["expression"] = sheet["expression"].fillna("")
-    validated(sheet, "../config/schemas/samples.schema.yaml", f"sample sheet {path}")
+    sheet = pd.read_csv(path, sep="\t", dtype={"sample": str, "image": str, "expression": str, "saw_outs": str},
+                        comment="#")
+    for col in ("image", "expression", "saw_outs"):  # optional columns, and empty cells, as ""
+        sheet[col] = sheet[col].fillna("") if col in sheet else ""
+    sheet["saw_cellbins"] = [{} for _ in range(len(sheet))]
+    for i, row in sheet.iterrows():  # a SAW v8 outs folder gives the image and the matrix the sheet leaves empty
+        if row["saw_outs"]:
+            try:
+                outs = resolve_outs(row["saw_outs"], row["sample"], row.get("stain"))
+            except SegRefineError as exc:
+                fail(f"{path}: sample {row['sample']}: {exc}")
+            sheet.at[i, "image"] = row["image"] or outs.image
+            sheet.at[i, "expression"] = row["expression"] or outs.expression
+            sheet.at[i, "saw_cellbins"] = outs.cellbins
+    validated(sheet.drop(columns=["saw_cellbins"]), "../config/schemas/samples.schema.yaml", f"sample sheet {path}")
     if sheet["sample"].duplicated().any():
         fail(f"{path}: duplicate sample ids {sorted(sheet['sample'][sheet['sample'].duplicated()])}")
     for row in sheet.itertuples():
@@ -297,6 +308,8 @@ def qc_outputs():
            "plot": f"{qc}/distributions.png"}
     if qc_before_after():
         out["before_after"] = f"{qc}/before_after.csv"
+    if saw_tables():
+        out["saw_comparison"] = f"{qc}/saw_comparison.csv"
     return out
 
 
@@ -305,15 +318,25 @@ def qc_stages():
     return list(STAGES) if qc_before_after() else [config["segmentation"]["stage"]]
 
 
+def saw_tables():
+    """(sample, SAW stage) of every SAW cell-bin GEF the sample sheet gives (saw_outs): saw_nuclei (cellbin.gef),
+    saw_cells (adjusted.cellbin.gef); the QC puts them beside our cells."""
+    return [(s, stage) for s in expression_samples() for stage in samples.loc[s, "saw_cellbins"]]
+
+
+def qc_tables():
+    """(sample, stage) of every cell table the expression QC reads: ours, one stage after the other (pretrained
+    first), then SAW's."""
+    return [(s, stage) for stage in qc_stages() for s in expression_samples()] + saw_tables()
+
+
 def qc_cellmaps(wildcards):
-    """Every expression sample's cell table, one stage after the other."""
-    return [str(Path(stage_dir("expression", sample, stage), "cellmap.csv"))
-            for stage in qc_stages() for sample in expression_samples()]
+    return [str(Path(stage_dir("expression", sample, stage), "cellmap.csv")) for sample, stage in qc_tables()]
 
 
 def qc_args(wildcards):
-    return (f"--samples {' '.join(expression_samples() * len(qc_stages()))} "
-            f"--stages {' '.join(s for s in qc_stages() for _ in expression_samples())}")
+    tables = qc_tables()
+    return f"--samples {' '.join(s for s, _ in tables)} --stages {' '.join(st for _, st in tables)}"
 
 
 QC_REPORT = {"category": "6. Expression QC"}

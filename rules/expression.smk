@@ -64,6 +64,8 @@ rule expression_qc:
         plot=report(qc_outputs()["plot"], caption="../report/qc_distributions.rst", **QC_REPORT),
         **({"before_after": report(qc_outputs()["before_after"], caption="../report/qc_before_after.rst",
                                    **QC_REPORT)} if qc_before_after() else {}),
+        **({"saw_comparison": report(qc_outputs()["saw_comparison"], caption="../report/qc_saw_comparison.rst",
+                                     **QC_REPORT)} if saw_tables() else {}),
     params:
         args=qc_args,
         out_dir=lambda wc, output: str(Path(output.summary).parent),
@@ -74,3 +76,20 @@ rule expression_qc:
     shell:
         segrefine("core") + " expression-qc --cellmaps {input.cellmaps} {params.args} "
         "--out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule saw_cells:
+    """SAW's own cell-bin GEF (a sample given as a SAW outs folder) -> a per-cell table like ours, so the expression QC
+    puts SAW's nuclei (cellbin.gef) and cells (adjusted.cellbin.gef) beside ours."""
+    input:
+        lambda wc: samples.loc[wc.sample, "saw_cellbins"][wc.saw_stage],
+    output:
+        f"{RESULTS}/expression/{{sample}}/{{saw_stage}}/cellmap.csv",
+    wildcard_constraints:
+        saw_stage="saw_nuclei|saw_cells",
+    log:
+        "logs/saw_cells/{sample}.{saw_stage}.log",
+    conda:
+        env_file("gef")
+    shell:
+        segrefine("gef") + " saw-cells --cellbin {input:q} --out {output} > {log} 2>&1"

@@ -141,3 +141,24 @@ def test_a_slide_without_cells_gives_zero_cell_tables_and_a_plot_saying_so(tmp_p
     summary = pd.read_csv(tmp_path / "qc2" / "summary.csv")
     assert list(summary["cells"]) == [0, 3]
     assert len(pd.read_csv(tmp_path / "qc2" / "before_after.csv")) == 0
+
+
+def test_saws_cells_are_a_reference_stage_beside_ours(tmp_path):
+    """SAW's nuclei (stage saw_nuclei) beside both our stages: their summary rows, their curves, and
+    saw_comparison.csv (SAW's cells as 'before', our fine-tuned cells as 'after'); before_after.csv unchanged."""
+    cellmaps, samples, stages = _stages(tmp_path)
+    saw = tmp_path / "saw.csv"
+    pd.DataFrame({"cgef_cell": range(3), "label_id": range(3), "x": [1, 2, 3], "y": [1, 2, 3],
+                  "area": [500, 520, 540], "total_counts": [90, 95, 100], "n_genes": [2, 2, 2]}).to_csv(saw, index=False)
+    run_step("core", "expression-qc", "--cellmaps", *cellmaps, saw, "--samples", *samples, "A",
+             "--stages", *stages, "saw_nuclei", "--out-dir", tmp_path / "qc")
+    out = tmp_path / "qc"
+    summary = pd.read_csv(out / "summary.csv").set_index(["sample", "stage"])
+    assert summary.loc[("A", "saw_nuclei"), "cells"] == 3 and summary.loc[("A", "saw_nuclei"), "area_q50"] == 520
+    ba = pd.read_csv(out / "before_after.csv")
+    assert set(ba["before"]) == {"pretrained"} and set(ba["after"]) == {"finetuned"} and len(ba) == 6
+    sc = pd.read_csv(out / "saw_comparison.csv").set_index(["sample", "metric"])
+    assert list(sc.index.unique(0)) == ["A"] and set(sc["before"]) == {"saw_nuclei"} and set(sc["after"]) == {"finetuned"}
+    area = sc.loc[("A", "area")]
+    assert (area["n_before"], area["n_after"], area["median_before"]) == (3, 40, 520)
+    assert area["prob_after_greater"] == 0  # our 40 fine-tuned cells are all smaller than SAW's 3

@@ -200,3 +200,54 @@ def test_annotation_named_for_another_chip_is_refused(workdir):
     finally:
         stray.unlink()
     assert proc.returncode != 0 and "names chip 'OTHER' but sits in the folder of sample 'TINY01'" in proc.stdout
+
+
+MAKE_SAW_GEFS = """
+import sys
+import h5py, numpy as np, tifffile
+from gefpy.bgef_writer_cy import generate_bgef
+from gefpy.cgef_writer_cy import generate_cgef
+gem, tissue_gef, truth, cellbin_gef, mask = sys.argv[1:6]
+generate_bgef(gem, tissue_gef, n_thread=1, bin_sizes=[1])
+with h5py.File(tissue_gef, "r") as f:  # gefpy's mask must have the matrix's extent 0..maxX x 0..maxY
+    a = f["geneExp/bin1/expression"].attrs
+    w, h = int(a["maxX"][0]) + 1, int(a["maxY"][0]) + 1
+tifffile.imwrite(mask, ((tifffile.imread(truth)[:h, :w] > 0) * 255).astype(np.uint8))
+generate_cgef(cellbin_gef, tissue_gef, mask, [256, 256])
+"""
+
+
+def test_a_saw_outs_folder_is_a_sample_and_saws_cells_join_the_qc(workdir, tmp_path):
+    """A sample given as SAW v8 outs/ (registered image, tissue.gef, cellbin.gef; no GEM): the image and the bgef
+    come from the folder, and SAW's nuclei are read (saw_cells) into the QC beside both our stages."""
+    import gzip
+
+    outs = workdir / "saw" / "outs"
+    (outs / "image").mkdir(parents=True, exist_ok=True)
+    (outs / "feature_expression").mkdir(exist_ok=True)
+    shutil.copy(workdir / "demo" / "TINY01.tif", outs / "image" / "TINY01_ssDNA_regist.tif")
+    gem = tmp_path / "v01.gem"  # gefpy's bgef writer takes GEMv0.1 with its header
+    with gzip.open(workdir / "demo" / "TINY01.gem.gz", "rt") as fh:
+        body = [line for line in fh if not line.startswith("#")]
+    gem.write_text("#FileFormat=GEMv0.1\n#BinSize=1\n#OffsetX=0\n#OffsetY=0\n" + "".join(body))
+    proc = subprocess.run([str(env_python("gef")), "-c", MAKE_SAW_GEFS, gem, outs / "feature_expression" / "TINY01.tissue.gef",
+                           workdir / "demo" / "TINY01-truth.tif", outs / "feature_expression" / "TINY01.cellbin.gef",
+                           tmp_path / "mask.tif"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (workdir / "saw.tsv").write_text("sample\timage\tstain\tpixel_size_um\texpression\tannotations\tsaw_outs\n"
+                                     "TINY01\t\tssDNA\t0.5\t\tdemo/annotations\tsaw/outs\n")
+    cfg = _broken_config(workdir, "samples: samples.tsv", "samples: saw.tsv", "saw.yaml")
+    proc = snakemake(workdir, "-n", "-p", config=cfg)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    jobs = planned_jobs(proc)
+    assert jobs["saw_cells"] == 1 and jobs["cgef"] == 1 and jobs["cgef_qc"] == 1 and jobs["expression_qc"] == 1
+    assert "--slide saw/outs/image/TINY01_ssDNA_regist.tif" in proc.stdout
+    assert "--gem saw/outs/feature_expression/TINY01.tissue.gef" in proc.stdout
+    assert "saw-cells --cellbin saw/outs/feature_expression/TINY01.cellbin.gef" in proc.stdout
+    assert "--stages pretrained finetuned saw_nuclei" in proc.stdout and "saw_comparison.csv" in proc.stdout
+    # SAW's table itself, as the rule makes it
+    run_step("gef", "saw-cells", "--cellbin", outs / "feature_expression" / "TINY01.cellbin.gef", "--out",
+             tmp_path / "saw.csv")
+    saw = pd.read_csv(tmp_path / "saw.csv")
+    truth = tifffile.imread(workdir / "demo" / "TINY01-truth.tif")
+    assert 0 < len(saw) <= len(np.unique(truth)) - 1 and saw["total_counts"].sum() > 0

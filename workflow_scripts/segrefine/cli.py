@@ -274,6 +274,13 @@ def cmd_expression_qc(a):
     expression_qc(a.cellmaps, a.samples, a.out_dir, a.extreme_iqr, a.stages)
 
 
+def cmd_saw_cells(a):
+    from segrefine.saw import cellbin_cellmap
+
+    n = cellbin_cellmap(a.cellbin, a.out)
+    logging.getLogger("segrefine").info("%s: %d cells -> %s", a.cellbin, n, a.out)
+
+
 # --- parser -----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="segrefine", description=__doc__.split("\n\n")[0])
@@ -538,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "'before', the second 'after': before_after.csv and overlaid distributions")
     p.add_argument("--extreme-iqr", type=float, default=3.0, help="area outlier fence in IQRs beyond the quartiles")
     p.add_argument("--out-dir", required=True)
+
+    p = step("saw-cells", cmd_saw_cells,
+             "SAW's cell-bin GEF (cellbin.gef, adjusted.cellbin.gef) -> a per-cell table like `cgef`'s cellmap.csv, "
+             "so the expression QC puts SAW's cells beside ours")
+    p.add_argument("--cellbin", required=True, help="SAW's (or gefpy's) cell-bin GEF")
+    p.add_argument("--out", required=True, help="per-cell table (CSV, the columns of cellmap.csv)")
     _fill_help(ap)
     return ap
 

@@ -20,6 +20,12 @@ pretrained and the fine-tuned model, docs/expression.md). Output folder:
   cell numbers, medians, means, the median ratio after / before, the two-sided
   Mann-Whitney U test (they are different cells, not pairs) and the probability
   that a cell after exceeds a cell before (ties count half).
+- ``saw_comparison.csv`` (with reference stages): SAW's own cells (stages named
+  ``saw_*``: ``saw_nuclei`` from its ``cellbin.gef``, ``saw_cells`` from its
+  ``adjusted.cellbin.gef``, read by ``segrefine saw-cells``) against our last
+  stage (fine-tuned), per sample and metric, as ``before_after.csv`` compares
+  the stages: the same columns, "before" being SAW's. Reference stages also
+  get their rows in ``summary.csv`` and their curves in the plot.
 """
 from __future__ import annotations
 
@@ -128,11 +134,19 @@ def extreme_area(cells, k: float = 3.0):
     return res[cols]
 
 
+REFERENCE_PREFIX = "saw_"  # stages that are another pipeline's cells (SAW's), compared with ours, not segmented by us
+
+
+def is_reference(stage: str) -> bool:
+    return str(stage).startswith(REFERENCE_PREFIX)
+
+
 def stage_pair(cells) -> Optional[Tuple[str, str]]:
-    """(before, after): the two stages in the order given; None with one stage; more than two is an error."""
+    """(before, after): our two stages in the order given (reference stages aside); None with one stage; more than
+    two is an error."""
     import pandas as pd
 
-    stages = list(pd.unique(cells["stage"]))
+    stages = [st for st in pd.unique(cells["stage"]) if not is_reference(st)]
     if len(stages) > 2:
         raise SegRefineError(f"cell tables of {len(stages)} stages {stages}: the comparison takes two (before, after)")
     return (stages[0], stages[1]) if len(stages) == 2 else None
@@ -186,6 +200,7 @@ def plot_distributions(cells, path, tests=None) -> None:
     from segrefine.io import atomic_path
 
     pair = stage_pair(cells)
+    overlay = pair is not None or any(is_reference(st) for st in cells["stage"].unique())
     if not len(cells):  # no cell in any table: a figure that says so instead of empty axes
         fig, ax = plt.subplots(figsize=(8, 2.5))
         ax.axis("off")
@@ -195,7 +210,7 @@ def plot_distributions(cells, path, tests=None) -> None:
             fig.savefig(tmp, dpi=110)
         plt.close(fig)
         return
-    rows = sorted(cells["sample"].unique()) if pair else [None]
+    rows = sorted(cells["sample"].unique()) if overlay else [None]
     fig, axes = plt.subplots(len(rows), 3, figsize=(13, 3.8 * len(rows)), squeeze=False)
     colours = {st: f"C{i}" for i, st in enumerate(cells["stage"].unique())}
     for r, sample in enumerate(rows):
@@ -204,11 +219,11 @@ def plot_distributions(cells, path, tests=None) -> None:
             bins = _bins(sub[col].to_numpy(dtype=float))
             for sm, st, df in _groups(sub):
                 v = df[col].to_numpy(dtype=float)
-                name = st if pair else (f"{sm} {st}" if st else sm)
-                colour = colours[st] if pair else None
+                name = st if overlay else (f"{sm} {st}" if st else sm)
+                colour = colours[st] if overlay else None
                 line = ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, histtype="step", linewidth=1.5,
                                color=colour, label=f"{name} (n={len(v)}, median {np.median(v):g})")[2][0]
-                if pair:
+                if overlay:
                     ax.axvline(np.median(v), color=line.get_edgecolor(), linestyle="--", linewidth=1)
             ax.set_xlabel(title)
             ax.set_ylabel("cells")
@@ -238,7 +253,8 @@ def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0,
     cells = read_cell_tables(cellmaps, samples, stages)
     read = list(zip(samples, [""] * len(samples) if not stages else
                     (list(stages) * len(samples) if len(stages) == 1 else list(stages))))
-    given = list(dict.fromkeys(st for _, st in read))  # the stages asked for, even those without any cell
+    given = [st for st in dict.fromkeys(st for _, st in read) if not is_reference(st)]  # ours, even without cells
+    references = [st for st in dict.fromkeys(st for _, st in read) if is_reference(st)]
     if len(given) > 2:
         raise SegRefineError(f"cell tables of {len(given)} stages {given}: the comparison takes two (before, after)")
     pair = (given[0], given[1]) if len(given) == 2 else None
@@ -251,6 +267,11 @@ def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0,
     tests = compare_stages(cells, *pair) if pair else None
     if pair:
         tables.append(("before_after.csv", tests))
+    if references and given:
+        import pandas as pd
+
+        tables.append(("saw_comparison.csv", pd.concat([compare_stages(cells, ref, given[-1]) for ref in references],
+                                                       ignore_index=True)))
     for name, df in tables:
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)
