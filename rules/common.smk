@@ -334,6 +334,12 @@ def qc_cellmaps(wildcards):
     return [str(Path(stage_dir("expression", sample, stage), "cellmap.csv")) for sample, stage in qc_tables()]
 
 
+def qc_reports(wildcards):
+    """The cgef steps' alignment reports (UMIs in cells, shift check) of our tables, in qc_tables' order."""
+    return [str(Path(stage_dir("expression", sample, stage), "alignment.json"))
+            for stage in qc_stages() for sample in expression_samples()]
+
+
 def qc_args(wildcards):
     tables = qc_tables()
     return f"--samples {' '.join(s for s, _ in tables)} --stages {' '.join(st for _, st in tables)}"

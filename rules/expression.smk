@@ -7,6 +7,7 @@ rule cgef:
     output:
         cgef=f"{RESULTS}/expression/{{sample}}/cells.cgef",
         cellmap=f"{RESULTS}/expression/{{sample}}/cellmap.csv",
+        report=f"{RESULTS}/expression/{{sample}}/alignment.json",
     params:
         writer=config["expression"].get("writer", "exact"),
         origin=expression_origin,
@@ -19,13 +20,15 @@ rule cgef:
         env_file("gef")
     shell:
         segrefine("gef") + " cgef --gem {input.gem:q} --labels {input.labels} --cgef {output.cgef} "
-        "--cellmap {output.cellmap} --writer {params.writer} --origin {params.origin} --threads {threads} > {log} 2>&1"
+        "--cellmap {output.cellmap} --report {output.report} --writer {params.writer} --origin {params.origin} "
+        "--threads {threads} > {log} 2>&1"
 
 
 use rule cgef as cgef_qc with:
     output:
         cgef=f"{RESULTS}/expression/{{sample}}/{{stage}}/cells.cgef",
         cellmap=f"{RESULTS}/expression/{{sample}}/{{stage}}/cellmap.csv",
+        report=f"{RESULTS}/expression/{{sample}}/{{stage}}/alignment.json",
     wildcard_constraints:
         stage=other_stage(),
     log:
@@ -57,6 +60,7 @@ rule expression_qc:
     tests."""
     input:
         cellmaps=qc_cellmaps,
+        reports=qc_reports,
     output:
         summary=report(qc_outputs()["summary"], caption="../report/qc_summary.rst", **QC_REPORT),
         cells=qc_outputs()["cells"],
@@ -74,7 +78,7 @@ rule expression_qc:
     conda:
         env_file("core")
     shell:
-        segrefine("core") + " expression-qc --cellmaps {input.cellmaps} {params.args} "
+        segrefine("core") + " expression-qc --cellmaps {input.cellmaps} --reports {input.reports} {params.args} "
         "--out-dir {params.out_dir} > {log} 2>&1"
 
 

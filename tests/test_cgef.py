@@ -384,3 +384,44 @@ def test_a_terminated_job_leaves_no_output_and_no_temporary_folder(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     assert list(out.iterdir()) == []  # nothing under a final name, the temporary folder removed
+
+
+def _cells_and_gem(d, shift=(0, 0), seed=3, size=400, n_cells=200, radius=6):
+    """Round cells at random places and a GEM of UMIs around their centres (90 %) or anywhere; the GEM's
+    coordinates moved by ``shift`` (a matrix that is not in the image's frame but still inside it)."""
+    rng = np.random.default_rng(seed)
+    lab = np.zeros((size, size), np.uint32)
+    yy, xx = np.mgrid[:size, :size]
+    centres = rng.integers(radius + 30, size - radius - 30, (n_cells, 2))
+    for k, (cy, cx) in enumerate(centres):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2] = k + 1
+    tifffile.imwrite(d / "labels.tif", lab, tile=(64, 64))
+    n = 20000
+    pick = centres[rng.integers(0, n_cells, n)]
+    y = np.clip(np.round(pick[:, 0] + rng.normal(0, radius / 2, n)), 0, size - 1).astype(int)
+    x = np.clip(np.round(pick[:, 1] + rng.normal(0, radius / 2, n)), 0, size - 1).astype(int)
+    bg = rng.random(n) < 0.1
+    y[bg], x[bg] = rng.integers(30, size - 30, bg.sum()), rng.integers(30, size - 30, bg.sum())
+    with gzip.open(d / "chip.gem.gz", "wt") as fh:
+        fh.write("geneID\tx\ty\tMIDCount\n")
+        fh.write("".join(f"G{g}\t{a + shift[0]}\t{b + shift[1]}\t1\n" for g, a, b in zip(rng.integers(0, 50, n), x, y)))
+    return lab
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (17, -11)])
+def test_the_alignment_report_finds_a_shifted_matrix_and_says_which_origin_to_set(tmp_path, shift):
+    _cells_and_gem(tmp_path, shift)
+    proc = run_step("gef", "cgef", "--gem", tmp_path / "chip.gem.gz", "--labels", tmp_path / "labels.tif", "--cgef",
+                    tmp_path / "c.cgef", "--cellmap", tmp_path / "c.csv", "--report", tmp_path / "a.json",
+                    "--origin", "0,0")
+    report = json.loads((tmp_path / "a.json").read_text())
+    cells = pd.read_csv(tmp_path / "c.csv")
+    assert report["umis"] == 20000 and report["umis_in_cells"] == cells["total_counts"].sum()
+    assert report["fraction_umis_in_cells"] == pytest.approx(cells["total_counts"].sum() / 20000)
+    a = report["alignment"]
+    assert a["checked"] and a["best_shift"] == [-shift[0], -shift[1]] and a["misaligned"] == (shift != (0, 0))
+    if shift == (0, 0):
+        assert report["fraction_umis_in_cells"] > 0.8 and "ALIGNMENT" not in proc.stderr
+    else:
+        assert report["fraction_umis_in_cells"] < 0.4 < 0.8 < a["fraction_in_cells_at_best_shift"]
+        assert "ALIGNMENT" in proc.stderr and f"set expression.origin to '{shift[0]},{shift[1]}'" in proc.stderr

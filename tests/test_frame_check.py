@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from segrefine.frame_check import describe, shift_scan
+from segrefine.frame_check import describe, sample_windows, shift_scan
 
 
 def _chip(seed=0, size=400, n_cells=200, radius=6):
@@ -27,17 +27,22 @@ def _chip(seed=0, size=400, n_cells=200, radius=6):
     return lab, x, y, rng.integers(1, 4, n)
 
 
-def _reader(lab, calls):
+def _windows(lab, x, y, c, calls, max_shift, **kw):
+    def records_in_rows(y0, y1):
+        sel = (y >= y0) & (y < y1)
+        return x[sel], y[sel], c[sel]
+
     def read_rows(y0, y1):
         calls.append((y0, y1))
         return lab[y0:y1]
-    return read_rows
+    return sample_windows(records_in_rows, read_rows, (int(y.min()), int(y.max())), lab.shape[0],
+                          max_shift=max_shift, **kw)
 
 
 def test_an_aligned_matrix_is_left_alone():
     lab, x, y, c = _chip()
-    res = shift_scan(x, y, c, _reader(lab, []), lab.shape[0], max_shift=24)
-    assert res["best_shift"] == [0, 0] and not res["misaligned"]
+    res = shift_scan(_windows(lab, x, y, c, [], 24), max_shift=24)
+    assert res["best_shift"] == [0, 0] and res["checked"] and not res["misaligned"]
     assert res["fraction_in_cells"] > 0.7
     assert "frame looks right" in describe(res, "m.gem", "labels.tif", (0, 0))
 
@@ -49,15 +54,21 @@ def test_a_shifted_matrix_is_found_with_its_shift_and_the_origin_to_set(shift):
     keep = (x - dx >= 0) & (x - dx < lab.shape[1]) & (y - dy >= 0) & (y - dy < lab.shape[0])
     xs, ys, cs = x[keep] - dx, y[keep] - dy, c[keep]  # the matrix moved by (-dx, -dy): (+dx, +dy) puts it back
     calls = []
-    res = shift_scan(xs, ys, cs, _reader(lab, calls), lab.shape[0], max_shift=24, band_records=4096)
-    assert res["best_shift"] == [dx, dy] and res["misaligned"]
+    res = shift_scan(_windows(lab, xs, ys, cs, calls, 24, n_windows=4, window_rows=40), max_shift=24)
+    assert res["best_shift"] == [dx, dy] and res["misaligned"] and res["windows"] == 4
     assert res["fraction_in_cells"] < 0.4 < 0.7 < res["fraction_in_cells_at_best_shift"], res
-    assert max(b - a for a, b in calls) < lab.shape[0]  # labels read in bands, not whole
+    assert sum(b - a for a, b in calls) <= 4 * (40 + 2 * 24) < lab.shape[0]  # only the sampled bands are read
     msg = describe(res, "m.gem", "labels.tif", (100, 50))
     assert f"({dx:+d}, {dy:+d}) px" in msg and f"expression.origin to '{100 - dx},{50 - dy}'" in msg
 
 
 def test_no_cells_at_all_is_not_called_a_shift():
     lab, x, y, c = _chip()
-    res = shift_scan(x, y, c, _reader(np.zeros_like(lab), []), lab.shape[0], max_shift=8)
+    res = shift_scan(_windows(np.zeros_like(lab), x, y, c, [], 8), max_shift=8)
     assert res["best_shift"] == [0, 0] and res["fraction_in_cells"] == 0 and not res["misaligned"]
+
+
+def test_too_few_umis_are_not_judged():
+    lab, x, y, c = _chip()
+    res = shift_scan(_windows(lab, x[:50], y[:50], c[:50], [], 8), max_shift=8)
+    assert not res["checked"] and not res["misaligned"] and "not checked" in describe(res, "m", "l", (0, 0))

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -162,3 +163,27 @@ def test_saws_cells_are_a_reference_stage_beside_ours(tmp_path):
     area = sc.loc[("A", "area")]
     assert (area["n_before"], area["n_after"], area["median_before"]) == (3, 40, 520)
     assert area["prob_after_greater"] == 0  # our 40 fine-tuned cells are all smaller than SAW's 3
+
+
+def test_alignment_reports_become_summary_columns_and_a_misaligned_matrix_is_named(tmp_path):
+    cellmaps, samples, stages = _stages(tmp_path)
+    reports = []
+    for i, (sm, st) in enumerate(zip(samples, stages)):
+        shifted = sm == "B"  # B's matrix looks shifted by (+20, -4) px in both stages
+        reports.append(tmp_path / f"a{i}.json")
+        reports[-1].write_text(json.dumps({"umis": 1000, "umis_in_cells": 150 if shifted else 800,
+                                           "fraction_umis_in_cells": 0.15 if shifted else 0.8,
+                                           "alignment": {"best_shift": [20, -4] if shifted else [0, 0],
+                                                         "fraction_in_cells_at_best_shift": 0.79 if shifted else 0.8,
+                                                         "misaligned": shifted}}))
+    proc = run_step("core", "expression-qc", "--cellmaps", *cellmaps, "--reports", *reports, "--samples", *samples,
+                    "--stages", *stages, "--out-dir", tmp_path / "qc")
+    summary = pd.read_csv(tmp_path / "qc" / "summary.csv").set_index(["sample", "stage"])
+    assert summary.loc[("A", "finetuned"), "fraction_umis_in_cells"] == 0.8
+    assert summary.loc[("B", "pretrained"), "alignment_best_shift"] == "+20,-4"
+    assert summary["alignment_misaligned"].to_dict() == {("A", "pretrained"): False, ("B", "pretrained"): True,
+                                                         ("A", "finetuned"): False, ("B", "finetuned"): True}
+    assert "B finetuned: only 15.0 % of UMIs fell in cells" in proc.stderr and "(+20,-4) px" in proc.stderr
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SegRefineError, match="bad.json: not an alignment report"):
+        expression_qc(cellmaps, samples, tmp_path / "qc2", stages=stages, reports=[tmp_path / "bad.json"])

@@ -257,7 +257,7 @@ def cmd_cgef(a):
     from segrefine.expression import make_cgef
 
     n = make_cgef(a.gem, a.labels, a.cgef, a.cellmap, a.threads, a.writer, a.origin, a.chunk, a.band_records,
-                  a.band_rows)
+                  a.band_rows, a.report)
     logging.info("%d cells -> %s (%s writer)", n, a.cgef, a.writer)
 
 
@@ -271,7 +271,7 @@ def cmd_h5ad(a):
 def cmd_expression_qc(a):
     from segrefine.qc import expression_qc
 
-    expression_qc(a.cellmaps, a.samples, a.out_dir, a.extreme_iqr, a.stages)
+    expression_qc(a.cellmaps, a.samples, a.out_dir, a.extreme_iqr, a.stages, a.reports)
 
 
 def cmd_saw_cells(a):
@@ -523,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True)
     p.add_argument("--cgef", required=True)
     p.add_argument("--cellmap", required=True, help="output table: cgef cell -> label id")
+    p.add_argument("--report", help="output JSON: UMIs in cells and the alignment check (the shift of the matrix "
+                                    "that would put more UMIs in cells)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--chunk", type=int,
                    help="expression records read at a time (default 2,097,152; a GEM in blocks of about as many lines)")
@@ -544,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the segmentation stage of each cell table (or one for all); with two stages the first is "
                         "'before', the second 'after': before_after.csv and overlaid distributions")
     p.add_argument("--extreme-iqr", type=float, default=3.0, help="area outlier fence in IQRs beyond the quartiles")
+    p.add_argument("--reports", nargs="*", help="the alignment reports (`cgef --report`) of the first cell tables, "
+                                                "in their order: UMIs in cells and the alignment check in summary.csv")
     p.add_argument("--out-dir", required=True)
 
     p = step("saw-cells", cmd_saw_cells,

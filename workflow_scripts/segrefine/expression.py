@@ -26,6 +26,7 @@ A matrix that does not fit inside the label image in that frame is refused.
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import shutil
@@ -252,13 +253,18 @@ def check_frame(gem, labels_shape, origin, how: str, gem_path, labels_path) -> N
 
 def make_cgef(gem_path, labels_path, cgef_out, cellmap_out, threads: int = 2, writer: str = "exact",
               origin=None, chunk: Optional[int] = None, band_records: Optional[int] = None,
-              band_rows: Optional[int] = None) -> int:
+              band_rows: Optional[int] = None, report_out=None) -> int:
     """Expression (GEM/bgef) + whole-slide labels -> cgef and the per-cell table (cellmap.csv), streaming.
 
     Pass 1 reads the expression in chunks of ``chunk`` records and spills them, sorted by
     label row, into a temporary folder beside the output (removed whatever happens);
     the labels are read in bands of at most ``band_rows`` rows holding at most
     ``band_records`` records. See ``segrefine.cgef.exact_cell_bin``.
+
+    Then the alignment check (``segrefine.frame_check``): the UMIs that fell in
+    cells, and whether a shift of the matrix would put many more in cells (a
+    warning naming the shift and the ``expression.origin`` to set); written to
+    ``report_out`` (JSON) for the expression QC.
     """
     import signal
     import sys
@@ -287,9 +293,16 @@ def make_cgef(gem_path, labels_path, cgef_out, cellmap_out, threads: int = 2, wr
         log.info("%s: %d records, %d UMIs, %d genes; origin %s [%s]; labels %s %dx%d", gem_path, spill.n_records,
                  spill.umis, len(spill.genes), org, how, labels_path, labels.shape[1], labels.shape[0])
         if writer == "exact":
-            return _make_exact(spill, gem_path, labels, work, cgef_out, cellmap_out, band_records, band_rows)
-        return _make_gefpy(spill, gem_path, reader.__class__.__name__ == "BgefReader", labels, org, work, cgef_out,
-                           cellmap_out, threads, band_rows)
+            n, in_cells = _make_exact(spill, gem_path, labels, work, cgef_out, cellmap_out, band_records, band_rows)
+        else:
+            n, in_cells = _make_gefpy(spill, gem_path, reader.__class__.__name__ == "BgefReader", labels, org, work,
+                                      cgef_out, cellmap_out, threads, band_rows)
+        report = alignment_report(spill, labels, org, in_cells, gem_path, labels_path, n)
+        if report_out:
+            from segrefine.io import write_text_atomic
+
+            write_text_atomic(report_out, json.dumps(report, indent=2) + "\n")
+        return n
     finally:
         shutil.rmtree(work, ignore_errors=True)
         labels.close()
@@ -304,9 +317,9 @@ def _make_exact(spill, gem_path, labels, work, cgef_out, cellmap_out, band_recor
     with atomic_path(cgef_out, suffix=".cgef") as tmp:
         tables = exact_cell_bin(spill, labels, work, tmp, band_records, band_rows, source=str(gem_path))
         cell = tables["cell"]
-        _write_cellmap(cellmap_out, cell["id"], tables["label_id"], cell["x"], cell["y"], cell["area"],
-                       cell["expCount"], cell["geneCount"])
-    return len(cell)
+        in_cells = _write_cellmap(cellmap_out, cell["id"], tables["label_id"], cell["x"], cell["y"], cell["area"],
+                                  cell["expCount"], cell["geneCount"])
+    return len(cell), in_cells
 
 
 def write_gem_v01(spill, path, rows: int = 1 << 16) -> None:
@@ -381,13 +394,37 @@ def _make_gefpy(spill, gem_path, given_bgef, labels, origin, work, cgef_out, cel
     ly = np.clip(cells["y"].astype(np.int64) - oy, 0, labels.shape[0] - 1)
     with atomic_path(cgef_out, suffix=".cgef") as tmp:
         shutil.move(str(cgef_tmp), str(tmp))
-        _write_cellmap(cellmap_out, cells["id"], labels_at(labels, lx, ly, band_rows), cells["x"], cells["y"],
-                       cells["area"], cells["expCount"], cells["geneCount"])
-    return len(cells)
+        in_cells = _write_cellmap(cellmap_out, cells["id"], labels_at(labels, lx, ly, band_rows), cells["x"],
+                                  cells["y"], cells["area"], cells["expCount"], cells["geneCount"])
+    return len(cells), in_cells
 
 
-def _write_cellmap(path, cgef_cell, label_id, x, y, area, total, n_genes) -> None:
-    """Per cgef cell: its id in the label image under its centre, centre, area, UMIs, genes."""
+def alignment_report(spill, labels, origin, umis_in_cells: int, gem_path, labels_path, n_cells: int) -> dict:
+    """UMIs in cells (all of them, as written) and the shift scan on a sample of bands; logged, loudly if the
+    matrix looks shifted."""
+    from segrefine.frame_check import describe, sample_windows, shift_scan
+
+    ox, oy = origin
+    x0, x1, y0, y1 = spill.extent()
+
+    def records_in_rows(a, b):
+        rec = spill.band(a, b)
+        return rec["x"], rec["k"], rec["count"]
+
+    windows = sample_windows(records_in_rows, labels.rows, (y0 - oy, y1 - oy), labels.shape[0])
+    scan = shift_scan(windows)
+    report = {"matrix": str(gem_path), "labels": str(labels_path), "origin": [int(ox), int(oy)], "cells": int(n_cells),
+              "umis": int(spill.umis), "umis_in_cells": int(umis_in_cells),
+              "fraction_umis_in_cells": umis_in_cells / spill.umis if spill.umis else 0.0, "alignment": scan}
+    message = describe(scan, gem_path, labels_path, origin)
+    log.info("%s: %d of %d UMIs (%.1f %%) fell in %d cells", gem_path, umis_in_cells, spill.umis,
+             100 * report["fraction_umis_in_cells"], n_cells)
+    (log.warning if scan["misaligned"] else log.info)(("ALIGNMENT: " if scan["misaligned"] else "") + message)
+    return report
+
+
+def _write_cellmap(path, cgef_cell, label_id, x, y, area, total, n_genes) -> int:
+    """Per cgef cell: its id in the label image under its centre, centre, area, UMIs, genes; returns the UMIs."""
     from segrefine.io import atomic_path
 
     with atomic_path(path) as tmp:
@@ -395,6 +432,7 @@ def _write_cellmap(path, cgef_cell, label_id, x, y, area, total, n_genes) -> Non
             fh.write(",".join(CELLMAP_COLUMNS) + "\n")
             for row in zip(cgef_cell, label_id, x, y, area, total, n_genes):
                 fh.write(",".join(str(int(v)) for v in row) + "\n")
+    return int(np.asarray(total, np.int64).sum())
 
 
 def cgef_to_h5ad(cgef, cellmap_csv, out_h5ad) -> int:

@@ -9,7 +9,10 @@ pretrained and the fine-tuned model, docs/expression.md). Output folder:
 - ``cells.csv``: every cell of every sample and stage;
 - ``summary.csv``: per sample and stage, the number of cells, empty cells, UMIs
   in cells, the quantiles (5 %, 25 %, 50 %, 75 %, 95 %), mean and maximum of UMIs,
-  genes and area, and the number of cells of extreme area on either side;
+  genes and area, and the number of cells of extreme area on either side; with
+  the cgef steps' alignment reports also the matrix's UMIs, the fraction of them
+  in cells, and the alignment check (the best shift of the matrix, the fraction
+  in cells there, and whether the matrix looks misaligned);
 - ``extreme_area.csv``: cells whose area lies more than ``k`` x max(IQR, 10 %
   of the median) outside the quartiles of their sample and stage (the
   over-merged or fragment cells a poor segmentation makes), largest first;
@@ -242,8 +245,31 @@ def plot_distributions(cells, path, tests=None) -> None:
     plt.close(fig)
 
 
+ALIGNMENT_COLUMNS = ("umis", "fraction_umis_in_cells", "alignment_best_shift", "alignment_fraction_at_best_shift",
+                     "alignment_misaligned")
+
+
+def read_alignment(path) -> dict:
+    """The summary columns of one alignment report (``segrefine cgef --report``)."""
+    import json
+
+    path = Path(path)
+    try:
+        r = json.loads(path.read_text())
+        a = r["alignment"]
+        return {"umis": r["umis"], "fraction_umis_in_cells": r["fraction_umis_in_cells"],
+                "alignment_best_shift": "{:+d},{:+d}".format(*a["best_shift"]),
+                "alignment_fraction_at_best_shift": a["fraction_in_cells_at_best_shift"],
+                "alignment_misaligned": bool(a["misaligned"])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SegRefineError(f"{path}: not an alignment report of `segrefine cgef --report` ({exc})") from None
+
+
 def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0,
-                  stages: Optional[List[str]] = None) -> None:
+                  stages: Optional[List[str]] = None, reports: Optional[List] = None) -> None:
+    """The QC tables and plot (module docstring). ``reports``: the alignment reports of the first
+    ``len(reports)`` cell tables (ours; SAW's have none): their UMIs, fraction of UMIs in cells and alignment check
+    become columns of summary.csv, and a misaligned matrix is logged as a warning."""
     from segrefine.io import atomic_path
 
     out = Path(out_dir)
@@ -262,7 +288,21 @@ def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0,
              if not ((cells["sample"] == sm) & (cells["stage"] == st)).any()]
     if empty:
         logging.getLogger(__name__).warning("no cell in %s: QC written with 0 cells there", ", ".join(empty))
-    tables = [("cells.csv", cells), ("summary.csv", summarize_cells(cells, k, read)),
+    summary = summarize_cells(cells, k, read)
+    if reports:
+        if len(reports) > len(cellmaps):
+            raise SegRefineError(f"{len(reports)} alignment reports for {len(cellmaps)} cell tables")
+        extra = {key: read_alignment(path) for key, path in zip(read, reports)}
+        for col in ALIGNMENT_COLUMNS:
+            summary[col] = [extra.get((sm, st), {}).get(col) for sm, st in zip(summary["sample"], summary["stage"])]
+        for (sm, st), e in extra.items():
+            if e["alignment_misaligned"]:
+                logging.getLogger(__name__).warning(
+                    "%s %s: only %.1f %% of UMIs fell in cells; shifting the matrix by (%s) px would put %.1f %% of "
+                    "the sampled ones in cells: check expression.origin (alignment report of the cgef step)", sm, st,
+                    100 * e["fraction_umis_in_cells"], e["alignment_best_shift"],
+                    100 * e["alignment_fraction_at_best_shift"])
+    tables = [("cells.csv", cells), ("summary.csv", summary),
               ("extreme_area.csv", extreme_area(cells, k))]
     tests = compare_stages(cells, *pair) if pair else None
     if pair:
