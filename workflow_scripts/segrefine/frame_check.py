@@ -10,10 +10,10 @@ then every pixel around its best point) and reports the best shift; a best
 shift other than (0, 0) that raises the fraction by ``min_gain`` (absolute)
 and by ``min_ratio`` (relative) means the matrix and the image are not aligned.
 
-The check reads a sample, not the slide: ``sample_windows`` takes the records
-and the label rows of a few bands spread over the matrix (8 bands of 256 rows
-by default, each with ``max_shift`` rows of margin, kept as a boolean
-in-cell mask).
+The check reads a sample, not the slide: ``sample_windows`` takes the label
+rows of a few bands spread over the matrix (8 bands of 256 rows by default,
+each with ``max_shift`` rows of margin, kept as a boolean in-cell mask) and at
+most 8,192 of each band's records.
 """
 from __future__ import annotations
 
@@ -34,10 +34,12 @@ def _hits(mask: np.ndarray, row0: int, x: np.ndarray, y: np.ndarray, count: np.n
 
 def sample_windows(records_in_rows: Callable[[int, int], Tuple[np.ndarray, np.ndarray, np.ndarray]],
                    read_rows: Callable[[int, int], np.ndarray], y_range: Tuple[int, int], height: int,
-                   n_windows: int = 8, window_rows: int = 256, max_shift: int = 48) -> List[tuple]:
+                   n_windows: int = 8, window_rows: int = 256, max_shift: int = 48,
+                   max_records: int = 8192, seed: int = 0) -> List[tuple]:
     """``n_windows`` bands of ``window_rows`` label rows spread evenly over ``y_range`` (the matrix's rows):
-    each (in-cell mask of its rows +- ``max_shift``, first row, x, y, count of its records). Only these rows of
-    the labels and these records are read."""
+    each (in-cell mask of its rows +- ``max_shift``, first row, x, y, count of at most ``max_records`` of its
+    records, drawn with a seeded generator). Only these rows of the labels and these records are read."""
+    rng = np.random.default_rng(seed)
     lo, hi = y_range
     if hi < lo:
         return []
@@ -51,6 +53,9 @@ def sample_windows(records_in_rows: Callable[[int, int], Tuple[np.ndarray, np.nd
             continue
         last_end = y1
         x, y, count = records_in_rows(y0, y1)
+        if len(x) > max_records:
+            pick = np.sort(rng.choice(len(x), max_records, replace=False))
+            x, y, count = np.asarray(x)[pick], np.asarray(y)[pick], np.asarray(count)[pick]
         r0, r1 = max(0, y0 - max_shift), min(height, y1 + max_shift)
         windows.append((np.asarray(read_rows(r0, r1)) > 0, r0, np.asarray(x, np.int64), np.asarray(y, np.int64),
                         np.asarray(count, np.int64)))
