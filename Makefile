@@ -1,4 +1,5 @@
 # The two commands: `make demo` and `make test`. Both install what is missing first.
+# Checks while developing (DEVELOPERS.md): `make lint`, `make test-fast` (skips the tests marked slow).
 # Environments are virtualenvs built from envs/*.yaml (cached in ~/.cache/segrefine/venvs,
 # keyed by each file's content); on HPC with conda use `snakemake --sdm conda` instead.
 PYTHON ?= python3
@@ -9,7 +10,7 @@ RUN_CORE = PYTHONPATH=workflow_scripts $(CORE_PY)
 SNAKEMAKE = $(RUN_CORE) -m snakemake
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-slurm demo demo-data test lint dag clean-demo
+.PHONY: setup setup-slurm demo demo-data test test-fast lint dag clean-demo
 
 setup:
 	@$(ENV_TOOL) build $(ENVS)
@@ -37,7 +38,12 @@ demo: setup demo-data
 test: setup
 	$(RUN_CORE) -m pytest tests $(PYTEST_ARGS)
 
+test-fast: setup
+	$(RUN_CORE) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# ruff's rules are in pyproject.toml
 lint: setup demo-data
+	$(RUN_CORE) -m ruff check workflow_scripts bench tests
 	$(SNAKEMAKE) --lint
 
 dag: setup demo-data

@@ -19,7 +19,8 @@ Run it in the stereopy env (h5py, scipy, tifffile), after `make setup`:
 
     $(python3 workflow_scripts/segrefine/envs.py python stereopy) bench/cgef_exactness.py
 
-or on the demo: ``... bench/cgef_exactness.py --gem demo/DEMO01.gem.gz --labels results/segmentation/DEMO01/labels.tif``.
+or on the demo:
+``... bench/cgef_exactness.py --gem demo/DEMO01.gem.gz --labels results/segmentation/DEMO01/labels.tif``.
 """
 from __future__ import annotations
 

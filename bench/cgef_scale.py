@@ -34,7 +34,8 @@ def run_cgef(writer, gem, labels, out, extra=()):
     cmd = ["/usr/bin/time", "-f", "TIME %e %M", str(env_python("gef")), "-m", "segrefine", "cgef", "--gem", str(gem),
            "--labels", str(labels), "--cgef", str(out / f"{writer}.cgef"), "--cellmap", str(out / f"{writer}.csv"),
            "--writer", writer, "--origin", "0,0", "--threads", "1", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "workflow_scripts")))
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO / "workflow_scripts")))
     if proc.returncode:
         sys.exit(f"{writer} failed:\n{proc.stderr[-3000:]}")
     m = re.search(r"TIME ([\d.]+) (\d+)", proc.stderr)

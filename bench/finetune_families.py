@@ -141,7 +141,7 @@ def main():
     print()
     print(f"{'family':10} {'F1 before':>9} {'F1 after':>9} {'P before':>9} {'P after':>8} {'R before':>9} "
           f"{'R after':>8} {'train s':>8} {'peak MB':>8}")
-    for fw, res, m, n in rows:
+    for fw, res, m, _n in rows:
         b, f = res["pretrained"], res["finetuned"]
         print(f"{fw:10} {b['f1']:9.3f} {f['f1']:9.3f} {b['precision']:9.3f} {f['precision']:8.3f} "
               f"{b['recall']:9.3f} {f['recall']:8.3f} {m['train_seconds']:8.1f} {m['peak_rss_mb']:8.0f}")

@@ -5,8 +5,13 @@
 Writes a random tiled BigTIFF of SIZE x SIZE (once), then measures `intensity_reference` on it in a fresh
 process (the alternative, np.percentile on the whole image, needs the whole slide in memory).
 """
-import resource, sys, time
-import numpy as np, tifffile
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import tifffile
 from pathlib import Path
 from segrefine.intensity import intensity_reference
 from segrefine.io import Slide
@@ -20,7 +25,7 @@ if not path.exists():
     tifffile.imwrite(path, tiles(), shape=(size, size, ch) if ch > 1 else (size, size), dtype=dt, tile=(512, 512),
                      bigtiff=True, photometric="rgb" if ch == 3 else "minisblack")
     print("written", flush=True)
-    import os; os.execv(sys.executable, [sys.executable] + sys.argv)  # measure in a fresh process
+    os.execv(sys.executable, [sys.executable] + sys.argv)  # measure in a fresh process
 t = time.monotonic()
 with Slide(path) as s:
     ref = intensity_reference(s)

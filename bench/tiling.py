@@ -44,7 +44,7 @@ sys.path.insert(0, str(SCRIPTS))
 REALDATA = REPO.parent / "shared" / "realdata"
 
 
-# --- a synthetic slide of any size, written tile by tile ---------------------------------------------------------------
+# --- a synthetic slide of any size, written tile by tile --------------------------------------------------------------
 def _stamps():
     out = {}
     for r in range(4, 9):
@@ -64,7 +64,8 @@ def write_synthetic_slide(path, size: int, seed: int = 0, tile: int = 512, spaci
 
     def cells(by, bx):
         rng = np.random.default_rng([seed, by, bx])
-        gy, gx = np.mgrid[by * tile + spacing // 2:(by + 1) * tile:spacing, bx * tile + spacing // 2:(bx + 1) * tile:spacing]
+        gy, gx = np.mgrid[by * tile + spacing // 2:(by + 1) * tile:spacing,
+                          bx * tile + spacing // 2:(bx + 1) * tile:spacing]
         cy = gy.ravel() + rng.integers(-3, 4, gy.size)
         cx = gx.ravel() + rng.integers(-3, 4, gx.size)
         r = rng.integers(4, 9, gy.size)
@@ -100,7 +101,7 @@ def write_synthetic_slide(path, size: int, seed: int = 0, tile: int = 512, spaci
     os.replace(tmp, path)
 
 
-# --- processes with their peak RSS --------------------------------------------------------------------------------------
+# --- processes with their peak RSS ------------------------------------------------------------------------------------
 def _timed(cmd, out: Path):
     """The command under GNU time, which writes the child's user and system CPU seconds and peak RSS (KiB) to
     ``out``. (os.wait4 would report the benchmark process's own high-water mark for a child forked from it:
@@ -191,7 +192,7 @@ def tiled_steps(py, slide, card, work: Path, tile: int, halo: int, shards: int, 
     return res
 
 
-# --- fidelity ------------------------------------------------------------------------------------------------------------
+# --- fidelity ---------------------------------------------------------------------------------------------------------
 class PerWindowClassical:
     """The shipped classical adapter without the slide's intensity reference: Otsu's threshold of each
     window's own histogram (what every tiled run did before the reference existed)."""
@@ -273,7 +274,7 @@ def fidelity(card, work: Path):
     return rows
 
 
-# --- main --------------------------------------------------------------------------------------------------------------
+# --- main -------------------------------------------------------------------------------------------------------------
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
@@ -322,8 +323,10 @@ def main():
                    "shard_s": r["shards"][0], "shard_rss_mib": r["shards"][1],
                    "stitch_s": r["stitch"][0], "stitch_rss_mib": r["stitch"][1],
                    "predict_s": st["predict_s"], "read_s": st["read_s"], "wait_read_s": st["wait_read_s"],
-                   "own_write_s": st["own_write_s"], "tiles_per_s": st["tiles_per_s"], "stitch_timings": rep["timings_s"],
-                   "plan_cpu_s": r["cpu"]["plan"], "shard_cpu_s": r["cpu"]["shards"], "stitch_cpu_s": r["cpu"]["stitch"],
+                   "own_write_s": st["own_write_s"], "tiles_per_s": st["tiles_per_s"],
+                   "stitch_timings": rep["timings_s"],
+                   "plan_cpu_s": r["cpu"]["plan"], "shard_cpu_s": r["cpu"]["shards"],
+                   "stitch_cpu_s": r["cpu"]["stitch"],
                    "predict_cpu_s": st.get("predict_cpu_s", st["predict_s"]), "load": [load_before, load_after],
                    "label": a.label}
             if size <= a.whole_max:

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +85,8 @@ def measured(py, size: int, work: Path, card: Path, tile: int, halo: int, contex
         d.mkdir(parents=True)
         load0 = os.getloadavg()[0]
         plan = run_measured([*seg, "tile-plan", "--slide", slide, "--out", d / "tiles.tsv", "--out-json",
-                             d / "tiles.json", "--tile-size", tile, "--halo", halo, "--shards", 1, "--context-bound", bound, *group])
+                             d / "tiles.json", "--tile-size", tile, "--halo", halo, "--shards", 1,
+                             "--context-bound", bound, *group])
         shard = run_measured([py, "-c", SHARD, d / "tiles.tsv", card, slide, d / "tiles", d / "shard0.json", context])
         stitch = run_measured([*seg, "stitch", "--plan", d / "tiles.tsv", "--tiles-dir", d / "tiles", "--shards",
                                d / "shard0.json", "--slide", slide, "--labels", d / "labels.tif", "--cells",
@@ -109,7 +109,8 @@ def measured(py, size: int, work: Path, card: Path, tile: int, halo: int, contex
         out.append(row)
     out[1]["same_cells_csv"] = filecmp.cmp(work / f"before_{size}" / "cells.csv", work / f"after_{size}" / "cells.csv",
                                            shallow=False)
-    out[1]["cells_differing"] = cells_differing(work / f"before_{size}" / "cells.csv", work / f"after_{size}" / "cells.csv")
+    out[1]["cells_differing"] = cells_differing(work / f"before_{size}" / "cells.csv",
+                                                work / f"after_{size}" / "cells.csv")
     return out
 
 
@@ -140,8 +141,8 @@ def main():
     geo = geometry(a.geometry_sizes, a.tile, a.halo, a.context, a.bound)
     print(f"\n## Pixels the model sees per pixel of the slide (tile {a.tile} px, halo {a.halo} px, model context "
           f"{a.context} px; groups sized for a context bound of {a.bound} px)\n")
-    print("| slide | tissue | in-tissue cores Mpx | before: windows, per core px, per tissue px | after: group, windows, "
-          "largest window px, per core px, per tissue px |")
+    print("| slide | tissue | in-tissue cores Mpx | before: windows, per core px, per tissue px "
+          "| after: group, windows, largest window px, per core px, per tissue px |")
     print("|---|---|---|---|---|")
     for r in geo:
         b, f = r["before"], r["after"]
@@ -160,15 +161,16 @@ def main():
         for size in a.sizes:
             results["measured"] += measured(py, size, work, card, a.tile, a.halo, a.context, a.bound)
         print(f"\n## Measured: classical model with a {a.context} px context, 1 shard\n")
-        print("| slide | run | group | windows (largest px) | seen / core px (plan's estimate) | predict s wall / CPU | "
-              "tile-plan / shard / stitch s | overhead | peak RSS MiB tile-plan / shard / stitch | cells | "
-              "cells.csv identical (cells differing) | load |")
+        print("| slide | run | group | windows (largest px) | seen / core px (plan's estimate) "
+              "| predict s wall / CPU | tile-plan / shard / stitch s | overhead "
+              "| peak RSS MiB tile-plan / shard / stitch | cells | cells.csv identical (cells differing) | load |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results["measured"]:
             same = {True: "yes", False: f"no ({r.get('cells_differing')})"}.get(r.get("same_cells_csv"), "-")
             print(f"| {r['size']}² | {r['run']} | {r['group']}x{r['group']} | {r['windows']} "
                   f"({max(r['max_window'])}) | {r['seen_ratio']:.3f} ({r['plan_estimate']:.3f}) | "
-                  f"{r['predict_s']:.1f} / {r['predict_cpu_s']:.1f} | {r['plan_s']:.1f} / {r['shard_s']:.1f} / {r['stitch_s']:.1f} | "
+                  f"{r['predict_s']:.1f} / {r['predict_cpu_s']:.1f} | "
+                  f"{r['plan_s']:.1f} / {r['shard_s']:.1f} / {r['stitch_s']:.1f} | "
                   f"{100 * r['overhead']:.1f} % | {r['plan_rss']:.0f} / {r['shard_rss']:.0f} / {r['stitch_rss']:.0f} | "
                   f"{r['cells']} | {same} | {r['load'][0]:.1f}/{r['load'][1]:.1f} |")
     if a.out:

@@ -78,9 +78,10 @@ def stock_predict_window(self, image, origin=(0, 0)):
     return np.asarray(masks).astype(np.uint32)
 
 
-# --- models --------------------------------------------------------------------------------------------------------------
+# --- models -----------------------------------------------------------------------------------------------------------
 def train_models(work: Path, which, cellpose_epochs: int, stardist_epochs: int, base=None) -> dict:
-    """Train the models missing from ``which`` through the CLI, as bench/finetune_families.py does; {framework: card}."""
+    """Train the models missing from ``which`` through the CLI, as bench/finetune_families.py does;
+    {framework: card}."""
     from finetune_families import make_tiles, step
 
     work.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ def _finetune(fw, env, weights, params, work: Path, ts: Path) -> Path:
     return d / "finetuned" / "card.json"
 
 
-# --- images --------------------------------------------------------------------------------------------------------------
+# --- images -----------------------------------------------------------------------------------------------------------
 def cases(synthetic_size: int):
     """(name, image, tile px, halo px): small tiles so that most cells lie near a seam."""
     import tifffile
@@ -150,7 +151,7 @@ def cases(synthetic_size: int):
     return out
 
 
-# --- the worker, in the model's env --------------------------------------------------------------------------------------
+# --- the worker, in the model's env -----------------------------------------------------------------------------------
 def tiled_steps(card, slide, out: Path, tile: int, halo: int, context: int = 0, model_context: bool = True) -> dict:
     """``segrefine.segment.segment_slide`` (plan, one shard, stitch in one process), every tile predicted, no
     outlines or overlay (not scored here); returns the stitch report."""
@@ -215,14 +216,15 @@ def run_worker(framework: str, model_label: str, card, case_specs, work: Path, p
     (work / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=str(SCRIPTS), TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([str(env_python(FRAMEWORK_ENV[framework])), str(Path(__file__).resolve()), "--worker",
-                           str(work / "spec.json")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                           str(work / "spec.json")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
     if proc.returncode:
         sys.exit(f"{model_label} worker failed:\n{proc.stderr[-4000:]}")
-    sys.stderr.write("".join(l + "\n" for l in proc.stderr.splitlines() if l.startswith(model_label)))
+    sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines() if line.startswith(model_label)))
     return json.loads((work / "worker.json").read_text())
 
 
-# --- scoring (core env), the measures of bench/tiling.py ------------------------------------------------------------------
+# --- scoring (core env), the measures of bench/tiling.py --------------------------------------------------------------
 def score(whole: np.ndarray, tiled: np.ndarray, tile: int, halo: int) -> dict:
     from segrefine.metrics import object_metrics
     from segrefine.stitch import seam_report
@@ -261,7 +263,7 @@ def differing_cells(whole: np.ndarray, tiled: np.ndarray, tile: int, halo: int, 
     return out
 
 
-# --- main --------------------------------------------------------------------------------------------------------------
+# --- main -------------------------------------------------------------------------------------------------------------
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -271,7 +273,8 @@ def main():
     ap.add_argument("--cellpose-epochs", type=int, default=60)
     ap.add_argument("--stardist-epochs", type=int, default=15)
     ap.add_argument("--synthetic-size", type=int, default=512, help="synthetic demo slide size (0: none)")
-    ap.add_argument("--cellpose-base", default=str(REPO / "results" / "models" / "base" / "generic_nuclei" / "card.json"),
+    ap.add_argument("--cellpose-base",
+                    default=str(REPO / "results" / "models" / "base" / "generic_nuclei" / "card.json"),
                     help="the offline Cellpose base model to fine-tune (trained with `segrefine train-base` as "
                          "bench/finetune_families.py does when this card is missing)")
     ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), metavar="VARIANT",
@@ -343,14 +346,15 @@ def main():
                   flush=True)
 
     print("\n## Fidelity with trained deep models: tiled vs whole-image inference, same model (F1 at IoU 0.5)\n")
-    print("| image | size | tiles (px, halo + context, + model context) | model | cells whole / tiled | F1 | seam cells | cut at seams "
-          "| duplicates | ids unique | s tiled / whole |")
+    print("| image | size | tiles (px, halo + context, + model context) | model | cells whole / tiled | F1 "
+          "| seam cells | cut at seams | duplicates | ids unique | s tiled / whole |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['image']} | {r['size']} | {r['tiles']} ({r['tile']}, {r['halo']} + {r['context']}, + "
               f"{r['model_context_px']}) | {r['model']} | "
               f"{r['cells_whole']} / {r['cells_tiled']} | {r['f1']:.4f} | {r['seam_cells']} | "
-              f"{r['cut_at_seams']} | {r['duplicates']} | {r['ids_unique']} | {r['tiled_s']:.1f} / {r['whole_s']:.1f} |")
+              f"{r['cut_at_seams']} | {r['duplicates']} | {r['ids_unique']} | "
+              f"{r['tiled_s']:.1f} / {r['whole_s']:.1f} |")
     total = time.monotonic() - t_start
     print(f"\n(models: {', '.join(f'{fw} {cards[fw]}' for fw in a.models)}; total {total:.0f} s on "
           f"{os.cpu_count()} CPU cores)")

@@ -191,8 +191,8 @@ PartitionName=gpu Nodes={self.host} MaxTime=INFINITE State=UP
         raise SlurmUnavailable(f"{what} not ready after {timeout} s: {self.logs()[-2000:]}")
 
     def logs(self):
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("*.log")) + [self.dir / "daemons.out"]
-                         if p.exists())
+        files = sorted(self.dir.glob("*.log")) + [self.dir / "daemons.out"]
+        return "\n".join(p.read_text(errors="replace") for p in files if p.exists())
 
     def jobs(self):
         """Every job the controller still knows (MinJobAge keeps finished ones): a list of dicts with

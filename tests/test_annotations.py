@@ -35,7 +35,9 @@ def test_qupath_geojson_round_trip_is_exact(tmp_path):
 
 
 def test_detections_and_cells_count_regions_and_points_do_not(tmp_path):
-    sq = lambda x, y: {"type": "Polygon", "coordinates": [[[x, y], [x + 10, y], [x + 10, y + 10], [x, y + 10], [x, y]]]}
+    def sq(x, y):
+        return {"type": "Polygon", "coordinates": [[[x, y], [x + 10, y], [x + 10, y + 10], [x, y + 10], [x, y]]]}
+
     doc = {"type": "FeatureCollection", "features": [
         {"type": "Feature", "geometry": sq(0, 0), "properties": {"objectType": "detection"}},
         {"type": "Feature", "geometry": sq(20, 0), "nucleusGeometry": sq(22, 2),

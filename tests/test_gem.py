@@ -77,12 +77,14 @@ def test_exact_aggregation_with_touching_cells_offsets_and_border(tmp_path):
     np.testing.assert_array_equal(dense, [[2, 1, 0], [4, 0, 0], [0, 0, 5]])
 
 
-@pytest.mark.parametrize("row,message", [("G1\t1\t2\t1\t7\t8", r"m.gem:5: malformed GEM line: 6 fields, the header names 4"),
-                                         ("G1\t1", r"m.gem:5: malformed GEM line: no value in column y")])
+@pytest.mark.parametrize("row,message", [
+    ("G1\t1\t2\t1\t7\t8", r"m.gem:5: malformed GEM line: 6 fields, the header names 4"),
+    ("G1\t1", r"m.gem:5: malformed GEM line: no value in column y")])
 @pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 22])
 def test_malformed_lines_name_file_and_line(tmp_path, row, message, chunk):
     """The malformed line is the last one: with chunk 1, 2 or 3 it falls in the last chunk, alone or not."""
-    p = _write(tmp_path / "m.gem", "#OffsetX=0\n#OffsetY=0\ngeneID\tx\ty\tMIDCount\nG1\t1\t2\t1\n" + row + "\n", gz=False)
+    p = _write(tmp_path / "m.gem", "#OffsetX=0\n#OffsetY=0\ngeneID\tx\ty\tMIDCount\nG1\t1\t2\t1\n" + row + "\n",
+               gz=False)
     with pytest.raises(SegRefineError, match=message):
         read_gem(p, chunk=chunk)
 

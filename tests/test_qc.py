@@ -29,7 +29,8 @@ def test_summary_and_extreme_areas(tmp_path):
     assert summary.loc["B", "n_genes_mean"] == 1.5
     ext = extreme_area(cells, k=3.0)
     assert list(ext["label_id"]) == [30, 31] and list(ext["side"]) == ["large", "small"]
-    assert list(ext["sample"]) == ["A", "A"] and ext["area_over_median"].iloc[0] == pytest.approx(3500 / np.median(a_area))
+    assert list(ext["sample"]) == ["A", "A"]
+    assert ext["area_over_median"].iloc[0] == pytest.approx(3500 / np.median(a_area))
 
 
 def test_expression_qc_step_writes_tables_and_plot(tmp_path):
@@ -150,7 +151,8 @@ def test_saws_cells_are_a_reference_stage_beside_ours(tmp_path):
     cellmaps, samples, stages = _stages(tmp_path)
     saw = tmp_path / "saw.csv"
     pd.DataFrame({"cgef_cell": range(3), "label_id": range(3), "x": [1, 2, 3], "y": [1, 2, 3],
-                  "area": [500, 520, 540], "total_counts": [90, 95, 100], "n_genes": [2, 2, 2]}).to_csv(saw, index=False)
+                  "area": [500, 520, 540], "total_counts": [90, 95, 100],
+                  "n_genes": [2, 2, 2]}).to_csv(saw, index=False)
     run_step("core", "expression-qc", "--cellmaps", *cellmaps, saw, "--samples", *samples, "A",
              "--stages", *stages, "saw_nuclei", "--out-dir", tmp_path / "qc")
     out = tmp_path / "qc"
@@ -159,7 +161,8 @@ def test_saws_cells_are_a_reference_stage_beside_ours(tmp_path):
     ba = pd.read_csv(out / "before_after.csv")
     assert set(ba["before"]) == {"pretrained"} and set(ba["after"]) == {"finetuned"} and len(ba) == 6
     sc = pd.read_csv(out / "saw_comparison.csv").set_index(["sample", "metric"])
-    assert list(sc.index.unique(0)) == ["A"] and set(sc["before"]) == {"saw_nuclei"} and set(sc["after"]) == {"finetuned"}
+    assert list(sc.index.unique(0)) == ["A"]
+    assert set(sc["before"]) == {"saw_nuclei"} and set(sc["after"]) == {"finetuned"}
     area = sc.loc[("A", "area")]
     assert (area["n_before"], area["n_after"], area["median_before"]) == (3, 40, 520)
     assert area["prob_after_greater"] == 0  # our 40 fine-tuned cells are all smaller than SAW's 3
@@ -168,7 +171,7 @@ def test_saws_cells_are_a_reference_stage_beside_ours(tmp_path):
 def test_alignment_reports_become_summary_columns_and_a_misaligned_matrix_is_named(tmp_path):
     cellmaps, samples, stages = _stages(tmp_path)
     reports = []
-    for i, (sm, st) in enumerate(zip(samples, stages)):
+    for i, sm in enumerate(samples):
         shifted = sm == "B"  # B's matrix looks shifted by (+20, -4) px in both stages
         reports.append(tmp_path / f"a{i}.json")
         reports[-1].write_text(json.dumps({"umis": 1000, "umis_in_cells": 150 if shifted else 800,

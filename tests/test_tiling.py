@@ -642,7 +642,8 @@ def test_intensity_reference_of_the_tissue_pixels_equals_numpy_on_them(tmp_path)
     assert (tissue_pixels((mask, f), 30, 90, 50, 20) == want[90:110, 30:80]).all()
     write_tiff(tmp_path / "s.tif", img, tiled=True, photometric="minisblack", metadata={"axes": "YX"})
     with Slide(tmp_path / "s.tif") as s:
-        refs = [intensity_reference(img, block=64, tissue=(mask, f)), intensity_reference(s, block=128, tissue=(mask, f))]
+        refs = [intensity_reference(img, block=64, tissue=(mask, f)),
+                intensity_reference(s, block=128, tissue=(mask, f))]
     for ref in refs:
         assert ref["pixels"] == "tissue" and ref["n_pixels"] == int(want.sum())
         for q in PERCENTILES:

@@ -66,7 +66,8 @@ def test_image_mask_size_mismatch_names_the_files(tmp_path):
     img, _ = _pair(tmp_path, "S1-x0_y0_w32_h32", 2)
     (tmp_path / "other").mkdir()
     _, mask = _pair(tmp_path / "other", "S1-x0_y0_w32_h32", 2, shape=(30, 32))
-    with pytest.raises(SegRefineError, match=r"other/S1-x0_y0_w32_h32-mask.tif: mask is 32x30 px but image .* is 32x32"):
+    with pytest.raises(SegRefineError,
+                       match=r"other/S1-x0_y0_w32_h32-mask.tif: mask is 32x30 px but image .* is 32x32"):
         build_rows([img], [mask], 0, 0.0, 0.0)
 
 

@@ -264,7 +264,8 @@ def mask_to_instances(mask: np.ndarray, source: str = "mask") -> np.ndarray:
     if areas.size and areas.max() > MAX_CELL_PATCH_FRACTION * cells.size:
         h, w = cells.shape
         raise SegRefineError(
-            f"{source}: read as {'an' if kind == 'instance' else 'a'} {kind} mask ({why}), one cell covers {100.0 * areas.max() / cells.size:.0f}% of "
+            f"{source}: read as {'an' if kind == 'instance' else 'a'} {kind} mask ({why}), one cell covers "
+            f"{100.0 * areas.max() / cells.size:.0f}% of "
             f"the {w}x{h} px patch: a class or tissue region, not a cell; save the cells as a binary (0/255) or "
             f"instance mask (labels 1..N)")
     return cells

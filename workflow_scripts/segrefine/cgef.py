@@ -215,7 +215,8 @@ def cell_geometry(labels, ids: np.ndarray, band_rows: int = BAND_ROWS) -> Dict[s
 
 
 def _farthest_per_sector(idx: np.ndarray, dx: np.ndarray, dy: np.ndarray):
-    """For each (cell, angular sector) the pixel farthest from the centre (the first of equals): cell, sector, dx, dy."""
+    """For each (cell, angular sector) the pixel farthest from the centre (the first of equals):
+    cell, sector, dx, dy."""
     sector = np.floor((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * BORDER_POINTS).astype(np.int64) % BORDER_POINTS
     r2 = np.minimum(dx * dx + dy * dy, (1 << 32) - 1)
     group = idx * BORDER_POINTS + sector

@@ -264,7 +264,7 @@ def cmd_cgef(a):
 def cmd_h5ad(a):
     from segrefine.expression import cgef_to_h5ad
 
-    n = cgef_to_h5ad(a.cgef, a.cellmap, a.out)
+    n = cgef_to_h5ad(a.cgef, a.cellmap, a.out, a.writer, a.chunk)
     logging.info("%d cells -> %s", n, a.out)
 
 
@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=7)
 
-    p = step("patches", cmd_patches, "cut patches from a whole slide (named patches, or a grid), reading only their regions")
+    p = step("patches", cmd_patches,
+             "cut patches from a whole slide (named patches, or a grid), reading only their regions")
     p.add_argument("--slide", required=True)
     p.add_argument("--out-dir", required=True)
     g = p.add_mutually_exclusive_group(required=True)
@@ -312,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", type=int, help=CHANNEL_HELP)
 
     p = step("convert-annotation", cmd_convert_annotation, "QuPath GeoJSON / binary / instance mask -> instance mask")
-    p.add_argument("--annotation", required=True, help="file named after its patch: {SN}-x.._y.._w.._h..[-img|-mask].ext")
+    p.add_argument("--annotation", required=True,
+                   help="file named after its patch: {SN}-x.._y.._w.._h..[-img|-mask].ext")
     p.add_argument("--out", required=True)
     p.add_argument("--exclude-class", nargs="*", default=["Region"], help="QuPath classes that are not cells")
     p.add_argument("--use-nucleus", action="store_true", help="take the nucleus of QuPath cell objects")
@@ -326,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.2)
 
-    p = step("fetch-pretrained", cmd_fetch_pretrained, "download official pretrained weights into the model cache (needs network)")
+    p = step("fetch-pretrained", cmd_fetch_pretrained,
+             "download official pretrained weights into the model cache (needs network)")
     p.add_argument("--framework", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--out", required=True)
@@ -533,9 +536,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--band-rows", type=int, help="at most this many label rows read at a time (default: 512, "
                    "or fewer so that a band holds at most 4,194,304 pixels)")
 
-    p = step("h5ad", cmd_h5ad, "cgef -> AnnData (.h5ad) with stereopy")
+    p = step("h5ad", cmd_h5ad, "cgef -> AnnData (.h5ad): streamed from the cgef (direct) or with stereopy")
     p.add_argument("--cgef", required=True)
     p.add_argument("--cellmap", required=True)
+    p.add_argument("--writer", default="direct", choices=["direct", "stereopy"],
+                   help="direct: X streamed from the cgef in bounded memory; stereopy: stereopy's read_gef and "
+                        "stereo_to_anndata (memory grows with the matrix) [%(default)s]")
+    p.add_argument("--chunk", type=int, default=1 << 22,
+                   help="direct writer: matrix entries copied at a time [%(default)s]")
     p.add_argument("--out", required=True)
 
     p = step("expression-qc", cmd_expression_qc,
@@ -559,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-# --- help of the options whose add_argument above carries none: first per step, then by option name ---------------------
+# --- help of the options whose add_argument above carries none: first per step, then by option name -------------------
 STEP_OPTION_HELP = {
     ("demo-data", "--out"): "output folder of the demo chip",
     ("demo-data", "--sn"): "chip serial number (names the files) [%(default)s]",
@@ -569,7 +577,8 @@ STEP_OPTION_HELP = {
     ("patches", "--out-dir"): "output folder of the patches ({name}-img.tif)",
     ("convert-annotation", "--out"): "instance mask (TIFF, uint16/uint32 labels)",
     ("trainset", "--images"): "patch images, named {SN}-x.._y.._w.._h..-img.tif",
-    ("trainset", "--masks"): "instance masks, named {SN}-x.._y.._w.._h..-mask.tif; paired with the images by patch name",
+    ("trainset", "--masks"): "instance masks, named {SN}-x.._y.._w.._h..-mask.tif; "
+                             "paired with the images by patch name",
     ("trainset", "--out"): "training-set table (TSV; its summary JSON is written beside it)",
     ("trainset", "--seed"): "seed of the split assignment [%(default)s]",
     ("fetch-pretrained", "--name"): "official model name (e.g. cyto3, 2D_versatile_fluo)",

@@ -147,12 +147,18 @@ def make_gem(labels: np.ndarray, band: np.ndarray, tissue_px: np.ndarray, seed: 
         p = p_band if is_band else p_sparse
         genes = rng.choice(len(GENES), size=total, p=p / p.sum())
         where = rng.integers(0, len(rr), total)
-        gx.append(cc[where]); gy.append(rr[where]); gg.append(genes)
+        gx.append(cc[where])
+        gy.append(rr[where])
+        gg.append(genes)
     ty, tx = np.nonzero(tissue_px)
     nbg = int(0.004 * len(ty))
     pick = rng.integers(0, len(ty), nbg)
-    gx.append(tx[pick]); gy.append(ty[pick]); gg.append(rng.integers(len(BAND_MARKERS) * 2, len(GENES), nbg))
-    x = np.concatenate(gx); y = np.concatenate(gy); g = np.concatenate(gg)
+    gx.append(tx[pick])
+    gy.append(ty[pick])
+    gg.append(rng.integers(len(BAND_MARKERS) * 2, len(GENES), nbg))
+    x = np.concatenate(gx)
+    y = np.concatenate(gy)
+    g = np.concatenate(gg)
     key = (g.astype(np.int64) * labels.shape[0] + y) * labels.shape[1] + x
     uniq, counts = np.unique(key, return_counts=True)
     x = uniq % labels.shape[1]
@@ -220,7 +226,8 @@ def make_demo(out_dir, sn: str = "DEMO01", size: int = 2048, n_patches: int = 20
         crop = labels[y:y + patch_size, x:x + patch_size]
         doc = labels_to_geojson(relabel_sequential(crop.astype(np.int64)))
         write_text_atomic(ann_dir / f"{box.name}.geojson", dump_geojson(doc))
-    info = {"sn": sn, "size": size, "seed": seed, "cells": int(labels.max()), "band_cells": int(len(np.unique(labels[band])) - 1),
+    info = {"sn": sn, "size": size, "seed": seed, "cells": int(labels.max()),
+            "band_cells": int(len(np.unique(labels[band])) - 1),
             "patches": len(corners), "patch_size": patch_size}
     write_text_atomic(out / "demo.json", json.dumps(info, indent=2) + "\n")
     return info

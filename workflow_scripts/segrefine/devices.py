@@ -37,11 +37,12 @@ def visible_gpus() -> List[str]:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+    return [str(i) for i, line in enumerate(line for line in out.splitlines() if line.startswith("GPU "))]
 
 
 def lock_dir() -> Path:
-    d = os.environ.get("SEGREFINE_GPU_LOCK_DIR") or str(Path(tempfile.gettempdir()) / f"segrefine-gpu-locks-{os.getuid()}")
+    d = (os.environ.get("SEGREFINE_GPU_LOCK_DIR")
+         or str(Path(tempfile.gettempdir()) / f"segrefine-gpu-locks-{os.getuid()}"))
     Path(d).mkdir(parents=True, exist_ok=True)
     return Path(d)
 

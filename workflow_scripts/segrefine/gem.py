@@ -292,7 +292,10 @@ def open_expression(path, chunk: int = CHUNK_RECORDS):
 def _whole(reader) -> Gem:
     parts = list(reader.chunks())
     genes, code = reader.gene_codes()
-    cat = (lambda name: np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros(0, np.int64))
+
+    def cat(name):
+        return np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros(0, np.int64)
+
     return Gem(genes=genes, gene=code[cat("gene")], x=cat("x"), y=cat("y"), count=cat("count"),
                header=dict(reader.header))
 

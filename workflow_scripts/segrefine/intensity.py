@@ -23,7 +23,7 @@ of a multi-channel slide, finite values only.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -193,13 +193,15 @@ def _key(q: float) -> str:
 
 
 def percentile(ref: dict, q: float, channel: Optional[int] = None):
-    """The reference's ``q``-th percentile: a list over channels, or one channel's, or the gray image's (channel="gray")."""
+    """The reference's ``q``-th percentile: a list over channels, or one channel's, or the gray image's
+    (channel="gray")."""
     table = ref["gray"]["percentiles"] if channel == "gray" else ref["percentiles"]
     try:
         v = table[_key(q)]
     except KeyError:
         raise SegRefineError(f"the intensity reference has no {q}th percentile (it has {sorted(map(float, table))}: "
-                             f"use one of these, or add it to segrefine.intensity.PERCENTILES and rerun tile-plan)") from None
+                             f"use one of these, or add it to segrefine.intensity.PERCENTILES and rerun "
+                             f"tile-plan)") from None
     return v if channel in (None, "gray") else v[int(channel)]
 
 

@@ -306,7 +306,8 @@ class Slide:
             if bad.any():
                 ys, xs = np.nonzero(bad if bad.ndim == 2 else bad.any(axis=-1))
                 raise SegRefineError(
-                    f"{self.path}: {int(bad.sum())} NaN or infinite pixel value(s) in {where} (the first at x={origin[0] + xs[0]} "
+                    f"{self.path}: {int(bad.sum())} NaN or infinite pixel value(s) in {where} "
+                    f"(the first at x={origin[0] + xs[0]} "
                     f"y={origin[1] + ys[0]}); a float slide must hold finite intensities: replace them (e.g. by "
                     f"0) and save the slide again")
         return arr
@@ -424,7 +425,7 @@ class Slide:
         self.close()
 
 
-# --- streaming pyramidal OME-TIFF ---------------------------------------------------------------------------------------
+# --- streaming pyramidal OME-TIFF -------------------------------------------------------------------------------------
 def _padded_tiles(array, tile: int):
     """Row-major (tile, tile) blocks of a 2-D array-like (numpy, DiskArray), zero-padded at the right and bottom
     edges; None for a block of a DiskArray that was never written (all zero, not read)."""

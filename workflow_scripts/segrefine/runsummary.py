@@ -166,6 +166,7 @@ def report(rows: List[Dict[str, str]]) -> str:
              + (f", {len(jobs) - len(failed)} succeeded on retry" if len(jobs) > len(failed) else "")
              + ("; Snakemake itself stopped" if any(r["rule"] == "(snakemake)" for r in rows) else "")]
     for r in rows:
-        lines.append(f"  {r['status']}: rule {r['rule']} -> {r['outputs'] or '-'} (failed attempts: {r['failed_attempts']}, "
+        lines.append(f"  {r['status']}: rule {r['rule']} -> {r['outputs'] or '-'} "
+                     f"(failed attempts: {r['failed_attempts']}, "
                      f"log: {r['log'] or '-'}): {r['reason']}")
     return "\n".join(lines)

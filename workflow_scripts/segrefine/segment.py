@@ -65,7 +65,8 @@ def segment_slide(card_path, slide_path, out_dir, tile_size: int = 1024, halo_px
                   tissue_downsample: int = 16, bright_field: bool = False, trainset=None,
                   pixel_size_um: Optional[float] = None, geojson: bool = True, overlay: bool = True,
                   model_context: bool = True, channel: Optional[int] = None) -> dict:
-    """Plan, all shards one after another, and stitch, in one process; outputs in ``out_dir`` as the workflow names them.
+    """Plan, all shards one after another, and stitch, in one process; outputs in ``out_dir`` as the workflow names
+    them.
 
     Runs in any model's env; ``cells.parquet`` is written where pyarrow is installed (the core env; the model
     envs lack it, and cells.csv holds the same table)."""

@@ -32,7 +32,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -152,7 +151,7 @@ def prediction_windows(tiles, group: int, extra: int, shape: Tuple[int, int]):
         at = {(int(t.row), int(t.col)): t for t in groups[key]}
         memo: Dict[Tuple[int, int, int, int], Tuple[int, list]] = {}
 
-        def best(r0, r1, c0, c1):
+        def best(r0, r1, c0, c1, at=at, memo=memo):  # this group's tiles and table, bound now
             """(pixels seen, windows) of the cheapest guillotine cover of the tiles in rows [r0, r1) x cols [c0, c1)."""
             k = (r0, r1, c0, c1)
             if k not in memo:
@@ -312,7 +311,8 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
     gid, n_groups = group_ids(g)
     # round robin over the groups in raster order: each shard gets a share of every region, a group in one shard
     plan["shard"][inside] = gid % shards
-    meta.update(tiles=int(len(plan)), tiles_in_tissue=int(len(inside)), tiles_skipped_background=int(len(plan) - len(inside)),
+    meta.update(tiles=int(len(plan)), tiles_in_tissue=int(len(inside)),
+                tiles_skipped_background=int(len(plan) - len(inside)),
                 group_tiles=int(g), group="auto" if group == "auto" else int(group), groups=int(n_groups))
     # what the model will see, per pixel of the cores it predicts: the plan's windows, and the shards' windows if the
     # model's context is the bound (the shards report the real figure: seen_ratio in shards/K.json)
@@ -832,14 +832,16 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
         raise SegRefineError(f"{plan_tsv}: shard {shard} is not in the plan (0..{int(meta['shards']) - 1})")
     slide_path = Path(slide_path)
     if Path(slide_path).is_file() and _slide_stamp(slide_path) != meta["slide_stamp"]:
-        raise SegRefineError(f"{slide_path}: the slide changed since the tile plan {plan_tsv} was made; rerun tile-plan")
+        raise SegRefineError(
+            f"{slide_path}: the slide changed since the tile plan {plan_tsv} was made; rerun tile-plan")
     card_sha = sha256_file(card_path)
     tiles = [t for t in plan if t.shard == shard]
     Path(tiles_dir).mkdir(parents=True, exist_ok=True)
     todo = [t for t in tiles
             if not tile_done(tile_file(tiles_dir, t.tile_id), tile_fingerprint(meta, card_sha, t, model_context))]
     stats = {"shard": shard, "tiles": len(tiles), "tiles_resumed": len(tiles) - len(todo), "tiles_computed": len(todo),
-             "card_sha256": card_sha, "plan_id": meta["plan_id"], "read_s": 0.0, "predict_s": 0.0, "predict_cpu_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0,
+             "card_sha256": card_sha, "plan_id": meta["plan_id"], "read_s": 0.0, "predict_s": 0.0, "predict_cpu_s": 0.0,
+             "wait_read_s": 0.0, "wait_write_s": 0.0,
              "own_write_s": 0.0, "cells": 0, "large_cells": 0, "device": None,
              "group_tiles": int(meta.get("group_tiles", 1)), "windows": 0, "max_window_px": [0, 0],
              "pixels_seen": 0, "pixels_cores": 0, "seen_ratio": None,

@@ -166,6 +166,7 @@ def load_pairs(rows: Sequence[dict], split: str):
             continue
         mask = read_tiff(r["mask"])
         if not np.issubdtype(mask.dtype, np.integer) or mask.ndim != 2:
-            raise SegRefineError(f"{r['mask']}: not an instance mask (2-D integer labels), got {mask.dtype} {mask.shape}")
+            raise SegRefineError(
+                f"{r['mask']}: not an instance mask (2-D integer labels), got {mask.dtype} {mask.shape}")
         pairs.append((read_tiff(r["image"]), mask))
     return pairs

@@ -181,8 +181,9 @@ class ClassicalAdapter(Adapter):
         return target
 
     def card_fields(self) -> dict:
-        return {"preprocessing": {"grayscale": "mean of RGB channels", "threshold": "Otsu of the gray histogram (slide-level "
-                                                                         "with an intensity reference) x threshold_scale"},
+        return {"preprocessing": {"grayscale": "mean of RGB channels",
+                                  "threshold": "Otsu of the gray histogram (slide-level with an intensity reference) "
+                                               "x threshold_scale"},
                 "thresholds": {"threshold_scale": self.params["threshold_scale"], "min_size": self.params["min_size"]},
                 "hyperparameters": {"sigma": self.params["sigma"], "min_distance": self.params["min_distance"],
                                     "invert": self.params["invert"], "grid": self.grid}}

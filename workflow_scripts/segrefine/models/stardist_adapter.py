@@ -113,7 +113,8 @@ class StarDistAdapter(Adapter):
         try:
             model = StarDist2D(None, name=folder.name, basedir=str(folder.parent))
         except Exception as exc:
-            raise SegRefineError(f"{weights}: not loadable as a StarDist 2D model ({type(exc).__name__}: {exc})") from exc
+            raise SegRefineError(
+                f"{weights}: not loadable as a StarDist 2D model ({type(exc).__name__}: {exc})") from exc
         return cls(model, params)
 
     @classmethod
