@@ -33,6 +33,7 @@ def _finetune(base_card, trainset, out, seed=0, **params):
     return json.loads((out / "finetuned" / "card.json").read_text())
 
 
+@pytest.mark.slow
 def test_base_model_card_is_complete(base_card):
     card = json.loads(base_card.read_text())
     assert set(CARD_KEYS) <= set(card)
@@ -41,6 +42,7 @@ def test_base_model_card_is_complete(base_card):
     assert len(json.loads((base_card.parent / "losses.json").read_text())["train_loss"]) == 2
 
 
+@pytest.mark.slow
 def test_finetune_on_real_crops_is_deterministic_and_learns(base_card, real_trainset, tmp_path):
     a = _finetune(base_card, real_trainset, tmp_path / "a")
     b = _finetune(base_card, real_trainset, tmp_path / "b")
@@ -58,6 +60,7 @@ def test_finetune_on_real_crops_is_deterministic_and_learns(base_card, real_trai
     assert kept["weights_sha256"] == a["weights_sha256"]
 
 
+@pytest.mark.slow
 def test_augmentation_switch_reaches_training(base_card, real_trainset, tmp_path):
     with_rotation = _finetune(base_card, real_trainset, tmp_path / "rot")
     without = _finetune(base_card, real_trainset, tmp_path / "norot", augment_rotate=False)
@@ -65,6 +68,7 @@ def test_augmentation_switch_reaches_training(base_card, real_trainset, tmp_path
     assert without["weights_sha256"] != with_rotation["weights_sha256"]
 
 
+@pytest.mark.slow
 def test_saved_model_predicts_identically_after_reload(base_card, real_trainset, tmp_path):
     _finetune(base_card, real_trainset, tmp_path)
     card = tmp_path / "finetuned" / "card.json"
@@ -86,7 +90,7 @@ def test_weights_of_the_wrong_kind_are_refused_before_training(tmp_path):
     assert not (tmp_path / "out" / "card.json").exists()
 
 
-# --- predict_window: a window with enough margin predicts what the whole image predicts ---------------------------------
+# --- predict_window: a window with enough margin predicts what the whole image predicts -------------------------------
 # Runs in the cellpose env. Small blocks (BLOCK 64, STRIDE 48 instead of 224 / 176) keep it fast on a CPU; the
 # exactness argument does not depend on the block size. Two networks: cellpose's own CPnet, randomly initialised
 # (seeded; its outputs, style vector included, must agree to the bit in the window's interior), and "Blobs", a fixed
@@ -162,6 +166,7 @@ def window_results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", ["up", "down"])
 def test_window_network_outputs_equal_the_whole_image_in_the_interior(window_results, scale):
     r = window_results[scale]
@@ -169,10 +174,12 @@ def test_window_network_outputs_equal_the_whole_image_in_the_interior(window_res
     assert r["edge_max_diff"] > 1e-3, r  # near the window's cut edges the outputs differ: the test can see it
 
 
+@pytest.mark.slow
 def test_window_labels_equal_the_whole_image_in_the_interior(window_results):
     r = window_results["up"]
     assert r["interior_cells_same"] >= 5 and r["interior_cells_differ"] == 0, r
 
 
+@pytest.mark.slow
 def test_predict_is_predict_window_at_the_origin(window_results):
     assert window_results["up"]["predict_is_window_at_origin"]

@@ -54,6 +54,7 @@ def finetuned(tmp_path_factory, small_trainset):
     return d
 
 
+@pytest.mark.slow
 def test_same_inputs_and_seed_give_the_same_weights(finetuned, small_trainset):
     run_step("cpsam", "finetune", "--pretrained-card", finetuned / "pretrained" / "card.json",
              "--trainset", small_trainset, "--name", "sam", "--params", json.dumps({"n_epochs": 2}), "--seed", 0,
@@ -73,6 +74,7 @@ def _cpsam_python(code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_card_is_complete_and_loss_recorded(finetuned, small_trainset):
     card = json.loads((finetuned / "finetuned" / "card.json").read_text())
     assert set(CARD_KEYS) <= set(card)
@@ -89,6 +91,7 @@ def test_card_is_complete_and_loss_recorded(finetuned, small_trainset):
     assert (finetuned / "finetuned" / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_weights_change_and_reload_predicts_identically(finetuned, small_trainset):
     """The trainable weights moved from the seeded initial ones; the saved model, loaded
     twice through its card alone, gives identical predictions (and network outputs)."""
@@ -136,6 +139,7 @@ def test_unknown_pretrained_name_is_refused(tmp_path):
     assert proc.returncode == 1 and "unknown pretrained cpsam model 'cpsam_v9'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_weights_of_another_framework_are_refused_before_training(tmp_path):
     # a real Cellpose 3 model (what the cellpose env trains), and a Keras HDF5 file
     run_step("cellpose", "train-base", "--framework", "cellpose", "--name", "cp3",

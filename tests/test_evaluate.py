@@ -147,6 +147,7 @@ def test_zero_shot_screening_ranks_by_mean_f1(real_trainset, evaluated, tmp_path
     assert (ranking["n_images"] == len(base)).all() and (ranking["mode"] == "standard").all()
 
 
+@pytest.mark.slow
 def test_threshold_sweep_of_a_cellpose_model(real_trainset, tmp_path):
     run_step("cellpose", "pretrained-card", "--framework", "cellpose", "--name", "cp", "--source", "none",
              "--out-dir", tmp_path / "cp")

@@ -27,7 +27,7 @@ def test_subsets_are_nested_deterministic_and_sized():
     subsets = {lab: [r["patch"] for r in select_subset(rows, lab, seed=3)] for lab in labels}
     assert [len(subsets[lab]) for lab in ("f0.1", "f0.25", "f0.5", "f1")] == [1, 2, 5, 10]  # round(f * 10), >= 1
     order = [r["patch"] for r in train_order(rows, 3)]
-    for lab, patches in subsets.items():
+    for patches in subsets.values():
         assert patches == order[:len(patches)]  # every subset is a prefix of one order: nested
     cells = [r["n_cells"] for r in train_order(rows, 3)]
     n = len(subsets["c60"])
@@ -58,6 +58,7 @@ def real_trainset6(realdata, tmp_path_factory):
     return make_real_trainset(tmp_path_factory.mktemp("lc_real"), realdata, ["ssDNA", "DAPI"] * 3, 0.2, 0.2)
 
 
+@pytest.mark.slow
 def test_learning_curve_steps_by_cli(real_trainset6, tmp_path):
     """Subsets, fine-tuning from the pretrained card, test evaluation and the table, with the classical model."""
     d, real_trainset = tmp_path, real_trainset6

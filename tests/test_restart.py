@@ -36,6 +36,7 @@ def _outputs(d):
 _readable = cw.readable
 
 
+@pytest.mark.slow
 def test_killed_driver_rerun_finishes_without_redoing_completed_jobs(workdir):
     proc = cw.snakemake(workdir, *cw.TARGETS, "--cores", 2, "--resources", "gpu=1", start_new_session=True)
     log = workdir / "logs" / "finetune" / "tiny.log"
@@ -74,6 +75,7 @@ def test_killed_driver_rerun_finishes_without_redoing_completed_jobs(workdir):
     assert "Nothing to be done" in cw.snakemake(workdir, *cw.TARGETS, "-n", "--cores", 2).stdout
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_shard_rerun_predicts_only_the_missing_tiles(tmp_path_factory):
     reference = cw.tiled_reference(tmp_path_factory)  # the same inference, uninterrupted
     d = cw.tiled_copy(tmp_path_factory, "tiled_kill")  # trainset, model and tile plan done
@@ -119,6 +121,7 @@ def test_driver_killed_mid_shard_rerun_predicts_only_the_missing_tiles(tmp_path_
           f"kill + rerun {time.monotonic() - t0:.0f} s, uninterrupted run {cw._TILED['reference_s']:.0f} s")
 
 
+@pytest.mark.slow
 def test_failing_sample_does_not_stop_the_others_and_the_summary_says_why(workdir):
     demo = workdir / "demo"
     (demo / "TINY02.tif").write_bytes((demo / "TINY01.tif").read_bytes())  # a second, good chip

@@ -21,6 +21,8 @@ import tifffile
 import cluster_workflow as cw
 from slurm_cluster import OneNodeSlurm, SlurmUnavailable
 
+pytestmark = pytest.mark.slow  # a private SLURM cluster and whole workflow runs
+
 CPUS = 2  # CPUs per job (the profile's threads, capped to this machine's 2 cores)
 # The node declares 4 CPUs (slurmd's config_overrides): two GPU jobs' CPU requests fit at once, so
 # only the one GPU keeps them apart.

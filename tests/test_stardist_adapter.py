@@ -25,6 +25,7 @@ def trained(real_trainset, tmp_path_factory):
     return out, _finetune(real_trainset, out)
 
 
+@pytest.mark.slow
 def test_finetuned_card_losses_and_thresholds(trained, real_trainset):
     out, card = trained
     assert set(CARD_KEYS) <= set(card) and card["framework"] == "stardist" and card["stage"] == "finetuned"
@@ -37,6 +38,7 @@ def test_finetuned_card_losses_and_thresholds(trained, real_trainset):
     assert {"config.json", "weights_best.h5", "loss.png"} <= {p.name for p in (out / "finetuned").iterdir()}
 
 
+@pytest.mark.slow
 def test_same_seed_same_model_and_reload_predicts_identically(trained, real_trainset, tmp_path):
     out, card = trained
     again = _finetune(real_trainset, tmp_path / "again")

@@ -66,6 +66,7 @@ def trained(real_trainset, init_weights, tmp_path_factory):
     return out, _finetune(real_trainset, init_weights, out)
 
 
+@pytest.mark.slow
 def test_finetuned_card_losses_and_changed_weights(trained, real_trainset):
     out, card = trained
     assert set(CARD_KEYS) <= set(card) and card["framework"] == "unet" and card["stage"] == "finetuned"
@@ -84,6 +85,7 @@ def test_finetuned_card_losses_and_changed_weights(trained, real_trainset):
     assert {"weights.hdf5", "loss.png", "losses.json"} <= {p.name for p in (out / "finetuned").iterdir()}
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_and_reload_predicts_identically(trained, real_trainset, init_weights, tmp_path):
     out, card = trained
     again = _finetune(real_trainset, init_weights, tmp_path / "again")
@@ -153,7 +155,8 @@ def test_cellbin_layer_names_and_keras2_hdf5_round_trip(tmp_path):
         m = UNetAdapter.from_pretrained(out + "/he.hdf5", {"patch_size": 64})
         print(json.dumps({"weighted": weighted, "names": names, "n_params": a.count_params(),
                           "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
-                          "he_stain": m.params["stain"], "he_first": list(m.model.get_layer("conv2d").weights[0].shape)}))
+                          "he_stain": m.params["stain"],
+                          "he_first": list(m.model.get_layer("conv2d").weights[0].shape)}))
     """, tmp_path)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sorted(got["weighted"]) == sorted(CELLBIN_WEIGHTED_LAYERS)

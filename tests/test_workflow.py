@@ -47,6 +47,7 @@ def test_lint_is_clean(workdir):
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout
 
 
+@pytest.mark.slow
 def test_full_run(workdir):
     proc = snakemake(workdir)
     assert proc.returncode == 0, proc.stdout[-5000:]
@@ -98,6 +99,7 @@ def test_full_run(workdir):
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
 
 
+@pytest.mark.slow
 def test_html_report(workdir):
     """`snakemake --report` gathers the evaluation tables, figures, overlays and loss curves."""
     proc = snakemake(workdir, "--report", "report.html")
@@ -110,6 +112,7 @@ def test_html_report(workdir):
         assert name in html, name
 
 
+@pytest.mark.slow
 def test_adding_an_annotation_reruns_exactly_what_depends_on_it(workdir):
     truth = tifffile.imread(workdir / "demo" / "TINY01-truth.tif")
     x, y, w = 288, 288, 96
@@ -230,7 +233,8 @@ def test_a_saw_outs_folder_is_a_sample_and_saws_cells_join_the_qc(workdir, tmp_p
     with gzip.open(workdir / "demo" / "TINY01.gem.gz", "rt") as fh:
         body = [line for line in fh if not line.startswith("#")]
     gem.write_text("#FileFormat=GEMv0.1\n#BinSize=1\n#OffsetX=0\n#OffsetY=0\n" + "".join(body))
-    proc = subprocess.run([str(env_python("gef")), "-c", MAKE_SAW_GEFS, gem, outs / "feature_expression" / "TINY01.tissue.gef",
+    proc = subprocess.run([str(env_python("gef")), "-c", MAKE_SAW_GEFS, gem,
+                           outs / "feature_expression" / "TINY01.tissue.gef",
                            workdir / "demo" / "TINY01-truth.tif", outs / "feature_expression" / "TINY01.cellbin.gef",
                            tmp_path / "mask.tif"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
