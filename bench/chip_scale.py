@@ -1,7 +1,7 @@
-"""The whole chain at the size of a real Stereo-seq chip: time, CPU and peak memory per step, beside gefpy and the paper.
+"""The whole chain at the size of a real Stereo-seq chip: time, CPU and peak memory per step, beside gefpy.
 
     $(python3 workflow_scripts/segrefine/envs.py python gef) bench/chip_scale.py --size 20000
-    $(python3 workflow_scripts/segrefine/envs.py python gef) bench/chip_scale.py --size 4096 --records 8e6  # a small chip
+    $(python3 workflow_scripts/segrefine/envs.py python gef) bench/chip_scale.py --size 4096 --records 8e6
 
 A seeded synthetic chip, written in bounded memory:
 
@@ -166,7 +166,7 @@ def write_bgef(path: Path, size: int, records: int, seed: int) -> int:
     return total
 
 
-# --- measured steps ------------------------------------------------------------------------------------------------------
+# --- measured steps -------------------------------------------------------------------------------------------------
 def run(name, argv, env_name, rows, cwd=None):
     """Run one step as its own process under GNU time; record wall, CPU and peak RSS."""
     cmd = ["/usr/bin/time", "-f", "TIME %e %U %S %M", str(env_python(env_name)), *map(str, argv)]
@@ -220,7 +220,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     slide, bgef = out / "chip_ssDNA_regist.tif", out / "chip.raw.gef"
     rows = []
-    print(f"# chip {a.size} x {a.size} px, {a.records:.3g} records drawn, seed {a.seed}; {os.cpu_count()} CPUs", flush=True)
+    print(f"# chip {a.size} x {a.size} px, {a.records:.3g} records drawn, seed {a.seed}; {os.cpu_count()} CPUs",
+          flush=True)
     if not slide.is_file():
         t0 = time.monotonic()
         write_slide(slide, a.size, a.seed)
@@ -269,7 +270,8 @@ def main():
                "tile_size": plan.get("tile_size"), "tissue_fraction": plan.get("tissue", {}).get("tissue_fraction")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n## chip {a.size}^2: {summary['cells']} cells, tile size {summary['tile_size']}, tissue "
-          f"{summary['tissue_fraction']}, the model saw {summary['model_pixels_over_tissue']} x the pixels of the tiles it predicted\n")
+          f"{summary['tissue_fraction']}, the model saw {summary['model_pixels_over_tissue']} x the pixels of the "
+          "tiles it predicted\n")
     print("| step | wall s | CPU s | peak RSS GiB |\n| --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['step']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_gib']:.2f} |")

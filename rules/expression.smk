@@ -38,7 +38,8 @@ use rule cgef as cgef_qc with:
 
 
 rule h5ad:
-    """cgef -> AnnData (.h5ad) with stereopy; obs carries each cell's id in the label image."""
+    """cgef -> AnnData (.h5ad), X streamed from the cgef in bounded memory (`--writer stereopy` for stereopy's own
+    reader); obs carries each cell's id in the label image."""
     input:
         cgef=f"{RESULTS}/expression/{{sample}}/cells.cgef",
         cellmap=f"{RESULTS}/expression/{{sample}}/cellmap.csv",

@@ -56,7 +56,8 @@ def test_a_library_that_kills_its_process_becomes_a_clear_error():
     run_isolated("fine", int)  # a clean call passes
 
 
-def test_h5ad_refuses_a_cell_table_that_does_not_match_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("writer", ["direct", "stereopy"])
+def test_h5ad_refuses_a_cell_table_that_does_not_match_and_writes_nothing(tmp_path, writer):
     import gzip
 
     import tifffile
@@ -73,8 +74,8 @@ def test_h5ad_refuses_a_cell_table_that_does_not_match_and_writes_nothing(tmp_pa
     cellmap = (tmp_path / "c.csv").read_text().splitlines()
     (tmp_path / "short.csv").write_text("\n".join(cellmap[:-1]) + "\n")  # one cell missing
     proc = run_step("stereopy", "h5ad", "--cgef", tmp_path / "c.cgef", "--cellmap", tmp_path / "short.csv",
-                    "--out", tmp_path / "out" / "cells.h5ad", check=False)
-    assert proc.returncode == 1 and "stereopy's cells do not line up with" in proc.stderr
+                    "--out", tmp_path / "out" / "cells.h5ad", "--writer", writer, check=False)
+    assert proc.returncode == 1 and "cells do not line up with" in proc.stderr and "short.csv" in proc.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

@@ -26,6 +26,7 @@ A matrix that does not fit inside the label image in that frame is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -435,11 +436,58 @@ def _write_cellmap(path, cgef_cell, label_id, x, y, area, total, n_genes) -> int
     return int(np.asarray(total, np.int64).sum())
 
 
-def cgef_to_h5ad(cgef, cellmap_csv, out_h5ad) -> int:
-    """cgef -> AnnData with stereopy; obs gains the label id of each cell in the whole-slide mask.
+H5AD_WRITERS = ("direct", "stereopy")
 
-    A cgef without any cell (no cell over any transcript) gives a valid AnnData of 0 cells with the same columns,
-    written without stereopy (whose reader crashes on it with a segmentation fault)."""
+
+def cgef_to_h5ad(cgef, cellmap_csv, out_h5ad, writer: str = "direct", chunk: int = 1 << 22) -> int:
+    """cgef -> AnnData (.h5ad): ``direct`` (bounded: the sparse matrix streamed from the cgef, ``cgef_to_h5ad_direct``)
+    or ``stereopy`` (stereopy's reader and converter, ``cgef_to_h5ad_stereopy``)."""
+    if writer not in H5AD_WRITERS:
+        raise SegRefineError(f"unknown h5ad writer {writer!r}: one of {list(H5AD_WRITERS)}")
+    if writer == "direct":
+        return cgef_to_h5ad_direct(cgef, cellmap_csv, out_h5ad, chunk)
+    return cgef_to_h5ad_stereopy(cgef, cellmap_csv, out_h5ad)
+
+
+def _read_cellmap(cellmap_csv):
+    import pandas as pd
+
+    cellmap = pd.read_csv(cellmap_csv)
+    missing = [c for c in CELLMAP_COLUMNS if c not in cellmap.columns]
+    if missing:
+        raise SegRefineError(f"{cellmap_csv}: missing column(s) {missing} (written by an older `segrefine cgef`?)")
+    return cellmap
+
+
+@contextlib.contextmanager
+def _quiet_hdf5_teardown():
+    """A failed HDF5 write (full disk) makes h5py's objects fail again as they are freed, each printing a traceback
+    (Cython's unraisable errors go through sys.excepthook and sys.unraisablehook): the write error itself is raised
+    (and reported in one line), those are noise."""
+    import sys
+
+    hooks = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook = lambda unraisable: log.debug("ignored while unwinding: %s", unraisable.exc_value)
+    sys.excepthook = lambda kind, value, tb: log.debug("ignored while unwinding: %s", value)
+    try:
+        yield
+    except BaseException:
+        import gc
+
+        gc.collect()  # free the failed file's objects while the quiet hook is in place
+        raise
+    finally:
+        sys.unraisablehook, sys.excepthook = hooks
+
+
+def cgef_to_h5ad_direct(cgef, cellmap_csv, out_h5ad, chunk: int = 1 << 22) -> int:
+    """cgef -> AnnData in bounded memory: obs, var and obsm (per cell and per gene) are built with anndata and
+    written by it; ``X`` (cells x genes, UMIs, CSR) is then written into the same file by slices of ``chunk``
+    entries of the cgef's ``cellExp`` (already in cell order, sorted by gene), following anndata's on-disk
+    ``csr_matrix`` encoding. obs: ``label_id`` (the cell's id in labels.tif; also the obs name), ``cgef_cell``,
+    ``centroid_x``/``centroid_y`` and ``x``/``y`` (centre, GEM coordinates), ``area``, ``dnbCount``,
+    ``total_counts``, ``n_genes``; obsm: ``spatial`` (centres), ``cell_border`` (32 outline points, offsets from the
+    centre, padded with 32767); uns: ``bin_type``, ``resolution``. Checked against ``cellmap.csv``."""
     import anndata
     import h5py
     import pandas as pd
@@ -447,10 +495,77 @@ def cgef_to_h5ad(cgef, cellmap_csv, out_h5ad) -> int:
     from segrefine.io import atomic_path
 
     Path(out_h5ad).parent.mkdir(parents=True, exist_ok=True)
-    cellmap = pd.read_csv(cellmap_csv)
-    missing = [c for c in CELLMAP_COLUMNS if c not in cellmap.columns]
-    if missing:
-        raise SegRefineError(f"{cellmap_csv}: missing column(s) {missing} (written by an older `segrefine cgef`?)")
+    cellmap = _read_cellmap(cellmap_csv)
+    try:
+        f = h5py.File(cgef, "r")
+    except OSError as exc:
+        raise SegRefineError(f"{cgef}: not a readable cell-bin GEF ({exc})") from None
+    with f:
+        if "cellBin/cell" not in f or "cellBin/cellExp" not in f or "cellBin/gene" not in f:
+            raise SegRefineError(f"{cgef}: no cellBin/cell, cellExp and gene tables (not a cell-bin GEF)")
+        cell = f["cellBin/cell"][:]
+        genes = np.array([g.decode() for g in f["cellBin/gene"]["geneName"]], dtype=object)
+        border = f["cellBin/cellBorder"][:] if "cellBin/cellBorder" in f else np.zeros((len(cell), 0, 2), np.int16)
+        resolution = int(np.asarray(f.attrs["resolution"]).ravel()[0]) if "resolution" in f.attrs else 500
+        if len(cellmap) != len(cell) or not (np.array_equal(cellmap["x"].to_numpy(), cell["x"])
+                                             and np.array_equal(cellmap["y"].to_numpy(), cell["y"])
+                                             and np.array_equal(cellmap["total_counts"].to_numpy(), cell["expCount"])
+                                             and np.array_equal(cellmap["n_genes"].to_numpy(), cell["geneCount"])):
+            raise SegRefineError(f"{cgef}: its cells do not line up with {cellmap_csv} (rerun `segrefine cgef`)")
+        obs = pd.DataFrame({
+            "label_id": cellmap["label_id"].to_numpy(np.int64), "cgef_cell": cellmap["cgef_cell"].to_numpy(np.int64),
+            "centroid_x": cell["x"].astype(np.int64), "centroid_y": cell["y"].astype(np.int64),
+            "x": cell["x"].astype(np.int64), "y": cell["y"].astype(np.int64), "area": cell["area"].astype(np.int64),
+            "dnbCount": cell["dnbCount"].astype(np.int64), "total_counts": cell["expCount"].astype(np.int64),
+            "n_genes": cell["geneCount"].astype(np.int64)},
+            index=pd.Index(cellmap["label_id"].astype(str).to_numpy(), dtype=object))
+        adata = anndata.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=object)))
+        adata.obsm["spatial"] = np.column_stack([cell["x"], cell["y"]]).astype(np.int64)
+        adata.obsm["cell_border"] = border.astype(np.int16)
+        adata.uns["bin_type"] = "cell_bins"
+        adata.uns["resolution"] = resolution
+        exp = f["cellBin/cellExp"]
+        nnz = int(exp.shape[0])
+        if int(cell["geneCount"].astype(np.int64).sum()) != nnz:
+            raise SegRefineError(f"{cgef}: cellExp holds {nnz} entries but the cells' geneCount sum to "
+                                 f"{int(cell['geneCount'].astype(np.int64).sum())} (damaged file)")
+        with _quiet_hdf5_teardown(), atomic_path(out_h5ad, suffix=".h5ad") as tmp:
+            adata.write_h5ad(tmp)
+            with h5py.File(tmp, "a") as out:
+                if "X" in out:
+                    del out["X"]
+                X = out.create_group("X")
+                X.attrs["encoding-type"] = "csr_matrix"
+                X.attrs["encoding-version"] = "0.1.0"
+                X.attrs["shape"] = np.array([len(cell), len(genes)], np.int64)
+                indptr = np.zeros(len(cell) + 1, np.int64)
+                np.cumsum(cell["geneCount"].astype(np.int64), out=indptr[1:])
+                X.create_dataset("indptr", data=indptr)
+                data = X.create_dataset("data", shape=(nnz,), dtype=np.uint32)
+                index_dtype = np.int32 if len(genes) < 2 ** 31 else np.int64
+                indices = X.create_dataset("indices", shape=(nnz,), dtype=index_dtype)
+                for s in range(0, nnz, chunk):
+                    part = exp[s:s + chunk]
+                    data[s:s + len(part)] = part["count"]
+                    indices[s:s + len(part)] = part["geneID"]
+    if not len(cell):
+        log.warning("%s holds no cell: wrote an AnnData of 0 cells x %d genes to %s", cgef, len(genes), out_h5ad)
+    log.info("%s: %d cells x %d genes, %d entries -> %s (direct writer)", cgef, len(cell), len(genes), nnz, out_h5ad)
+    return int(len(cell))
+
+
+def cgef_to_h5ad_stereopy(cgef, cellmap_csv, out_h5ad) -> int:
+    """cgef -> AnnData with stereopy; obs gains the label id of each cell in the whole-slide mask.
+
+    A cgef without any cell (no cell over any transcript) gives a valid AnnData of 0 cells with the same columns,
+    written without stereopy (whose reader crashes on it with a segmentation fault)."""
+    import anndata
+    import h5py
+
+    from segrefine.io import atomic_path
+
+    Path(out_h5ad).parent.mkdir(parents=True, exist_ok=True)
+    cellmap = _read_cellmap(cellmap_csv)
     try:
         with h5py.File(cgef, "r") as f:
             n_cells = int(f["cellBin/cell"].shape[0])
@@ -469,26 +584,11 @@ def cgef_to_h5ad(cgef, cellmap_csv, out_h5ad) -> int:
     import stereo as st
 
     data = st.io.read_gef(str(cgef), bin_type="cell_bins")
-    # a failed HDF5 write (full disk) makes h5py's objects fail again as they are freed, each printing a traceback
-    # (Cython's unraisable errors go through sys.excepthook and sys.unraisablehook): the write error itself is raised
-    # (and reported in one line), those are noise
-    import sys
-
-    hooks = sys.unraisablehook, sys.excepthook
-    sys.unraisablehook = lambda unraisable: log.debug("ignored while unwinding: %s", unraisable.exc_value)
-    sys.excepthook = lambda kind, value, tb: log.debug("ignored while unwinding: %s", value)
-    try:
+    with _quiet_hdf5_teardown():
         with tempfile.TemporaryDirectory(dir=Path(out_h5ad).parent) as tmpdir:
             raw = Path(tmpdir) / "stereopy.h5ad"
             st.io.stereo_to_anndata(data, flavor="scanpy", output=str(raw))
             adata = anndata.read_h5ad(raw)
-    except BaseException:
-        import gc
-
-        gc.collect()  # free the failed file's objects while the quiet hook is in place
-        raise
-    finally:
-        sys.unraisablehook, sys.excepthook = hooks
     # stereopy keeps the cgef's cell order; its obs names encode the centre, which we check
     same = (len(cellmap) == adata.n_obs and np.array_equal(cellmap["x"].to_numpy(), adata.obs["x"].to_numpy())
             and np.array_equal(cellmap["y"].to_numpy(), adata.obs["y"].to_numpy()))
