@@ -432,3 +432,12 @@ def test_the_alignment_report_finds_a_shifted_matrix_and_says_which_origin_to_se
     else:
         assert report["fraction_umis_in_cells"] < 0.4 < 0.8 < a["fraction_in_cells_at_best_shift"]
         assert "ALIGNMENT" in proc.stderr and f"set expression.origin to '{shift[0]},{shift[1]}'" in proc.stderr
+
+
+def test_a_rerun_removes_the_work_folder_of_a_killed_cgef_job(chip):
+    """A SIGKILLed cgef job leaves its hidden work folder beside the output; the next run of the job removes it."""
+    stale = chip / ".cgef.killed01"
+    stale.mkdir()
+    (stale / "records.0.npy").write_bytes(b"x" * 100)
+    _cgef(chip)
+    assert not stale.exists() and not list(chip.glob(".cgef.*")) and (chip / "exact.cgef").is_file()

@@ -287,6 +287,9 @@ def make_cgef(gem_path, labels_path, cgef_out, cellmap_out, threads: int = 2, wr
     previous = None
     if threading.current_thread() is threading.main_thread():  # a terminated job still removes its temporary files
         previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    for old in Path(cgef_out).parent.glob(".cgef.*"):  # work folders of killed runs (one cgef job per folder)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=".cgef.", dir=Path(cgef_out).parent))
     try:
         spill = RecordSpill(reader, org, labels.shape, work)
