@@ -131,6 +131,15 @@ def run_measured(cmd, env=None):
         return wall, rss_mib, err, cpu
 
 
+def classical_card(py, work: Path) -> Path:
+    """The classical model's card in ``work/classical`` (made once by `segrefine pretrained-card`)."""
+    card = work / "classical" / "card.json"
+    if not card.is_file():
+        run_measured([py, "-m", "segrefine", "pretrained-card", "--framework", "classical", "--name", "classical",
+                      "--source", "none", "--out-dir", card.parent])
+    return card
+
+
 def run_parallel_measured(cmds, pin: bool = False):
     """Start all commands at once; return (wall s, [peak RSS MiB], [CPU s]). ``pin``: command k runs on CPU core k only
     (a worker = one core, whatever else the process's threads want)."""
@@ -297,10 +306,7 @@ def main():
     py = env_python("core")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    card = work / "classical" / "card.json"
-    if not card.is_file():
-        run_measured([py, "-m", "segrefine", "pretrained-card", "--framework", "classical", "--name", "classical",
-                      "--source", "none", "--out-dir", card.parent])
+    card = classical_card(py, work)
     results = {"machine": f"{os.cpu_count()} CPU cores", "tile": a.tile, "halo": a.halo}
 
     if "memory" not in a.skip:

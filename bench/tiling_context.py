@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow_scripts"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from tiling import run_measured, write_synthetic_slide  # noqa: E402  (bench/tiling.py)
+from tiling import classical_card, run_measured, write_synthetic_slide  # noqa: E402  (bench/tiling.py)
 
 SHARD = """
 import logging, sys
@@ -154,10 +154,7 @@ def main():
         py = env_python("core")
         work = Path(a.work)
         work.mkdir(parents=True, exist_ok=True)
-        card = work / "classical" / "card.json"
-        if not card.is_file():
-            run_measured([py, "-m", "segrefine", "pretrained-card", "--framework", "classical", "--name", "classical",
-                          "--source", "none", "--out-dir", card.parent])
+        card = classical_card(py, work)
         for size in a.sizes:
             results["measured"] += measured(py, size, work, card, a.tile, a.halo, a.context, a.bound)
         print(f"\n## Measured: classical model with a {a.context} px context, 1 shard\n")
