@@ -321,7 +321,7 @@ def _make_exact(spill, gem_path, labels, work, cgef_out, cellmap_out, band_recor
     with atomic_path(cgef_out, suffix=".cgef") as tmp:
         tables = exact_cell_bin(spill, labels, work, tmp, band_records, band_rows, source=str(gem_path))
         cell = tables["cell"]
-        in_cells = _write_cellmap(cellmap_out, cell["id"], tables["label_id"], cell["x"], cell["y"], cell["area"],
+        in_cells = write_cellmap(cellmap_out, cell["id"], tables["label_id"], cell["x"], cell["y"], cell["area"],
                                   cell["expCount"], cell["geneCount"])
     return len(cell), in_cells
 
@@ -398,7 +398,7 @@ def _make_gefpy(spill, gem_path, given_bgef, labels, origin, work, cgef_out, cel
     ly = np.clip(cells["y"].astype(np.int64) - oy, 0, labels.shape[0] - 1)
     with atomic_path(cgef_out, suffix=".cgef") as tmp:
         shutil.move(str(cgef_tmp), str(tmp))
-        in_cells = _write_cellmap(cellmap_out, cells["id"], labels_at(labels, lx, ly, band_rows), cells["x"],
+        in_cells = write_cellmap(cellmap_out, cells["id"], labels_at(labels, lx, ly, band_rows), cells["x"],
                                   cells["y"], cells["area"], cells["expCount"], cells["geneCount"])
     return len(cells), in_cells
 
@@ -427,16 +427,17 @@ def alignment_report(spill, labels, origin, umis_in_cells: int, gem_path, labels
     return report
 
 
-def _write_cellmap(path, cgef_cell, label_id, x, y, area, total, n_genes) -> int:
+def write_cellmap(path, cgef_cell, label_id, x, y, area, total, n_genes, rows: int = 1 << 16) -> int:
     """Per cgef cell: its id in the label image under its centre, centre, area, UMIs, genes; returns the UMIs."""
     from segrefine.io import atomic_path
 
+    columns = [np.asarray(c, np.int64) for c in (cgef_cell, label_id, x, y, area, total, n_genes)]
     with atomic_path(path) as tmp:
         with open(tmp, "w") as fh:
             fh.write(",".join(CELLMAP_COLUMNS) + "\n")
-            for row in zip(cgef_cell, label_id, x, y, area, total, n_genes):
-                fh.write(",".join(str(int(v)) for v in row) + "\n")
-    return int(np.asarray(total, np.int64).sum())
+            for s in range(0, len(columns[0]), rows):
+                np.savetxt(fh, np.column_stack([c[s:s + rows] for c in columns]), fmt="%d", delimiter=",")
+    return int(columns[5].sum())
 
 
 H5AD_WRITERS = ("direct", "stereopy")

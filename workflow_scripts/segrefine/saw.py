@@ -29,7 +29,6 @@ from segrefine import SegRefineError
 SAW_STAINS: Dict[str, List[str]] = {"ssDNA": ["ssDNA"], "DAPI": ["DAPI"], "HE": ["HE"], "mIF": ["IF", "mIF"]}
 # SAW's cell-bin GEFs, as stages of the expression QC
 SAW_CELLBINS = (("saw_nuclei", "cellbin.gef"), ("saw_cells", "adjusted.cellbin.gef"))
-CELLMAP_COLUMNS = ("cgef_cell", "label_id", "x", "y", "area", "total_counts", "n_genes")
 
 
 @dataclass
@@ -77,16 +76,16 @@ def resolve_outs(outs, sn: str, stain: str) -> SawOuts:
     return SawOuts(image=str(image), expression=str(expression), cellbins=cellbins)
 
 
-def cellbin_cellmap(cgef, out_csv, chunk: int = 1 << 20) -> int:
+def cellbin_cellmap(cgef, out_csv) -> int:
     """SAW's (or gefpy's) cell-bin GEF -> the per-cell table of ``segrefine cgef`` (``cellmap.csv``).
 
     ``label_id`` is the GEF's own cell id (these cells are not in our label
-    image). The cell table is read in slices of ``chunk`` rows. Returns the
+    image). Only the needed fields of the cell table are read. Returns the
     number of cells.
     """
     import h5py
 
-    from segrefine.io import atomic_path
+    from segrefine.expression import write_cellmap
 
     cgef = Path(cgef)
     if not cgef.is_file():
@@ -102,15 +101,10 @@ def cellbin_cellmap(cgef, out_csv, chunk: int = 1 << 20) -> int:
             missing = [c for c in need if c not in fields]
             if missing:
                 raise SegRefineError(f"{cgef}: cellBin/cell lacks field(s) {missing} (has {list(fields)})")
-            n = cells.shape[0]
-            with atomic_path(out_csv) as tmp, open(tmp, "w") as fh:
-                fh.write(",".join(CELLMAP_COLUMNS) + "\n")
-                for start in range(0, n, chunk):
-                    part = cells[start:start + chunk]
-                    ids = part["id"].astype(np.int64) if "id" in fields else np.arange(start, start + len(part))
-                    table = np.column_stack([np.arange(start, start + len(part)), ids,
-                                             *(part[c].astype(np.int64) for c in need)])
-                    np.savetxt(fh, table, fmt="%d", delimiter=",")
+            col = {c: cells.fields(c)[:] for c in need + (("id",) if "id" in fields else ())}
     except OSError as exc:
         raise SegRefineError(f"{cgef}: cannot read as HDF5 ({exc}); truncated?") from exc
+    n = len(col["x"])
+    write_cellmap(out_csv, np.arange(n), col.get("id", np.arange(n)), col["x"], col["y"], col["area"],
+                  col["expCount"], col["geneCount"])
     return int(n)
