@@ -28,7 +28,7 @@ demo-data: demo/demo.json
 demo: setup demo-data
 	$(SNAKEMAKE) --profile profiles/local
 	@echo
-	@echo "Results (see README 'Outputs'):"
+	@echo "Results (see docs/outputs.md):"
 	@echo "  evaluation before/after fine-tuning: results/evaluation/summary.csv"
 	@cat results/evaluation/summary.csv
 	@echo "  fine-tuned model + loss curve:       results/models/*/finetuned/"
