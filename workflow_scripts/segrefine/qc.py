@@ -43,15 +43,19 @@ METRICS = (("total_counts", "UMIs per cell"), ("n_genes", "genes per cell"), ("a
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
+def table_stages(n: int, stages: Optional[Sequence[str]] = None) -> List[str]:
+    """The stage of each of ``n`` cell tables: "" when none is given, one for all, or one each."""
+    stages = [""] * n if not stages else list(stages)
+    return stages * n if len(stages) == 1 else stages
+
+
 def read_cell_tables(cellmaps: Sequence, samples: Sequence[str], stages: Optional[Sequence[str]] = None):
     """All cell tables in one frame with ``sample`` and ``stage`` columns (stage "" when not given)."""
     import pandas as pd
 
     if len(cellmaps) != len(samples):
         raise SegRefineError(f"{len(cellmaps)} cell tables for {len(samples)} sample names")
-    stages = [""] * len(cellmaps) if not stages else list(stages)
-    if len(stages) == 1:
-        stages = stages * len(cellmaps)
+    stages = table_stages(len(cellmaps), stages)
     if len(stages) != len(cellmaps):
         raise SegRefineError(f"{len(cellmaps)} cell tables for {len(stages)} stage names")
     if len(set(zip(samples, stages))) != len(cellmaps):
@@ -277,8 +281,7 @@ def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0,
     import logging
 
     cells = read_cell_tables(cellmaps, samples, stages)
-    read = list(zip(samples, [""] * len(samples) if not stages else
-                    (list(stages) * len(samples) if len(stages) == 1 else list(stages))))
+    read = list(zip(samples, table_stages(len(samples), stages)))
     given = [st for st in dict.fromkeys(st for _, st in read) if not is_reference(st)]  # ours, even without cells
     references = [st for st in dict.fromkeys(st for _, st in read) if is_reference(st)]
     if len(given) > 2:
