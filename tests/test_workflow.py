@@ -169,8 +169,8 @@ def test_unconfigured_segmentation_model_is_named(workdir):
 
 def test_a_users_configfile_replaces_the_demo_config(workdir):
     """--configfile replaces config/config.yaml instead of merging into it: the demo's model (cyto_demo) and sample
-    (DEMO01) are not planned beside the test config's."""
-    proc = snakemake(workdir, "-n")
+    (DEMO01) are not planned beside the test config's. --forceall plans every job, whatever earlier tests built."""
+    proc = snakemake(workdir, "-n", "--forceall")
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "cyto_demo" not in proc.stdout and "DEMO01" not in proc.stdout
     assert "model=tiny" in proc.stdout and planned_jobs(proc)["finetune"] == 4
