@@ -1,0 +1,215 @@
+"""segrefine.cells: every cell one piece, nuclei grown into cells (exact, banded), a user's cell mask."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import tifffile
+
+from segrefine import SegRefineError
+from segrefine.cells import (
+    distance_px,
+    expand_array_banded,
+    expand_label_image,
+    expand_labels,
+    fragment_pixels,
+    largest_component,
+)
+from segrefine.expression import LabelImage
+
+
+def brute_force(labels, d):
+    """Every background pixel against every nucleus pixel: the nearest within d, ties to the lowest id."""
+    out = labels.astype(np.uint32).copy()
+    ny, nx = np.nonzero(labels)
+    lab = labels[ny, nx].astype(np.int64)
+    by, bx = np.nonzero(labels == 0)
+    if not len(ny):
+        return out
+    d2 = (by[:, None] - ny[None, :]) ** 2 + (bx[:, None] - nx[None, :]) ** 2
+    m = d2.min(axis=1)
+    cand = np.where(d2 == m[:, None], lab[None, :], np.iinfo(np.int64).max).min(axis=1)
+    within = m <= math.floor(d * d + 1e-9)
+    out[by[within], bx[within]] = cand[within]
+    return out
+
+
+def random_nuclei(seed, shape=(48, 64), n=12, r=(1, 4)):
+    rng = np.random.default_rng(seed)
+    lab = np.zeros(shape, np.uint32)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    for _ in range(n):
+        cy, cx, rr = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(r[0], r[1] + 1)
+        lab[((yy - cy) ** 2 + (xx - cx) ** 2 <= rr * rr) & (lab == 0)] = rng.integers(1, 1000)
+    return lab
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("d", [1, 2.5, 6, 10])
+def test_expand_equals_brute_force(seed, d):
+    lab = random_nuclei(seed)
+    assert np.array_equal(expand_labels(lab, d), brute_force(lab, d))
+
+
+def test_expand_distance_and_ids_preserved():
+    lab = np.zeros((41, 41), np.uint32)
+    lab[20, 20] = 7
+    out = expand_labels(lab, 10)
+    yy, xx = np.mgrid[:41, :41]
+    assert np.array_equal(out == 7, (yy - 20) ** 2 + (xx - 20) ** 2 <= 100)  # a disc of radius 10, nothing beyond
+    assert set(np.unique(out)) == {0, 7}
+    lab2 = random_nuclei(3)
+    out2 = expand_labels(lab2, 4)
+    assert np.array_equal(out2[lab2 > 0], lab2[lab2 > 0])  # nuclei keep their pixels and ids
+    assert set(np.unique(out2)) == set(np.unique(lab2))  # no new id, none lost
+
+
+def test_expand_no_overlap_ties_lowest_id():
+    lab = np.zeros((5, 9), np.uint32)
+    lab[2, 0], lab[2, 8] = 9, 4  # (2, 4) lies 4 px from both
+    out = expand_labels(lab, 5)
+    assert out[2, 4] == 4  # the tie goes to the lower id, whatever the order of the nuclei
+    assert list(out[2]) == [9, 9, 9, 9, 4, 4, 4, 4, 4]
+    swapped = np.where(lab == 9, 4, np.where(lab == 4, 9, 0)).astype(np.uint32)
+    assert expand_labels(swapped, 5)[2, 4] == 4
+    # a single label per pixel by construction; every grown pixel is nearer to (or tied with) its own nucleus
+    lab3 = random_nuclei(5, n=20)
+    out3 = expand_labels(lab3, 6)
+    ny, nx = np.nonzero(lab3)
+    for y, x in zip(*np.nonzero((out3 > 0) & (lab3 == 0))):
+        d2 = (ny - y) ** 2 + (nx - x) ** 2
+        assert d2[lab3[ny, nx] == out3[y, x]].min() == d2.min()
+
+
+def test_expand_agrees_with_scipy_where_no_tie():
+    from scipy import ndimage
+
+    lab = random_nuclei(7, n=15)
+    d = 8
+    out = expand_labels(lab, d)
+    dist, (iy, ix) = ndimage.distance_transform_edt(lab == 0, return_indices=True)
+    ref = np.where((lab == 0) & (dist <= d), lab[iy, ix], lab)
+    bf = brute_force(lab, d)
+    assert np.array_equal(out, bf)
+    differs = ref != out
+    # scipy picks any nearest pixel: it may differ from ours only at a tie between two ids
+    ny, nx = np.nonzero(lab)
+    for y, x in zip(*np.nonzero(differs)):
+        d2 = (ny - y) ** 2 + (nx - x) ** 2
+        assert len(np.unique(lab[ny, nx][d2 == d2.min()])) > 1
+
+
+@pytest.mark.parametrize("band_rows,block_cols", [(1, 64), (3, 5), (7, 64), (16, 16), (48, 64), (100, 100)])
+def test_bands_equal_whole_image(band_rows, block_cols):
+    lab = random_nuclei(11, n=25)
+    whole = expand_labels(lab, 6)
+    assert np.array_equal(expand_array_banded(lab, 6, band_rows, block_cols), whole)
+
+
+def test_nucleus_at_slide_edge():
+    lab = np.zeros((20, 30), np.uint32)
+    lab[0, 0] = 3  # a corner
+    lab[19, 12:14] = 5  # the bottom edge
+    out = expand_labels(lab, 3)
+    assert np.array_equal(out, brute_force(lab, 3))
+    assert out[3, 0] == 3 and out[0, 3] == 3 and out[2, 2] == 3  # 3 px; 2^2 + 2^2 = 8 <= 9: grown
+    assert out[3, 1] == 0 and out[4, 0] == 0  # 3^2 + 1 = 10 > 9, 4 px: beyond
+    assert out[16, 12] == 5 and out[15, 12] == 0
+    assert np.array_equal(expand_array_banded(lab, 3, 4, 7), out)
+
+
+def test_expand_empty_and_full():
+    assert not expand_labels(np.zeros((5, 5), np.uint32), 3).any()
+    full = np.ones((4, 4), np.uint32)
+    assert np.array_equal(expand_labels(full, 3), full)
+
+
+def test_largest_component_fragments_removed_and_counted():
+    lab = np.zeros((12, 12), np.uint32)
+    lab[1:5, 1:5] = 1
+    lab[8, 8] = 1  # a stray pixel of cell 1
+    lab[5, 5] = 1  # diagonal: 8-connected to the body, kept
+    lab[1:3, 8:11] = 2
+    lab[10, 1:3] = 2  # cell 2's fragment of 2 px
+    lab[6:9, 1:3] = 3  # one piece
+    clean, info = largest_component(lab)
+    assert info == {"fragment_cells": 2, "fragment_pixels": 3, "fragment_cell_ids": [1, 2]}
+    assert clean[8, 8] == 0 and clean[5, 5] == 1 and not clean[10].any()
+    assert np.array_equal(clean[lab == 3], lab[lab == 3])
+    assert np.array_equal(fragment_pixels(clean), np.zeros_like(clean, bool))
+    # equal pieces: the first in raster order stays
+    two = np.zeros((3, 5), np.uint32)
+    two[0, 0], two[2, 4] = 4, 4
+    clean2, info2 = largest_component(two)
+    assert clean2[0, 0] == 4 and clean2[2, 4] == 0 and info2["fragment_pixels"] == 1
+
+
+def test_distance_checks():
+    assert distance_px(10) == 10
+    assert distance_px(5, "um", 0.5) == 10
+    for bad in (-1, 0, float("nan"), 201, "ten"):
+        with pytest.raises(SegRefineError, match="distance"):
+            distance_px(bad)
+    with pytest.raises(SegRefineError, match="absurd"):
+        distance_px(150, "um", 0.5)
+    with pytest.raises(SegRefineError, match="absurd"):
+        distance_px(90, "um", 0.1)  # 900 px
+    with pytest.raises(SegRefineError, match="µm per pixel"):
+        distance_px(5, "um", None)
+    with pytest.raises(SegRefineError, match="unit"):
+        distance_px(5, "mm")
+
+
+def _write_labels(path, lab):
+    tifffile.imwrite(path, lab, tile=(16, 16), compression="zlib")
+
+
+def test_label_image_expand_and_report(tmp_path):
+    lab = random_nuclei(2, shape=(70, 90), n=30)
+    _write_labels(tmp_path / "labels.tif", lab)
+    rep = expand_label_image(tmp_path / "labels.tif", tmp_path / "cells.tif", tmp_path / "cells.json",
+                             distance=3, unit="um", um_per_px=0.5, band_rows=16, block_cols=32)
+    got = LabelImage(tmp_path / "cells.tif")
+    assert got.dtype == np.uint32 and got.shape == lab.shape
+    assert np.array_equal(got.rows(0, 70), brute_force(lab, 6))
+    got.close()
+    with tifffile.TiffFile(tmp_path / "cells.tif") as tif:
+        assert tif.is_ome
+    saved = json.loads((tmp_path / "cells.json").read_text())
+    assert saved["distance_px"] == 6 and saved["cells"] == saved["nuclei"] == len(np.unique(lab)) - 1
+    assert saved["cell_pixels"] == int((brute_force(lab, 6) > 0).sum()) and rep["halo_px"] == 6
+
+
+def test_label_image_mask(tmp_path):
+    lab = random_nuclei(4, shape=(40, 50))
+    mask = expand_labels(lab, 2) * 2
+    _write_labels(tmp_path / "labels.tif", lab)
+    tifffile.imwrite(tmp_path / "mask.tif", mask.astype(np.uint16))
+    expand_label_image(tmp_path / "labels.tif", tmp_path / "cells.tif", tmp_path / "cells.json", mode="mask",
+                       mask_path=tmp_path / "mask.tif", band_rows=8)
+    got = LabelImage(tmp_path / "cells.tif")
+    assert got.dtype == np.uint32 and np.array_equal(got.rows(0, 40), mask)  # the user's ids, as given
+    got.close()
+    assert json.loads((tmp_path / "cells.json").read_text())["mode"] == "mask"
+
+
+def test_bad_inputs_leave_nothing(tmp_path):
+    lab = random_nuclei(4, shape=(40, 50))
+    _write_labels(tmp_path / "labels.tif", lab)
+    tifffile.imwrite(tmp_path / "small.tif", lab[:30].astype(np.uint16))
+    tifffile.imwrite(tmp_path / "float.tif", lab.astype(np.float32))
+    out, rep = tmp_path / "out" / "cells.tif", tmp_path / "out" / "cells.json"
+    with pytest.raises(SegRefineError, match=r"mask .*small.tif.* 50x30 .*labels.tif.* 50x40"):
+        expand_label_image(tmp_path / "labels.tif", out, rep, mode="mask", mask_path=tmp_path / "small.tif")
+    with pytest.raises(SegRefineError, match="float.tif"):
+        expand_label_image(tmp_path / "labels.tif", out, rep, mode="mask", mask_path=tmp_path / "float.tif")
+    with pytest.raises(SegRefineError, match="absurd"):
+        expand_label_image(tmp_path / "labels.tif", out, rep, distance=500)
+    with pytest.raises(SegRefineError, match="must be > 0"):
+        expand_label_image(tmp_path / "labels.tif", out, rep, distance=-2)
+    with pytest.raises(SegRefineError, match="not found"):
+        expand_label_image(tmp_path / "missing.tif", out, rep)
+    assert not out.exists() and not rep.exists()
+    assert not out.parent.exists() or not any(out.parent.iterdir())
