@@ -5,6 +5,9 @@
   in tissue and a dense, blurred, hippocampus-like band where touching nuclei
   are hard to separate;
 - ``{SN}-truth.tif``: its ground-truth instance labels (uint32);
+- ``{SN}-truth-types.csv``: the type of every true cell (``label,type``):
+  ``dentate`` (cells in the dense band, expressing ``BAND_MARKERS``) or ``glia``
+  (elsewhere, ``SPARSE_MARKERS``), the truth of ``segrefine.purity``;
 - ``{SN}.gem.gz``: a bin1 GEM aligned with the slide (1 px = 1 DNB), with
   marker genes of two cell types, housekeeping genes and background transcripts;
 - ``annotations/{SN}-x.._y.._w.._h...geojson``: annotated patches, exported as
@@ -29,6 +32,7 @@ BAND_MARKERS = ["Prox1", "Neurod1", "C1ql2", "Calb2", "Dsp"]  # dentate-gyrus-li
 SPARSE_MARKERS = ["Mbp", "Plp1", "Gfap", "Aqp4", "Olig2"]    # glia-like type
 HOUSEKEEPING = ["Actb", "Gapdh", "Malat1", "Rpl13", "Rps3", "Tubb5", "Eef1a1", "Ppia", "Hsp90ab1", "Ubb"]
 GENES = BAND_MARKERS + SPARSE_MARKERS + HOUSEKEEPING
+DEMO_TYPES = {"dentate": BAND_MARKERS, "glia": SPARSE_MARKERS}  # type -> its markers (config expression.markers)
 
 
 def _paint_nuclei(labels: np.ndarray, centers: np.ndarray, rng: np.random.Generator,
@@ -167,6 +171,28 @@ def make_gem(labels: np.ndarray, band: np.ndarray, tissue_px: np.ndarray, seed: 
     return {"gene": g, "x": x, "y": y, "count": counts}
 
 
+def truth_types(labels: np.ndarray, band: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(label ids, type names) of every cell of ``labels``, by ``make_gem``'s rule: a cell whose first pixel
+    (row-major) lies in the dense band is ``dentate`` (band markers), any other ``glia`` (sparse markers)."""
+    from scipy import ndimage
+
+    ids, types = [], []
+    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        rr, cc = np.nonzero(labels[sl] == lab)
+        ids.append(lab)
+        types.append("dentate" if band[rr[0] + sl[0].start, cc[0] + sl[1].start] else "glia")
+    return np.asarray(ids, np.int64), np.asarray(types, dtype=str)
+
+
+def write_truth_types(path: Path, labels: np.ndarray, band: np.ndarray) -> None:
+    from segrefine.io import write_text_atomic
+
+    ids, types = truth_types(labels, band)
+    write_text_atomic(path, "label,type\n" + "".join(f"{i},{t}\n" for i, t in zip(ids, types)))
+
+
 def write_gem(path: Path, gem: Dict[str, np.ndarray], sn: str) -> None:
     from segrefine.io import atomic_path
 
@@ -218,6 +244,7 @@ def make_demo(out_dir, sn: str = "DEMO01", size: int = 2048, n_patches: int = 20
     tissue = _tissue(*band.shape)
     write_tiff(out / f"{sn}.tif", img, tiled=True, photometric="minisblack", metadata={"axes": "YX"})
     write_tiff(out / f"{sn}-truth.tif", labels, tiled=True, photometric="minisblack", metadata={"axes": "YX"})
+    write_truth_types(out / f"{sn}-truth-types.csv", labels, band)
     write_gem(out / f"{sn}.gem.gz", make_gem(labels, band, tissue, seed), sn)
     ann_dir = out / "annotations"
     corners = choose_patches(band, tissue, n_patches, patch_size, seed)
