@@ -3,17 +3,22 @@
 # Environments are virtualenvs built from envs/*.yaml (cached in ~/.cache/segrefine/venvs,
 # keyed by each file's content); on HPC with conda use `snakemake --sdm conda` instead.
 PYTHON ?= python3
-ENVS := core cellpose cpsam tensorflow gef stereopy anndata
+# the frameworks' envs come from their registry (FRAMEWORKS in workflow_scripts/segrefine/models/__init__.py)
+FRAMEWORK_ENVS := $(shell PYTHONPATH=workflow_scripts $(PYTHON) -c 'from segrefine.models import framework_envs; print(*framework_envs())')
+ENVS := core $(filter-out core,$(FRAMEWORK_ENVS)) gef stereopy anndata
 ENV_TOOL := $(PYTHON) workflow_scripts/segrefine/envs.py
 CORE_PY = $$($(ENV_TOOL) python core)
 RUN_CORE = PYTHONPATH=workflow_scripts $(CORE_PY)
 SNAKEMAKE = $(RUN_CORE) -m snakemake
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-slurm demo demo-data test test-fast lint dag clean-demo
+.PHONY: setup setup-slurm demo demo-data test test-fast lint dag clean-demo print-envs
 
 setup:
 	@$(ENV_TOOL) build $(ENVS)
+
+print-envs:
+	@echo $(ENVS)
 
 # slurm-wlm + munge for the SLURM tests (apt-get as root, only when missing); see docs/cluster.md
 setup-slurm:

@@ -13,6 +13,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 from segrefine import SegRefineError  # noqa: E402
 from segrefine.envs import EnvError, env_python  # noqa: E402
+from segrefine.models import FRAMEWORKS, framework_env, threshold_grid, uses_gpu  # noqa: E402
 from segrefine.patches import parse_patch_name  # noqa: E402
 from segrefine.pretrained import official_path  # noqa: E402
 from segrefine.saw import resolve_outs  # noqa: E402
@@ -141,9 +142,10 @@ def segrefine(env):
     return f"PYTHONPATH={shlex.quote(str(SCRIPTS))} {shlex.quote(python)} -m segrefine"
 
 
-# --- models ---
-FRAMEWORK_ENV = {"cellpose": "cellpose", "classical": "core", "cpsam": "cpsam", "stardist": "tensorflow", "unet": "tensorflow"}  # -> envs/<name>.yaml
-GPU_FRAMEWORKS = {"cellpose", "cpsam", "stardist", "unet"}  # their jobs declare `resources: gpu=1`; the others run on CPU only
+# --- models: the frameworks' facts come from their registry (segrefine.models.FRAMEWORKS) ---
+FRAMEWORK_ENV = {fw: framework_env(fw) for fw in FRAMEWORKS}  # -> envs/<name>.yaml
+GPU_FRAMEWORKS = {fw for fw in FRAMEWORKS if uses_gpu(fw)}  # their jobs declare `resources: gpu=1`
+SWEEP_FRAMEWORKS = {fw for fw in FRAMEWORKS if threshold_grid(fw)}  # the evaluation's threshold sweep
 
 
 def model_env(model):
@@ -209,15 +211,9 @@ def segmentation_card(wildcards):
     return f"{RESULTS}/models/{seg['model']}/{wildcards.get('stage', seg['stage'])}/card.json"
 
 
-TILING_DEFAULTS = {"tile_size": 1024, "halo": 64, "halo_unit": "px", "context": 0, "model_context": True,
-                   "group": "auto", "shards": "auto",
-                   "tissue": {"activate": True, "level": "auto", "downsample": 16}}
-
-
 def tiling_cfg():
-    cfg = {**TILING_DEFAULTS, **config["segmentation"].get("tiling", {})}
-    cfg["tissue"] = {**TILING_DEFAULTS["tissue"], **cfg["tissue"]}
-    return cfg
+    """segmentation.tiling, its defaults filled from the schema."""
+    return config["segmentation"]["tiling"]
 
 
 def n_shards():
@@ -269,7 +265,7 @@ def expression_samples():
 
 def expression_origin(wildcards):
     """expression.origin for one sample, as the `segrefine cgef --origin` argument."""
-    origin = config["expression"].get("origin", "auto")
+    origin = config["expression"]["origin"]
     if isinstance(origin, dict):
         origin = origin.get(wildcards.sample, "auto")
     return origin if origin == "auto" else f"{int(origin[0])},{int(origin[1])}"
@@ -281,7 +277,7 @@ STAGES = ("pretrained", "finetuned")  # before, after fine-tuning
 
 def qc_before_after():
     """expression.qc_before_after (default on) with expression active and at least one sample with a matrix."""
-    return bool(expression_samples()) and config["expression"].get("qc_before_after", True)
+    return bool(expression_samples()) and config["expression"]["qc_before_after"]
 
 
 def other_stage():
@@ -363,7 +359,7 @@ def final_outputs():
         out += qc_outputs().values()
     if config["patches"]["candidates"]["activate"]:
         out += expand(f"{RESULTS}/candidates/{{sample}}/done", sample=samples.index)
-    if config.get("evaluation", {}).get("learning_curve", {}).get("activate", False):
+    if config["evaluation"]["learning_curve"]["activate"]:
         out += [f"{RESULTS}/learning_curve/learning_curve.csv", f"{RESULTS}/learning_curve/learning_curve.png"]
     if config.get("evaluation", {}).get("annotate_next", {}).get("activate", False):
         out += expand(f"{RESULTS}/annotate_next/{{sample}}/regions.geojson", sample=samples.index)

@@ -1,4 +1,4 @@
-EVALUATION = {"modes": ["standard", "paper"], "iou_threshold": 0.5, "min_size": 0, **config.get("evaluation", {})}
+EVALUATION = config["evaluation"]  # defaults filled from config/schemas/config.schema.yaml
 EVAL = f"{RESULTS}/evaluation"
 
 
@@ -165,13 +165,13 @@ rule screening_ranking:
         segrefine("core") + " rank-candidates --inputs {input} --metric f1 --out {output} > {log} 2>&1"
 
 
-# models whose adapters expose inference thresholds (set_thresholds): Cellpose and StarDist
-SWEEP_MODELS = [m for m in config["models"] if model_cfg(m)["framework"] in ("cellpose", "stardist")]
+# models whose framework has inference thresholds to sweep (segrefine.models.FRAMEWORKS)
+SWEEP_MODELS = [m for m in config["models"] if model_cfg(m)["framework"] in SWEEP_FRAMEWORKS]
 
 
 rule threshold_sweep:
     """Mean F1 on the validation patches for every combination of the model's inference thresholds
-    (Cellpose flow/cellprob, StarDist probability/NMS)."""
+    (the framework's grid in segrefine.models.FRAMEWORKS, or evaluation.threshold_grids)."""
     input:
         card=f"{RESULTS}/models/{{model}}/{{stage}}/card.json",
         trainset=f"{RESULTS}/trainset/trainset.tsv",

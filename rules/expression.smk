@@ -9,7 +9,7 @@ rule cgef:
         cellmap=f"{RESULTS}/expression/{{sample}}/cellmap.csv",
         report=f"{RESULTS}/expression/{{sample}}/alignment.json",
     params:
-        writer=config["expression"].get("writer", "exact"),
+        writer=config["expression"]["writer"],
         origin=expression_origin,
     log:
         "logs/cgef/{sample}.log",

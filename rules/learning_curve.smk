@@ -1,8 +1,8 @@
 # Learning curve (the paper's Fig. 3): each configured model fine-tuned from its ORIGINAL pretrained
 # card on nested, seeded subsets of the training split, each scored on the same test patches.
 # Off by default (evaluation.learning_curve.activate): it multiplies the fine-tuning cost.
-LEARNING_CURVE = {"activate": False, "fractions": [0.25, 0.5, 1.0], "cells": [], "models": list(config["models"]),
-                  "seed": 0, **EVALUATION.get("learning_curve", {})}
+# the schema fills the other defaults; models (default: every configured model) depends on the configuration
+LEARNING_CURVE = {"models": list(config["models"]), **EVALUATION["learning_curve"]}
 LC = f"{RESULTS}/learning_curve"
 
 

@@ -132,9 +132,9 @@ def test_adding_an_annotation_reruns_exactly_what_depends_on_it(workdir):
                     "halo_check": 1, "segment_shard": 2, "stitch": 1, "cgef": 1, "h5ad": 1, "expression_qc": 1,
                     "all": 1,
                     # evaluation figures and decisions (docs/evaluation.md): overlays per model and stage, threshold
-                    # sweeps of the cellpose and stardist models, zero-shot screening of the 4 pretrained models
+                    # sweeps of the cellpose, stardist and U-Net models, zero-shot screening of the 4 pretrained models
                     "evaluation_boxplots": 1, "evaluation_overlays": 8, "loss_curves": 1, "complexity": 1,
-                    "threshold_sweep": 4, "screen_pretrained": 4, "screening_ranking": 1}
+                    "threshold_sweep": 6, "screen_pretrained": 4, "screening_ranking": 1}
 
 
 def _broken_config(workdir, old, new, name="broken.yaml"):

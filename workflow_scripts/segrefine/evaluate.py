@@ -164,18 +164,12 @@ def rank_candidates(csvs: Sequence[str], out_csv, metric: str = "f1", mode: str 
     return ranking
 
 
-# inference-threshold grids per framework (overridable by `evaluation: threshold_grids:` in the config)
-THRESHOLD_GRIDS = {
-    "cellpose": {"flow_threshold": [0.2, 0.4, 0.6, 0.8], "cellprob_threshold": [-2.0, -1.0, 0.0, 1.0, 2.0]},
-    "stardist": {"prob_thresh": [0.3, 0.4, 0.5, 0.6, 0.7], "nms_thresh": [0.2, 0.3, 0.4, 0.5]},
-}
-
-
 def threshold_sweep(card_path, trainset_path, split: str, out_csv, grid: Optional[dict] = None,
                     iou_threshold: float = 0.5, min_size: int = 0):
     """Mean precision, recall, F1 and AP (standard mode) of a model on the ``split`` patches for
     every combination of its inference thresholds; the best F1 (first in grid order on ties) is
-    marked ``best``, the model's own thresholds ``current``."""
+    marked ``best``, the model's own thresholds ``current``. ``grid`` {threshold: [values]} defaults to the
+    framework's grid in the registry (``segrefine.models.FRAMEWORKS``)."""
     import itertools
 
     import pandas as pd
@@ -183,15 +177,13 @@ def threshold_sweep(card_path, trainset_path, split: str, out_csv, grid: Optiona
     from segrefine import SegRefineError
     from segrefine.io import atomic_path, read_tiff
     from segrefine.metrics import evaluate_pair
-    from segrefine.models import load_model
+    from segrefine.models import load_model, threshold_grid
     from segrefine.trainset import read_trainset
 
     model, card = load_model(card_path)
     if not model.SWEEPABLE_THRESHOLDS:
         raise SegRefineError(f"{card_path}: {card['framework']} models have no inference thresholds to sweep")
-    grid = grid or THRESHOLD_GRIDS.get(card["framework"])
-    if not grid:
-        raise SegRefineError(f"{card_path}: no threshold grid for framework {card['framework']!r}")
+    grid = grid or threshold_grid(card["framework"])
     keys = sorted(grid)
     rows = [r for r in read_trainset(trainset_path) if r["split"] == split]
     if not rows:

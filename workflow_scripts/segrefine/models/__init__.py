@@ -2,7 +2,9 @@
 
 A model folder holds its weights and ``card.json``; inference and evaluation
 load any model through the card alone (``load_model(card_path)``).
-Adapters are imported lazily: each lives in its framework's env.
+Adapters are imported lazily: each lives in its framework's env. ``FRAMEWORKS`` is the one registry of the
+frameworks' facts (adapter, env, GPU, sweepable thresholds); it is plain data, so this module imports with the
+standard library alone (the Snakefile, the Makefile and the tests read it without any framework installed).
 """
 from __future__ import annotations
 
@@ -10,19 +12,49 @@ import importlib
 import json
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 from segrefine import SegRefineError
-from segrefine.io import sha256_file
 
-# framework name -> "module:class"; adding a framework = one adapter module + one entry here
-ADAPTERS: Dict[str, str] = {
-    "cellpose": "segrefine.models.cellpose_adapter:CellposeAdapter",
-    "classical": "segrefine.models.classical_adapter:ClassicalAdapter",
-    "cpsam": "segrefine.models.cpsam_adapter:CpsamAdapter",
-    "stardist": "segrefine.models.stardist_adapter:StarDistAdapter",
-    "unet": "segrefine.models.unet_adapter:UNetAdapter",
+# The framework registry. Per framework: its adapter ("module:class"), the env it runs in (envs/<env>.yaml), whether
+# its jobs ask for a GPU (`resources: gpu=1`; it runs on CPU too), and the inference thresholds the evaluation's
+# threshold sweep sets, each with its default grid (`evaluation.threshold_grids` in the config overrides a grid; the
+# adapter's SWEEPABLE_THRESHOLDS names the same keys). Adding a framework = one adapter module + one entry here +
+# its env file + the framework enum of config/schemas/config.schema.yaml (tests/test_frameworks.py checks they agree).
+FRAMEWORKS: Dict[str, dict] = {
+    "cellpose": {"adapter": "segrefine.models.cellpose_adapter:CellposeAdapter", "env": "cellpose", "gpu": True,
+                 "thresholds": {"flow_threshold": [0.2, 0.4, 0.6, 0.8],
+                                "cellprob_threshold": [-2.0, -1.0, 0.0, 1.0, 2.0]}},
+    "classical": {"adapter": "segrefine.models.classical_adapter:ClassicalAdapter", "env": "core", "gpu": False,
+                  "thresholds": {}},
+    "cpsam": {"adapter": "segrefine.models.cpsam_adapter:CpsamAdapter", "env": "cpsam", "gpu": True,
+              "thresholds": {"flow_threshold": [0.2, 0.4, 0.6, 0.8],
+                             "cellprob_threshold": [-2.0, -1.0, 0.0, 1.0, 2.0]}},
+    "stardist": {"adapter": "segrefine.models.stardist_adapter:StarDistAdapter", "env": "tensorflow", "gpu": True,
+                 "thresholds": {"prob_thresh": [0.3, 0.4, 0.5, 0.6, 0.7], "nms_thresh": [0.2, 0.3, 0.4, 0.5]}},
+    "unet": {"adapter": "segrefine.models.unet_adapter:UNetAdapter", "env": "tensorflow", "gpu": True,
+             "thresholds": {"prob_thresh": [0.3, 0.4, 0.5, 0.6, 0.7], "min_distance": [2, 3, 4, 5]}},
 }
+ADAPTERS: Dict[str, str] = {name: f["adapter"] for name, f in FRAMEWORKS.items()}
+
+
+def framework_env(framework: str) -> str:
+    """The env (envs/<name>.yaml) the framework's steps run in."""
+    return FRAMEWORKS[framework]["env"]
+
+
+def framework_envs() -> List[str]:
+    """Every env some framework runs in, sorted (the Makefile builds them)."""
+    return sorted({f["env"] for f in FRAMEWORKS.values()})
+
+
+def uses_gpu(framework: str) -> bool:
+    return bool(FRAMEWORKS[framework]["gpu"])
+
+
+def threshold_grid(framework: str) -> Dict[str, list]:
+    """The default threshold-sweep grid {threshold: [values]}; empty for a framework with nothing to sweep."""
+    return {k: list(v) for k, v in FRAMEWORKS[framework]["thresholds"].items()}
 
 CARD_NAME = "card.json"
 CARD_KEYS = ("name", "framework", "stage", "weights", "weights_sha256", "source", "trainset_version",
@@ -30,15 +62,15 @@ CARD_KEYS = ("name", "framework", "stage", "weights", "weights_sha256", "source"
 
 
 def adapter_class(framework: str):
-    if framework not in ADAPTERS:
-        raise SegRefineError(f"unknown framework {framework!r}; known: {sorted(ADAPTERS)}")
-    module, cls = ADAPTERS[framework].split(":")
+    if framework not in FRAMEWORKS:
+        raise SegRefineError(f"unknown framework {framework!r}; known: {sorted(FRAMEWORKS)}")
+    module, cls = FRAMEWORKS[framework]["adapter"].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
-
-
 def read_card(card_path) -> dict:
+    from segrefine.io import sha256_file
+
     card_path = Path(card_path)
     if not card_path.is_file():
         raise SegRefineError(f"{card_path}: model card not found")
