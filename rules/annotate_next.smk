@@ -3,12 +3,14 @@
 # the top N as QuPath rectangles and as patch images. Off by default (evaluation.annotate_next.activate).
 ANNOTATE_NEXT = {"activate": False, "top_n": 10, "size": 256, "step": 256, "models": [config["segmentation"]["model"]],
                  "stages": ["pretrained", "finetuned"], "min_tissue": 0.02, "complexity_weight": 0.25,
-                 **EVALUATION.get("annotate_next", {})}
+                 "uncertainty_weight": 0.0, "uncertainty_tta": 4, **EVALUATION.get("annotate_next", {})}
 AN = f"{RESULTS}/annotate_next"
 AN_PREDICTIONS = [(m, s) for m in ANNOTATE_NEXT["models"] for s in ANNOTATE_NEXT["stages"]]
 if set(ANNOTATE_NEXT["models"]) - set(config["models"]):
     fail(f"evaluation.annotate_next.models {sorted(set(ANNOTATE_NEXT['models']) - set(config['models']))} are not "
          f"configured models: {sorted(config['models'])}")
+if ANNOTATE_NEXT["complexity_weight"] + ANNOTATE_NEXT["uncertainty_weight"] > 1:
+    fail("evaluation.annotate_next: complexity_weight + uncertainty_weight must be at most 1")
 if ANNOTATE_NEXT["activate"] and len(AN_PREDICTIONS) < 2:
     fail("evaluation.annotate_next: models x stages must give at least two predictions to compare")
 
@@ -26,6 +28,8 @@ rule annotate_next_predict:
         cfg=ANNOTATE_NEXT,
         bright=lambda wc: "--bright-field" if samples.loc[wc.sample, "stain"] == "HE" else "",
         channel=channel_arg,
+        # test-time augmentation only when the uncertainty counts in the ranking (it costs tta - 1 predictions)
+        tta=ANNOTATE_NEXT["uncertainty_tta"] if ANNOTATE_NEXT["uncertainty_weight"] > 0 else 0,
     log:
         "logs/annotate_next/{sample}/{model}/{stage}.log",
     threads: 2
@@ -36,7 +40,8 @@ rule annotate_next_predict:
     shell:
         "OMP_NUM_THREADS={threads} {params.run} annotate-next-predict --card {input.card} --slide {input.slide} "
         "--sn {wildcards.sample} --size {params.cfg[size]} --step {params.cfg[step]} --trainset {input.trainset} "
-        "--min-tissue {params.cfg[min_tissue]} {params.bright} {params.channel} --out {output} 2> {log}"
+        "--min-tissue {params.cfg[min_tissue]} {params.bright} {params.channel} --tta {params.tta} --out {output} "
+        "2> {log}"
 
 
 rule annotate_next:
@@ -61,5 +66,6 @@ rule annotate_next:
     shell:
         segrefine("core") + " annotate-next --slide {input.slide} --sn {wildcards.sample} "
         "--predictions {input.predictions} --names {params.names} --top-n {params.cfg[top_n]} "
-        "--complexity-weight {params.cfg[complexity_weight]} --out {output.table} --geojson {output.geojson} "
+        "--complexity-weight {params.cfg[complexity_weight]} --uncertainty-weight {params.cfg[uncertainty_weight]} "
+        "--out {output.table} --geojson {output.geojson} "
         "--out-dir {output.patches} {params.channel} > {log} 2>&1"

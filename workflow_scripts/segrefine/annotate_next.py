@@ -12,8 +12,12 @@ run in that model's env); ``rank_candidates`` then scores each candidate by
 - ``complexity``: the mean percentile rank among the candidates of the tissue-complexity measures
   (segrefine.complexity, on the first prediction) that make a patch hard: density, distribution,
   shape complexity, low compactness and low edge contrast;
+- ``uncertainty``: the models' own per-cell uncertainty (segrefine.uncertainty: cell probability and
+  agreement under test-time flips/rotations), averaged over the patch's cells (``patch_uncertainty``,
+  stored by ``predict_candidates``) and over the predictions;
 
-``score = (1 - w) * disagreement + w * complexity`` (``w`` = ``complexity_weight``), best first;
+``score = (1 - w - u) * disagreement + w * complexity + u * uncertainty`` (``w`` = ``complexity_weight``,
+``u`` = ``uncertainty_weight``), best first;
 the top N go out as a QuPath-importable GeoJSON of rectangles (annotation objects named
 ``{SN}-x{X}_y{Y}_w{W}_h{H}`` in slide pixel coordinates) and as ``{name}-img.tif`` patches, so
 an annotation saved under the patch name is picked up by the workflow as it is.
@@ -32,6 +36,8 @@ from segrefine import SegRefineError
 log = logging.getLogger("segrefine.annotate_next")
 
 HARD = {"density": 1, "distribution": 1, "shape_complexity": 1, "compactness": -1, "edge_contrast": -1}
+#: the key of a candidate-predictions .npz that holds the per-patch uncertainty (JSON), not a patch's labels
+UNCERTAINTY_KEY = "_patch_uncertainty"
 
 
 def _gray(img: np.ndarray, bright_field: bool) -> np.ndarray:
@@ -73,18 +79,24 @@ def candidate_boxes(slide_path, sn: str, size: int, step: int, annotated: Sequen
 
 
 def predict_candidates(card_path, slide_path, sn: str, size: int, step: int, annotated: Sequence[str], out_npz,
-                       min_tissue: float = 0.02, bright_field: bool = False, channel: Optional[int] = None) -> int:
-    """The model's labels of every candidate patch, one array per patch name (.npz)."""
+                       min_tissue: float = 0.02, bright_field: bool = False, channel: Optional[int] = None,
+                       tta: int = 0) -> int:
+    """The model's labels of every candidate patch, one array per patch name (.npz), and under the key
+    ``UNCERTAINTY_KEY`` the JSON of each patch's ``segrefine.uncertainty.patch_uncertainty`` (cell probability
+    and, with ``tta`` 4 or 8, test-time augmentation: ``tta`` - 1 more predictions per patch)."""
     from segrefine.io import atomic_path
     from segrefine.models import load_model
+    from segrefine.uncertainty import patch_uncertainty, predict_with_uncertainty
 
     model, card = load_model(card_path)
-    preds = {b.name: np.asarray(model.predict(img)).astype(np.uint32)
-             for b, img in candidate_boxes(slide_path, sn, size, step, annotated, min_tissue, bright_field,
-                                                   channel)}
+    preds, unc = {}, {}
+    for b, img in candidate_boxes(slide_path, sn, size, step, annotated, min_tissue, bright_field, channel):
+        labels, cells = predict_with_uncertainty(model, img, tta=tta)
+        preds[b.name] = np.asarray(labels).astype(np.uint32)
+        unc[b.name] = patch_uncertainty(cells)
     with atomic_path(out_npz, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **preds)
+            np.savez_compressed(fh, **preds, **{UNCERTAINTY_KEY: np.array(json.dumps(unc))})
     log.info("%s (%s): %d candidate patches predicted", card["name"], card["stage"], len(preds))
     return len(preds)
 
@@ -101,15 +113,20 @@ def agreement_f1(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def score_candidates(predictions: Dict[str, Dict[str, np.ndarray]], images: Optional[Dict[str, np.ndarray]] = None,
-                     complexity_weight: float = 0.25):
-    """A DataFrame of candidates (patch, disagreement, complexity, score and the complexity measures),
-    best first. ``predictions`` maps a prediction's name (model/stage) to {patch: labels}."""
+                     complexity_weight: float = 0.25, uncertainty: Optional[Dict[str, float]] = None,
+                     uncertainty_weight: float = 0.0):
+    """A DataFrame of candidates (patch, disagreement, complexity, uncertainty, score and the complexity
+    measures), best first. ``predictions`` maps a prediction's name (model/stage) to {patch: labels};
+    ``uncertainty``: {patch: the models' uncertainty in [0, 1]} (NaN or missing: counted as 0 in the score)."""
     import pandas as pd
 
     from segrefine.complexity import patch_complexity
 
     if not 0 <= complexity_weight <= 1:
         raise SegRefineError(f"complexity_weight {complexity_weight} is not in [0, 1]")
+    if not 0 <= uncertainty_weight <= 1 - complexity_weight:
+        raise SegRefineError(f"uncertainty_weight {uncertainty_weight} is not in [0, 1 - complexity_weight "
+                             f"({1 - complexity_weight:g})]")
     names = list(predictions)
     if len(names) < 2:
         raise SegRefineError(f"disagreement needs at least two predictions, got {names}")
@@ -129,7 +146,9 @@ def score_candidates(predictions: Dict[str, Dict[str, np.ndarray]], images: Opti
     table = pd.DataFrame(rows)
     ranks = [table[k].rank(pct=True, ascending=sign > 0).fillna(0.0) for k, sign in HARD.items()]
     table["complexity"] = np.mean(ranks, axis=0) if len(table) > 1 else 0.0
-    table["score"] = (1 - complexity_weight) * table["disagreement"] + complexity_weight * table["complexity"]
+    table["uncertainty"] = [float((uncertainty or {}).get(p, np.nan)) for p in table["patch"]]
+    table["score"] = ((1 - complexity_weight - uncertainty_weight) * table["disagreement"]
+                      + complexity_weight * table["complexity"] + uncertainty_weight * table["uncertainty"].fillna(0.0))
     table = table.sort_values(["score", "patch"], ascending=[False, True], kind="mergesort").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table
@@ -153,7 +172,8 @@ def regions_geojson(patch_names: Sequence[str], scores: Optional[Sequence[float]
 
 
 def annotate_next(slide_path, sn: str, prediction_npzs: Sequence[str], names: Sequence[str], out_table, out_geojson,
-                  out_dir, top_n: int = 10, complexity_weight: float = 0.25, channel: Optional[int] = None):
+                  out_dir, top_n: int = 10, complexity_weight: float = 0.25, channel: Optional[int] = None,
+                  uncertainty_weight: float = 0.0):
     """Rank the candidates predicted in ``prediction_npzs`` and write the table, the GeoJSON of the
     top ``top_n`` and their ``{name}-img.tif`` patches (in ``out_dir``). Returns the table."""
     from segrefine.io import Slide, atomic_path, write_text_atomic, write_tiff
@@ -163,16 +183,24 @@ def annotate_next(slide_path, sn: str, prediction_npzs: Sequence[str], names: Se
         raise SegRefineError(f"{len(prediction_npzs)} prediction files but {len(names)} names")
     if top_n < 1:
         raise SegRefineError(f"top_n must be at least 1, got {top_n}")
-    predictions = {}
+    predictions, unc = {}, {}
     for path, name in zip(prediction_npzs, names):
         if not Path(path).is_file():
             raise SegRefineError(f"{path}: candidate predictions not found")
         with np.load(path) as z:
-            predictions[name] = {k: z[k] for k in z.files}
+            predictions[name] = {k: z[k] for k in z.files if k != UNCERTAINTY_KEY}
+            if UNCERTAINTY_KEY in z.files:
+                for p, u in json.loads(str(z[UNCERTAINTY_KEY])).items():
+                    unc.setdefault(p, []).append(u.get("uncertainty", np.nan))
+            elif uncertainty_weight > 0:
+                raise SegRefineError(f"{path}: no per-patch uncertainty (written by an older version); rerun "
+                                     "annotate-next-predict")
+    # a patch's uncertainty: the mean over the predictions that give one (json writes NaN as NaN)
+    unc = {p: float(np.nanmean(v)) if np.isfinite(v).any() else np.nan for p, v in unc.items()}
     boxes = {p: parse_patch_name(p) for p in predictions[names[0]]}
     with Slide(slide_path, channel=channel) as slide:
         images = {p: slide.read(b.x, b.y, b.w, b.h) for p, b in boxes.items()}
-    table = score_candidates(predictions, images, complexity_weight)
+    table = score_candidates(predictions, images, complexity_weight, unc, uncertainty_weight)
     table.insert(2, "sn", sn)
     with atomic_path(out_table) as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")

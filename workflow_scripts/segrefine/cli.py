@@ -67,7 +67,7 @@ def cmd_convert_annotation(a):
 
     box = parse_patch_name(Path(a.annotation).stem)
     labels = convert_annotation(a.annotation, (box.h, box.w), exclude_classes=a.exclude_class,
-                                use_nucleus=a.use_nucleus)
+                                use_nucleus=a.use_nucleus, origin=(box.x, box.y))
     if a.pad_to:
         from segrefine.patches import reflect_pad_labels
 
@@ -189,15 +189,16 @@ def cmd_annotate_next_predict(a):
     from segrefine.annotate_next import predict_candidates
 
     predict_candidates(a.card, a.slide, a.sn, a.size, a.step, _annotated_names(a), a.out, a.min_tissue,
-                       a.bright_field, channel=a.channel)
+                       a.bright_field, channel=a.channel, tta=a.tta)
 
 
 def cmd_annotate_next(a):
     from segrefine.annotate_next import annotate_next
 
     top = annotate_next(a.slide, a.sn, a.predictions, a.names, a.out, a.geojson, a.out_dir, a.top_n,
-                        a.complexity_weight, channel=a.channel).head(a.top_n)
-    print(top[["rank", "patch", "score", "disagreement", "complexity", "n_cells"]].to_string(index=False))
+                        a.complexity_weight, channel=a.channel, uncertainty_weight=a.uncertainty_weight).head(a.top_n)
+    print(top[["rank", "patch", "score", "disagreement", "complexity", "uncertainty", "n_cells"]].to_string(
+        index=False))
 
 
 def cmd_segment(a):
@@ -253,6 +254,14 @@ def cmd_stitch(a):
            a.pixel_size_um)
 
 
+def cmd_cells(a):
+    from segrefine.cells import expand_label_image
+
+    mode = "mask" if a.mask else "expand"
+    expand_label_image(a.labels, a.out, a.report, mode, a.distance, a.unit, a.um_per_px, a.mask, a.band_rows,
+                       a.block_cols, a.pixel_size_um)
+
+
 def cmd_cgef(a):
     from segrefine.expression import make_cgef
 
@@ -279,6 +288,26 @@ def cmd_saw_cells(a):
 
     n = cellbin_cellmap(a.cellbin, a.out)
     logging.getLogger("segrefine").info("%s: %d cells -> %s", a.cellbin, n, a.out)
+
+
+def cmd_purity(a):
+    from segrefine.purity import purity_step, read_markers
+
+    purity_step(a.stages, a.cgefs, a.labels, a.out_dir, a.expression, a.truth, a.truth_types,
+                read_markers(a.markers) if a.markers else None, a.mixed_fraction, a.origin, a.sample)
+
+
+def cmd_cluster_check(a):
+    from segrefine.clusters import cluster_check
+
+    cluster_check(a.stages, a.h5ads, a.out, a.cells, a.sample, a.resolution, a.seed)
+
+
+def cmd_purity_table(a):
+    from segrefine.io import write_text_atomic
+    from segrefine.purity import purity_table
+
+    write_text_atomic(a.out, purity_table(a.summaries, a.clusters or ()).to_csv(index=False, float_format="%.4g"))
 
 
 # --- parser -----------------------------------------------------------------------------------------------------------
@@ -458,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bright-field", action="store_true", help="dark tissue on a bright background (H&E)")
     p.add_argument("--out", required=True, help=".npz, one label array per candidate patch")
     p.add_argument("--channel", type=int, help=CHANNEL_HELP)
+    p.add_argument("--tta", type=int, choices=[0, 4, 8], default=0,
+                   help="test-time augmentations for the per-patch uncertainty (0: cell probability only)")
 
     p = step("annotate-next", cmd_annotate_next,
              "rank candidate patches by model disagreement and complexity: table, QuPath GeoJSON, patch images")
@@ -467,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", nargs="+", required=True, help="a name per predictions file (model/stage)")
     p.add_argument("--top-n", type=int, default=10)
     p.add_argument("--complexity-weight", type=float, default=0.25)
+    p.add_argument("--uncertainty-weight", type=float, default=0.0,
+                   help="weight of the models' per-patch uncertainty in the score (at most 1 - complexity weight)")
     p.add_argument("--out", required=True, help="ranking of every candidate (.csv)")
     p.add_argument("--geojson", required=True, help="the top N as QuPath annotation rectangles")
     p.add_argument("--out-dir", required=True, help="the top N patches as {name}-img.tif")
@@ -519,6 +552,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="counts, large cells, timings (JSON)")
     p.add_argument("--pixel-size-um", type=float)
 
+    p = step("cells", cmd_cells,
+             "whole-slide nuclei labels -> cell labels: each nucleus grown by a distance (nearest nucleus within "
+             "it, ties to the lowest id, never two cells), or a user's cell mask; pyramidal OME-TIFF like labels.tif")
+    p.add_argument("--labels", required=True, help="nuclei labels (uint32 OME-TIFF from `stitch`)")
+    p.add_argument("--out", required=True, help="cell labels (pyramidal OME-TIFF, level 0 uint32; ids = nuclei ids "
+                                                "when grown)")
+    p.add_argument("--report", help="counts, distance, timings (JSON)")
+    p.add_argument("--distance", type=float, default=10.0,
+                   help="expansion distance (> 0; at most 200 px or 100 µm) [%(default)s, cellbin2's correct_r]")
+    p.add_argument("--unit", choices=["px", "um"], default="px", help="unit of --distance [%(default)s]")
+    p.add_argument("--um-per-px", type=float, help="the slide's µm per pixel (needed with --unit um)")
+    p.add_argument("--mask", help="a user's cell label image in the labels' frame (same size), used instead of "
+                                  "growing the nuclei")
+    p.add_argument("--band-rows", type=int, default=1024, help="label rows computed at a time [%(default)s]")
+    p.add_argument("--block-cols", type=int, default=4096,
+                   help="label columns computed at a time within a band [%(default)s]")
+    p.add_argument("--pixel-size-um", type=float, help="physical pixel size written in the OME metadata "
+                                                       "(default --um-per-px)")
+
     p = step("cgef", cmd_cgef, "GEM/bgef + whole-slide labels -> cell-bin GEF (exact writer or gefpy)")
     p.add_argument("--gem", required=True, help="expression: GEM, GEM.gz or bin GEF (.bgef/.gef)")
     p.add_argument("--writer", default="exact", choices=["exact", "gefpy"])
@@ -563,6 +615,41 @@ def build_parser() -> argparse.ArgumentParser:
              "so the expression QC puts SAW's cells beside ours")
     p.add_argument("--cellbin", required=True, help="SAW's (or gefpy's) cell-bin GEF")
     p.add_argument("--out", required=True, help="per-cell table (CSV, the columns of cellmap.csv)")
+
+    p = step("purity", cmd_purity,
+             "how pure each cell's expression is, per stage of one sample: the mutually exclusive co-expression "
+             "rate (MECR) of marker pairs from the cgef, and, with ground-truth labels, the share of each cell's "
+             "UMIs from its dominant true cell and of its marker UMIs from its own type (docs/expression.md)")
+    p.add_argument("--stages", nargs="+", required=True, help="the stage name of each cell table (pretrained, ...)")
+    p.add_argument("--cgefs", nargs="+", required=True, help="each stage's cell-bin GEF (for the MECR)")
+    p.add_argument("--labels", nargs="+", required=True, help="each stage's whole-slide label image")
+    p.add_argument("--out-dir", required=True,
+                   help="folder for summary.json, mecr_pairs.csv (with markers), cells_<stage>.csv (with truth)")
+    p.add_argument("--expression", help="the sample's GEM or bgef (needed with --truth)")
+    p.add_argument("--truth", help="ground-truth instance labels, same size and frame as --labels")
+    p.add_argument("--truth-types", help="CSV 'label,type': the cell type of every truth label (marker purity)")
+    p.add_argument("--markers", help="marker genes per cell type: a JSON object {type: [genes]} or a JSON file")
+    p.add_argument("--mixed-fraction", type=float, default=0.10,
+                   help="a cell is mixed when UMIs from true cells other than its dominant one reach this fraction")
+    p.add_argument("--origin", default="auto", help="GEM coordinate of label pixel (0, 0): 'auto' or 'x,y'")
+    p.add_argument("--sample", default="", help="the sample id written into the summary")
+
+    p = step("cluster-check", cmd_cluster_check,
+             "open each stage's h5ad with current anndata and run scanpy's normalize/log1p/PCA/neighbours/Leiden; "
+             "with purity cell tables, the adjusted Rand index of the clusters against the true cell types")
+    p.add_argument("--stages", nargs="+", required=True, help="the stage name of each h5ad")
+    p.add_argument("--h5ads", nargs="+", required=True, help="each stage's AnnData (.h5ad)")
+    p.add_argument("--cells", nargs="+", help="each stage's cells_<stage>.csv of `segrefine purity --truth`")
+    p.add_argument("--out", required=True, help="JSON: per stage, cells, Leiden clusters and ARI")
+    p.add_argument("--sample", default="", help="the sample id written into the JSON")
+    p.add_argument("--resolution", type=float, default=0.5, help="Leiden resolution")
+    p.add_argument("--seed", type=int, default=0, help="seed of PCA, neighbours and Leiden")
+
+    p = step("purity-table", cmd_purity_table,
+             "one row per sample and stage of the purity summaries and cluster checks (the report's table)")
+    p.add_argument("--summaries", nargs="+", required=True, help="summary.json files of `segrefine purity`")
+    p.add_argument("--clusters", nargs="*", help="JSON files of `segrefine cluster-check`")
+    p.add_argument("--out", required=True, help="CSV table")
     _fill_help(ap)
     return ap
 
@@ -655,6 +742,7 @@ OUTPUT_OPTIONS = ("out", "out_dir", "out_json")
 STEP_OUTPUTS = {
     "stitch": ("labels", "cells", "parquet", "geojson", "overlay", "report"),
     "cgef": ("cgef", "cellmap"),
+    "cells": ("out", "report"),
     "evaluate": ("out", "predictions"),
     "summarize": ("out", "long", "xlsx"),
     "plot-evaluation": ("out", "stats"),

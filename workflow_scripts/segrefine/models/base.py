@@ -53,6 +53,24 @@ class Adapter(abc.ABC):
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Instance labels (uint32, 0 = background) for a (h, w) or (h, w, c) image of any size."""
 
+    def predict_with_probability(self, image: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """(labels, probability): the labels ``predict(image)`` returns and the model's own per-pixel probability
+        that a pixel belongs to a cell, (h, w) float32 in [0, 1], or ``None`` when the framework gives none.
+
+        What the probability is depends on the framework (docs/models.md, "Per-cell uncertainty"): Cellpose's and
+        cpsam's sigmoid of the cell probability output, StarDist's object probability of the polygon a pixel lies
+        in (0 outside every polygon), the U-Net's foreground probability. Default: ``(predict(image), None)``. An
+        adapter that overrides it returns exactly the labels of ``predict``."""
+        return self.predict(image), None
+
+    def predict_window_with_probability(self, image: np.ndarray, origin: Tuple[int, int]
+                                        ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """``predict_with_probability`` of a slide window whose top-left pixel is ``origin`` (see
+        ``predict_window``); the labels are exactly ``predict_window``'s. Default:
+        ``predict_with_probability(image)`` (the origin does not matter); an adapter with a slide-anchored grid
+        overrides both."""
+        return self.predict_with_probability(image)
+
     def predict_window(self, image: np.ndarray, origin: Tuple[int, int]) -> np.ndarray:
         """Instance labels of a slide window whose top-left pixel is ``origin`` = (x, y) in slide pixels.
 

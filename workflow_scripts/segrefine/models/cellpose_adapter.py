@@ -106,6 +106,12 @@ def _normalize_default() -> dict:
     return dict(normalize_default)
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function of cellpose's cell probability logits, float32, without overflow warnings."""
+    x = np.asarray(x, np.float32)
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+
+
 def _taper(bsize: int) -> np.ndarray:
     """cellpose's tile taper (``transforms._taper_mask``: a sigmoid 20 px inside each edge, sigma 7.5 px at 224 px)
     with its distances scaled to ``bsize``; equal to cellpose's for 224."""
@@ -317,9 +323,23 @@ class CellposeAdapter(Adapter):
            niter 200 / r, flow_threshold, cellprob_threshold, min_size as ``eval``).
 
         Exactness: see ``context_px``."""
+        return self._masks(self.network_outputs(image, origin))
+
+    def predict_with_probability(self, image: np.ndarray):
+        """(labels, probability) of an image: ``predict_window_with_probability(image, (0, 0))``."""
+        return self.predict_window_with_probability(image, (0, 0))
+
+    def predict_window_with_probability(self, image: np.ndarray, origin=(0, 0)):
+        """(``predict_window``'s labels, the sigmoid of the network's cell probability output at the image's
+        pixels, (h, w) float32): one network pass gives both; the labels are exactly ``predict_window``'s."""
+        y = self.network_outputs(image, origin)
+        prob = _sigmoid(y[2])  # before the dynamics, which may work on y in place
+        return self._masks(y), prob
+
+    def _masks(self, y: np.ndarray) -> np.ndarray:
+        """cellpose's dynamics on the network outputs ``y`` (3, h, w): instance labels (uint32)."""
         from cellpose import dynamics
 
-        y = self.network_outputs(image, origin)
         masks = dynamics.resize_and_compute_masks(
             y[:2], y[2], niter=200 / self.rescale(), cellprob_threshold=float(self.params["cellprob_threshold"]),
             flow_threshold=float(self.params["flow_threshold"]), interp=True, resize=None,

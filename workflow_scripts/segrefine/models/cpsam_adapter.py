@@ -261,15 +261,22 @@ class CpsamAdapter(Adapter):
         return {**normalize_default, "normalize": True, "lowhigh": lh}
 
     def predict(self, image: np.ndarray) -> np.ndarray:
+        return self.predict_with_probability(image)[0]
+
+    def predict_with_probability(self, image: np.ndarray):
+        """(labels, sigmoid of cellpose 4's cell probability output ``flows[2]``, resampled by ``eval`` to the
+        image's pixels, (h, w) float32): one ``eval`` call gives both, so the labels are ``predict``'s."""
         p = self.params
         img = _as_chw(image)
         diameter = float(p["diameter"]) if p.get("diameter") else None
-        masks = self.model.eval(img, channel_axis=0, diameter=diameter, normalize=self._normalize(),
-                                batch_size=int(p["eval_batch_size"]),
-                                flow_threshold=float(p["flow_threshold"]),
-                                cellprob_threshold=float(p["cellprob_threshold"]),
-                                min_size=int(p["min_size"]))[0]
-        return np.asarray(masks).astype(np.uint32)
+        masks, flows, _ = self.model.eval(img, channel_axis=0, diameter=diameter, normalize=self._normalize(),
+                                          batch_size=int(p["eval_batch_size"]),
+                                          flow_threshold=float(p["flow_threshold"]),
+                                          cellprob_threshold=float(p["cellprob_threshold"]),
+                                          min_size=int(p["min_size"]))
+        cellprob = np.asarray(flows[2], np.float32).reshape(np.asarray(masks).shape)
+        prob = (0.5 * (1.0 + np.tanh(0.5 * cellprob))).astype(np.float32)  # the logistic function, no overflow
+        return np.asarray(masks).astype(np.uint32), prob
 
     def card_fields(self) -> dict:
         p = self.params

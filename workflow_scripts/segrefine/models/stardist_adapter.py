@@ -237,10 +237,22 @@ class StarDistAdapter(Adapter):
     SWEEPABLE_THRESHOLDS = ("prob_thresh", "nms_thresh")
 
     def predict(self, image: np.ndarray) -> np.ndarray:
+        return self.predict_with_probability(image)[0]
+
+    def predict_with_probability(self, image: np.ndarray):
+        """(labels, object probability map): every pixel of label k gets ``details["prob"][k - 1]``, the object
+        probability StarDist gives polygon k (stardist's ``polygons_to_label`` draws polygon i as label i + 1, in
+        increasing probability); background pixels get 0. One ``predict_instances`` call gives both."""
         img = self._normalize(image, getattr(self, "_reference", None))
         kw = {k: float(self.params[k]) for k in ("prob_thresh", "nms_thresh") if self.params.get(k) is not None}
-        labels = self.model.predict_instances(img, show_tile_progress=False, verbose=False, **kw)[0]
-        return np.asarray(labels).astype(np.uint32)
+        labels, details = self.model.predict_instances(img, show_tile_progress=False, verbose=False, **kw)
+        labels = np.asarray(labels).astype(np.uint32)
+        probs = np.asarray(details["prob"], np.float32).ravel()
+        if labels.size and int(labels.max()) > len(probs):
+            raise SegRefineError(f"StarDist returned label {int(labels.max())} but only {len(probs)} object "
+                                 "probabilities")
+        lut = np.concatenate([np.zeros(1, np.float32), probs])
+        return labels, lut[labels]
 
     def card_fields(self) -> dict:
         p = self.params

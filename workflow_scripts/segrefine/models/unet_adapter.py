@@ -541,12 +541,17 @@ class UNetAdapter(Adapter):
     SWEEPABLE_THRESHOLDS = ("prob_thresh", "min_distance")
 
     def predict(self, image: np.ndarray) -> np.ndarray:
+        return self.predict_with_probability(image)[0]
+
+    def predict_with_probability(self, image: np.ndarray):
+        """(labels, the foreground probability ``probability(image)`` they were segmented from, float32)."""
         from segrefine.models.classical_adapter import segment
 
         p = self.params
-        prob = self.probability(image)
-        return segment(prob, sigma=0.0, threshold_scale=1.0, min_distance=int(p["min_distance"]),
-                       min_size=int(p["min_size"]), invert=False, threshold=float(p["prob_thresh"]))
+        prob = np.asarray(self.probability(image), np.float32)
+        labels = segment(prob, sigma=0.0, threshold_scale=1.0, min_distance=int(p["min_distance"]),
+                         min_size=int(p["min_size"]), invert=False, threshold=float(p["prob_thresh"]))
+        return labels, prob
 
     def card_fields(self) -> dict:
         p = self.params
