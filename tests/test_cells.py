@@ -213,3 +213,37 @@ def test_bad_inputs_leave_nothing(tmp_path):
         expand_label_image(tmp_path / "missing.tif", out, rep)
     assert not out.exists() and not rep.exists()
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_stitch_keeps_every_cell_one_piece_and_counts_the_fragments(tmp_path):
+    """A model that leaves a stray pixel beside some cells: the stitched labels hold none, the report counts them,
+    and the cell table and outlines are those of the cleaned pixels."""
+    from conftest import run_step
+    from segrefine.demo import make_slide
+    from segrefine.io import write_tiff
+    from test_tiling import LocalClassical, _check_outputs_agree_with_labels, run_all
+
+    class Stray(LocalClassical):
+        def predict(self, img):
+            lab = np.asarray(super().predict(img)).copy()
+            for cid in np.unique(lab)[1::3]:  # every third cell: a pixel 2 px below-right of its bounding box
+                ys, xs = np.nonzero(lab == cid)
+                y, x = ys.max() + 2, xs.max() + 2
+                if y < lab.shape[0] and x < lab.shape[1] and not lab[max(0, y - 1):y + 2, max(0, x - 1):x + 2].any():
+                    lab[y, x] = cid
+            return lab
+
+    img, _, _ = make_slide(256, seed=5)
+    write_tiff(tmp_path / "slide.tif", img, tiled=True, photometric="minisblack", metadata={"axes": "YX"})
+    run_step("core", "pretrained-card", "--framework", "classical", "--name", "c", "--source", "none",
+             "--out-dir", tmp_path / "card")
+    _, _, rep = run_all(tmp_path / "run", tmp_path / "slide.tif", tmp_path / "card" / "card.json", Stray(),
+                        tile=96, halo=24)
+    assert rep["fragment_cells"] > 0 and rep["fragment_pixels"] >= rep["fragment_cells"]
+    assert len(rep["fragment_cell_ids"]) == rep["fragment_cells"]
+    tiled = tifffile.imread(tmp_path / "run" / "labels.tif")
+    assert not fragment_pixels(tiled).any()
+    assert set(rep["fragment_cell_ids"]) <= set(np.unique(tiled).tolist())  # the cells stay, their pieces go
+    _check_outputs_agree_with_labels(tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["fragment_cells"] == rep["fragment_cells"]

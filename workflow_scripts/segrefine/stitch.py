@@ -14,6 +14,10 @@ pasted by earlier tiles:
     and this copy is dropped (counted as a duplicate resolved);
   * otherwise the shared pixels stay with the earlier cell and this cell
     keeps its other pixels (counted as pixels trimmed).
+Every cell is then its largest 8-connected component: the other pieces of
+a cell (stray pixels a model left, or a cell cut in two by the trimming) go
+to background, counted in the report (``segrefine.cells``: a tile owns
+whole cells, so the per-tile cleanup is the whole-slide one).
 The cell table, the outlines and the pyramid agree with the stitched
 pixels (labels.tif) exactly: a cell kept whole has the pixels the shard saw,
 so its table sums and outline text come from the tile file (computed on the
@@ -43,6 +47,7 @@ from typing import List, Optional
 import numpy as np
 
 from segrefine import SegRefineError
+from segrefine.cells import fragment_pixels
 from segrefine.tiling import cell_outlines, cell_stats, outline_texts  # noqa: F401 (cell_outlines: re-exported)
 
 log = logging.getLogger("segrefine.stitch")
@@ -291,6 +296,7 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
               "tiles_skipped_background": int(meta["tiles_skipped_background"]), "halo_px": int(meta["halo_px"]),
               "context_px": int(meta["context_px"]), "tile_size": int(meta["tile_size"]), "shards": len(shards),
               "duplicates_resolved": 0, "pixels_trimmed": 0, "large_cells": [], "timings_s": {},
+              "fragment_cells": 0, "fragment_pixels": 0, "fragment_cell_ids": [],
               "intensity_reference": meta.get("intensity_reference"),
               # how the shards that predicted tiles normalised them ("slide" or "per window")
               "normalization": sorted({str(s["intensity_reference"]) for s in shards if s.get("intensity_reference")})}
@@ -359,6 +365,17 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
                     if trimmed.any():
                         report["pixels_trimmed"] += int((~free & survive[owned]).sum())
                     new[~free] = 0
+                    # every cell one piece (segrefine.cells): its fragments go to background; its row and outline
+                    # are recomputed from the pixels, as for a trimmed cell
+                    frag = fragment_pixels(np.where(new > 0, owned, 0))
+                    if frag.any():
+                        cut = np.unique(owned[frag])
+                        trimmed[cut] = True
+                        new[frag] = 0
+                        free &= ~frag
+                        report["fragment_cells"] += len(cut)
+                        report["fragment_pixels"] += int(frag.sum())
+                        report["fragment_cell_ids"] += lut[cut].tolist()
                     store[oy:oy + h, ox:ox + w] = np.where(new > 0, new, existing)
                 with clock.part("cell_table"):
                     # the table from the shard's per-cell sums for cells kept whole, recomputed for the trimmed ones
@@ -427,6 +444,9 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
              "%d large cells -> %s (%.1f s)", report["cells"], len(tiles), report["tiles_skipped_background"],
              report["duplicates_resolved"], report["pixels_trimmed"], report["n_large_cells"], labels_out,
              timings["stitch_total"])
+    if report["fragment_cells"]:
+        log.info("%d cell(s) had pieces not 8-connected to their largest one: %d px went to background (ids in the "
+                 "report: fragment_cell_ids)", report["fragment_cells"], report["fragment_pixels"])
     if report["cells"] == 0:
         log.warning("no cell found in %s: the labels, cell table%s are written empty", slide_path,
                     " and outlines" if geojson_out else "")
