@@ -26,6 +26,7 @@ include: "rules/learning_curve.smk"
 include: "rules/annotate_next.smk"
 include: "rules/segment.smk"
 include: "rules/expression.smk"
+include: "rules/cells.smk"
 include: "rules/summary.smk"
 
 

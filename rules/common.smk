@@ -320,20 +320,80 @@ def saw_tables():
     return [(s, stage) for s in expression_samples() for stage in samples.loc[s, "saw_cellbins"]]
 
 
+# --- cells: nuclei grown into cells (rules/cells.smk; docs/expression.md, Cells) ---------------------------------------
+CELLS_SUFFIX = "_cells"  # the QC's stage of a stage's cells: pretrained_cells, finetuned_cells (segrefine.qc)
+
+
+def cells_on():
+    """expression.cells.mode expand or mask: the cells' matrix beside the nuclei's, in .../expanded/ folders."""
+    return config["expression"]["cells"]["mode"] != "nuclei"
+
+
+def cells_mask(wildcards):
+    """[the user's cell mask of the sample] with expression.cells.mode mask (masks: sample, else '*'), else []."""
+    c = config["expression"]["cells"]
+    if c["mode"] != "mask":
+        return []
+    return [c["masks"].get(wildcards.sample, c["masks"].get("*"))]
+
+
+def cells_args(wildcards):
+    """The `segrefine cells` options of a sample: --mask, or --distance/--unit/--um-per-px."""
+    c = config["expression"]["cells"]
+    size = samples.loc[wildcards.sample, "pixel_size_um"]
+    if c["mode"] == "mask":
+        return f"--mask {shlex.quote(str(cells_mask(wildcards)[0]))} --pixel-size-um {size}"
+    return f"--distance {c['distance']} --unit {c['unit']} --um-per-px {size}"
+
+
+def _check_cells():
+    from segrefine.cells import distance_px
+
+    c = config["expression"]["cells"]
+    for s in samples.index:
+        if c["mode"] == "expand":
+            try:
+                distance_px(c["distance"], c["unit"], float(samples.loc[s, "pixel_size_um"]),
+                            where=f"expression.cells (sample {s})")
+            except SegRefineError as exc:
+                fail(str(exc))
+        elif c["mode"] == "mask":
+            mask = c["masks"].get(s, c["masks"].get("*"))
+            if not mask:
+                fail(f"expression.cells.mode mask: no cell mask for sample {s} in expression.cells.masks")
+            if not Path(mask).is_file():
+                fail(f"expression.cells.masks: cell mask {mask} of sample {s} not found")
+
+
+_check_cells()
+
+
+def qc_our_stages():
+    """Our stages in the QC: the nuclei's (qc_stages), then, with cells on, the same stages' cells (<stage>_cells)."""
+    return qc_stages() + ([st + CELLS_SUFFIX for st in qc_stages()] if cells_on() else [])
+
+
+def table_dir(sample, stage):
+    """The folder of one of our cell tables: results/expression/<sample>[/<stage>], plus /expanded for the cells."""
+    if stage.endswith(CELLS_SUFFIX) and stage[:-len(CELLS_SUFFIX)] in STAGES:
+        return str(Path(stage_dir("expression", sample, stage[:-len(CELLS_SUFFIX)]), "expanded"))
+    return stage_dir("expression", sample, stage)
+
+
 def qc_tables():
     """(sample, stage) of every cell table the expression QC reads: ours, one stage after the other (pretrained
-    first), then SAW's."""
-    return [(s, stage) for stage in qc_stages() for s in expression_samples()] + saw_tables()
+    first; nuclei, then cells), then SAW's."""
+    return [(s, stage) for stage in qc_our_stages() for s in expression_samples()] + saw_tables()
 
 
 def qc_cellmaps(wildcards):
-    return [str(Path(stage_dir("expression", sample, stage), "cellmap.csv")) for sample, stage in qc_tables()]
+    return [str(Path(table_dir(sample, stage), "cellmap.csv")) for sample, stage in qc_tables()]
 
 
 def qc_reports(wildcards):
     """The cgef steps' alignment reports (UMIs in cells, shift check) of our tables, in qc_tables' order."""
-    return [str(Path(stage_dir("expression", sample, stage), "alignment.json"))
-            for stage in qc_stages() for sample in expression_samples()]
+    return [str(Path(table_dir(sample, stage), "alignment.json"))
+            for stage in qc_our_stages() for sample in expression_samples()]
 
 
 def qc_args(wildcards):
@@ -355,6 +415,9 @@ def final_outputs():
     out += [f"{RESULTS}/models/{m}/finetuned/card.json" for m in config["models"]]
     out += expand(f"{RESULTS}/segmentation/{{sample}}/labels.tif", sample=samples.index)
     out += expand(f"{RESULTS}/expression/{{sample}}/cells.h5ad", sample=expression_samples())
+    if cells_on():
+        out += expand(f"{RESULTS}/segmentation/{{sample}}/expanded/labels.tif", sample=samples.index)
+        out += expand(f"{RESULTS}/expression/{{sample}}/expanded/cells.h5ad", sample=expression_samples())
     if expression_samples():
         out += qc_outputs().values()
     if config["patches"]["candidates"]["activate"]:

@@ -247,3 +247,29 @@ def test_stitch_keeps_every_cell_one_piece_and_counts_the_fragments(tmp_path):
     _check_outputs_agree_with_labels(tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["fragment_cells"] == rep["fragment_cells"]
+
+
+def test_expression_qc_puts_cells_beside_nuclei(tmp_path):
+    """Four tables (pretrained/fine-tuned x nuclei/cells): summary rows for each, before/after for both kinds."""
+    import pandas as pd
+
+    from segrefine.qc import expression_qc
+
+    rng = np.random.default_rng(0)
+    paths, stages = [], ["pretrained", "finetuned", "pretrained_cells", "finetuned_cells"]
+    for i, st in enumerate(stages):
+        n = 40 + 5 * i
+        area = rng.integers(20, 60, n) * (3 if st.endswith("_cells") else 1)
+        df = pd.DataFrame({"cgef_cell": np.arange(n), "label_id": np.arange(1, n + 1), "x": rng.random(n),
+                           "y": rng.random(n), "area": area, "total_counts": rng.integers(0, 50, n) + area // 10,
+                           "n_genes": rng.integers(0, 20, n)})
+        paths.append(tmp_path / f"{st}.csv")
+        df.to_csv(paths[-1], index=False)
+    expression_qc(paths, ["S1"] * 4, tmp_path / "qc", stages=stages)
+    summary = pd.read_csv(tmp_path / "qc" / "summary.csv")
+    assert summary["stage"].tolist() == stages
+    assert summary["cells"].tolist() == [40, 45, 50, 55]
+    ba = pd.read_csv(tmp_path / "qc" / "before_after.csv")
+    assert sorted(set(zip(ba["before"], ba["after"]))) == [("pretrained", "finetuned"),
+                                                           ("pretrained_cells", "finetuned_cells")]
+    assert (tmp_path / "qc" / "distributions.png").stat().st_size > 0

@@ -84,16 +84,30 @@ def test_full_run(workdir):
                 "pretrained": pd.read_csv(res / "expression" / "TINY01" / "pretrained" / "cellmap.csv")}
     assert not (res / "expression" / "TINY01" / "pretrained" / "cells.h5ad").exists()
     qc = res / "expression" / "qc"
+    # nuclei grown into cells (expression.cells, 3 µm = 6 px in the test config): per stage, cell labels with the
+    # nuclei's ids and their own matrix in expanded/ (docs/expression.md, Cells)
+    for stage_res, top in (("finetuned", res / "segmentation" / "TINY01"), ("pretrained", pre)):
+        nuclei, grown = tifffile.imread(top / "labels.tif"), tifffile.imread(top / "expanded" / "labels.tif")
+        assert grown.dtype == np.uint32 and (grown[nuclei > 0] == nuclei[nuclei > 0]).all()
+        assert set(np.unique(grown)) == set(np.unique(nuclei)) and (grown > 0).sum() > (nuclei > 0).sum()
+        assert json.loads((top / "expanded" / "cells.json").read_text())["distance_px"] == 6
+        sub = ["expanded"] if stage_res == "finetuned" else ["pretrained", "expanded"]
+        cellmaps[f"{stage_res}_cells"] = pd.read_csv(res.joinpath("expression", "TINY01", *sub, "cellmap.csv"))
+        assert set(cellmaps[f"{stage_res}_cells"]["label_id"]) <= set(np.unique(nuclei)) - {0}
+    assert (res / "expression" / "TINY01" / "expanded" / "cells.h5ad").is_file()
     summary = pd.read_csv(qc / "summary.csv")
-    assert summary[["sample", "stage"]].values.tolist() == [["TINY01", "pretrained"], ["TINY01", "finetuned"]]
+    assert summary[["sample", "stage"]].values.tolist() == [["TINY01", "pretrained"], ["TINY01", "finetuned"],
+                                                            ["TINY01", "pretrained_cells"],
+                                                            ["TINY01", "finetuned_cells"]]
     assert summary.set_index("stage")["cells"].to_dict() == {k: len(v) for k, v in cellmaps.items()}
     ba = pd.read_csv(qc / "before_after.csv")
-    assert list(ba["metric"]) == ["total_counts", "n_genes", "area"]
-    assert set(ba["before"]) == {"pretrained"} and set(ba["after"]) == {"finetuned"}
-    area = ba.set_index("metric").loc["area"]
+    assert list(ba["metric"]) == ["total_counts", "n_genes", "area"] * 2
+    assert list(ba["before"]) == ["pretrained"] * 3 + ["pretrained_cells"] * 3
+    assert list(ba["after"]) == ["finetuned"] * 3 + ["finetuned_cells"] * 3
+    area = ba[ba["before"] == "pretrained"].set_index("metric").loc["area"]
     assert (area["n_before"], area["n_after"]) == (len(cellmaps["pretrained"]), len(cellmaps["finetuned"]))
     assert area["median_after"] == np.median(cellmaps["finetuned"]["area"]) and 0 <= area["p_value"] <= 1
-    assert set(pd.read_csv(qc / "extreme_area.csv")["stage"]) <= {"pretrained", "finetuned"}
+    assert set(pd.read_csv(qc / "extreme_area.csv")["stage"]) <= set(cellmaps)
     assert (qc / "distributions.png").read_bytes()[:4] == b"\x89PNG"
     # nothing is left to do
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
@@ -131,6 +145,8 @@ def test_adding_an_annotation_reruns_exactly_what_depends_on_it(workdir):
                     # training set
                     "halo_check": 1, "segment_shard": 2, "stitch": 1, "cgef": 1, "h5ad": 1, "expression_qc": 1,
                     "all": 1,
+                    # the fine-tuned stage's nuclei grown into cells, and their matrix (rules/cells.smk)
+                    "cells": 1, "cgef_cells": 1, "h5ad_cells": 1,
                     # evaluation figures and decisions (docs/evaluation.md): overlays per model and stage, threshold
                     # sweeps of the cellpose, stardist and U-Net models, zero-shot screening of the 4 pretrained models
                     "evaluation_boxplots": 1, "evaluation_overlays": 8, "loss_curves": 1, "complexity": 1,

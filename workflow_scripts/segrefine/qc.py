@@ -23,6 +23,10 @@ pretrained and the fine-tuned model, docs/expression.md). Output folder:
   cell numbers, medians, means, the median ratio after / before, the two-sided
   Mann-Whitney U test (they are different cells, not pairs) and the probability
   that a cell after exceeds a cell before (ties count half).
+- cells stages (``<stage>_cells``: the nuclei of a stage grown into cells,
+  ``segrefine.cells``) get their rows in ``summary.csv`` beside the nuclei's,
+  their curves in the plot, and, with both stages, their own before/after rows
+  in ``before_after.csv`` (``pretrained_cells`` vs ``finetuned_cells``);
 - ``saw_comparison.csv`` (with reference stages): SAW's own cells (stages named
   ``saw_*``: ``saw_nuclei`` from its ``cellbin.gef``, ``saw_cells`` from its
   ``adjusted.cellbin.gef``, read by ``segrefine saw-cells``) against our last
@@ -144,16 +148,24 @@ def extreme_area(cells, k: float = 3.0):
 REFERENCE_PREFIX = "saw_"  # stages that are another pipeline's cells (SAW's), compared with ours, not segmented by us
 
 
+CELLS_SUFFIX = "_cells"  # our stages' nuclei grown into cells (segrefine.cells): pretrained_cells, finetuned_cells
+
+
 def is_reference(stage: str) -> bool:
     return str(stage).startswith(REFERENCE_PREFIX)
 
 
+def is_cells(stage: str) -> bool:
+    """A stage of our expanded cells (``<stage>_cells``), compared with the other stage's cells, not the nuclei."""
+    return not is_reference(stage) and str(stage).endswith(CELLS_SUFFIX)
+
+
 def stage_pair(cells) -> Optional[Tuple[str, str]]:
-    """(before, after): our two stages in the order given (reference stages aside); None with one stage; more than
-    two is an error."""
+    """(before, after): our two stages of nuclei in the order given (reference and cells stages aside); None with one
+    stage; more than two is an error."""
     import pandas as pd
 
-    stages = [st for st in pd.unique(cells["stage"]) if not is_reference(st)]
+    stages = [st for st in pd.unique(cells["stage"]) if not is_reference(st) and not is_cells(st)]
     if len(stages) > 2:
         raise SegRefineError(f"cell tables of {len(stages)} stages {stages}: the comparison takes two (before, after)")
     return (stages[0], stages[1]) if len(stages) == 2 else None
@@ -282,10 +294,13 @@ def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0,
 
     cells = read_cell_tables(cellmaps, samples, stages)
     read = list(zip(samples, table_stages(len(samples), stages)))
-    given = [st for st in dict.fromkeys(st for _, st in read) if not is_reference(st)]  # ours, even without cells
+    # ours (even without cells): the nuclei's stages, and their expanded cells' (<stage>_cells) compared in turn
+    given = [st for st in dict.fromkeys(st for _, st in read) if not is_reference(st) and not is_cells(st)]
+    grown = [st for st in dict.fromkeys(st for _, st in read) if is_cells(st)]
     references = [st for st in dict.fromkeys(st for _, st in read) if is_reference(st)]
-    if len(given) > 2:
-        raise SegRefineError(f"cell tables of {len(given)} stages {given}: the comparison takes two (before, after)")
+    for kind in (given, grown):
+        if len(kind) > 2:
+            raise SegRefineError(f"cell tables of {len(kind)} stages {kind}: the comparison takes two (before, after)")
     pair = (given[0], given[1]) if len(given) == 2 else None
     empty = [f"{p} ({sm}{' ' + st if st else ''})" for p, (sm, st) in zip(cellmaps, read)
              if not ((cells["sample"] == sm) & (cells["stage"] == st)).any()]
@@ -309,7 +324,10 @@ def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0,
               ("extreme_area.csv", extreme_area(cells, k))]
     tests = compare_stages(cells, *pair) if pair else None
     if pair:
-        tables.append(("before_after.csv", tests))
+        import pandas as pd
+
+        both = [tests] + ([compare_stages(cells, grown[0], grown[1])] if len(grown) == 2 else [])
+        tables.append(("before_after.csv", pd.concat(both, ignore_index=True)))
     if references and given:
         import pandas as pd
 
