@@ -10,7 +10,15 @@ Accepted annotation files, one per patch, named after the patch:
   that are not JSON objects are refused; an unclassified rectangle annotation
   covering (almost) the whole patch is a region of interest (QuPath exports
   the rectangle drawn around the patch as an annotation with no class) and is
-  ignored with a warning.
+  ignored with a warning. Ids (QuPath's UUIDs), classes and measurements (a
+  ``{name: value}`` object as QuPath 0.4+ writes it, or the older list of
+  ``{name, value}``) are read with the geometry (``read_cell_objects``), so the
+  workflow's pre-annotations (``segrefine.preannotations``) come back as they
+  are. Detections and cells are used like annotations, with a warning naming
+  the file; a file drawn on the whole slide (every object inside the patch's
+  box in slide coordinates) is moved into the patch frame; an object reaching
+  outside its patch is clipped when at least half of it is inside, refused
+  (naming the object) otherwise.
 - Masks (``.tif``/``.tiff``/``.png``): told apart by their structure
   (``mask_kind``): binary (one value), semantic (a few values, each in many
   separate pieces: classes, anti-aliased edges of a binary mask) are split into
@@ -24,7 +32,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -97,7 +105,7 @@ def _is_roi(props: dict, geom, shape: Tuple[int, int]) -> bool:
     """An unclassified annotation rectangle covering (almost) the whole patch: a region of interest, not a cell."""
     import shapely
 
-    if props.get("objectType", "annotation") != "annotation" or _class_name(props) is not None:
+    if _object_type_and_id({}, props)[0] != "annotation" or _class_name(props) is not None:
         return False
     env = geom.envelope
     if env.area <= 0 or geom.area < 0.98 * env.area:  # not a rectangle
@@ -107,18 +115,97 @@ def _is_roi(props: dict, geom, shape: Tuple[int, int]) -> bool:
 
 
 def _class_name(props: dict) -> Optional[str]:
+    """The class of an object: {"name": ...}, or a derived class {"names": [...]} (QuPath 0.4+) as QuPath names
+    it ("Tumor: Positive"), or a plain string."""
     cls = props.get("classification")
     if isinstance(cls, dict):
+        names = cls.get("names")
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            return ": ".join(names)
         return cls.get("name")
     return cls if isinstance(cls, str) else None
 
 
-def cell_polygons(path, exclude_classes: Sequence[str] = ("Region",), use_nucleus: bool = False,
-                  shape: Optional[Tuple[int, int]] = None):
-    """The cell geometries of a QuPath GeoJSON file as (feature index, shapely (Multi)Polygon).
+# QuPath 0.2 wrote the object's Java class as its "id" (QuPathTypeAdapters.LEGACY_TYPE_IDS), 0.3 the type as
+# "object_type", 0.4 and later as "objectType" with a UUID "id"
+LEGACY_TYPE_IDS = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection",
+                   "PathCellObject": "cell", "PathTileObject": "tile", "TMACoreObject": "tmaCore",
+                   "PathRootObject": "root"}
 
-    ``shape``: the patch's (height, width); an unclassified rectangle annotation covering (almost) all of it is a
-    region of interest and is left out with a warning."""
+
+def _object_type_and_id(feat: dict, props: dict) -> Tuple[str, Optional[str]]:
+    fid = feat.get("id")
+    fid = str(fid) if fid is not None else None
+    otype = props.get("objectType") or props.get("object_type")
+    if fid in LEGACY_TYPE_IDS:
+        otype, fid = otype or LEGACY_TYPE_IDS[fid], None
+    return (otype if isinstance(otype, str) else "annotation"), fid
+
+
+class CellObject(NamedTuple):
+    """One cell object of a QuPath GeoJSON file: its feature index, QuPath id (a UUID string, or None), object type,
+    class name, measurements ({name: float}) and geometry (shapely, in the patch's pixel frame)."""
+    index: int
+    id: Optional[str]
+    object_type: str
+    class_name: Optional[str]
+    measurements: Dict[str, float]
+    geometry: object
+
+
+def read_measurements(value, where: str = "") -> Dict[str, float]:
+    """QuPath's measurements of an object as {name: float}: a JSON object {name: value} (QuPath 0.4 and later) or a
+    list of {"name", "value"} (before 0.4); "NaN", "Infinity", "-Infinity" strings (what QuPath writes for them) and
+    null become floats. Anything else is left out with a warning: measurements never change the cells."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = []
+        for m in value:
+            if isinstance(m, dict) and isinstance(m.get("name"), str):
+                items.append((m["name"], m.get("value")))
+            else:
+                log.warning("%s: measurement %s is not a {name, value} object: ignored", where, _short(m))
+    else:
+        log.warning("%s: measurements are neither an object nor a list but %s: ignored", where, _short(value))
+        return {}
+    out = {}
+    for name, v in items:
+        if v is None:
+            out[str(name)] = math.nan
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[str(name)] = float(v)
+        elif isinstance(v, str):
+            try:
+                out[str(name)] = float({"inf": "Infinity", "-inf": "-Infinity"}.get(v.lower(), v))
+            except ValueError:
+                log.warning("%s: measurement %r = %s is not a number: ignored", where, name, _short(v))
+        else:
+            log.warning("%s: measurement %r = %s is not a number: ignored", where, name, _short(v))
+    return out
+
+
+def _outside(geom, w: int, h: int, dx: float = 0.0, dy: float = 0.0) -> bool:
+    minx, miny, maxx, maxy = geom.bounds
+    t = OUTSIDE_TOLERANCE_PX
+    return minx - dx < -t or miny - dy < -t or maxx - dx > w + t or maxy - dy > h + t
+
+
+def read_cell_objects(path, exclude_classes: Sequence[str] = ("Region",), use_nucleus: bool = False,
+                      shape: Optional[Tuple[int, int]] = None,
+                      origin: Optional[Tuple[int, int]] = None) -> List[CellObject]:
+    """The cell objects of a QuPath GeoJSON file (``CellObject``), in file order.
+
+    ``shape``: the patch's (height, width). With it, an unclassified rectangle annotation covering (almost) all of
+    the patch is a region of interest and is left out with a warning, and objects that stray outside the patch are
+    handled: a file whose objects all lie inside the patch's box in slide coordinates (``origin``, the patch's
+    top-left slide pixel: the objects were drawn on the whole slide) is moved into the patch frame with a warning;
+    an object with at least half of its area inside the patch is clipped to it with a warning naming the object;
+    an object mostly outside is refused, naming the object. Detections and cells (objects QuPath's cell detection
+    makes, which QuPath cannot edit) are used like annotations, with one warning naming the file and the objects;
+    an id used by two objects is named in a warning (the geometry of both is used)."""
     import shapely
     import shapely.geometry
 
@@ -129,10 +216,10 @@ def cell_polygons(path, exclude_classes: Sequence[str] = ("Region",), use_nucleu
         raise SegRefineError(f"{path}: cannot read ({exc})") from exc
     except json.JSONDecodeError as exc:
         raise SegRefineError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
-    geoms = []
+    objects = []
     for i, feat in enumerate(_features(doc, path)):
         props = feat.get("properties") or {}
-        otype = props.get("objectType", "annotation")
+        otype, fid = _object_type_and_id(feat, props)
         if otype not in CELL_OBJECT_TYPES or _class_name(props) in exclude_classes:
             continue
         geom = feat.get("nucleusGeometry") if (use_nucleus and feat.get("nucleusGeometry")) else feat.get("geometry")
@@ -160,8 +247,68 @@ def cell_polygons(path, exclude_classes: Sequence[str] = ("Region",), use_nucleu
                         "region of interest, not a cell: ignored", path, i, _feature_name(feat),
                         100.0 * cell.area / (shape[0] * shape[1]), shape[1], shape[0])
             continue
-        geoms.append((i, cell))
-    return geoms
+        objects.append(CellObject(i, fid, otype, _class_name(props),
+                                  read_measurements(props.get("measurements"), f"{path}: feature {i}"), cell))
+    if shape is not None:
+        objects = _into_patch(objects, path, shape, origin)
+    _warn_detections(objects, path)
+    ids = [o.id for o in objects if o.id is not None]
+    dups = sorted({x for x in ids if ids.count(x) > 1})
+    if dups:
+        log.warning("%s: %d id(s) used by more than one object (e.g. %s: objects imported twice into QuPath?); every "
+                    "object's outline is used", path, len(dups), dups[0])
+    return objects
+
+
+def _into_patch(objects: List[CellObject], path: Path, shape: Tuple[int, int],
+                origin: Optional[Tuple[int, int]]) -> List[CellObject]:
+    """Objects in the patch frame: a whole file in slide coordinates moved, objects mostly inside clipped."""
+    import shapely
+    import shapely.affinity
+
+    h, w = shape
+    if not any(_outside(o.geometry, w, h) for o in objects):
+        return objects
+    if origin is not None and (origin[0] or origin[1]) and not any(
+            _outside(o.geometry, w, h, origin[0], origin[1]) for o in objects):
+        log.warning("%s: all %d objects lie inside the patch's box in slide coordinates (x %d..%d, y %d..%d): moved "
+                    "into the patch frame", path, len(objects), origin[0], origin[0] + w, origin[1], origin[1] + h)
+        return [o._replace(geometry=shapely.affinity.translate(o.geometry, -origin[0], -origin[1])) for o in objects]
+    box = shapely.box(0, 0, w, h)
+    out = []
+    for o in objects:
+        if not _outside(o.geometry, w, h):
+            out.append(o)
+            continue
+        minx, miny, maxx, maxy = o.geometry.bounds
+        inside = o.geometry.intersection(box)
+        name = f"feature {o.index}" + (f" (id {o.id!r})" if o.id else "")
+        if inside.area < 0.5 * o.geometry.area:
+            raise SegRefineError(
+                f"{path}: {name} (bounds x {minx:.1f}..{maxx:.1f}, y {miny:.1f}..{maxy:.1f}) lies outside its {w}x{h} "
+                f"px patch; coordinates must be in the patch's pixel frame")
+        log.warning("%s: %s (bounds x %.1f..%.1f, y %.1f..%.1f) reaches outside its %dx%d px patch: clipped to the "
+                    "patch (%.0f%% of its area kept)", path, name, minx, maxx, miny, maxy, w, h,
+                    100.0 * inside.area / o.geometry.area)
+        out.append(o._replace(geometry=inside))
+    return out
+
+
+def _warn_detections(objects: List[CellObject], path: Path) -> None:
+    det = [o for o in objects if o.object_type != "annotation"]
+    if det:
+        first = det[0]
+        log.warning("%s: %d of %d cell objects are QuPath %ss, not annotations (e.g. feature %d%s): used as cells; "
+                    "QuPath cannot edit detections, so correct pre-annotations as annotation objects (docs/annotation"
+                    ".md)", path, len(det), len(objects), first.object_type, first.index,
+                    f" id {first.id!r}" if first.id else "")
+
+
+def cell_polygons(path, exclude_classes: Sequence[str] = ("Region",), use_nucleus: bool = False,
+                  shape: Optional[Tuple[int, int]] = None, origin: Optional[Tuple[int, int]] = None):
+    """The cell geometries of a QuPath GeoJSON file as (feature index, shapely (Multi)Polygon)
+    (``read_cell_objects``, which says how ``shape`` and ``origin`` are used)."""
+    return [(o.index, o.geometry) for o in read_cell_objects(path, exclude_classes, use_nucleus, shape, origin)]
 
 
 def rasterize_polygons(geoms, shape: Tuple[int, int], source: str = "annotation") -> np.ndarray:
@@ -272,14 +419,15 @@ def mask_to_instances(mask: np.ndarray, source: str = "mask") -> np.ndarray:
 
 
 def convert_annotation(path, shape: Tuple[int, int], exclude_classes: Sequence[str] = ("Region",),
-                       use_nucleus: bool = False) -> np.ndarray:
-    """Any accepted annotation file -> instance mask of ``shape``; errors name the file."""
+                       use_nucleus: bool = False, origin: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Any accepted annotation file -> instance mask of ``shape``; errors name the file. ``origin``: the patch's
+    top-left slide pixel, to recognise a GeoJSON drawn on the whole slide (``read_cell_objects``)."""
     from segrefine.io import read_tiff
 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".geojson", ".json"):
-        geoms = cell_polygons(path, exclude_classes, use_nucleus, shape=shape)
+        geoms = cell_polygons(path, exclude_classes, use_nucleus, shape=shape, origin=origin)
         if not geoms:
             raise SegRefineError(f"{path}: no cell polygons found (empty annotation, or only points/lines/"
                                  f"excluded classes {list(exclude_classes)}/a region-of-interest rectangle)")

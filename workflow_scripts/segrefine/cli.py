@@ -201,6 +201,26 @@ def cmd_annotate_next(a):
         index=False))
 
 
+def cmd_preannotate(a):
+    from segrefine.preannotations import patches_to_preannotate, write_preannotations
+
+    names = patches_to_preannotate(a.sn, a.ranking, a.top_n, a.patches or ())
+    if not names:
+        raise SegRefineError(f"no patch of chip {a.sn} to pre-annotate (give --ranking with --top-n, or --patches)")
+    write_preannotations(a.card, a.pretrained_card, a.slide, a.sn, names, a.out_dir, a.archive, a.summary,
+                         channel=a.channel, tta=a.tta)
+    print("\n".join(names))
+
+
+def cmd_corrections(a):
+    from segrefine.corrections import corrections
+
+    per_round = corrections(a.annotations, a.archive, a.out_dir, a.summary, a.model, a.exclude_class, a.use_nucleus,
+                            scratch_minutes=a.scratch_minutes, edit_fraction=a.edit_fraction,
+                            delete_fraction=a.delete_fraction, review_fraction=a.review_fraction)
+    print(per_round.to_string(index=False))
+
+
 def cmd_segment(a):
     from segrefine.segment import segment_slide
 
@@ -505,6 +525,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="the top N patches as {name}-img.tif")
     p.add_argument("--channel", type=int, help=CHANNEL_HELP)
 
+    p = step("preannotate", cmd_preannotate,
+             "the best model's cells of suggested/listed patches as QuPath annotation objects to correct "
+             "({patch}.geojson + {patch}-img.tif)")
+    p.add_argument("--card", required=True, help="model card of the model that pre-annotates (the fine-tuned stage)")
+    p.add_argument("--pretrained-card", help="model card of its pretrained stage (the cells' other_iou)")
+    p.add_argument("--slide", required=True)
+    p.add_argument("--sn", required=True)
+    p.add_argument("--ranking", help="annotate-next's ranking.csv: its top N patches are pre-annotated")
+    p.add_argument("--top-n", type=int, default=10, help="how many ranked patches to pre-annotate [%(default)s]")
+    p.add_argument("--patches", nargs="*", help="further patch names to pre-annotate (those of chip --sn)")
+    p.add_argument("--summary", help="evaluation summary.csv: the model's test F1 goes into the files' record")
+    p.add_argument("--tta", type=int, default=4, choices=[0, 4, 8],
+                   help="test-time augmentations for the cells' tta_agreement [%(default)s]")
+    p.add_argument("--out-dir", required=True, help="output folder: {patch}.geojson and {patch}-img.tif per patch")
+    p.add_argument("--archive", required=True,
+                   help="archive folder: every pre-annotation is also kept as {patch}/{card sha[:12]}.geojson")
+    p.add_argument("--channel", type=int, help=CHANNEL_HELP)
+
+    p = step("corrections", cmd_corrections,
+             "corrected annotation files against their pre-annotations: cells accepted/edited/deleted/added, minutes "
+             "saved, F1 per round (tables and plot)")
+    p.add_argument("--annotations", nargs="+", required=True,
+                   help="annotation files named after their patches (GeoJSON ones are compared)")
+    p.add_argument("--archive", required=True, help="the pre-annotation archive folder (see `preannotate`)")
+    p.add_argument("--summary", help="evaluation summary.csv: the current fine-tuned model's F1 (last round)")
+    p.add_argument("--model", help="the model of the pre-annotations (segmentation.model), to read --summary")
+    p.add_argument("--exclude-class", nargs="*", default=["Region"], help="QuPath classes that are not cells")
+    p.add_argument("--use-nucleus", action="store_true", help="take the nucleus of QuPath cell objects")
+    p.add_argument("--scratch-minutes", type=float, default=15.0,
+                   help="minutes to draw a 256x256 px patch from scratch (scaled by area) [%(default)s]")
+    p.add_argument("--edit-fraction", type=float, default=0.5,
+                   help="cost of editing a cell, as a fraction of drawing it [%(default)s]")
+    p.add_argument("--delete-fraction", type=float, default=0.05,
+                   help="cost of deleting a cell, as a fraction of drawing it [%(default)s]")
+    p.add_argument("--review-fraction", type=float, default=0.05,
+                   help="cost of looking at a cell and accepting it, as a fraction of drawing it [%(default)s]")
+    p.add_argument("--out-dir", required=True,
+                   help="output folder: per_cell.csv, per_patch.csv, per_round.csv, corrections.png")
+
     p = step("segment", cmd_segment, "segment a whole slide with a saved model (plan, shards, stitch in one process)")
     p.add_argument("--card", required=True)
     p.add_argument("--slide", required=True)
@@ -749,6 +808,7 @@ STEP_OUTPUTS = {
     "complexity": ("out", "joined"),
     "learning-curve": ("out", "png"),
     "annotate-next": ("out", "geojson", "out_dir"),
+    "preannotate": ("out_dir", "archive"),
 }
 _PROBLEMS = {
     errno.ENOSPC: "no space left on the device",
