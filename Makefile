@@ -5,7 +5,7 @@
 PYTHON ?= python3
 # the frameworks' envs come from their registry (FRAMEWORKS in workflow_scripts/segrefine/models/__init__.py)
 FRAMEWORK_ENVS := $(shell PYTHONPATH=workflow_scripts $(PYTHON) -c 'from segrefine.models import framework_envs; print(*framework_envs())')
-ENVS := core $(filter-out core,$(FRAMEWORK_ENVS)) gef stereopy anndata
+ENVS := core $(filter-out core,$(FRAMEWORK_ENVS)) gef stereopy anndata spatialdata
 ENV_TOOL := $(PYTHON) workflow_scripts/segrefine/envs.py
 CORE_PY = $$($(ENV_TOOL) python core)
 RUN_CORE = PYTHONPATH=workflow_scripts $(CORE_PY)

@@ -323,6 +323,16 @@ def cmd_cluster_check(a):
     cluster_check(a.stages, a.h5ads, a.out, a.cells, a.sample, a.resolution, a.seed)
 
 
+def cmd_spatialdata(a):
+    from segrefine.sdata import render_png, write_spatialdata
+
+    summary = write_spatialdata(a.slide, a.labels, a.outlines, a.h5ad, a.cell_table, a.out, a.cells_labels,
+                                a.pixel_size_um, a.stain, a.sample, a.min_side)
+    if a.png:
+        summary.update(render_png(a.out, a.png, a.close_up, a.sample))
+    logging.getLogger("segrefine").info("SpatialData -> %s: %s", a.out, json.dumps(summary))
+
+
 def cmd_purity_table(a):
     from segrefine.io import write_text_atomic
     from segrefine.purity import purity_table
@@ -704,6 +714,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=float, default=0.5, help="Leiden resolution")
     p.add_argument("--seed", type=int, default=0, help="seed of PCA, neighbours and Leiden")
 
+    p = step("spatialdata", cmd_spatialdata,
+             "one sample's SpatialData store (.zarr; scverse): the slide (multiscale), the nuclei (and cell) labels "
+             "(multiscale), the outlines as shapes and the AnnData linked to the labels; runs in the spatialdata env "
+             "(docs/spatialdata.md)")
+    p.add_argument("--slide", required=True, help="the slide TIFF (read lazily; its own pyramid is kept)")
+    p.add_argument("--labels", required=True, help="nuclei labels: the pyramidal labels.tif of `segrefine stitch`")
+    p.add_argument("--cells-labels", help="cell labels (nuclei grown into cells: `segrefine cells`), same frame; "
+                                          "written as labels 'cells'")
+    p.add_argument("--outlines", required=True, help="cell outlines: cells.geojson of `segrefine stitch`")
+    p.add_argument("--cell-table", required=True,
+                   help="cells.parquet or cells.csv of `segrefine stitch` (the cells' centres)")
+    p.add_argument("--h5ad", required=True, help="AnnData of `segrefine h5ad` (obs 'label_id' = id in --labels)")
+    p.add_argument("--out", required=True, help="the SpatialData store to write (a folder ending in .zarr); an "
+                                                "existing one is replaced only if segrefine wrote it")
+    p.add_argument("--png", help="also render the store with spatialdata-plot into this PNG")
+    p.add_argument("--pixel-size-um", type=float,
+                   help="µm per slide pixel: adds the 'micron' coordinate system (omit if unknown)")
+    p.add_argument("--stain", help="the channel name of a grayscale slide (e.g. ssDNA, DAPI)")
+    p.add_argument("--sample", help="sample id (the PNG's title and the store's 'segrefine' attributes)")
+    p.add_argument("--min-side", type=int, default=1024,
+                   help="a slide without its own pyramid is downsampled by 2 until its longer side is at most this "
+                        "(px) [%(default)s]")
+    p.add_argument("--close-up", type=int, default=256,
+                   help="side (px) of the PNG's close-up around the median cell [%(default)s]")
+
     p = step("purity-table", cmd_purity_table,
              "one row per sample and stage of the purity summaries and cluster checks (the report's table)")
     p.add_argument("--summaries", nargs="+", required=True, help="summary.json files of `segrefine purity`")
@@ -802,6 +837,7 @@ STEP_OUTPUTS = {
     "stitch": ("labels", "cells", "parquet", "geojson", "overlay", "report"),
     "cgef": ("cgef", "cellmap"),
     "cells": ("out", "report"),
+    "spatialdata": ("out", "png"),
     "evaluate": ("out", "predictions"),
     "summarize": ("out", "long", "xlsx"),
     "plot-evaluation": ("out", "stats"),
