@@ -146,6 +146,36 @@ def test_largest_component_fragments_removed_and_counted():
     assert clean2[0, 0] == 4 and clean2[2, 4] == 0 and info2["fragment_pixels"] == 1
 
 
+def _fragments_per_cell(labels):
+    """Reference: each cell labelled on its own (8-connectivity), all but its largest piece (first of equal ones)."""
+    from scipy import ndimage
+
+    frag = np.zeros(labels.shape, bool)
+    for cid in np.unique(labels[labels > 0]):
+        comp, n = ndimage.label(labels == cid, structure=np.ones((3, 3)))
+        if n > 1:
+            size = np.bincount(comp.ravel())
+            size[0] = -1
+            frag |= (comp > 0) & (comp != int(np.argmax(size)))
+    return frag
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fragments_of_touching_cells_equal_a_per_cell_reference(seed):
+    """Dense touching cells, scattered pixels of random cells (often touching another cell), large sparse ids."""
+    rng = np.random.default_rng(seed)
+    lab = expand_labels(random_nuclei(seed, shape=(60, 70), n=25), 5)
+    ids = np.unique(lab[lab > 0])
+    for _ in range(30):
+        y, x = rng.integers(0, 60), rng.integers(0, 70)
+        lab[y, x] = rng.choice(ids)
+    want = _fragments_per_cell(lab)
+    assert want.any()
+    assert np.array_equal(fragment_pixels(lab), want)
+    big = np.where(lab > 0, lab.astype(np.uint64) * 1_000_003 + 7, 0).astype(np.uint64)
+    assert np.array_equal(fragment_pixels(big), want)
+
+
 def test_distance_checks():
     assert distance_px(10) == 10
     assert distance_px(5, "um", 0.5) == 10

@@ -75,28 +75,78 @@ EIGHT = np.ones((3, 3), bool)
 
 
 # --- every cell one piece ---------------------------------------------------------------------------------------------
+def _touching_pairs(lab: np.ndarray) -> np.ndarray:
+    """(k, 2) array of the distinct pairs (a < b) of different nonzero labels that are 8-neighbours."""
+    out = []
+    for a, b in ((lab[:, :-1], lab[:, 1:]), (lab[:-1, :], lab[1:, :]), (lab[:-1, :-1], lab[1:, 1:]),
+                 (lab[:-1, 1:], lab[1:, :-1])):
+        m = (a != b) & (a > 0) & (b > 0)
+        if m.any():
+            x, y = a[m].astype(np.int64), b[m].astype(np.int64)
+            out.append(np.stack([np.minimum(x, y), np.maximum(x, y)], axis=1))
+    if not out:
+        return np.zeros((0, 2), np.int64)
+    return np.unique(np.concatenate(out), axis=0)
+
+
+def _colours(n: int, pairs: np.ndarray) -> np.ndarray:
+    """A colour per label 0..n (greedy, in id order) such that no two touching labels share one."""
+    colour = np.zeros(n + 1, np.int32)
+    if not len(pairs):
+        return colour
+    both = np.concatenate([pairs, pairs[:, ::-1]])
+    both = both[np.lexsort((both[:, 1], both[:, 0]))]
+    starts = np.searchsorted(both[:, 0], np.arange(n + 2))
+    nbrs = both[:, 1].tolist()
+    for c in np.unique(both[:, 0]).tolist():
+        used = {int(colour[d]) for d in nbrs[starts[c]:starts[c + 1]] if d < c}
+        k = 0
+        while k in used:
+            k += 1
+        colour[c] = k
+    return colour
+
+
 def fragment_pixels(labels: np.ndarray) -> np.ndarray:
     """Boolean image: the pixels of each cell outside its largest 8-connected component (its fragments).
 
-    ``labels`` should hold small ids (a tile's local ids): ``scipy.ndimage.find_objects`` makes one entry per id
-    up to the largest."""
+    Cells are coloured so that no two touching cells share a colour; one ``scipy.ndimage.label`` per colour then
+    finds the 8-connected components of all its cells at once (a component never spans two cells). Of a cell's
+    components the largest stays; of equal sizes the one whose first pixel comes first in raster order."""
     from scipy import ndimage
 
     frag = np.zeros(labels.shape, bool)
     if labels.size == 0 or not labels.any():
         return frag
-    lab = labels if labels.dtype.kind in "iu" and labels.dtype.itemsize <= 8 else labels.astype(np.int64)
-    for i, sl in enumerate(ndimage.find_objects(lab), 1):
-        if sl is None:
+    lab = np.asarray(labels)
+    if int(lab.max()) > 4 * lab.size:  # sparse large ids: number them 1..n first
+        _, inv = np.unique(lab, return_inverse=True)
+        lab = inv.reshape(lab.shape)
+    n = int(lab.max())
+    lab = lab.astype(np.int32 if n < 2**31 else np.int64, copy=False)
+    colour = _colours(n, _touching_pairs(lab))
+    pix_colour = colour[lab]
+    fg = lab > 0
+    present = np.bincount(lab.ravel(), minlength=n + 1) > 0
+    present[0] = False
+    for k in range(int(colour.max()) + 1):
+        mask = fg & (pix_colour == k)
+        comp, m = ndimage.label(mask, structure=EIGHT)
+        if m <= int((present & (colour == k)).sum()):  # one component per cell: no fragment in this colour
             continue
-        own = lab[sl] == i
-        comp, n = ndimage.label(own, structure=EIGHT)
-        if n <= 1:
+        size = np.bincount(comp.ravel(), minlength=m + 1)
+        cell = np.zeros(m + 1, np.int64)
+        cell[comp[mask]] = lab[mask]  # every component lies in one cell
+        ncomp = np.bincount(cell[1:], minlength=n + 1)
+        if not (ncomp > 1).any():
             continue
-        sizes = np.bincount(comp.ravel(), minlength=n + 1)
-        sizes[0] = -1
-        keep = int(np.argmax(sizes))  # the largest; of equal sizes the first in raster order
-        frag[sl] |= own & (comp != keep)
+        idx = np.arange(1, m + 1)
+        order = np.lexsort((idx, -size[1:], cell[1:]))  # per cell: largest first, then raster order
+        first = np.ones(m, bool)
+        first[1:] = cell[1:][order][1:] != cell[1:][order][:-1]
+        keep = np.ones(m + 1, bool)
+        keep[idx[order][~first]] = False
+        frag |= mask & ~keep[comp]
     return frag
 
 
