@@ -426,4 +426,5 @@ def final_outputs():
         out += [f"{RESULTS}/learning_curve/learning_curve.csv", f"{RESULTS}/learning_curve/learning_curve.png"]
     if config.get("evaluation", {}).get("annotate_next", {}).get("activate", False):
         out += expand(f"{RESULTS}/annotate_next/{{sample}}/regions.geojson", sample=samples.index)
+    out += ANNOTATION_LOOP_OUTPUTS  # rules/corrections.smk: pre-annotations, corrections counted
     return out

@@ -208,3 +208,62 @@ def test_patches_to_preannotate_top_n_then_listed_once(tmp_path):
     assert names == ["S1-x0_y0_w64_h64", "S1-x64_y0_w64_h64", "S1-x9_y9_w64_h64"]
     with pytest.raises(SegRefineError, match="not a patch name"):
         patches_to_preannotate("S1", None, 0, ["nonsense"])
+
+
+def test_preannotate_by_cli_with_the_classical_model(tmp_path):
+    import tifffile
+
+    from segrefine.models import load_model
+    from segrefine.preannotations import read_preannotation
+
+    from conftest import run_step
+
+    d = tmp_path
+    run_step("core", "demo-data", "--out", d / "demo", "--sn", "TN01", "--size", 256, "--patches", 1,
+             "--patch-size", 64)
+    for m, params in (("best", {}), ("pre", {"threshold_scale": 1.6, "sigma": 2.0})):
+        run_step("core", "pretrained-card", "--framework", "classical", "--name", m, "--source", "none",
+                 "--params", json.dumps(params), "--out-dir", d / m)
+    ranking = d / "ranking.csv"
+    ranking.write_text("rank,patch,score\n1,TN01-x64_y64_w96_h96,0.9\n2,TN01-x0_y128_w96_h96,0.5\n")
+    summary = d / "summary.csv"
+    summary.write_text("model,stage,mode,n_images,f1\nbest,pretrained,standard,1,0.5\n")
+
+    def run(out):
+        return run_step("core", "preannotate", "--card", d / "best" / "card.json", "--pretrained-card",
+                        d / "pre" / "card.json", "--slide", d / "demo" / "TN01.tif", "--sn", "TN01", "--ranking",
+                        ranking, "--top-n", 1, "--patches", "TN01-x160_y0_w96_h64", "OTHER-x0_y0_w8_h8",
+                        "--summary", summary, "--tta", 4, "--out-dir", out, "--archive", d / "archive")
+
+    proc = run(d / "out")
+    names = ["TN01-x64_y64_w96_h96", "TN01-x160_y0_w96_h64"]
+    assert proc.stdout.split() == names
+    assert sorted(p.name for p in (d / "out").iterdir()) == sorted(
+        [f"{n}.geojson" for n in names] + [f"{n}-img.tif" for n in names])
+    slide = tifffile.imread(d / "demo" / "TN01.tif")
+    model, _ = load_model(d / "best" / "card.json")
+    for name, (x, y, w, h) in zip(names, [(64, 64, 96, 96), (160, 0, 96, 64)]):
+        img = tifffile.imread(d / "out" / f"{name}-img.tif")
+        np.testing.assert_array_equal(img, slide[y:y + h, x:x + w])
+        doc = json.loads((d / "out" / f"{name}.geojson").read_text())
+        assert doc["features"] and {f["properties"]["objectType"] for f in doc["features"]} == {"annotation"}
+        m = doc["features"][0]["properties"]["measurements"]
+        assert m["probability"] == "NaN" and 0 <= m["tta_agreement"] <= 1 and 0 <= m["other_iou"] <= 1
+        # the file, imported as it is, gives back exactly the model's cells
+        pred = np.asarray(model.predict(img))
+        got = convert_annotation(d / "out" / f"{name}.geojson", (h, w), origin=(x, y))
+        assert np.array_equal(got > 0, pred > 0) and got.max() == len(np.unique(pred[pred > 0]))
+        (kept,) = (d / "archive" / name).iterdir()
+        rec = read_preannotation(kept)
+        assert rec["patch"] == name and rec["model"] == "best" and rec["f1_pretrained"] == 0.5
+        assert kept.read_text() == (d / "out" / f"{name}.geojson").read_text()
+    # a rerun of the same model: the same ids, the archive keeps one version
+    run(d / "out2")
+    for name in names:
+        ids = [f["id"] for f in json.loads((d / "out" / f"{name}.geojson").read_text())["features"]]
+        assert ids == [f["id"] for f in json.loads((d / "out2" / f"{name}.geojson").read_text())["features"]]
+        assert len(list((d / "archive" / name).iterdir())) == 1
+    bad = run_step("core", "preannotate", "--card", d / "best" / "card.json", "--slide", d / "demo" / "TN01.tif",
+                   "--sn", "TN01", "--patches", "TN01-x200_y200_w96_h96", "--out-dir", d / "x", "--archive",
+                   d / "y", check=False)
+    assert bad.returncode == 1 and "outside the slide" in bad.stderr and not (d / "x").exists()
