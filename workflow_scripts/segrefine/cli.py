@@ -271,7 +271,7 @@ def cmd_stitch(a):
     from segrefine.stitch import stitch
 
     stitch(a.plan, a.tiles_dir, a.shards, a.slide, a.labels, a.cells, a.parquet, a.geojson, a.overlay, a.report,
-           a.pixel_size_um)
+           a.pixel_size_um, probability_map_out=a.probability_map, probability_bin_px=a.probability_bin_px)
 
 
 def cmd_cells(a):
@@ -618,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parquet", help="cell table (Parquet)")
     p.add_argument("--geojson", help="cell outlines (QuPath GeoJSON)")
     p.add_argument("--overlay", help="downsampled overlay (PNG)")
+    p.add_argument("--probability-map", help="heat map of the mean cell probability over the slide (PNG)")
+    p.add_argument("--probability-bin-px", type=int, default=64,
+                   help="bin size (px) of the probability map: cells averaged by their centroid's bin")
     p.add_argument("--report", help="counts, large cells, timings (JSON)")
     p.add_argument("--pixel-size-um", type=float)
 
