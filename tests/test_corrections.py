@@ -227,3 +227,61 @@ def test_read_cell_objects_keeps_file_order(tmp_path):
     f = tmp_path / f"{PATCH}.geojson"
     f.write_text(json.dumps(_edit(_pre(tmp_path))[0]))
     assert [o.index for o in read_cell_objects(f, shape=(48, 64))] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_the_loop_in_the_workflow(tmp_path):
+    """The real workflow with the classical model (fast): pre-annotations of the top 2 and a listed patch, one of
+    them corrected into the annotation folder (a cell deleted, one added), the rerun counts exactly that."""
+    import os
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from conftest import REPO, SCRIPTS
+    from segrefine.envs import env_python
+
+    d = tmp_path
+    shutil.copy(REPO / "config" / "test" / "samples.tsv", d)
+    run_step("core", "demo-data", "--out", d / "demo", "--sn", "TINY01", "--size", 384, "--patches", 6,
+             "--patch-size", 96)
+    c = yaml.safe_load((REPO / "config" / "test" / "config.yaml").read_text())
+    c["models"] = {"baseline": c["models"]["baseline"]}
+    c.pop("base_models", None)
+    c["segmentation"]["model"] = "baseline"
+    c["expression"].update(activate=False, qc_before_after=False)
+    c["patches"]["candidates"]["activate"] = False
+    c["evaluation"]["threshold_grids"] = {}
+    listed = "TINY01-x288_y288_w96_h96"
+    c["evaluation"]["annotate_next"] = {"activate": True, "top_n": 2, "size": 96, "step": 96, "preannotate": [listed]}
+    (d / "config.yaml").write_text(yaml.safe_dump(c))
+
+    def snakemake(*args):
+        return subprocess.run([str(env_python("core")), "-m", "snakemake", "-s", str(REPO / "Snakefile"),
+                               "--configfile", "config.yaml", "--cores", "2", *args], cwd=d, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONPATH=str(SCRIPTS)))
+
+    proc = snakemake()
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    pre = d / "results" / "annotate_next" / "TINY01" / "preannotations"
+    names = sorted(p.stem for p in pre.glob("*.geojson"))
+    top = list(pd.read_csv(d / "results" / "annotate_next" / "TINY01" / "ranking.csv")["patch"][:2])
+    assert names == sorted({*top, listed})
+    assert not (d / "results" / "corrections").exists()   # nothing corrected yet
+    doc = json.loads((pre / f"{top[0]}.geojson").read_text())
+    assert len(doc["features"]) >= 2
+    doc["features"].pop(0)
+    doc["features"].append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+        [[2, 80], [12, 80], [12, 92], [2, 92], [2, 80]]]}, "properties": {"objectType": "annotation"}})
+    (d / "demo" / "annotations" / f"{top[0]}-img.geojson").write_text(json.dumps(doc))
+    proc = snakemake()
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    per_patch = pd.read_csv(d / "results" / "corrections" / "per_patch.csv").set_index("patch")
+    row = per_patch.loc[top[0]]
+    assert (row.deleted, row.added, row.edited, row.accepted) == (1, 1, 0, len(doc["features"]) - 1)
+    assert (per_patch.drop(index=top[0])["note"] == NO_PREANNOTATION).all()   # the demo's hand-drawn patches
+    rounds = pd.read_csv(d / "results" / "corrections" / "per_round.csv")
+    assert list(rounds["round"]) == [0, 1] and rounds["touched"].iloc[1] == 2
+    assert "Nothing to be done" in snakemake("-n").stdout
