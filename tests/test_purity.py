@@ -129,7 +129,20 @@ def test_purity_step_reads_the_mecr_from_the_cgef(tmp_path):
     pairs = pd.read_csv(tmp_path / "out" / "mecr_pairs.csv")
     assert pairs[["stage", "gene_a", "gene_b", "cells_both"]].values.tolist() == [["pretrained", "a1", "b1", 1],
                                                                                   ["ideal", "a1", "b1", 0]]
-    assert set(pd.read_csv(tmp_path / "out" / "cells_ideal.csv")["label_id"]) == {1, 2, 3}
+    cells = pd.read_csv(tmp_path / "out" / "cells.csv")
+    assert cells.groupby("stage")["label_id"].apply(list).to_dict() == {"ideal": [1, 2, 3], "pretrained": [10, 20, 30]}
+
+
+def test_purity_step_without_truth_writes_the_mecr_and_an_empty_cell_table(tmp_path):
+    from segrefine.purity import CELL_COLUMNS, purity_step
+
+    with pytest.raises(SegRefineError, match="nothing to measure"):
+        purity_step(["s"], ["x.cgef"], ["x.tif"], tmp_path)
+    gem, labels, truth, types = _chip(tmp_path)
+    doc = purity_step(["s"], ["x.cgef"], [labels], tmp_path / "o", gem, truth, types)  # truth only: no cgef read
+    assert doc["stages"]["s"]["truth"]["cells"] == 3 and "mecr" not in doc["stages"]["s"]
+    assert list(pd.read_csv(tmp_path / "o" / "cells.csv").columns) == ["stage", *CELL_COLUMNS]
+    assert pd.read_csv(tmp_path / "o" / "mecr_pairs.csv").empty
 
 
 def test_cluster_check_recovers_two_separated_types_with_current_scanpy(tmp_path):
@@ -142,8 +155,9 @@ def test_cluster_check_recovers_two_separated_types_with_current_scanpy(tmp_path
             "anndata.AnnData(sp.csr_matrix(X.astype(np.uint32)), obs=obs, "
             "var=pd.DataFrame(index=[f'g{i}' for i in range(20)])).write_h5ad(sys.argv[1])\n")
     subprocess.run([str(env_python("anndata")), "-c", make, str(tmp_path / "a.h5ad")], check=True)
-    cells = pd.DataFrame({"label_id": np.arange(1, 81), "truth_type": ["A"] * 40 + ["B"] * 39 + [None]})
-    cells.to_csv(tmp_path / "cells.csv", index=False)
+    cells = pd.DataFrame({"stage": "finetuned", "label_id": np.arange(1, 81),
+                          "truth_type": ["A"] * 40 + ["B"] * 39 + [None]})
+    pd.concat([cells, cells.assign(stage="other", truth_type="B")]).to_csv(tmp_path / "cells.csv", index=False)
     run_step("anndata", "cluster-check", "--stages", "finetuned", "--h5ads", tmp_path / "a.h5ad", "--cells",
              tmp_path / "cells.csv", "--out", tmp_path / "c.json", "--sample", "S1")
     doc = json.loads((tmp_path / "c.json").read_text())

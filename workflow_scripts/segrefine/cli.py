@@ -696,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgefs", nargs="+", required=True, help="each stage's cell-bin GEF (for the MECR)")
     p.add_argument("--labels", nargs="+", required=True, help="each stage's whole-slide label image")
     p.add_argument("--out-dir", required=True,
-                   help="folder for summary.json, mecr_pairs.csv (with markers), cells_<stage>.csv (with truth)")
+                   help="folder for summary.json, mecr_pairs.csv (rows with markers), cells.csv (rows with truth)")
     p.add_argument("--expression", help="the sample's GEM or bgef (needed with --truth)")
     p.add_argument("--truth", help="ground-truth instance labels, same size and frame as --labels")
     p.add_argument("--truth-types", help="CSV 'label,type': the cell type of every truth label (marker purity)")
@@ -711,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
              "with purity cell tables, the adjusted Rand index of the clusters against the true cell types")
     p.add_argument("--stages", nargs="+", required=True, help="the stage name of each h5ad")
     p.add_argument("--h5ads", nargs="+", required=True, help="each stage's AnnData (.h5ad)")
-    p.add_argument("--cells", nargs="+", help="each stage's cells_<stage>.csv of `segrefine purity --truth`")
+    p.add_argument("--cells", help="cells.csv of `segrefine purity --truth` (each cell's true type, per stage)")
     p.add_argument("--out", required=True, help="JSON: per stage, cells, Leiden clusters and ARI")
     p.add_argument("--sample", default="", help="the sample id written into the JSON")
     p.add_argument("--resolution", type=float, default=0.5, help="Leiden resolution")

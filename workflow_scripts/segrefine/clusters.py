@@ -8,7 +8,7 @@ scanpy reads it without stereopy), then runs scanpy's standard path:
 ``normalize_total`` (target 10,000), ``log1p``, ``pca`` (at most 50 components,
 fewer with fewer genes or cells), ``neighbors`` (15), ``leiden`` (igraph
 flavour, 2 iterations, seeded). With each cell's true type (``truth_type`` of
-`segrefine purity`'s ``cells_<stage>.csv``, the type of its dominant true cell)
+`segrefine purity`'s ``cells.csv``, the type of its dominant true cell)
 it scores the clusters by the adjusted Rand index (ARI, scikit-learn) over the
 cells that have a true type: 1 is a perfect recovery, 0 what chance gives.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from segrefine import SegRefineError
 MIN_UMIS = 10  # cells with fewer UMIs are left out of the clustering (scanpy's filter_cells)
 
 
-def cluster_stage(h5ad, cells_csv=None, resolution: float = 0.5, seed: int = 0, min_umis: int = MIN_UMIS) -> dict:
+def cluster_stage(h5ad, truth_types=None, resolution: float = 0.5, seed: int = 0, min_umis: int = MIN_UMIS) -> dict:
     """The smoke analysis of one h5ad (module docstring) -> its figures (cells, genes, clusters, ARI)."""
     import anndata
     import pandas as pd
@@ -60,10 +60,8 @@ def cluster_stage(h5ad, cells_csv=None, resolution: float = 0.5, seed: int = 0, 
     out["clusters"] = int(clusters.nunique())
     out["cluster_sizes"] = {k: int(v) for k, v in clusters.value_counts().sort_index().items()}
     out["ari"] = None
-    if cells_csv:
-        truth = pd.read_csv(cells_csv, usecols=["label_id", "truth_type"], dtype={"truth_type": str})
-        kinds = dict(zip(truth["label_id"].astype(np.int64), truth["truth_type"].fillna("")))
-        true = np.array([kinds.get(int(i), "") for i in adata.obs["label_id"]], dtype=object)
+    if truth_types:
+        true = np.array([truth_types.get(int(i), "") for i in adata.obs["label_id"]], dtype=object)
         known = true != ""
         out["cells_with_true_type"] = int(known.sum())
         if known.sum() >= 2:
@@ -75,19 +73,32 @@ def cluster_stage(h5ad, cells_csv=None, resolution: float = 0.5, seed: int = 0, 
     return out
 
 
-def cluster_check(stages: Sequence[str], h5ads: Sequence, out_json, cells: Optional[Sequence] = None,
-                  sample: str = "", resolution: float = 0.5, seed: int = 0) -> dict:
-    """``cluster_stage`` of each stage's h5ad (with its purity cell table when given), written to ``out_json``."""
+def read_true_types(cells_csv) -> Dict[str, Dict[int, str]]:
+    """{stage: {label id: true type}} from `segrefine purity`'s cells.csv (cells without a true cell left out)."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(cells_csv, usecols=["stage", "label_id", "truth_type"], dtype={"truth_type": str,
+                                                                                        "stage": str})
+    except (OSError, ValueError) as exc:
+        raise SegRefineError(f"{cells_csv}: not a cell table of `segrefine purity` ({exc})") from None
+    table = table[table["truth_type"].fillna("") != ""]
+    return {stage: dict(zip(g["label_id"].astype(np.int64), g["truth_type"])) for stage, g in table.groupby("stage")}
+
+
+def cluster_check(stages: Sequence[str], h5ads: Sequence, out_json, cells=None, sample: str = "",
+                  resolution: float = 0.5, seed: int = 0) -> dict:
+    """``cluster_stage`` of each stage's h5ad, scored against the true types of ``cells`` (`segrefine purity`'s
+    cells.csv) when given, written to ``out_json``."""
     from segrefine.io import write_text_atomic
 
-    cells = list(cells or [])
-    if len(stages) != len(h5ads) or (cells and len(cells) != len(stages)):
-        raise SegRefineError(f"{len(stages)} stages, {len(h5ads)} h5ad files and {len(cells)} cell tables: give one "
-                             "h5ad (and, with truth, one cell table) per stage")
+    if len(stages) != len(h5ads):
+        raise SegRefineError(f"{len(stages)} stages and {len(h5ads)} h5ad files: give one h5ad per stage")
     if not resolution > 0:
         raise SegRefineError(f"Leiden resolution {resolution}: expected a positive number")
+    types = read_true_types(cells) if cells else {}
     doc = {"sample": sample, "resolution": resolution, "seed": seed, "stages": {}}
-    for i, (stage, h5ad) in enumerate(zip(stages, h5ads)):
-        doc["stages"][stage] = cluster_stage(h5ad, cells[i] if cells else None, resolution, seed)
+    for stage, h5ad in zip(stages, h5ads):
+        doc["stages"][stage] = cluster_stage(h5ad, types.get(stage) if cells else None, resolution, seed)
     write_text_atomic(out_json, json.dumps(doc, indent=2) + "\n")
     return doc

@@ -48,6 +48,7 @@ log = logging.getLogger("segrefine.purity")
 MIXED_FRACTION = 0.10
 CELL_COLUMNS = ("label_id", "umis", "dominant_truth", "truth_type", "purity", "second_fraction",
                 "other_fraction", "background_fraction", "mixed", "marker_umis", "marker_purity")
+PAIR_COLUMNS = ("sample", "stage", "gene_a", "type_a", "gene_b", "type_b", "cells_a", "cells_b", "cells_both", "mecr")
 _TRIPLE = np.dtype([("seg", "<u8"), ("tru", "<u8"), ("kind", "<i8"), ("umis", "<i8")])
 
 
@@ -359,8 +360,9 @@ def purity_step(stages: Sequence[str], cgefs: Sequence, labels: Sequence, out_di
                 truth=None, truth_types=None, markers=None, mixed_fraction: float = MIXED_FRACTION,
                 origin=None, sample: str = "") -> dict:
     """MECR (with markers) and the truth-based purity (with truth) of each stage of one sample, written to
-    ``out_dir``: ``summary.json`` (per stage), ``mecr_pairs.csv`` (with markers), ``cells_<stage>.csv`` (with
-    truth). Returns the summary."""
+    ``out_dir``: ``summary.json`` (per stage), ``mecr_pairs.csv`` (one row per stage and marker pair; only the
+    header without markers) and ``cells.csv`` (one row per stage and cell, ``stage`` + ``CELL_COLUMNS``; only the
+    header without truth). Returns the summary."""
     import pandas as pd
 
     from segrefine.io import write_text_atomic
@@ -376,43 +378,53 @@ def purity_step(stages: Sequence[str], cgefs: Sequence, labels: Sequence, out_di
         raise SegRefineError("the truth-based purity needs the expression matrix (--expression)")
     markers = check_markers(markers) if markers else None
     out = Path(out_dir)
-    result = {"sample": sample, "stages": {}}
-    pair_rows = []
+    result = {"sample": sample, "mixed_fraction_threshold": float(mixed_fraction), "markers": markers,
+              "truth": str(truth) if truth else None, "stages": {}}
+    pair_rows, tables = [], []
     for stage, cgef, lab in zip(stages, cgefs, labels):
         entry: dict = {}
         if markers:
             entry["mecr"], pairs = mecr(cgef, markers)
             pair_rows += [{"sample": sample, "stage": stage, **p} for p in pairs]
         if truth:
-            _, entry["truth"] = truth_purity(expression, lab, truth, truth_types, markers, mixed_fraction, origin,
-                                             out_cells=out / f"cells_{stage}.csv")
+            table, entry["truth"] = truth_purity(expression, lab, truth, truth_types, markers, mixed_fraction,
+                                                 origin)
+            tables.append(table.assign(stage=stage)[["stage", *CELL_COLUMNS]])
         result["stages"][stage] = entry
-    if markers:
-        write_text_atomic(out / "mecr_pairs.csv", pd.DataFrame(pair_rows, columns=[
-            "sample", "stage", "gene_a", "type_a", "gene_b", "type_b", "cells_a", "cells_b", "cells_both",
-            "mecr"]).to_csv(index=False, float_format="%.6g"))
+    cells = pd.concat(tables) if tables else pd.DataFrame(columns=["stage", *CELL_COLUMNS])
+    write_text_atomic(out / "cells.csv", cells.to_csv(index=False, float_format="%.6g"))
+    write_text_atomic(out / "mecr_pairs.csv", pd.DataFrame(pair_rows, columns=list(PAIR_COLUMNS)).to_csv(
+        index=False, float_format="%.6g"))
     write_text_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
-def purity_table(summaries: Sequence, clusters: Sequence = ()) -> "object":
-    """One row per (sample, stage): cells, MECR, co-expressing fraction, purity, mixed fraction, marker purity and,
-    from `segrefine cluster-check`'s JSON files, the Leiden clusters and their ARI against the true types."""
+def purity_table(summaries: Sequence, clusters: Sequence = ()):
+    """One row per (sample, stage) of `segrefine purity`'s summaries and `segrefine cluster-check`'s JSON files:
+    cells, MECR, co-expressing fraction, purity, mixed fraction, marker purity, Leiden clusters and their ARI
+    against the true types (empty where not measured)."""
     import pandas as pd
 
-    ari = {}
-    for path in clusters:
-        doc = json.loads(Path(path).read_text())
-        for stage, e in doc.get("stages", {}).items():
-            ari[(doc.get("sample", ""), stage)] = e
-    rows = []
+    rows: Dict[Tuple[str, str], dict] = {}
+
+    def row(sample, stage):
+        return rows.setdefault((sample, stage), {"sample": sample, "stage": stage})
+
     for path in summaries:
         doc = json.loads(Path(path).read_text())
         for stage, e in doc["stages"].items():
-            m, t, c = e.get("mecr", {}), e.get("truth", {}), ari.get((doc["sample"], stage), {})
-            rows.append({"sample": doc["sample"], "stage": stage, "cells": m.get("cells", t.get("cells")),
-                         "mecr": m.get("mecr"), "fraction_coexpressing": m.get("fraction_coexpressing"),
-                         "mean_purity": t.get("mean_purity"), "median_purity": t.get("median_purity"),
-                         "fraction_mixed": t.get("fraction_mixed"), "mean_marker_purity": t.get("mean_marker_purity"),
-                         "leiden_clusters": c.get("clusters"), "ari_true_type": c.get("ari")})
-    return pd.DataFrame(rows)
+            r = row(doc["sample"], stage)
+            m, t = e.get("mecr", {}), e.get("truth", {})
+            r.update(cells=m.get("cells", t.get("cells")), mecr=m.get("mecr"),
+                     fraction_coexpressing=m.get("fraction_coexpressing"), mean_purity=t.get("mean_purity"),
+                     median_purity=t.get("median_purity"), fraction_mixed=t.get("fraction_mixed"),
+                     mean_marker_purity=t.get("mean_marker_purity"))
+    for path in clusters:
+        doc = json.loads(Path(path).read_text())
+        for stage, e in doc["stages"].items():
+            r = row(doc["sample"], stage)
+            r.setdefault("cells", e.get("cells"))
+            r.update(leiden_clusters=e.get("clusters"), ari_true_type=e.get("ari"))
+    columns = ["sample", "stage", "cells", "mecr", "fraction_coexpressing", "mean_purity", "median_purity",
+               "fraction_mixed", "mean_marker_purity", "leiden_clusters", "ari_true_type"]
+    return pd.DataFrame(list(rows.values()), columns=columns)
