@@ -239,7 +239,8 @@ def test_preannotate_by_cli_with_the_classical_model(tmp_path):
     names = ["TN01-x64_y64_w96_h96", "TN01-x160_y0_w96_h64"]
     assert proc.stdout.split() == names
     assert sorted(p.name for p in (d / "out").iterdir()) == sorted(
-        [f"{n}.geojson" for n in names] + [f"{n}-img.tif" for n in names])
+        [f"{n}.geojson" for n in names] + [f"{n}-img.tif" for n in names] + ["slide_frame"])
+    assert sorted(p.name for p in (d / "out" / "slide_frame").iterdir()) == sorted(f"{n}.geojson" for n in names)
     slide = tifffile.imread(d / "demo" / "TN01.tif")
     model, _ = load_model(d / "best" / "card.json")
     for name, (x, y, w, h) in zip(names, [(64, 64, 96, 96), (160, 0, 96, 64)]):
@@ -253,6 +254,13 @@ def test_preannotate_by_cli_with_the_classical_model(tmp_path):
         pred = np.asarray(model.predict(img))
         got = convert_annotation(d / "out" / f"{name}.geojson", (h, w), origin=(x, y))
         assert np.array_equal(got > 0, pred > 0) and got.max() == len(np.unique(pred[pred > 0]))
+        # the slide-frame copy: the same objects (same ids) shifted by the patch's origin; the intake moves it back
+        sdoc = json.loads((d / "out" / "slide_frame" / f"{name}.geojson").read_text())
+        assert [f["id"] for f in sdoc["features"]] == [f["id"] for f in doc["features"]]
+        x0, y0 = sdoc["features"][0]["geometry"]["coordinates"][0][0]
+        assert [x0 - x, y0 - y] == doc["features"][0]["geometry"]["coordinates"][0][0]
+        np.testing.assert_array_equal(
+            convert_annotation(d / "out" / "slide_frame" / f"{name}.geojson", (h, w), origin=(x, y)), got)
         (kept,) = (d / "archive" / name).iterdir()
         rec = read_preannotation(kept)
         assert rec["patch"] == name and rec["model"] == "best" and rec["f1_pretrained"] == 0.5

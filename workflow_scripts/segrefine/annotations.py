@@ -284,9 +284,12 @@ def _into_patch(objects: List[CellObject], path: Path, shape: Tuple[int, int],
         inside = o.geometry.intersection(box)
         name = f"feature {o.index}" + (f" (id {o.id!r})" if o.id else "")
         if inside.area < 0.5 * o.geometry.area:
+            slide = (f" (or, for a file drawn on the whole slide, every object inside the patch's box x {origin[0]}.."
+                     f"{origin[0] + w}, y {origin[1]}..{origin[1] + h}: export only this patch's objects)"
+                     if origin is not None and (origin[0] or origin[1]) else "")
             raise SegRefineError(
                 f"{path}: {name} (bounds x {minx:.1f}..{maxx:.1f}, y {miny:.1f}..{maxy:.1f}) lies outside its {w}x{h} "
-                f"px patch; coordinates must be in the patch's pixel frame")
+                f"px patch; coordinates must be in the patch's pixel frame{slide}")
         log.warning("%s: %s (bounds x %.1f..%.1f, y %.1f..%.1f) reaches outside its %dx%d px patch: clipped to the "
                     "patch (%.0f%% of its area kept)", path, name, minx, maxx, miny, maxy, w, h,
                     100.0 * inside.area / o.geometry.area)

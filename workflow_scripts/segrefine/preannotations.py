@@ -24,8 +24,10 @@ is written as QuPath 0.4-0.7 writes one (``qupath-core`` ``qupath/lib/io/QuPathT
 
 The FeatureCollection also carries a foreign member ``"segrefine"`` (RFC 7946, 6.1; QuPath reads only
 ``"features"``) with the patch, the model, its card's SHA-256 and its test F1 when the evaluation summary is given.
-Every file written is also kept in an archive folder, ``{archive}/{patch}/{card sha256[:12]}.geojson``, that no
-later round overwrites or removes: the record ``segrefine.corrections`` compares a corrected file with.
+``slide_frame/{patch}.geojson`` holds the same objects (same ids) in slide pixel coordinates, to import onto the
+whole slide instead of the patch image. Every patch-frame file written is also kept in an archive folder,
+``{archive}/{patch}/{card sha256[:12]}.geojson``, that no later round overwrites or removes: the record
+``segrefine.corrections`` compares a corrected file with.
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ log = logging.getLogger("segrefine.preannotations")
 
 # the namespace of the cells' uuid5 ids (a fixed random UUID: ids are stable across runs and machines)
 NAMESPACE = uuid.UUID("5b0f4a52-7c1e-4c8e-9d51-2b6a3f0e8c17")
+# the sub-folder of the same pre-annotations in slide coordinates (to import onto the whole slide in QuPath)
+SLIDE_FRAME = "slide_frame"
 CELL_CLASS = "Cell"
 CELL_COLOR = [0, 200, 255]
 MEASUREMENTS = {
@@ -80,14 +84,15 @@ def _qupath_number(v: float):
 
 def preannotation_geojson(patch: str, labels: np.ndarray, card_sha: str,
                           measurements: Optional[Dict[int, Dict[str, float]]] = None,
-                          meta: Optional[dict] = None) -> dict:
-    """The QuPath FeatureCollection of the cells of ``labels`` (one annotation object per label, see the module)."""
+                          meta: Optional[dict] = None, offset=(0, 0)) -> dict:
+    """The QuPath FeatureCollection of the cells of ``labels`` (one annotation object per label, see the module);
+    ``offset``: added to every coordinate ((x, y) of the patch in the slide: the slide-frame copy)."""
     import shapely.geometry
 
     from segrefine.annotations import label_outlines
 
     features = []
-    for lab, geom in label_outlines(np.asarray(labels)):
+    for lab, geom in label_outlines(np.asarray(labels), offset):
         props = {"objectType": "annotation", "classification": {"name": CELL_CLASS, "color": list(CELL_COLOR)}}
         m = (measurements or {}).get(int(lab))
         if m:
@@ -145,7 +150,8 @@ def write_preannotations(card_path, pretrained_card_path, slide_path, sn: str, p
                          archive_dir, summary_csv=None, channel: Optional[int] = None, tta: int = 4) -> List[str]:
     """Predict each patch with the model of ``card_path`` (and of ``pretrained_card_path``, for ``other_iou``;
     ``tta``: test-time augmentations for ``tta_agreement``, 8, 4 or 0) and write ``{patch}.geojson`` +
-    ``{patch}-img.tif`` into ``out_dir`` (published whole with a rename) and the GeoJSON into
+    ``{patch}-img.tif`` into ``out_dir`` (published whole with a rename; ``slide_frame/{patch}.geojson``: the same
+    objects in slide coordinates) and the patch-frame GeoJSON into
     ``{archive_dir}/{patch}/{sha[:12]}.geojson`` (kept when it exists). Returns the patch names."""
     from segrefine.annotations import dump_geojson
     from segrefine.io import Slide, write_text_atomic, write_tiff
@@ -175,6 +181,9 @@ def write_preannotations(card_path, pretrained_card_path, slide_path, sn: str, p
                 doc = preannotation_geojson(b.name, labels, sha, measurements, meta)
                 text = dump_geojson(doc) + "\n"
                 write_text_atomic(work / f"{b.name}.geojson", text)
+                slide_doc = preannotation_geojson(b.name, labels, sha, measurements, {**meta, "frame": "slide"},
+                                                  offset=(b.x, b.y))
+                write_text_atomic(work / SLIDE_FRAME / f"{b.name}.geojson", dump_geojson(slide_doc) + "\n")
                 write_tiff(work / f"{b.name}-img.tif", img, photometric="rgb" if img.ndim == 3 else "minisblack")
                 kept = Path(archive_dir) / b.name / f"{sha[:12]}.geojson"
                 if not kept.exists():
