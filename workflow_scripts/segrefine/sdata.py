@@ -321,7 +321,11 @@ def _read_centres(cell_table: Path) -> Dict[str, np.ndarray]:
         raise SegRefineError(f"{cell_table}: cell table not found") from None
     except (ValueError, KeyError, OSError) as exc:
         raise SegRefineError(f"{cell_table}: not a cell table with columns {', '.join(cols)} ({exc})") from None
-    return {c: df[c].to_numpy() for c in cols}
+    try:
+        return {"cell_id": df["cell_id"].to_numpy(np.int64), "centroid_x": df["centroid_x"].to_numpy(np.float64),
+                "centroid_y": df["centroid_y"].to_numpy(np.float64)}
+    except (ValueError, TypeError) as exc:
+        raise SegRefineError(f"{cell_table}: cell_id, centroid_x and centroid_y must be numbers ({exc})") from None
 
 
 def _table_element(h5ad: Path, cell_table: Path, known_ids: np.ndarray):
@@ -376,14 +380,14 @@ def write_spatialdata(slide, labels, outlines, h5ad, cell_table, out_zarr, cells
     stitch's cells.parquet or cells.csv (centres); ``cells_labels``: expanded cells (optional, same frame);
     ``pixel_size_um``: µm per slide pixel (adds the ``micron`` coordinate system); ``min_side``: a slide without
     its own pyramid is downsampled until its longer side is at most this (px)."""
+    out = Path(out_zarr)
+    check_target(out)  # before the (slow) imports and any read
+    if int(min_side) < 1:
+        raise SegRefineError(f"min_side {min_side}: must be a positive number of pixels")
     import dask
     from spatialdata import SpatialData
     from spatialdata.transformations import Identity, Scale
 
-    out = Path(out_zarr)
-    check_target(out)
-    if int(min_side) < 1:
-        raise SegRefineError(f"min_side {min_side}: must be a positive number of pixels")
     t0 = time.monotonic()
     if pixel_size_um is not None and not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
         raise SegRefineError(f"pixel size {pixel_size_um!r} µm: must be a positive number")
@@ -469,13 +473,18 @@ def render_png(zarr_path, png, close_up: int = 256, title: Optional[str] = None)
               colorbar=False))
     axes[0].add_patch(matplotlib.patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white",
                                                    linewidth=1.2))
-    drawn = crop.pl.render_images(IMAGE, **style).pl.render_labels(NUCLEI, fill_alpha=0.3, outline_alpha=0.0)
+    # the close-up fills the cells when there are any, else the nuclei; the nuclei's outlines are the shapes
+    # (spatialdata-plot 0.4.3 draws label contours (outline_alpha > 0) only on part of each label's border)
+    with_cells = CELLS in crop.labels
+    drawn = crop.pl.render_images(IMAGE, **style).pl.render_labels(CELLS if with_cells else NUCLEI, fill_alpha=0.3,
+                                                                   outline_alpha=0.0)
     n_shapes = len(crop.shapes[BOUNDARIES]) if BOUNDARIES in crop.shapes else 0
     if n_shapes:
         drawn = drawn.pl.render_shapes(BOUNDARIES, fill_alpha=0.0, outline_alpha=1.0, outline_color="yellow",
                                        outline_width=1.0)
     drawn.pl.show(ax=axes[1], coordinate_systems="global", colorbar=False,
-                  title=f"close-up x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f}: + shapes '{BOUNDARIES}'")
+                  title=f"close-up (x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f} px): image + labels "
+                        f"'{CELLS if with_cells else NUCLEI}'\n+ shapes '{BOUNDARIES}' (yellow)")
     axes[1].set_xlim(x0, x1)
     axes[1].set_ylim(y1, y0)
     fig.tight_layout()
