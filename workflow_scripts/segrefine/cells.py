@@ -75,12 +75,18 @@ EIGHT = np.ones((3, 3), bool)
 
 
 # --- every cell one piece ---------------------------------------------------------------------------------------------
-def _touching_pairs(lab: np.ndarray) -> np.ndarray:
-    """(k, 2) array of the distinct pairs (a < b) of different nonzero labels that are 8-neighbours."""
+def _touching_pairs(lab: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """(k, 2) array of the distinct pairs (a < b) of different nonzero labels that are 8-neighbours (``fg``:
+    ``lab > 0``)."""
     out = []
-    for a, b in ((lab[:, :-1], lab[:, 1:]), (lab[:-1, :], lab[1:, :]), (lab[:-1, :-1], lab[1:, 1:]),
-                 (lab[:-1, 1:], lab[1:, :-1])):
-        m = (a != b) & (a > 0) & (b > 0)
+    for sa, sb in (((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
+                   ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
+                   ((slice(None, -1), slice(None, -1)), (slice(1, None), slice(1, None))),
+                   ((slice(None, -1), slice(1, None)), (slice(1, None), slice(None, -1)))):
+        a, b = lab[sa], lab[sb]
+        m = a != b
+        m &= fg[sa]
+        m &= fg[sb]
         if m.any():
             x, y = a[m].astype(np.int64), b[m].astype(np.int64)
             out.append(np.stack([np.minimum(x, y), np.maximum(x, y)], axis=1))
@@ -124,13 +130,14 @@ def fragment_pixels(labels: np.ndarray) -> np.ndarray:
         lab = inv.reshape(lab.shape)
     n = int(lab.max())
     lab = lab.astype(np.int32 if n < 2**31 else np.int64, copy=False)
-    colour = _colours(n, _touching_pairs(lab))
-    pix_colour = colour[lab]
     fg = lab > 0
+    colour = _colours(n, _touching_pairs(lab, fg))
+    many = bool(colour.max() > 0)
+    pix_colour = colour[lab] if many else None
     present = np.bincount(lab.ravel(), minlength=n + 1) > 0
     present[0] = False
     for k in range(int(colour.max()) + 1):
-        mask = fg & (pix_colour == k)
+        mask = fg & (pix_colour == k) if many else fg
         comp, m = ndimage.label(mask, structure=EIGHT)
         if m <= int((present & (colour == k)).sum()):  # one component per cell: no fragment in this colour
             continue
