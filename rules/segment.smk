@@ -89,6 +89,10 @@ rule stitch:
         overlay=report(f"{RESULTS}/segmentation/{{sample}}/overlay.png", caption="../report/slide_overlay.rst",
                        category="5. Whole slide", labels={"sample": "{sample}", "figure": "cell outlines",
                                                           "stage": config["segmentation"]["stage"]}),
+        probability=report(f"{RESULTS}/segmentation/{{sample}}/probability_map.png",
+                           caption="../report/probability_map.rst", category="5. Whole slide",
+                           labels={"sample": "{sample}", "figure": "cell probability",
+                                   "stage": config["segmentation"]["stage"]}),
         report=f"{RESULTS}/segmentation/{{sample}}/segmentation.json",
     params:
         tiles=lambda wc, output: str(Path(output.labels).parent / "tiles"),
@@ -102,7 +106,8 @@ rule stitch:
     shell:
         segrefine("core") + " stitch --plan {input.plan} --tiles-dir {params.tiles} --shards {input.shards} "
         "--slide {input.slide:q} --labels {output.labels} --cells {output.cells} --parquet {output.parquet} "
-        "--geojson {output.geojson} --overlay {output.overlay} --report {output.report} "
+        "--geojson {output.geojson} --overlay {output.overlay} --probability-map {output.probability} "
+        "--report {output.report} "
         "--pixel-size-um {params.pixel_size} 2> {log}"
 
 
@@ -130,6 +135,9 @@ use rule stitch as stitch_qc with:
         geojson=f"{QC_SLIDE}/cells.geojson",
         overlay=report(f"{QC_SLIDE}/overlay.png", caption="../report/slide_overlay.rst", category="5. Whole slide",
                        labels={"sample": "{sample}", "figure": "cell outlines", "stage": "{stage}"}),
+        probability=report(f"{QC_SLIDE}/probability_map.png", caption="../report/probability_map.rst",
+                           category="5. Whole slide",
+                           labels={"sample": "{sample}", "figure": "cell probability", "stage": "{stage}"}),
         report=f"{QC_SLIDE}/segmentation.json",
     wildcard_constraints:
         stage=other_stage(),

@@ -60,7 +60,7 @@ def run_all(tmp, slide_path, card, model, tile=96, halo=24, shards=2, **kw):
         run_shard(tmp / "tiles.tsv", k, card, slide_path, tmp / "tiles", j, model=model)
     rep = stitch(tmp / "tiles.tsv", tmp / "tiles", jsons, slide_path, tmp / "labels.tif", tmp / "cells.csv",
                  tmp / "cells.parquet", tmp / "cells.geojson", tmp / "overlay.png", tmp / "report.json",
-                 pixel_size_um=0.5)
+                 pixel_size_um=0.5, probability_map_out=tmp / "probability_map.png")
     return plan, meta, rep
 
 
@@ -93,7 +93,9 @@ def test_tiled_equals_whole_image_exactly_with_unique_ids_and_all_outputs(slide,
     # the cell table agrees with the label image exactly, in CSV and Parquet
     cells = pd.read_csv(tmp_path / "cells.csv")
     assert list(cells.columns) == ["cell_id", "centroid_x", "centroid_y", "area_px", "bbox_x0", "bbox_y0",
-                                   "bbox_x1", "bbox_y1"]
+                                   "bbox_x1", "bbox_y1", "probability"]
+    assert cells["probability"].isna().all()  # a model without probabilities: NaN
+    assert rep["probability"]["cells_with_probability"] == 0 and rep["probability"]["mean"] is None
     assert cells["cell_id"].tolist() == list(range(1, rep["cells"] + 1))
     areas = np.bincount(tiled.ravel())[1:]
     assert (cells["area_px"].to_numpy() == areas).all()
@@ -124,6 +126,66 @@ class WindowDependent(LocalClassical):
     def predict(self, img):
         self.threshold = 35.0 + int(np.asarray(img, np.int64).sum()) % 40
         return super().predict(img)
+
+
+class LocalClassicalWithProbability(LocalClassical):
+    """LocalClassical with a per-pixel probability that depends on the pixel alone (a squashed intensity), so the
+    tiled cells' mean probabilities must equal those of the whole image exactly."""
+
+    @staticmethod
+    def probability(img):
+        return (1 / (1 + np.exp(-(np.asarray(img, np.float64) - 60.0) / 20.0))).astype(np.float32)
+
+    def predict_window_with_probability(self, img, origin):
+        return self.predict(img), self.probability(img)
+
+
+def test_cell_probability_column_and_map_equal_the_whole_image_means(slide, tmp_path):
+    slide_path, img, card = slide
+    _, _, rep = run_all(tmp_path, slide_path, card, LocalClassicalWithProbability())
+    tiled = tifffile.imread(tmp_path / "labels.tif").astype(np.int64)
+    prob = LocalClassicalWithProbability.probability(img).astype(np.float64)
+    want = np.bincount(tiled.ravel(), weights=prob.ravel())[1:] / np.bincount(tiled.ravel())[1:]
+    for got in (pd.read_csv(tmp_path / "cells.csv"), pd.read_parquet(tmp_path / "cells.parquet")):
+        assert len(got) == len(want) > 10
+        assert np.abs(got["probability"].to_numpy() - want).max() < 1e-6  # float32 map, float64 sums
+    assert rep["probability"]["cells_with_probability"] == rep["cells"]
+    assert rep["probability"]["mean"] == pytest.approx(want.mean())
+    from PIL import Image
+
+    from segrefine.stitch import _colours
+
+    with Image.open(tmp_path / "probability_map.png") as im:
+        rgb = np.asarray(im.convert("RGB"))
+    # 64 px bins: 6 x 9 for the 384 x 576 slide, each k px square (k = 57: at least 512 px a side), a colour bar below
+    k = 57
+    assert rgb.shape == (6 * k + 40, 9 * k, 3)
+    cells = pd.read_csv(tmp_path / "cells.csv")
+    r, c = (cells["centroid_y"] // 64).astype(int), (cells["centroid_x"] // 64).astype(int)
+    for (i, j), grp in cells.groupby([r, c]):
+        assert (rgb[i * k + k // 2, j * k + k // 2] == _colours(np.array(grp["probability"].mean()))).all()
+    empty = sorted(set(np.ndindex(6, 9)) - set(zip(r, c)))
+    assert empty and all((rgb[i * k + k // 2, j * k + k // 2] == 224).all() for i, j in empty)  # no cell: gray
+    # a tile of the previous format (2: no cell_prob) is read with NaN probabilities and recomputed by its shard
+    from segrefine.tiling import read_tile
+
+    files = sorted((tmp_path / "tiles").glob("tile*.npz"))
+    for f in files:
+        with np.load(f) as d:
+            arrays = {k: d[k] for k in d.files if k != "cell_prob"}
+        meta = json.loads(str(arrays["meta"]))
+        arrays["meta"] = np.array(json.dumps(dict(meta, format=2)))
+        np.savez(f, **arrays)
+        owned, _, cells = read_tile(f)
+        assert np.isnan(cells["prob"]).all() and len(cells["prob"]) == (int(owned.max()) if owned.size else 0)
+    model = LocalClassicalWithProbability()
+    done = 0
+    for k in range(2):
+        stats = run_shard(tmp_path / "tiles.tsv", k, card, slide_path, tmp_path / "tiles", tmp_path / f"s{k}.json",
+                          model=model)
+        assert stats["tiles_resumed"] == 0
+        done += stats["tiles_computed"]
+    assert done == len(files) and all(not np.isnan(read_tile(f)[2]["prob"]).any() for f in files)
 
 
 def _expected_table(tiled):

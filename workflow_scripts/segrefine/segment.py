@@ -87,4 +87,5 @@ def segment_slide(card_path, slide_path, out_dir, tile_size: int = 1024, halo_px
         log.warning("pyarrow is not installed in this env: no cells.parquet (cells.csv holds the same table)")
     return stitch(out / "tiles.tsv", out / "tiles", shard_jsons, slide_path, out / "labels.tif", out / "cells.csv",
                   parquet, out / "cells.geojson" if geojson else None,
-                  out / "overlay.png" if overlay else None, out / "segmentation.json", pixel_size_um)
+                  out / "overlay.png" if overlay else None, out / "segmentation.json", pixel_size_um,
+                  probability_map_out=out / "probability_map.png" if overlay else None)

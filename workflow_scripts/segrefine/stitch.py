@@ -52,21 +52,24 @@ from segrefine.tiling import cell_outlines, cell_stats, outline_texts  # noqa: F
 
 log = logging.getLogger("segrefine.stitch")
 
-CELL_COLUMNS = ["cell_id", "centroid_x", "centroid_y", "area_px", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]
+CELL_COLUMNS = ["cell_id", "centroid_x", "centroid_y", "area_px", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
+                "probability"]
 MAX_ID = 2**32 - 1
 
 
-def _cell_rows(stats: np.ndarray, origin, first: int) -> dict:
+def _cell_rows(stats: np.ndarray, origin, first: int, prob: Optional[np.ndarray] = None) -> dict:
     """Columns of the cell table for cells ``first, first+1, ...`` from their ``cell_stats`` rows (crop
     coordinates; the crop's top-left is ``origin`` in the slide): centroid = mean pixel position, bbox =
-    [x0, x1) x [y0, y1) in slide pixels."""
+    [x0, x1) x [y0, y1) in slide pixels; probability = the cell's mean model probability (``prob``, NaN when
+    None)."""
     ox, oy = origin
     area = stats[:, 0]
     return {"cell_id": np.arange(first, first + len(stats), dtype=np.int64),
             "centroid_x": stats[:, 1].astype(np.float64) / area + ox,
             "centroid_y": stats[:, 2].astype(np.float64) / area + oy, "area_px": area.astype(np.int64),
             "bbox_x0": stats[:, 3] + ox, "bbox_y0": stats[:, 4] + oy, "bbox_x1": stats[:, 5] + ox,
-            "bbox_y1": stats[:, 6] + oy}
+            "bbox_y1": stats[:, 6] + oy,
+            "probability": np.full(len(stats), np.nan) if prob is None else np.asarray(prob, np.float64)}
 
 
 def _timed(fn, *args):
@@ -156,12 +159,78 @@ class _TableWriter:
                 import pyarrow as pa
                 import pyarrow.parquet as pq
 
-                empty = {c: np.zeros(0, np.float64 if c.startswith("centroid") else np.int64)
+                empty = {c: np.zeros(0, np.float64 if c.startswith("centroid") or c == "probability" else np.int64)
                          for c in CELL_COLUMNS + ["tile_id"]}
                 pq.write_table(pa.table(empty), str(self.parquet_tmp), compression="zstd")
             else:
                 self.pq_writer.close()
         self.fh.close()
+
+
+PROBABILITY_BIN_PX = 64
+#: viridis at 0, 0.25, 0.5, 0.75, 1 (matplotlib's values), interpolated linearly: the probability map's colours
+_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
+
+
+def _colours(v: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 colours of values in [0, 1] (viridis, interpolated between its quartiles)."""
+    x = np.clip(v, 0, 1) * (len(_VIRIDIS) - 1)
+    i = np.minimum(np.floor(x).astype(int), len(_VIRIDIS) - 2)
+    f = (x - i)[..., None]
+    return np.round(_VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f).astype(np.uint8)
+
+
+class _ProbabilityGrid:
+    """Mean cell probability per ``bin_px`` x ``bin_px`` square of the slide, over the cells whose centroid lies in
+    it (cells without a probability left out): a (H / bin_px, W / bin_px) grid, small for any slide."""
+
+    def __init__(self, shape, bin_px: int):
+        if bin_px < 1:
+            raise SegRefineError(f"probability map bin size must be at least 1 px, got {bin_px}")
+        self.bin = int(bin_px)
+        self.shape = (-(-int(shape[0]) // self.bin), -(-int(shape[1]) // self.bin))
+        self.sum = np.zeros(self.shape, np.float64)
+        self.n = np.zeros(self.shape, np.int64)
+        self.cells = 0
+
+    def add(self, cols: dict) -> None:
+        p = cols["probability"]
+        self.cells += len(p)
+        ok = ~np.isnan(p)
+        if not ok.any():
+            return
+        r = np.clip((cols["centroid_y"][ok] // self.bin).astype(np.int64), 0, self.shape[0] - 1)
+        c = np.clip((cols["centroid_x"][ok] // self.bin).astype(np.int64), 0, self.shape[1] - 1)
+        np.add.at(self.sum, (r, c), p[ok])
+        np.add.at(self.n, (r, c), 1)
+
+    def summary(self) -> dict:
+        n = int(self.n.sum())
+        return {"cells_with_probability": n, "cells": self.cells,
+                "mean": float(self.sum.sum() / n) if n else None, "bin_px": self.bin}
+
+    def write_png(self, path, min_side: int = 512) -> None:
+        """The grid as an RGB PNG, each bin ``k`` px square (k: the smallest that gives ``min_side`` px a side), a
+        colour bar (probability 0 at the left, 1 at the right) below it; light gray: no cell with a probability."""
+        from PIL import Image, ImageDraw
+
+        k = max(1, -(-min_side // max(self.shape)))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self.sum / self.n
+        rgb = np.full(self.shape + (3,), 224, np.uint8)
+        has = self.n > 0
+        rgb[has] = _colours(mean[has])
+        grid = np.repeat(np.repeat(rgb, k, axis=0), k, axis=1)
+        h, w = grid.shape[:2]
+        bar = np.full((40, w, 3), 255, np.uint8)
+        bar[4:16, 10:w - 10] = _colours(np.linspace(0, 1, max(w - 20, 1)))[None]
+        img = Image.fromarray(np.concatenate([grid, bar]), "RGB")
+        draw = ImageDraw.Draw(img)
+        draw.text((10, h + 18), "0", fill=(0, 0, 0))
+        draw.text((w - 16, h + 18), "1", fill=(0, 0, 0))
+        note = f"mean cell probability per {self.bin} px" if has.any() else "the model gives no cell probability"
+        draw.text((max(w // 2 - 3 * len(note), 20), h + 18), note, fill=(0, 0, 0))
+        img.save(path, format="png")
 
 
 def _feature_template() -> str:
@@ -262,6 +331,7 @@ def _overlay(levels: list, slide_path, out_png, max_side: int = 1024, background
 
 def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells_csv, cells_parquet=None,
            geojson_out=None, overlay_out=None, report_out=None, pixel_size_um: Optional[float] = None,
+           probability_map_out=None, probability_bin_px: int = PROBABILITY_BIN_PX,
            work_dir=None) -> dict:
     """Stitch all tiles of a plan; returns the report (also written to ``report_out``)."""
     from segrefine.io import DiskArray, atomic_path, label_pyramid_levels, write_pyramid_ome_tiff, write_text_atomic
@@ -317,6 +387,7 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
             store = DiskArray(work / "level0.raw", (H, W), np.uint32)  # sparse: background is never written
             stack.callback(store.close)
             table = _TableWriter(stack, cells_csv, cells_parquet)
+            prob_grid = _ProbabilityGrid((H, W), probability_bin_px)
             geo = _GeoJSONWriter(stack, geojson_out) if geojson_out else None
             progress = Progress(len(tiles), "stitch")
             order = list(tiles)
@@ -384,9 +455,11 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
                     if trimmed.any():
                         redo = trimmed[kept]
                         stats[redo] = cell_stats(np.where(trimmed[owned] & free, owned, 0), n)[kept[redo] - 1]
-                    cols = _cell_rows(stats, (ox, oy), first)
+                    # a trimmed cell keeps the mean probability of the pixels its tile predicted
+                    cols = _cell_rows(stats, (ox, oy), first, cells["prob"][kept - 1])
                     cols["tile_id"] = np.full(len(cols["cell_id"]), int(t.tile_id), np.int64)
                     table.add(cols)
+                    prob_grid.add(cols)
                 if geo is not None:
                     with clock.part("geojson"):
                         # outlines from the shard for cells kept whole; recomputed for the few trimmed ones
@@ -398,6 +471,9 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
                             geo.add(np.where(trimmed[owned] & (new > 0), new, 0), (ox, oy))
                 progress.update(i + 1)
             table.close()
+            report["probability"] = prob_grid.summary()
+            if probability_map_out:
+                prob_grid.write_png(stack.enter_context(atomic_path(probability_map_out, suffix=".png")))
             if geo is not None:
                 geo.close()
             timings.update(clock.wall)

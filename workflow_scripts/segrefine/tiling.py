@@ -66,26 +66,61 @@ def grid_tiles(shape: Tuple[int, int], tile_size: int, margin: int) -> np.recarr
     return np.rec.array(rows, dtype=PLAN_DTYPE) if rows else np.recarray(0, dtype=PLAN_DTYPE)
 
 
-def detect_tissue(thumb: np.ndarray, bright_field: bool = False) -> Tuple[np.ndarray, float]:
-    """Tissue mask of a low-resolution grayscale view, and the threshold used.
+#: tissue detection closes the mask of bright low-resolution pixels at this radius (level-0 px): the gaps between
+#: nuclei, which a block mean at 16 px can land in, join into the tissue region
+TISSUE_CLOSE_PX = 48
 
-    The background is taken from the darkest quarter of the view (the
-    brightest for bright-field stains): its noise sigma from the spread between
-    the 2nd and 25th percentiles (Gaussian: 1.38 sigma), its level 2.05 sigma
-    above the 2nd percentile. A pixel is tissue when it stands above that level
-    by 6 sigma or by 5% of the dynamic range, whichever is larger; sparse
-    isolated nuclei still lift their low-resolution pixel well above that. The
-    mask is grown by one pixel so a tile at the tissue edge is never skipped."""
+
+def background_level(g: np.ndarray) -> Tuple[float, float]:
+    """(level, noise sigma) of the background of a low-resolution view, whatever fraction of it the tissue covers.
+
+    The level is the darkest half's histogram mode (256 bins, smoothed over 3): the background is a narrow
+    peak, the tissue a spread of brighter values, so the mode is the background's even where tissue covers
+    most of the view. Sigma comes from the peak's left side (darker than the mode: background only): for a
+    Gaussian, 31.73 % of that half lies more than one sigma below the mode."""
+    v = np.asarray(g, np.float32).ravel()
+    lo, med = float(v.min()), float(np.median(v))
+    if med <= lo:
+        return lo, 0.0
+    counts, edges = np.histogram(v[v <= med], bins=256, range=(lo, med))
+    k = int(np.argmax(np.convolve(counts, np.ones(3), mode="same")))
+    level = 0.5 * float(edges[k] + edges[k + 1])
+    left = v[v <= level]
+    sigma = level - float(np.percentile(left, 31.73)) if len(left) > 1 else 0.0
+    return level, max(sigma, 0.0)
+
+
+def detect_tissue(thumb: np.ndarray, bright_field: bool = False,
+                  downsample: float = 1.0) -> Tuple[np.ndarray, float]:
+    """Tissue mask of a low-resolution grayscale view (``downsample`` level-0 px per view px), and the threshold.
+
+    The background's level and noise come from ``background_level`` (the view inverted for bright-field
+    stains). A pixel is bright when it stands above that level by 6 sigma or by 5% of the dynamic range,
+    whichever is larger; sparse isolated nuclei still lift their low-resolution pixel well above that. The
+    tissue is the bright pixels closed at ``TISSUE_CLOSE_PX`` (the view pixels between nuclei join the region;
+    a closing only adds pixels), grown by one pixel so a tile at the tissue edge is never skipped."""
     g = np.asarray(thumb, np.float32)
     if bright_field:
         g = g.max() - g
-    p2, p25, hi = (float(v) for v in np.percentile(g, [2, 25, 99.9]))
-    sigma = max((p25 - p2) / 1.38, 1e-6)
-    bg = p2 + 2.05 * sigma
+    hi = float(np.percentile(g, 99.9))
+    bg, sigma = background_level(g)
     if hi <= bg:
         return np.zeros(g.shape, bool), hi
     thr = bg + max(6.0 * sigma, 0.05 * (hi - bg))
-    return _grow(g > thr), thr
+    radius = max(1, int(round(TISSUE_CLOSE_PX / max(float(downsample), 1.0))))
+    return _grow(_closing(g > thr, radius)), thr
+
+
+def _closing(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Morphological closing by a (2 radius + 1) square: dilation, then erosion; pixels outside the view count
+    as neither, so the result contains ``mask`` up to the view's edges."""
+    out = mask
+    for _ in range(radius):
+        out = _grow(out)
+    out = ~out
+    for _ in range(radius):
+        out = _grow(out)
+    return ~out
 
 
 def _grow(mask: np.ndarray) -> np.ndarray:
@@ -339,7 +374,7 @@ def slide_tissue(slide, downsample: int = 16, level: Optional[int] = None, brigh
     view (``Slide.thumbnail``): the mask that both the tile plan's tissue flags and the slide's intensity
     reference use."""
     thumb, f = slide.thumbnail(downsample, level=level)
-    mask, thr = detect_tissue(thumb, bright_field)
+    mask, thr = detect_tissue(thumb, bright_field, f)
     return mask, thr, float(f)
 
 
@@ -698,14 +733,18 @@ def tile_fingerprint(meta: dict, card_sha: str, tile, model_context: bool = True
             f"{int(tile.wx0)},{int(tile.wy0)},{int(tile.wx1)},{int(tile.wy1)}" + (":mc" if model_context else ""))
 
 
-TILE_FORMAT = 2  # 2: + per-cell table sums and GeoJSON ring text (1: labels and outline coordinates only)
+#: 3: + each cell's mean model probability (``cell_prob``); 2: + per-cell table sums and GeoJSON ring text;
+#: 1: labels and outline coordinates only. A shard recomputes a tile of an older format (``tile_done``), so a
+#: resumed run never mixes tiles without probabilities into a slide with them; the stitch still reads them all.
+TILE_FORMAT = 3
 
 
 def read_tile(path):
     """(owned labels, metadata, cells) of one tile result; cells: ``stats`` (``cell_stats`` of the owned labels),
-    ``geo_ids`` (local ids with an outline), ``geo_text`` and ``geo_offsets`` (ring k's GeoJSON text is
+    ``prob`` (each cell's mean model probability, NaN when the model gives none), ``geo_ids`` (local ids with an
+    outline), ``geo_text`` and ``geo_offsets`` (ring k's GeoJSON text is
     ``geo_text[geo_offsets[k]:geo_offsets[k + 1]]``). A tile written by an older version (format 1) is read
-    from its labels: the same values, computed here."""
+    from its labels: the same values, computed here; tiles of formats 1 and 2 have no probabilities (NaN)."""
     import zlib
 
     try:
@@ -713,13 +752,17 @@ def read_tile(path):
             meta = json.loads(str(d["meta"]))
             raw = zlib.decompress(d["labels_zlib"].tobytes())
             owned = np.frombuffer(raw, np.uint32).reshape(meta["shape"]).copy()
-            if meta.get("format") == TILE_FORMAT:
+            if meta.get("format", 1) >= 2:
                 cells = {"stats": d["cell_stats"].reshape(-1, len(STAT_COLUMNS)), "geo_ids": d["geo_ids"],
                          "geo_offsets": d["geo_offsets"], "geo_text": zlib.decompress(d["geo_zlib"].tobytes()).decode()}
+                if "cell_prob" in d.files:
+                    cells["prob"] = np.asarray(d["cell_prob"], np.float64)
             else:
                 cells = None
         if cells is None:  # format 1: only labels + outline coordinates were stored
             cells = _tile_cells(owned, meta["origin"])
+        if "prob" not in cells:  # formats 1 and 2: no probabilities
+            cells["prob"] = np.full(len(cells["stats"]), np.nan)
         return owned, meta, cells
     except Exception as exc:
         raise SegRefineError(f"{path}: unreadable tile result ({type(exc).__name__}: {exc}); delete it and rerun "
@@ -743,15 +786,18 @@ def tile_done(path, fingerprint: str) -> bool:
         with np.load(path, allow_pickle=False) as d:
             meta = json.loads(str(d["meta"]))
             return ("labels_zlib" in d.files and "geo_zlib" in d.files and "cell_stats" in d.files
+                    and "cell_prob" in d.files
                     and meta.get("format") == TILE_FORMAT and meta.get("fingerprint") == fingerprint)
     except Exception:
         return False  # unreadable: recompute it (it is replaced atomically)
 
 
-def write_tile(path, owned: np.ndarray, origin, large: list, meta: dict, stats: Optional[np.ndarray] = None) -> None:
-    """One tile's owned cells (zlib), their table sums (``cell_stats``) and GeoJSON outline text (see
-    ``cell_outlines``; computed here, on the shard's writer thread while the model predicts the next tile, so
-    the stitcher only fills in the global ids) and metadata, atomically."""
+def write_tile(path, owned: np.ndarray, origin, large: list, meta: dict, stats: Optional[np.ndarray] = None,
+               prob: Optional[np.ndarray] = None) -> None:
+    """One tile's owned cells (zlib), their table sums (``cell_stats``), mean model probabilities (``prob``, one
+    per cell; NaN when None) and GeoJSON outline text (see ``cell_outlines``; computed here, on the shard's writer
+    thread while the model predicts the next tile, so the stitcher only fills in the global ids) and metadata,
+    atomically."""
     from segrefine.io import atomic_path
 
     import zlib
@@ -761,12 +807,16 @@ def write_tile(path, owned: np.ndarray, origin, large: list, meta: dict, stats: 
                 shape=list(owned.shape), format=TILE_FORMAT)
     packed = np.frombuffer(zlib.compress(owned.tobytes(), 1), np.uint8)  # level 1: fast, label images shrink ~20x
     cells = _tile_cells(owned, origin, stats)
+    n = len(cells["stats"])
+    prob = np.full(n, np.nan) if prob is None else np.asarray(prob, np.float64).ravel()
+    if len(prob) != n:
+        raise SegRefineError(f"{path}: {len(prob)} cell probabilities for {n} cells")
     geo = np.frombuffer(zlib.compress(cells["geo_text"].encode(), 1), np.uint8)
     try:
         with atomic_path(path, suffix=".npz") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, labels_zlib=packed, meta=np.array(json.dumps(meta)),
-                         cell_stats=np.asarray(cells["stats"], np.int64), geo_ids=cells["geo_ids"],
+                         cell_stats=np.asarray(cells["stats"], np.int64), cell_prob=prob, geo_ids=cells["geo_ids"],
                          geo_offsets=cells["geo_offsets"], geo_zlib=geo)
     except OSError as exc:
         raise SegRefineError(f"{path}: cannot write the tile result ({exc}; is the disk full?)") from exc
@@ -796,6 +846,17 @@ def window_predictor(model):
     (``Adapter.predict_window``: models with a slide-anchored grid need it); ``predict(image)`` for duck-typed
     models (tests, benchmarks) that have only that."""
     return getattr(model, "predict_window", None) or (lambda image, origin: model.predict(image))
+
+
+def window_probability_predictor(model):
+    """``f(image, (x, y))`` -> (labels, probability map or None): ``Adapter.predict_window_with_probability``
+    (the labels are exactly ``predict_window``'s), or ``window_predictor``'s labels and None for models without
+    it (duck-typed test and benchmark models)."""
+    f = getattr(model, "predict_window_with_probability", None)
+    if f is not None:
+        return f
+    labels_of = window_predictor(model)
+    return lambda image, origin: (labels_of(image, origin), None)
 
 
 def model_context_px(model) -> int:
@@ -892,17 +953,26 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
                 img = slide.read(gx0, gy0, gx1 - gx0, gy1 - gy0)
                 return img, time.monotonic() - t0
 
-            def own_and_write(job, labels):
-                """Every tile of a predicted window: its plan window cut out of the labels, its owned cells written."""
+            def own_and_write(job, labels, prob):
+                """Every tile of a predicted window: its plan window cut out of the labels, its owned cells written
+                with their mean probability (``prob``: the window's probability map, or None)."""
+                from segrefine.uncertainty import cell_probability
+
                 t0 = time.monotonic()
                 gx0, gy0 = job[1][:2]
                 n_cells = n_large = 0
                 for t in job[0]:
                     crop = labels[int(t.wy0) - gy0:int(t.wy1) - gy0, int(t.wx0) - gx0:int(t.wx1) - gx0]
                     owned, origin, large, cstats = own_cells(crop, t, slide.shape, with_stats=True)
+                    cprob = None
+                    if prob is not None and owned.size:
+                        py, px = origin[1] - gy0, origin[0] - gx0  # the owned crop in the window's pixels
+                        cprob = cell_probability(owned, prob[py:py + owned.shape[0], px:px + owned.shape[1]],
+                                                 len(cstats))
                     write_tile(tile_file(tiles_dir, t.tile_id), owned, origin, large,
                                {"tile_id": int(t.tile_id),
-                                "fingerprint": tile_fingerprint(meta, card_sha, t, model_context)}, stats=cstats)
+                                "fingerprint": tile_fingerprint(meta, card_sha, t, model_context)}, stats=cstats,
+                               prob=cprob)
                     for cell in large:
                         log.warning("tile %d: cell at anchor (x=%d, y=%d) reaches the window edge: it is larger than "
                                     "the halo (%d px) and clipped there", t.tile_id, cell["anchor_x"],
@@ -911,7 +981,7 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
                     n_large += len(large)
                 return n_cells, n_large, time.monotonic() - t0, len(job[0])
 
-            predict_window = window_predictor(model)
+            predict_window = window_probability_predictor(model)
             progress = Progress(len(todo), f"shard {shard}")
             done = 0
             with concurrent.futures.ThreadPoolExecutor(1) as reader, \
@@ -926,16 +996,20 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
                     if i + prefetch < len(jobs):
                         reads.append(reader.submit(read, jobs[i + prefetch]))
                     t0, c0 = time.monotonic(), time.thread_time()
-                    labels = np.asarray(predict_window(img, job[1][:2]))
+                    labels, prob = predict_window(img, job[1][:2])
+                    labels = np.asarray(labels)
                     stats["predict_s"] += time.monotonic() - t0
                     stats["predict_cpu_s"] += time.thread_time() - c0  # this thread's CPU (model threads not counted)
                     if labels.shape != img.shape[:2]:
                         raise SegRefineError(f"model {card_path} returned labels of shape {labels.shape} for a "
                                              f"window of shape {img.shape[:2]} (tiles "
                                              f"{[int(t.tile_id) for t in job[0]]})")
+                    if prob is not None and np.shape(prob) != labels.shape:
+                        raise SegRefineError(f"model {card_path} returned a probability map of shape "
+                                             f"{np.shape(prob)} for labels of shape {labels.shape}")
                     del img
-                    writes.append(writer.submit(own_and_write, job, labels))
-                    del labels
+                    writes.append(writer.submit(own_and_write, job, labels, prob))
+                    del labels, prob
                     t0 = time.monotonic()
                     while len(writes) > 1:  # at most one window's writes behind: errors (a full disk) surface at once
                         done += _account(stats, writes.popleft().result())
