@@ -28,6 +28,7 @@ include: "rules/corrections.smk"
 include: "rules/segment.smk"
 include: "rules/expression.smk"
 include: "rules/cells.smk"
+include: "rules/purity.smk"
 include: "rules/summary.smk"
 
 

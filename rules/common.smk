@@ -404,6 +404,88 @@ def qc_args(wildcards):
 QC_REPORT = {"category": "6. Expression QC"}
 
 
+# --- purity: MECR, truth purity, scanpy clusters of every cell table (rules/purity.smk; docs/expression.md, Purity) ---
+def sample_column(sample, column):
+    """An optional sample-sheet column of one sample ('' when the sheet lacks it or leaves it empty)."""
+    if column not in samples:
+        return ""
+    value = samples.loc[sample, column]
+    return "" if pd.isnull(value) else str(value).strip()
+
+
+def purity_markers():
+    return config["expression"].get("markers") or {}
+
+
+def _check_purity():
+    from segrefine.purity import check_markers
+
+    if purity_markers():
+        try:
+            check_markers(purity_markers())
+        except SegRefineError as exc:
+            fail(f"expression.markers: {exc}")
+    for s in samples.index:
+        truth, types = sample_column(s, "truth"), sample_column(s, "truth_types")
+        if types and not truth:
+            fail(f"{config['samples']}: sample {s}: truth_types {types} given without truth labels (column truth)")
+        for what, path in (("truth labels", truth), ("truth types", types)):
+            if path and not Path(path).is_file():
+                fail(f"{config['samples']}: sample {s}: {what} {path} not found")
+
+
+_check_purity()
+
+
+def purity_samples():
+    """The expression samples the purity step measures: all of them with markers, else those with a truth."""
+    return [s for s in expression_samples() if purity_markers() or sample_column(s, "truth")]
+
+
+def purity_stages():
+    """Every cell table of a sample the purity and cluster checks read, pretrained first: the QC's own stages
+    (qc_our_stages: the nuclei of each stage, then with expression.cells the same stages' cells, <stage>_cells).
+    A new kind of cell table joins here, with its folder in table_dir and its labels in table_labels."""
+    return qc_our_stages()
+
+
+def table_labels(sample, stage):
+    """The label image a cell table was built from: results/segmentation/<sample>[/<stage>]/labels.tif, and the
+    cells' expanded/labels.tif beside it (table_dir's rule)."""
+    if stage.endswith(CELLS_SUFFIX) and stage[:-len(CELLS_SUFFIX)] in STAGES:
+        return str(Path(stage_dir("segmentation", sample, stage[:-len(CELLS_SUFFIX)]), "expanded", "labels.tif"))
+    return str(Path(stage_dir("segmentation", sample, stage), "labels.tif"))
+
+
+def purity_truth_inputs(wildcards):
+    """The matrix, truth labels and truth types of a sample with a truth, else nothing."""
+    s = wildcards.sample
+    if not sample_column(s, "truth"):
+        return {}
+    out = {"expression": samples.loc[s, "expression"], "truth": sample_column(s, "truth")}
+    if sample_column(s, "truth_types"):
+        out["truth_types"] = sample_column(s, "truth_types")
+    return out
+
+
+def purity_args(wildcards, input):
+    args = ""
+    for key in ("expression", "truth", "truth_types"):
+        if key in input.keys():
+            args += f" --{key.replace('_', '-')} {shlex.quote(str(input[key]))}"
+    if purity_markers():
+        args += f" --markers {shlex.quote(json.dumps(purity_markers()))}"
+    return args + f" --mixed-fraction {config['expression'].get('mixed_fraction', 0.1)}"
+
+
+def purity_outputs():
+    """The purity QC's table and figure (with expression active and a sample with a matrix)."""
+    if not expression_samples():
+        return {}
+    qc = f"{RESULTS}/expression/qc"
+    return {"table": f"{qc}/purity.csv", "plot": f"{qc}/purity.png"}
+
+
 def final_outputs():
     out = [f"{RESULTS}/evaluation/summary.csv", f"{RESULTS}/evaluation/boxplots.png",
            f"{RESULTS}/evaluation/loss_curves.png", f"{RESULTS}/evaluation/complexity_vs_accuracy.csv",
@@ -420,6 +502,7 @@ def final_outputs():
         out += expand(f"{RESULTS}/expression/{{sample}}/expanded/cells.h5ad", sample=expression_samples())
     if expression_samples():
         out += qc_outputs().values()
+        out += purity_outputs().values()  # rules/purity.smk
     if config["patches"]["candidates"]["activate"]:
         out += expand(f"{RESULTS}/candidates/{{sample}}/done", sample=samples.index)
     if config["evaluation"]["learning_curve"]["activate"]:

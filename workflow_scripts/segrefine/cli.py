@@ -337,7 +337,12 @@ def cmd_purity_table(a):
     from segrefine.io import write_text_atomic
     from segrefine.purity import purity_table
 
-    write_text_atomic(a.out, purity_table(a.summaries, a.clusters or ()).to_csv(index=False, float_format="%.4g"))
+    table = purity_table(a.summaries or (), a.clusters or ())
+    write_text_atomic(a.out, table.to_csv(index=False, float_format="%.4g"))
+    if a.plot:
+        from segrefine.purity import plot_purity_table
+
+        plot_purity_table(table, a.plot)
 
 
 # --- parser -----------------------------------------------------------------------------------------------------------
@@ -744,9 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = step("purity-table", cmd_purity_table,
              "one row per sample and stage of the purity summaries and cluster checks (the report's table)")
-    p.add_argument("--summaries", nargs="+", required=True, help="summary.json files of `segrefine purity`")
+    p.add_argument("--summaries", nargs="*", help="summary.json files of `segrefine purity`")
     p.add_argument("--clusters", nargs="*", help="JSON files of `segrefine cluster-check`")
     p.add_argument("--out", required=True, help="CSV table")
+    p.add_argument("--plot", help="PNG: one panel per measure, one bar per sample and stage")
     _fill_help(ap)
     return ap
 

@@ -428,3 +428,43 @@ def purity_table(summaries: Sequence, clusters: Sequence = ()):
     columns = ["sample", "stage", "cells", "mecr", "fraction_coexpressing", "mean_purity", "median_purity",
                "fraction_mixed", "mean_marker_purity", "leiden_clusters", "ari_true_type"]
     return pd.DataFrame(list(rows.values()), columns=columns)
+
+
+PLOT_METRICS = (("mean_purity", "mean purity (truth)"), ("fraction_mixed", "fraction of mixed cells (truth)"),
+                ("mean_marker_purity", "mean marker purity (truth)"), ("mecr", "MECR (lower is better)"),
+                ("fraction_coexpressing", "cells co-expressing two types' markers"),
+                ("ari_true_type", "ARI of Leiden clusters vs true types"))
+
+
+def plot_purity_table(table, path) -> None:
+    """One panel per measure, one bar per (sample, stage); measures not taken are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from segrefine.io import atomic_path
+
+    metrics = [(k, t) for k, t in PLOT_METRICS if k in table and table[k].notna().any()]
+    n = max(1, len(metrics))
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    names = [f"{a}\n{b}" for a, b in zip(table["sample"], table["stage"])]
+    for ax, (key, title) in zip(axes.ravel(), metrics):
+        values = table[key].astype(float).to_numpy()
+        ax.bar(range(len(values)), np.nan_to_num(values), color=["#9e9e9e" if "pretrained" in n_ else "#1f77b4"
+                                                                 for n_ in names])
+        for i, v in enumerate(values):
+            ax.text(i, np.nan_to_num(v), "n/a" if v != v else f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(values)))
+        ax.set_xticklabels(names, fontsize=7, rotation=30, ha="right")
+        ax.set_title(title, fontsize=9)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.axis("off")
+    if not metrics:
+        axes[0, 0].text(0.5, 0.5, "no purity measure (no markers, no truth, no clusters)", ha="center")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
