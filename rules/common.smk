@@ -414,7 +414,7 @@ def sample_column(sample, column):
 
 
 def purity_markers():
-    return config["expression"].get("markers") or {}
+    return config["expression"]["markers"]
 
 
 def _check_purity():
@@ -475,7 +475,7 @@ def purity_args(wildcards, input):
             args += f" --{key.replace('_', '-')} {shlex.quote(str(input[key]))}"
     if purity_markers():
         args += f" --markers {shlex.quote(json.dumps(purity_markers()))}"
-    return args + f" --mixed-fraction {config['expression'].get('mixed_fraction', 0.1)}"
+    return args + f" --mixed-fraction {config['expression']['mixed_fraction']}"
 
 
 def purity_outputs():

@@ -9,7 +9,7 @@ rule finetune:
         curve=f"{RESULTS}/models/{{model}}/finetuned/loss.png",
     params:
         hp=lambda wc: params_json(model_cfg(wc.model).get("hyperparameters")),
-        seed=lambda wc: model_cfg(wc.model).get("seed", 0),
+        seed=lambda wc: model_cfg(wc.model)["seed"],
         outdir=lambda wc, output: str(Path(output.card).parent),
         run=lambda wc: segrefine(model_env(wc.model)),
     log:

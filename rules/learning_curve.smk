@@ -51,7 +51,7 @@ rule learning_curve_finetune:
         subset=r"f[0-9.]+|c[0-9]+",
     params:
         hp=lambda wc: params_json(model_cfg(wc.model).get("hyperparameters")),
-        seed=lambda wc: model_cfg(wc.model).get("seed", 0),
+        seed=lambda wc: model_cfg(wc.model)["seed"],
         outdir=lambda wc, output: str(Path(output.card).parent),
         run=lambda wc: segrefine(model_env(wc.model)),
     log:

@@ -110,3 +110,6 @@ def test_shipped_configs_fill_as_before(config):
     assert out["expression"]["writer"] == cfg["expression"].get("writer", "exact")
     assert out["expression"]["qc_before_after"] == cfg["expression"].get("qc_before_after", True)
     assert out["expression"]["origin"] == cfg["expression"].get("origin", "auto")
+    assert out["expression"]["mixed_fraction"] == cfg["expression"].get("mixed_fraction", 0.1)
+    assert out["expression"]["markers"] == (cfg["expression"].get("markers") or {})
+    assert all(out["models"][m]["seed"] == cfg["models"][m].get("seed", 0) for m in cfg["models"])
