@@ -38,12 +38,14 @@ def cluster_stage(h5ad, truth_types=None, resolution: float = 0.5, seed: int = 0
     try:
         adata = anndata.read_h5ad(path)
     except Exception as exc:
-        raise SegRefineError(f"{path}: anndata {anndata.__version__} cannot read it ({type(exc).__name__}: {exc})"
+        raise SegRefineError(f"{path}: this anndata cannot read it ({type(exc).__name__}: {exc})"
                              ) from None
     if "label_id" not in adata.obs:
         raise SegRefineError(f"{path}: obs has no 'label_id' column (not written by `segrefine h5ad`)")
+    from importlib.metadata import version
+
     out = {"h5ad": str(path), "cells": int(adata.n_obs), "genes": int(adata.n_vars),
-           "anndata": anndata.__version__, "scanpy": sc.__version__}
+           "anndata": version("anndata"), "scanpy": version("scanpy")}
     sc.pp.filter_cells(adata, min_counts=min_umis)
     out["cells_clustered"] = int(adata.n_obs)
     if adata.n_obs < 3:
