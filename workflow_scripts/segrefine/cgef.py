@@ -43,6 +43,7 @@ GEFTOOL_VERSION = (1, 3, 3)  # the gefpy release whose layout this file reproduc
 BAND_RECORDS = 1 << 21       # at most this many records (or cell-gene partials) per band / bucket
 BAND_ROWS = 512              # at most this many label rows per band
 BAND_PIXELS = 1 << 22        # and, by default, at most this many label pixels
+BORDER_ROWS = 1 << 16        # cell outlines written (and their extent taken) by this many cells at a time
 UINT32_MAX = (1 << 32) - 1
 
 CELL_DTYPE = np.dtype([("id", "<u4"), ("x", "<i4"), ("y", "<i4"), ("offset", "<u4"), ("geneCount", "<u4"),
@@ -56,6 +57,7 @@ GENE_EXP_DTYPE = np.dtype([("cellID", "<u4"), ("count", "<u2")])
 RECORD_DTYPE = np.dtype([("k", "<u4"), ("x", "<u4"), ("gene", "<u4"), ("count", "<u4")])   # k = label row
 PARTIAL_DTYPE = np.dtype([("k", "<u4"), ("gene", "<u4"), ("count", "<u8")])                # k = cell row
 BY_GENE_DTYPE = np.dtype([("k", "<u4"), ("cellID", "<u4"), ("count", "<u2")])              # k = gene
+BORDER_RUN_DTYPE = np.dtype([("k", "<u4"), ("border", "<i2", (BORDER_POINTS, 2))])          # k = cell row
 
 
 class ArrayBands:
@@ -121,7 +123,7 @@ class _Index:
         top = int(ids.max()) if len(ids) else 0
         self.lut = None
         if top <= max(1 << 24, 8 * len(ids)):
-            self.lut = np.full(top + 2, -1, np.int64)
+            self.lut = np.full(top + 2, -1, np.int32 if len(ids) < (1 << 31) else np.int64)
             self.lut[ids] = np.arange(len(ids))
 
     def __call__(self, lab: np.ndarray) -> np.ndarray:
@@ -147,20 +149,16 @@ def present_labels(labels, y0: int, y1: int, x0: int, x1: int, band_rows: int = 
     return ids
 
 
-def cell_geometry(labels, ids: np.ndarray, band_rows: int = BAND_ROWS) -> Dict[str, np.ndarray]:
-    """Area, centroid (row, col) and star outline of the cells ``ids`` (sorted) in ``labels`` (a band reader).
-
-    Pixels of cells not in ``ids`` are ignored. Outlines are (n, 32, 2) int16 (x, y)
-    offsets from the rounded centroid, padded with 32767: in each of 32 equal angular
-    sectors around the centre, the cell's boundary pixel farthest from it. The image
-    is read in bands of rows (two passes), so memory follows the band and the cells, not the slide.
-    ``too_far``: some boundary pixel lies 32,767 px or more from its centre (not a cell).
-    """
+def cell_centres(labels, ids: np.ndarray, band_rows: int = BAND_ROWS) -> Dict[str, np.ndarray]:
+    """Area, rounded centroid (``cy``, ``cx``: row, col) and ``last`` (the last row of the last band of
+    ``band_rows`` rows that holds a pixel of the cell) of the cells ``ids`` (sorted) in ``labels`` (a band reader),
+    read in bands of rows. Pixels of cells not in ``ids`` are ignored."""
     n = len(ids)
     index = _Index(ids)
     H, W = labels.shape
     area = np.zeros(n, np.int64)
     sum_r, sum_c = np.zeros(n), np.zeros(n)
+    last = np.full(n, -1, np.int32)
     for y0, y1 in _bands(0, H, band_rows):
         band = labels.rows(y0, y1)
         rows, cols = np.nonzero(band)
@@ -170,17 +168,33 @@ def cell_geometry(labels, ids: np.ndarray, band_rows: int = BAND_ROWS) -> Dict[s
         area += np.bincount(idx, minlength=n)
         sum_r += np.bincount(idx, weights=rows, minlength=n)
         sum_c += np.bincount(idx, weights=cols, minlength=n)
+        last[idx] = y1 - 1
     with np.errstate(invalid="ignore", divide="ignore"):
         cy = np.floor(sum_r / area + 0.5)
         cx = np.floor(sum_c / area + 0.5)
-    cyi = np.nan_to_num(cy).astype(np.int64)
-    cxi = np.nan_to_num(cx).astype(np.int64)
-    # pass 2: boundary pixels (a 4-neighbour of another label or outside the image); per band the farthest
-    # boundary pixel of each (cell, sector), kept where it is farther than the earlier bands' (ties: the earlier)
-    best = np.zeros((n, BORDER_POINTS), np.uint32)  # 1 + squared distance of the vertex so far; 0: none yet
-    bdx = np.zeros((n, BORDER_POINTS), np.int16)
-    bdy = np.zeros((n, BORDER_POINTS), np.int16)
-    too_far = False
+    return {"area": area, "cy": np.nan_to_num(cy).astype(np.int64), "cx": np.nan_to_num(cx).astype(np.int64),
+            "last": last}
+
+
+def cell_borders(labels, ids: np.ndarray, cy: np.ndarray, cx: np.ndarray, last: np.ndarray, emit,
+                 band_rows: int = BAND_ROWS) -> bool:
+    """The star outlines of the cells ``ids`` (sorted; centres and ``last`` from ``cell_centres`` with the same
+    ``band_rows``), handed to ``emit(cells, border)`` band by band as the cells end, so that memory follows the
+    cells a band crosses, not all cells.
+
+    ``cells``: sorted positions in ``ids``; ``border``: (len(cells), 32, 2) int16 (x, y) offsets from the rounded
+    centroid, padded with 32767: in each of 32 equal angular sectors around the centre, the cell's boundary pixel
+    (a 4-neighbour of another label or outside the image) farthest from it, the earliest of equals in raster
+    order; vertices in sector order, numbered from 0. Every cell is emitted once. Returns ``too_far``: some
+    boundary pixel lies 32,767 px or more from its centre (not a cell; nothing more is emitted then)."""
+    index = _Index(ids)
+    H, W = labels.shape
+    by_last = np.argsort(last, kind="stable")
+    last_sorted = last[by_last]
+    done_to = 0
+    # the cells still open: per (cell, sector) the farthest boundary pixel so far, sorted by (cell, sector)
+    s_idx = np.zeros(0, np.int64)
+    s_sec, s_dx, s_dy, s_r2 = s_idx.copy(), s_idx.copy(), s_idx.copy(), s_idx.copy()
     for y0, y1 in _bands(0, H, band_rows):
         a, b = max(0, y0 - 1), min(H, y1 + 1)
         block = np.pad(labels.rows(a, b), 1, mode="constant", constant_values=0)  # outside the image: background
@@ -192,26 +206,37 @@ def cell_geometry(labels, ids: np.ndarray, band_rows: int = BAND_ROWS) -> Dict[s
         edge = (core > 0) & ((up != core) | (down != core) | (left != core) | (right != core))
         rows, cols = np.nonzero(edge)
         idx = index(core[rows, cols])
+        del block, core, up, down, left, right, edge
         ok = idx >= 0
-        idx, rows, cols = idx[ok], rows[ok] + y0, cols[ok]
-        idx, sector, dx, dy = _farthest_per_sector(idx, cols - cxi[idx], rows - cyi[idx])
+        idx, rows, cols = idx[ok].astype(np.int64), rows[ok] + y0, cols[ok]
+        idx, sector, dx, dy = _farthest_per_sector(idx, cols - cx[idx], rows - cy[idx])
         if len(dx) and max(int(np.abs(dx).max()), int(np.abs(dy).max())) >= BORDER_PAD:
-            too_far = True
-            continue
-        r2 = (dx * dx + dy * dy + 1).astype(np.uint32)
-        better = r2 > best[idx, sector]
-        idx, sector = idx[better], sector[better]
-        best[idx, sector], bdx[idx, sector], bdy[idx, sector] = r2[better], dx[better], dy[better]
-    # vertices in angle order, numbered from 0 in each cell, padded with 32767
-    border = np.full((n, BORDER_POINTS, 2), BORDER_PAD, np.int16)
-    for c0 in range(0, n, 1 << 16):
-        c1 = min(n, c0 + (1 << 16))
-        present = best[c0:c1] > 0
-        slot = np.cumsum(present, axis=1) - 1
-        cell, sec = np.nonzero(present)
-        border[c0 + cell, slot[cell, sec], 0] = bdx[c0 + cell, sec]
-        border[c0 + cell, slot[cell, sec], 1] = bdy[c0 + cell, sec]
-    return {"area": area, "cy": cyi, "cx": cxi, "border": border, "too_far": too_far}
+            return True
+        if len(idx):  # the band's vertices after the earlier bands' (ties: the earlier), the farthest per sector
+            m_idx, m_sec = np.concatenate([s_idx, idx]), np.concatenate([s_sec, sector])
+            m_dx, m_dy = np.concatenate([s_dx, dx]), np.concatenate([s_dy, dy])
+            m_r2 = np.concatenate([s_r2, dx * dx + dy * dy])
+            group = m_idx * BORDER_POINTS + m_sec
+            order = np.lexsort((-m_r2, group))
+            first = np.ones(len(order), bool)
+            first[1:] = group[order][1:] != group[order][:-1]
+            pick = order[first]
+            s_idx, s_sec, s_dx, s_dy, s_r2 = m_idx[pick], m_sec[pick], m_dx[pick], m_dy[pick], m_r2[pick]
+        # the cells whose last row lies in this band are complete
+        end = int(np.searchsorted(last_sorted, y1, side="left"))
+        if end > done_to:
+            cells = np.sort(by_last[done_to:end])
+            done_to = end
+            fin = last[s_idx] < y1
+            e_idx, e_dx, e_dy = s_idx[fin], s_dx[fin], s_dy[fin]
+            s_idx, s_sec, s_dx, s_dy, s_r2 = (v[~fin] for v in (s_idx, s_sec, s_dx, s_dy, s_r2))
+            border = np.full((len(cells), BORDER_POINTS, 2), BORDER_PAD, np.int16)
+            pos = np.searchsorted(cells, e_idx)
+            slot = np.arange(len(e_idx)) - np.searchsorted(e_idx, e_idx, side="left")  # entries sorted by cell
+            border[pos, slot, 0] = e_dx
+            border[pos, slot, 1] = e_dy
+            emit(cells, border)
+    return False
 
 
 def _farthest_per_sector(idx: np.ndarray, dx: np.ndarray, dy: np.ndarray):
@@ -307,7 +332,7 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
     ids = present_labels(labels, y0, y1 + 1, x0, x1 + 1, band_rows)
     if len(ids) and ids[-1] > UINT32_MAX:
         raise SegRefineError(f"{labels.path}: label id {int(ids[-1])} does not fit in uint32")
-    geo = cell_geometry(labels, ids, band_rows)
+    geo = cell_centres(labels, ids, band_rows)
     cx, cy = geo["cx"] + ox, geo["cy"] + oy  # GEM coordinates of the centres
     # order cells by the 256 x 256 block of their centre (row-major over 0..max), then by label id
     max_x = int(max(gx1, cx.max() if len(cx) else 0))
@@ -316,20 +341,36 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
     block = np.clip(cy, 0, None) // BLOCK * nbx + np.clip(cx, 0, None) // BLOCK
     order = np.lexsort((ids, block))
     n_cells = len(ids)
-    row_of_rank = np.empty(n_cells, np.int64)  # final row of the j-th smallest label id
+    row_of_rank = np.empty(n_cells, np.uint32)  # final row of the j-th smallest label id
     row_of_rank[order] = np.arange(n_cells)
-    index = _Index(ids)
-    ids, block = ids[order], block[order]
-    if geo["too_far"]:
-        raise SegRefineError(f"{source}: a cell spans more than {BORDER_PAD} px from its centre (not a cell)")
-    cx, cy, area, border = cx[order], cy[order], geo["area"][order], geo["border"][order]
-    block_index = np.searchsorted(block, np.arange(nbx * nby + 1)).astype(np.uint32)
+    # the cell table in final order, filled as the passes go (per-cell arrays in its narrow dtypes, not int64)
+    cell = np.zeros(n_cells, CELL_DTYPE)
+    cell["id"] = np.arange(n_cells)
+    cell["x"], cell["y"], cell["area"] = cx[order], cy[order], geo["area"][order]
+    block_index = np.searchsorted(block[order], np.arange(nbx * nby + 1)).astype(np.uint32)
+    label_id = ids[order].astype(np.uint32)
+    del cx, cy, block, order
+    # the outlines, spilled band by band as the cells end (by final row), for write_cgef to gather by rows
+    borders = Runs(work, "borders", BORDER_RUN_DTYPE)
+
+    def emit(cells, border):
+        rows = row_of_rank[cells]
+        by_row = np.argsort(rows)
+        run = np.empty(len(cells), BORDER_RUN_DTYPE)
+        run["k"], run["border"] = rows[by_row], border[by_row]
+        borders.add(run)
+
+    too_far = cell_borders(labels, ids, geo["cy"], geo["cx"], geo["last"], emit, band_rows)
     del geo
+    if too_far:
+        raise SegRefineError(f"{source}: a cell spans more than {BORDER_PAD} px from its centre (not a cell)")
+    index = _Index(ids)
+    ids = label_id
 
     # pass 2, by bands of label rows holding at most band_records records: (cell row, gene) partial sums
     partials = Runs(work, "partials", PARTIAL_DTYPE)
     per_cell = np.zeros(n_cells, np.int64)  # partials per cell row, to size the merge buckets
-    dnb_count = np.zeros(n_cells, np.int64)
+    dnb_count = cell["dnbCount"]
     W = int(x1 - x0 + 1)
     for a, b in _buckets(spill.per_row[y0:y1 + 1], band_records, band_rows):
         a, b = a + y0, b + y0
@@ -344,7 +385,7 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
         inc = lab > 0
         if not inc.any():
             continue
-        row = row_of_rank[index(lab[inc])]
+        row = row_of_rank[index(lab[inc])].astype(np.int64)
         gene = rec["gene"][inc].astype(np.int64)
         count = rec["count"][inc].astype(np.int64)
         pix = ry[inc] * W + rx[inc]
@@ -355,13 +396,15 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
         part["k"], part["gene"] = ukey // n_genes, ukey % n_genes
         part["count"] = np.bincount(inv.ravel(), weights=count, minlength=len(ukey))
         partials.add(part)
-        per_cell += np.bincount(part["k"].astype(np.int64), minlength=n_cells)
+        c, n = np.unique(part["k"], return_counts=True)
+        per_cell[c] += n
         _, first = np.unique(pix, return_index=True)  # a DNB lies in one label: count distinct DNBs per cell
-        dnb_count += np.bincount(row[first], minlength=n_cells)
+        c, n = np.unique(row[first], return_counts=True)
+        dnb_count[c] += n.astype(np.uint32)
 
     # merge the partials by buckets of cell rows: cellExp in final order, and runs by gene for geneExp
-    gene_count = np.zeros(n_cells, np.int64)
-    exp_count = np.zeros(n_cells, np.int64)
+    gene_count, exp_count = cell["geneCount"], cell["expCount"]
+    n_exp = max_exp = 0
     cell_count = np.zeros(n_genes, np.int64)
     gene_umis = np.zeros(n_genes, np.int64)
     gene_max = np.zeros(n_genes, np.int64)
@@ -380,7 +423,9 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
             raise SegRefineError(f"{source}: cell {ids[c_row[i]]} has {summed[i]} UMIs of gene {genes[c_gene[i]]}; "
                                  "the cgef layout stores at most 65,535 per cell and gene")
         gene_count[c0:c1] = np.bincount(c_row - c0, minlength=c1 - c0)
-        exp_count[c0:c1] = np.bincount(c_row - c0, weights=summed, minlength=c1 - c0).astype(np.int64)
+        umis = np.bincount(c_row - c0, weights=summed, minlength=c1 - c0).astype(np.int64)
+        n_exp, max_exp = n_exp + len(summed), max(max_exp, int(umis.max()) if len(umis) else 0)
+        exp_count[c0:c1] = umis
         cell_count += np.bincount(c_gene, minlength=n_genes)
         gene_umis += np.bincount(c_gene, weights=summed, minlength=n_genes).astype(np.int64)
         np.maximum.at(gene_max, c_gene, summed)
@@ -395,21 +440,16 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
         run["k"], run["cellID"], run["count"] = c_gene[perm], c_row[perm], summed[perm]
         by_gene.add(run)
         del run, perm, ukey, summed, c_row, c_gene
-    n_exp = int(gene_count.sum())
-    if n_exp > UINT32_MAX or int(exp_count.max() if n_cells else 0) > UINT32_MAX:
+    del per_cell
+    if n_exp > UINT32_MAX or max_exp > UINT32_MAX:
         raise SegRefineError(f"{source}: {n_exp} cell-gene entries do not fit the cgef layout's uint32 offsets")
-
-    cell = np.zeros(n_cells, CELL_DTYPE)
-    cell["id"] = np.arange(n_cells)
-    cell["x"], cell["y"] = cx, cy
-    cell["offset"] = np.concatenate([[0], np.cumsum(gene_count)[:-1]]) if n_cells else []
-    cell["geneCount"], cell["expCount"], cell["dnbCount"] = gene_count, exp_count, dnb_count
-    cell["area"] = area
+    if n_cells:
+        cell["offset"][1:] = np.cumsum(gene_count[:-1], dtype=np.int64)
     gene = np.zeros(n_genes, GENE_DTYPE)
     gene["geneName"] = [str(g).encode() for g in genes]
     gene["offset"] = np.concatenate([[0], np.cumsum(cell_count)[:-1]]) if n_genes else []
     gene["cellCount"], gene["expCount"], gene["maxMIDcount"] = cell_count, gene_umis, gene_max
-    tables = {"label_id": ids, "cell": cell, "gene": gene, "border": border,
+    tables = {"label_id": ids, "cell": cell, "gene": gene,
               "block_index": block_index, "block_size": np.array([BLOCK, BLOCK, nbx, nby], np.uint32),
               "max_x": max_x, "max_y": max_y, "max_count": max_count, "n_exp": n_exp}
     gene_offset = gene["offset"].astype(np.int64)
@@ -433,15 +473,24 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
             exp["cellID"], exp["count"] = run["cellID"], run["count"]
             ds[gene_offset[g0]:gene_offset[g0] + len(exp)] = exp
 
-    write_cgef(tables, out_path, fill_cell_exp, fill_gene_exp, resolution)
+    def fill_border(ds):
+        for c0, c1 in _bands(0, n_cells, BORDER_ROWS):
+            run = borders.take(c0, c1)
+            if len(run) != c1 - c0:
+                raise SegRefineError(f"{source}: internal error: {len(run)} outlines for cells {c0}..{c1 - 1}")
+            ds[c0:c1] = run["border"][np.argsort(run["k"], kind="stable")]
+
+    write_cgef(tables, out_path, fill_cell_exp, fill_gene_exp, fill_border, resolution)
     return tables
 
 
-def write_cgef(tables: Dict[str, np.ndarray], path, fill_cell_exp, fill_gene_exp, resolution: int = 500) -> None:
-    """Write the tables of ``exact_cell_bin`` as a cgef; cellExp/geneExp are created whole and filled by slices."""
+def write_cgef(tables: Dict[str, np.ndarray], path, fill_cell_exp, fill_gene_exp, fill_border,
+               resolution: int = 500) -> None:
+    """Write the tables of ``exact_cell_bin`` as a cgef; cellBorder, cellExp and geneExp are created whole and
+    filled by slices (``fill_*(dataset)``)."""
     import h5py
 
-    cell, border = tables["cell"], tables["border"]
+    cell = tables["cell"]
     with h5py.File(path, "w") as f:
         u32 = np.uint32
         f.attrs["bin_type"] = np.array([b"CellBin"], "S32")
@@ -465,13 +514,14 @@ def write_cgef(tables: Dict[str, np.ndarray], path, fill_cell_exp, fill_gene_exp
             v = cell[fld]
             d.attrs[f"max{name}"] = np.array([v.max() if len(v) else 0], np.int32)
             d.attrs[f"min{name}"] = np.array([v.min() if len(v) else 0], np.int32)
-        b = g.create_dataset("cellBorder", data=border)
+        b = g.create_dataset("cellBorder", shape=(len(cell), BORDER_POINTS, 2), dtype=np.int16)
+        fill_border(b)
         lo, hi = {}, {}
-        for c0 in range(0, len(cell), 1 << 16):  # the outline's extent in GEM coordinates, by blocks of cells
-            part = border[c0:c0 + (1 << 16)]
+        for c0, c1 in _bands(0, len(cell), BORDER_ROWS):  # the outline's extent in GEM coordinates, by blocks
+            part = b[c0:c1]
             real = part[..., 0] != BORDER_PAD
             for i, name in ((0, "X"), (1, "Y")):
-                v = (part[..., i].astype(np.int64) + cell[name.lower()][c0:c0 + (1 << 16), None])[real]
+                v = (part[..., i].astype(np.int64) + cell[name.lower()][c0:c1, None])[real]
                 if len(v):
                     lo[name] = min(lo.get(name, int(v.min())), int(v.min()))
                     hi[name] = max(hi.get(name, int(v.max())), int(v.max()))

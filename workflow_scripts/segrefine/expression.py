@@ -431,13 +431,16 @@ def write_cellmap(path, cgef_cell, label_id, x, y, area, total, n_genes, rows: i
     """Per cgef cell: its id in the label image under its centre, centre, area, UMIs, genes; returns the UMIs."""
     from segrefine.io import atomic_path
 
-    columns = [np.asarray(c, np.int64) for c in (cgef_cell, label_id, x, y, area, total, n_genes)]
+    columns = [np.asarray(c) for c in (cgef_cell, label_id, x, y, area, total, n_genes)]  # as given: no copies
+    umis = 0
     with atomic_path(path) as tmp:
         with open(tmp, "w") as fh:
             fh.write(",".join(CELLMAP_COLUMNS) + "\n")
             for s in range(0, len(columns[0]), rows):
-                np.savetxt(fh, np.column_stack([c[s:s + rows] for c in columns]), fmt="%d", delimiter=",")
-    return int(columns[5].sum())
+                block = np.column_stack([c[s:s + rows].astype(np.int64) for c in columns])
+                np.savetxt(fh, block, fmt="%d", delimiter=",")
+                umis += int(block[:, 5].sum())
+    return umis
 
 
 H5AD_WRITERS = ("direct", "stereopy")
