@@ -277,6 +277,27 @@ STARDIST_UNET = """
 def test_stardist_and_unet_probabilities_and_labels_are_predicts():
     r = _run("tensorflow", STARDIST_UNET)
     sd, un = r["stardist"], r["unet"]
-    assert sd["same"] and sd["constant"] and sd["is_object_prob"] and sd["at_least_thresh"], sd
+    assert sd["n"] > 0 and sd["same"] and sd["constant"] and sd["is_object_prob"] and sd["at_least_thresh"], sd
     assert sd["background"] == 0.0
     assert un["same"] and un["is_probability"] and 0 <= un["range"][0] <= un["range"][1] <= 1, un
+
+
+CPSAM = """
+    import json
+    import numpy as np
+    from segrefine.demo import make_slide
+    from segrefine.models.cpsam_adapter import CpsamAdapter
+
+    img = make_slide(96, seed=3)[0]
+    m = CpsamAdapter.from_pretrained(None, {"seed": 0, "cellprob_threshold": -6.0})
+    labels, prob = m.predict_with_probability(img)
+    print(json.dumps({"same": bool(np.array_equal(labels, m.predict(img))), "shape_ok": prob.shape == img.shape,
+                      "dtype": str(prob.dtype), "range": [float(prob.min()), float(prob.max())]}))
+"""
+
+
+@pytest.mark.slow
+def test_cpsam_probability_is_a_map_and_labels_are_predicts():
+    """cpsam from scratch (no model hub here): a random network, so only the contract is checked."""
+    r = _run("cpsam", CPSAM)
+    assert r["same"] and r["shape_ok"] and r["dtype"] == "float32" and 0 <= r["range"][0] <= r["range"][1] <= 1, r
