@@ -159,3 +159,19 @@ def test_threshold_sweep_of_a_cellpose_model(real_trainset, tmp_path):
     assert sweep["best"].sum() == 1 and sweep.loc[sweep["best"], "f1"].iloc[0] == sweep["f1"].max()
     # the card's own thresholds (cellpose defaults 0.4 / 0.0) are marked
     assert list(sweep.loc[sweep["current"], ["flow_threshold", "cellprob_threshold"]].iloc[0]) == [0.4, 0.0]
+
+
+
+@pytest.mark.slow
+def test_threshold_sweep_of_a_unet_model(real_trainset, tmp_path):
+    """The U-Net's thresholds (FRAMEWORKS["unet"]) are swept like Cellpose's: probability and watershed seeds."""
+    run_step("tensorflow", "pretrained-card", "--framework", "unet", "--name", "u", "--source", "none",
+             "--out-dir", tmp_path / "u")
+    grid = json.dumps({"prob_thresh": [0.4, 0.5], "min_distance": [3]})
+    run_step("tensorflow", "threshold-sweep", "--card", tmp_path / "u" / "card.json", "--trainset", real_trainset,
+             "--split", "val", "--grid", grid, "--out", tmp_path / "sweep.csv")
+    sweep = pd.read_csv(tmp_path / "sweep.csv")
+    assert len(sweep) == 2 and set(sweep["framework"]) == {"unet"} and set(sweep["prob_thresh"]) == {0.4, 0.5}
+    assert sweep["best"].sum() == 1
+    # the card's own thresholds (the U-Net's defaults 0.5 / 3) are marked
+    assert list(sweep.loc[sweep["current"], ["prob_thresh", "min_distance"]].iloc[0]) == [0.5, 3]
