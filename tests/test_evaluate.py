@@ -161,7 +161,6 @@ def test_threshold_sweep_of_a_cellpose_model(real_trainset, tmp_path):
     assert list(sweep.loc[sweep["current"], ["flow_threshold", "cellprob_threshold"]].iloc[0]) == [0.4, 0.0]
 
 
-
 @pytest.mark.slow
 def test_threshold_sweep_of_a_unet_model(real_trainset, tmp_path):
     """The U-Net's thresholds (FRAMEWORKS["unet"]) are swept like Cellpose's: probability and watershed seeds."""
