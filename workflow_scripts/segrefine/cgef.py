@@ -40,7 +40,7 @@ BORDER_POINTS = 32
 BORDER_PAD = 32767
 GEF_VERSION = 2
 GEFTOOL_VERSION = (1, 3, 3)  # the gefpy release whose layout this file reproduces
-BAND_RECORDS = 1 << 21       # at most this many records (or cell-gene partials) per band / bucket
+BAND_RECORDS = 1 << 20       # at most this many records (or cell-gene partials) per band / bucket
 BAND_ROWS = 512              # at most this many label rows per band
 BAND_PIXELS = 1 << 22        # and, by default, at most this many label pixels
 BORDER_ROWS = 1 << 16        # cell outlines written (and their extent taken) by this many cells at a time
@@ -378,6 +378,7 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
         if not len(rec):
             continue  # an empty band: nothing to read
         band = labels.rows(a, b, x0, x1 + 1)
+        # per record only what the next step needs: each temporary is dropped as soon as it is used
         ry = rec["k"].astype(np.int64) - a
         rx = rec["x"].astype(np.int64) - x0
         lab = band[ry, rx]
@@ -385,22 +386,29 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
         inc = lab > 0
         if not inc.any():
             continue
-        row = row_of_rank[index(lab[inc])].astype(np.int64)
-        gene = rec["gene"][inc].astype(np.int64)
-        count = rec["count"][inc].astype(np.int64)
         pix = ry[inc] * W + rx[inc]
-        del rec, lab
-        key = row * n_genes + gene
+        del ry, rx
+        row = row_of_rank[index(lab[inc])].astype(np.int64)
+        del lab
+        key = row * n_genes + rec["gene"][inc]
+        count = rec["count"][inc]
+        del rec, inc
         ukey, inv = np.unique(key, return_inverse=True)
+        del key
         part = np.empty(len(ukey), PARTIAL_DTYPE)
         part["k"], part["gene"] = ukey // n_genes, ukey % n_genes
-        part["count"] = np.bincount(inv.ravel(), weights=count, minlength=len(ukey))
+        del ukey
+        part["count"] = np.bincount(inv.ravel(), weights=count, minlength=len(part))
+        del inv, count
         partials.add(part)
         c, n = np.unique(part["k"], return_counts=True)
         per_cell[c] += n
+        del part
         _, first = np.unique(pix, return_index=True)  # a DNB lies in one label: count distinct DNBs per cell
+        del pix
         c, n = np.unique(row[first], return_counts=True)
         dnb_count[c] += n.astype(np.uint32)
+        del row, first
 
     # merge the partials by buckets of cell rows: cellExp in final order, and runs by gene for geneExp
     gene_count, exp_count = cell["geneCount"], cell["expCount"]
