@@ -661,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int,
                    help="expression records read at a time (default 2,097,152; a GEM in blocks of about as many lines)")
     p.add_argument("--band-records", type=int,
-                   help="at most this many records per band of label rows and per merge bucket (default 2,097,152)")
+                   help="at most this many records per band of label rows and per merge bucket (default 1,048,576)")
     p.add_argument("--band-rows", type=int, help="at most this many label rows read at a time (default: 512, "
                    "or fewer so that a band holds at most 4,194,304 pixels)")
 
