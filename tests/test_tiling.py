@@ -908,3 +908,26 @@ def test_plan_assigns_shards_by_group_and_auto_leaves_no_shard_idle(slide, tmp_p
     assert meta["seen_ratio_at_context_bound"] == pytest.approx(px["seen_at_context_bound"] / px["cores_in_tissue"])
     with pytest.raises(SegRefineError, match="group must be a positive number of tiles or 'auto'"):
         make_plan(slide_path, 96, 24, group=0)
+
+
+@pytest.mark.parametrize("radius", [0.4, 0.56])
+def test_tissue_is_the_region_between_nuclei_not_the_nuclei(radius):
+    """Nuclei (radius 5 px, 85 % of an 18 px grid) on dark tissue inside a disc, seen at 16x: the detector finds
+    the disc (not the nuclei alone, nor nothing when the tissue covers most of the view, clipped by the edge at
+    0.56), and no nucleus pixel lies outside the mask."""
+    from segrefine.tiling import detect_tissue
+
+    rng = np.random.default_rng(3)
+    n, step, f = 4096, 18, 16
+    yy, xx = np.mgrid[0:step, 0:step]
+    node = ((yy - step // 2) ** 2 + (xx - step // 2) ** 2) <= 25
+    nuclei = np.kron(rng.random((n // step + 1, n // step + 1)) < 0.85, node)[:n, :n]
+    c = (np.arange(n) + 0.5) / n - 0.5
+    disc = (c[:, None] ** 2 + c[None, :] ** 2) <= radius ** 2
+    img = np.clip(rng.normal(12, 6, (n, n)), 0, 255)
+    img[nuclei & disc] = 200
+    thumb = img.reshape(n // f, f, n // f, f).mean(axis=(1, 3)).astype(np.uint8)
+    mask, _ = detect_tissue(thumb, False, f)
+    assert abs(mask.mean() - disc.mean()) < 0.03, (mask.mean(), disc.mean())
+    rows, cols = np.nonzero(nuclei & disc)
+    assert mask[rows // f, cols // f].all()
