@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import logging
 import os
@@ -346,16 +347,35 @@ def cmd_purity_table(a):
 
 
 # --- parser -----------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="segrefine", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--version", action="version", version=__version__)
-    sub = ap.add_subparsers(dest="step", required=True, metavar="<step>")
+def _step(sub, name: str, func, help: str) -> argparse.ArgumentParser:
+    """Add the subcommand ``name`` (run by ``func``); ``help`` is its line in the list of steps and its description."""
+    p = sub.add_parser(name, help=help, description=help)
+    p.set_defaults(func=func)
+    return p
 
-    def step(name, func, help):
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=func)
-        return p
 
+def _model_context_arg(p) -> None:
+    p.add_argument("--no-model-context", action="store_true",
+                   help="do not grow the windows by the margin the model declares for tile-exact prediction")
+
+
+def _tiling_args(p) -> None:
+    p.add_argument("--tile-size", type=int, default=1024, help="core size of a tile (px)")
+    p.add_argument("--halo", type=float, default=64, help="at least the largest cell diameter")
+    p.add_argument("--context", type=int, default=0, help="extra margin (px) the model needs beyond the halo")
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--no-tissue", action="store_true", help="predict every tile (no tissue detection)")
+    p.add_argument("--tissue-level", default="auto", help="pyramid level for tissue detection, or auto")
+    p.add_argument("--tissue-downsample", type=int, default=16, help="downsample of the tissue view (auto level)")
+    p.add_argument("--bright-field", action="store_true", help="tissue is darker than background (H&E)")
+    p.add_argument("--trainset", help="training-set table: the halo must cover its largest cell")
+    p.add_argument("--pixel-size-um", type=float)
+    p.add_argument("--channel", type=int, help=CHANNEL_HELP)
+
+
+def _add_data_steps(sub) -> None:
+    """Demo chip, patches cut from a slide, annotations converted to masks, the training-set table."""
+    step = functools.partial(_step, sub)
     p = step("demo-data", cmd_demo_data, "write the seeded synthetic demo chip (slide, truth, GEM, QuPath annotations)")
     p.add_argument("--out", required=True)
     p.add_argument("--sn", default="DEMO01")
@@ -392,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.2)
 
+
+def _add_model_steps(sub) -> None:
+    """Pretrained weights and their cards, the offline base model, fine-tuning."""
+    step = functools.partial(_step, sub)
     p = step("fetch-pretrained", cmd_fetch_pretrained,
              "download official pretrained weights into the model cache (needs network)")
     p.add_argument("--framework", required=True)
@@ -423,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", required=True)
 
+
+def _add_evaluation_steps(sub) -> None:
+    """Evaluation of the models on the training set: metrics, sweeps, rankings, figures."""
+    step = functools.partial(_step, sub)
     p = step("evaluate", cmd_evaluate, "evaluate a model (by its card) on one split of the training set")
     p.add_argument("--card", required=True)
     p.add_argument("--trainset", required=True)
@@ -471,23 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", nargs="+", required=True, help="one name per losses file")
     p.add_argument("--out", required=True)
 
-    def model_context_arg(p):
-        p.add_argument("--no-model-context", action="store_true",
-                       help="do not grow the windows by the margin the model declares for tile-exact prediction")
 
-    def tiling_args(p):
-        p.add_argument("--tile-size", type=int, default=1024, help="core size of a tile (px)")
-        p.add_argument("--halo", type=float, default=64, help="at least the largest cell diameter")
-        p.add_argument("--context", type=int, default=0, help="extra margin (px) the model needs beyond the halo")
-        p.add_argument("--shards", type=int, default=1)
-        p.add_argument("--no-tissue", action="store_true", help="predict every tile (no tissue detection)")
-        p.add_argument("--tissue-level", default="auto", help="pyramid level for tissue detection, or auto")
-        p.add_argument("--tissue-downsample", type=int, default=16, help="downsample of the tissue view (auto level)")
-        p.add_argument("--bright-field", action="store_true", help="tissue is darker than background (H&E)")
-        p.add_argument("--trainset", help="training-set table: the halo must cover its largest cell")
-        p.add_argument("--pixel-size-um", type=float)
-        p.add_argument("--channel", type=int, help=CHANNEL_HELP)
-
+def _add_analysis_steps(sub) -> None:
+    """The training set's tissue complexity and learning curves."""
+    step = functools.partial(_step, sub)
     p = step("complexity", cmd_complexity, "tissue complexity of every annotated patch (the paper's six measures)")
     p.add_argument("--trainset", required=True)
     p.add_argument("--out", required=True)
@@ -509,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--png")
 
+
+def _add_annotation_ranking_steps(sub) -> None:
+    """The annotation loop, first half: candidate patches of a slide predicted and ranked for annotation."""
+    step = functools.partial(_step, sub)
     p = step("annotate-next-predict", cmd_annotate_next_predict,
              "a model's labels of every candidate patch of a slide (clear of annotations, with tissue)")
     p.add_argument("--card", required=True)
@@ -540,6 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="the top N patches as {name}-img.tif")
     p.add_argument("--channel", type=int, help=CHANNEL_HELP)
 
+
+def _add_preannotation_steps(sub) -> None:
+    """The annotation loop, second half: patches pre-annotated, their corrections measured."""
+    step = functools.partial(_step, sub)
     p = step("preannotate", cmd_preannotate,
              "the best model's cells of suggested/listed patches as QuPath annotation objects to correct "
              "({patch}.geojson + {patch}-img.tif)")
@@ -579,12 +602,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True,
                    help="output folder: per_cell.csv, per_patch.csv, per_round.csv, corrections.png")
 
+
+def _add_segmentation_steps(sub) -> None:
+    """Whole-slide segmentation: in one process, or tile plan, shards and stitch."""
+    step = functools.partial(_step, sub)
     p = step("segment", cmd_segment, "segment a whole slide with a saved model (plan, shards, stitch in one process)")
     p.add_argument("--card", required=True)
     p.add_argument("--slide", required=True)
     p.add_argument("--out-dir", required=True, help="labels.tif, cells.csv/.parquet/.geojson, overlay.png, ...")
-    tiling_args(p)
-    model_context_arg(p)
+    _tiling_args(p)
+    _model_context_arg(p)
 
     p = step("tile-plan", cmd_tile_plan, "tile plan of a slide: cores, halo windows, tissue flags, shards")
     p.add_argument("--slide", required=True)
@@ -595,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiles per side a shard predicts in one window, or auto (sized from the margin)")
     p.add_argument("--context-bound", type=int, default=0,
                    help="upper bound (px) of the model's own context, to size auto groups")
-    tiling_args(p)
+    _tiling_args(p)
 
     p = step("halo-check", cmd_halo_check, "refuse a tile plan whose halo is smaller than the largest training cell")
     p.add_argument("--plan-json", required=True, help="the tile plan's metadata (tiles.json)")
@@ -611,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="shard summary (JSON)")
     p.add_argument("--gpus", type=int, default=0, help="the job's gpu resource: take one free local GPU")
     p.add_argument("--prefetch", type=int, default=2, help="tiles read ahead while the model works")
-    model_context_arg(p)
+    _model_context_arg(p)
 
     p = step("stitch", cmd_stitch, "stitch per-tile results into whole-slide labels, cell table, outlines, overlay")
     p.add_argument("--plan", required=True)
@@ -629,6 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="counts, large cells, timings (JSON)")
     p.add_argument("--pixel-size-um", type=float)
 
+
+def _add_expression_steps(sub) -> None:
+    """Whole-slide labels to cells, cell-bin GEF and AnnData."""
+    step = functools.partial(_step, sub)
     p = step("cells", cmd_cells,
              "whole-slide nuclei labels -> cell labels: each nucleus grown by a distance (nearest nucleus within "
              "it, ties to the lowest id, never two cells), or a user's cell mask; pyramidal OME-TIFF like labels.tif")
@@ -675,6 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="direct writer: matrix entries copied at a time [%(default)s]")
     p.add_argument("--out", required=True)
 
+
+def _add_expression_qc_steps(sub) -> None:
+    """Expression QC and purity of the cells, SAW's cells beside ours, cluster checks."""
+    step = functools.partial(_step, sub)
     p = step("expression-qc", cmd_expression_qc,
              "per-cell QC (UMIs, genes, area) of the cell tables of the cgefs, before vs after fine-tuning")
     p.add_argument("--cellmaps", nargs="+", required=True)
@@ -722,6 +757,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=float, default=0.5, help="Leiden resolution")
     p.add_argument("--seed", type=int, default=0, help="seed of PCA, neighbours and Leiden")
 
+
+def _add_report_steps(sub) -> None:
+    """The sample's SpatialData store and the report's purity table."""
+    step = functools.partial(_step, sub)
     p = step("spatialdata", cmd_spatialdata,
              "one sample's SpatialData store (.zarr; scverse): the slide (multiscale), the nuclei (and cell) labels "
              "(multiscale), the outlines as shapes and the AnnData linked to the labels; runs in the spatialdata env "
@@ -753,6 +792,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", nargs="*", help="JSON files of `segrefine cluster-check`")
     p.add_argument("--out", required=True, help="CSV table")
     p.add_argument("--plot", help="PNG: one panel per measure, one bar per sample and stage")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="segrefine", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--version", action="version", version=__version__)
+    sub = ap.add_subparsers(dest="step", required=True, metavar="<step>")
+    _add_data_steps(sub)
+    _add_model_steps(sub)
+    _add_evaluation_steps(sub)
+    _add_analysis_steps(sub)
+    _add_annotation_ranking_steps(sub)
+    _add_preannotation_steps(sub)
+    _add_segmentation_steps(sub)
+    _add_expression_steps(sub)
+    _add_expression_qc_steps(sub)
+    _add_report_steps(sub)
     _fill_help(ap)
     return ap
 
