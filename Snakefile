@@ -29,6 +29,7 @@ include: "rules/segment.smk"
 include: "rules/expression.smk"
 include: "rules/cells.smk"
 include: "rules/purity.smk"
+include: "rules/spatialdata.smk"
 include: "rules/summary.smk"
 
 

@@ -486,6 +486,11 @@ def purity_outputs():
     return {"table": f"{qc}/purity.csv", "plot": f"{qc}/purity.png"}
 
 
+def spatialdata_samples():
+    """The samples that get a SpatialData store: those with a matrix, unless expression.spatialdata is off."""
+    return expression_samples() if config["expression"]["spatialdata"] else []
+
+
 def final_outputs():
     out = [f"{RESULTS}/evaluation/summary.csv", f"{RESULTS}/evaluation/boxplots.png",
            f"{RESULTS}/evaluation/loss_curves.png", f"{RESULTS}/evaluation/complexity_vs_accuracy.csv",
@@ -503,6 +508,8 @@ def final_outputs():
     if expression_samples():
         out += qc_outputs().values()
         out += purity_outputs().values()  # rules/purity.smk
+    # rules/spatialdata.smk
+    out += expand(f"{RESULTS}/spatialdata/{{sample}}.{{ext}}", sample=spatialdata_samples(), ext=["zarr", "png"])
     if config["patches"]["candidates"]["activate"]:
         out += expand(f"{RESULTS}/candidates/{{sample}}/done", sample=samples.index)
     if config["evaluation"]["learning_curve"]["activate"]:

@@ -82,7 +82,8 @@ def test_full_run(workdir):
     assert sorted(p.name for p in (pre / "shards").iterdir()) == ["0.json", "1.json"]
     cellmaps = {"finetuned": pd.read_csv(res / "expression" / "TINY01" / "cellmap.csv"),
                 "pretrained": pd.read_csv(res / "expression" / "TINY01" / "pretrained" / "cellmap.csv")}
-    assert not (res / "expression" / "TINY01" / "pretrained" / "cells.h5ad").exists()
+    # every cell table has its h5ad: the cluster check (rules/purity.smk) clusters each of them
+    assert (res / "expression" / "TINY01" / "pretrained" / "cells.h5ad").is_file()
     qc = res / "expression" / "qc"
     # nuclei grown into cells (expression.cells, 3 µm = 6 px in the test config): per stage, cell labels with the
     # nuclei's ids and their own matrix in expanded/ (docs/expression.md, Cells)
@@ -100,6 +101,11 @@ def test_full_run(workdir):
                                                             ["TINY01", "pretrained_cells"],
                                                             ["TINY01", "finetuned_cells"]]
     assert summary.set_index("stage")["cells"].to_dict() == {k: len(v) for k, v in cellmaps.items()}
+    # purity of every cell table against the demo's truth, MECR of the configured markers, Leiden ARI
+    purity = pd.read_csv(qc / "purity.csv")
+    assert purity["stage"].tolist() == ["pretrained", "finetuned", "pretrained_cells", "finetuned_cells"]
+    assert purity[["mecr", "mean_purity", "fraction_mixed", "ari_true_type"]].notna().all().all()
+    assert ((purity["mean_purity"] > 0) & (purity["mean_purity"] <= 1)).all() and (qc / "purity.png").is_file()
     ba = pd.read_csv(qc / "before_after.csv")
     assert list(ba["metric"]) == ["total_counts", "n_genes", "area"] * 2
     assert list(ba["before"]) == ["pretrained"] * 3 + ["pretrained_cells"] * 3
@@ -109,6 +115,14 @@ def test_full_run(workdir):
     assert area["median_after"] == np.median(cellmaps["finetuned"]["area"]) and 0 <= area["p_value"] <= 1
     assert set(pd.read_csv(qc / "extreme_area.csv")["stage"]) <= set(cellmaps)
     assert (qc / "distributions.png").read_bytes()[:4] == b"\x89PNG"
+    # the SpatialData store (docs/spatialdata.md), read back with spatialdata in its own env: both labels, the
+    # outlines, one table row per cell of the AnnData, linked to the nuclei labels; its spatialdata-plot figure
+    check = ("import spatialdata, sys; s = spatialdata.read_zarr(sys.argv[1]); t = s.tables['table']; "
+             "print(sorted(s.labels), sorted(s.shapes), t.n_obs, t.uns['spatialdata_attrs']['region'])")
+    out = subprocess.run([str(env_python("spatialdata")), "-c", check, str(res / "spatialdata" / "TINY01.zarr")],
+                         capture_output=True, text=True, check=True).stdout.strip().split("\n")[-1]
+    assert out == f"['cells', 'nuclei'] ['nuclei_boundaries'] {n_obs} nuclei"
+    assert (res / "spatialdata" / "TINY01.png").read_bytes()[:4] == b"\x89PNG"
     # nothing is left to do
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
 
@@ -150,7 +164,12 @@ def test_adding_an_annotation_reruns_exactly_what_depends_on_it(workdir):
                     # evaluation figures and decisions (docs/evaluation.md): overlays per model and stage, threshold
                     # sweeps of the cellpose, stardist and U-Net models, zero-shot screening of the 4 pretrained models
                     "evaluation_boxplots": 1, "evaluation_overlays": 8, "loss_curves": 1, "complexity": 1,
-                    "threshold_sweep": 6, "screen_pretrained": 4, "screening_ranking": 1}
+                    "threshold_sweep": 6, "screen_pretrained": 4, "screening_ranking": 1,
+                    # the sample's purity and cluster check (one job each over all its cell tables, the fine-tuned
+                    # ones among them) and the purity table (rules/purity.smk)
+                    "purity": 1, "cluster_check": 1, "purity_table": 1,
+                    # the sample's SpatialData store holds the fine-tuned stage's labels and table
+                    "spatialdata": 1}
 
 
 def _broken_config(workdir, old, new, name="broken.yaml"):
@@ -264,7 +283,7 @@ def test_a_saw_outs_folder_is_a_sample_and_saws_cells_join_the_qc(workdir, tmp_p
     assert "--slide saw/outs/image/TINY01_ssDNA_regist.tif" in proc.stdout
     assert "--gem saw/outs/feature_expression/TINY01.tissue.gef" in proc.stdout
     assert "saw-cells --cellbin saw/outs/feature_expression/TINY01.cellbin.gef" in proc.stdout
-    assert "--stages pretrained finetuned saw_nuclei" in proc.stdout and "saw_comparison.csv" in proc.stdout
+    assert "--stages pretrained finetuned pretrained_cells finetuned_cells saw_nuclei" in proc.stdout and "saw_comparison.csv" in proc.stdout
     # SAW's table itself, as the rule makes it
     run_step("gef", "saw-cells", "--cellbin", outs / "feature_expression" / "TINY01.cellbin.gef", "--out",
              tmp_path / "saw.csv")
