@@ -10,7 +10,9 @@ Accepted annotation files, one per patch, named after the patch:
   that are not JSON objects are refused; an unclassified rectangle annotation
   covering (almost) the whole patch is a region of interest (QuPath exports
   the rectangle drawn around the patch as an annotation with no class) and is
-  ignored with a warning. Ids (QuPath's UUIDs), classes and measurements (a
+  ignored with a warning; any other object covering more than half of its
+  patch (a classified region, a detection rectangle) is a region, not a cell,
+  and is refused naming it, as a mask region that large is. Ids (QuPath's UUIDs), classes and measurements (a
   ``{name: value}`` object as QuPath 0.4+ writes it, or the older list of
   ``{name, value}``) are read with the geometry (``read_cell_objects``), so the
   workflow's pre-annotations (``segrefine.preannotations``) come back as they
@@ -421,6 +423,26 @@ def mask_to_instances(mask: np.ndarray, source: str = "mask") -> np.ndarray:
     return cells
 
 
+def _refuse_regions(objects: List[CellObject], path: Path, shape: Tuple[int, int],
+                    exclude_classes: Sequence[str]) -> None:
+    """An object covering more than ``MAX_CELL_PATCH_FRACTION`` of its patch is a region (tissue, a classified or
+    detection region of interest), not a cell: refused naming it, as a mask region that large is
+    (``mask_to_instances``), rather than trained on as one giant cell."""
+    import shapely
+
+    h, w = shape
+    box = shapely.box(0, 0, w, h)
+    for o in objects:
+        cover = o.geometry.intersection(box).area / float(w * h)
+        if cover > MAX_CELL_PATCH_FRACTION:
+            what = ", ".join([f"id {o.id!r}"] * bool(o.id) + [o.object_type, f"class {o.class_name!r}"
+                                                                if o.class_name else "no class"])
+            raise SegRefineError(
+                f"{path}: feature {o.index} ({what}) covers {100.0 * cover:.0f}% of the {w}x{h} px patch: a region, "
+                f"not a cell; delete it or give it a class in annotations.exclude_classes (now "
+                f"{list(exclude_classes)})")
+
+
 def convert_annotation(path, shape: Tuple[int, int], exclude_classes: Sequence[str] = ("Region",),
                        use_nucleus: bool = False, origin: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """Any accepted annotation file -> instance mask of ``shape``; errors name the file. ``origin``: the patch's
@@ -430,11 +452,12 @@ def convert_annotation(path, shape: Tuple[int, int], exclude_classes: Sequence[s
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".geojson", ".json"):
-        geoms = cell_polygons(path, exclude_classes, use_nucleus, shape=shape, origin=origin)
-        if not geoms:
+        objects = read_cell_objects(path, exclude_classes, use_nucleus, shape=shape, origin=origin)
+        if not objects:
             raise SegRefineError(f"{path}: no cell polygons found (empty annotation, or only points/lines/"
                                  f"excluded classes {list(exclude_classes)}/a region-of-interest rectangle)")
-        labels = rasterize_polygons(geoms, shape, source=str(path))
+        _refuse_regions(objects, path, shape, exclude_classes)
+        labels = rasterize_polygons([(o.index, o.geometry) for o in objects], shape, source=str(path))
     elif suffix in (".tif", ".tiff", ".png"):
         if suffix == ".png":
             import skimage.io
