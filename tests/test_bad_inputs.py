@@ -270,7 +270,7 @@ def chosen_channel(region):
     np.testing.assert_array_equal(region, arr[1])
 
 
-def shifted_matrix(tmp_path, shift=(40, -35), size=320, n_cells=150, radius=6, seed=RNG_SEED):
+def shifted_matrix(tmp_path, shift=(40, -35), size=320, n_cells=150, radius=6, seed=RNG_SEED, no_cells=False):
     """Round cells, and a matrix of UMIs around their centres (90 %) or anywhere, its coordinates moved by ``shift``
     but every record still inside the label image: the alignment check that ``segrefine cgef`` runs
     (``expression.alignment_report``: ``sample_windows`` with its defaults, then ``shift_scan``)."""
@@ -289,6 +289,8 @@ def shifted_matrix(tmp_path, shift=(40, -35), size=320, n_cells=150, radius=6, s
     bg = rng.random(n) < 0.1
     y[bg], x[bg] = rng.integers(0, size, bg.sum()), rng.integers(0, size, bg.sum())
     keep = (x >= 0) & (x < size) & (y >= 0) & (y < size)
+    if no_cells:  # a model that found no cell: the matrix cannot be judged
+        lab[:] = 0
     x, y, c = x[keep], y[keep], np.ones(keep.sum(), np.int64)
 
     def records_in_rows(a, b):
@@ -299,6 +301,12 @@ def shifted_matrix(tmp_path, shift=(40, -35), size=320, n_cells=150, radius=6, s
         scan = shift_scan(sample_windows(records_in_rows, lambda a, b: lab[a:b], (int(y.min()), int(y.max())), size))
         return scan, describe(scan, "chip.gem.gz", "labels.tif", (0, 0))
     return run
+
+
+def not_judged(out):
+    scan, message = out
+    assert not scan["checked"] and not scan["misaligned"] and scan["fraction_in_cells"] == 0, scan
+    assert message == "chip.gem.gz: alignment not checked: no cell of labels.tif in the sampled bands", message
 
 
 def found_shift(dx, dy):
@@ -406,6 +414,8 @@ ROWS = [
     # expression
     ("GEM shifted by tens of px, still inside the image", shifted_matrix, found_shift(-40, 35)),
     ("GEM in the image's frame", lambda t: shifted_matrix(t, (0, 0)), found_shift(0, 0)),
+    ("GEM over a slide without cells: not called aligned", lambda t: shifted_matrix(t, (0, 0), no_cells=True),
+     not_judged),
 ]
 
 

@@ -66,8 +66,10 @@ def shift_scan(windows: List[tuple], max_shift: int = 48, coarse: int = 4, min_g
                min_ratio: float = 1.5, min_umis: int = 1000) -> Dict[str, object]:
     """In-cell UMI fraction of the windows' records at shift 0 and at the best shift within ``max_shift`` px
     (``sample_windows``; records in label pixel coordinates). Returns {fraction_in_cells, best_shift (dx, dy),
-    fraction_in_cells_at_best_shift, misaligned, ...}; with fewer than ``min_umis`` UMIs nothing is claimed."""
+    fraction_in_cells_at_best_shift, misaligned, ...}; with fewer than ``min_umis`` UMIs, or no cell in the windows,
+    nothing is claimed (``checked`` false)."""
     total = sum(int(w[4].sum()) for w in windows)
+    has_cells = any(bool(w[0].any()) for w in windows)  # no cell in the sampled bands: nothing to align to
 
     def score(shifts) -> Dict[Tuple[int, int], float]:
         return {s: (sum(_hits(m, r0, x, y, c, *s) for m, r0, x, y, c in windows) / total if total else 0.0)
@@ -75,7 +77,7 @@ def shift_scan(windows: List[tuple], max_shift: int = 48, coarse: int = 4, min_g
 
     scores = score([(0, 0)])
     best = (0, 0)
-    if total >= min_umis:
+    if total >= min_umis and has_cells:
         coarse_shifts = [(dx, dy) for dy in range(-max_shift, max_shift + 1, coarse)
                          for dx in range(-max_shift, max_shift + 1, coarse)]
         scores.update(score([s for s in coarse_shifts if s not in scores]))
@@ -89,7 +91,7 @@ def shift_scan(windows: List[tuple], max_shift: int = 48, coarse: int = 4, min_g
     return {"windows": len(windows), "records_sampled": int(sum(len(w[2]) for w in windows)), "umis_sampled": total,
             "fraction_in_cells": at0, "best_shift": [int(best[0]), int(best[1])],
             "fraction_in_cells_at_best_shift": at_best, "max_shift_px": int(max_shift),
-            "checked": total >= min_umis, "misaligned": bool(misaligned)}
+            "cells_sampled": has_cells, "checked": total >= min_umis and has_cells, "misaligned": bool(misaligned)}
 
 
 def describe(result: Dict[str, object], matrix, labels, origin) -> str:
@@ -97,6 +99,8 @@ def describe(result: Dict[str, object], matrix, labels, origin) -> str:
     dx, dy = result["best_shift"]
     f0, fb = result["fraction_in_cells"], result["fraction_in_cells_at_best_shift"]
     if not result["checked"]:
+        if not result.get("cells_sampled", True):
+            return f"{matrix}: alignment not checked: no cell of {labels} in the sampled bands"
         return (f"{matrix}: alignment not checked: only {result['umis_sampled']} UMIs in the sampled bands")
     if not result["misaligned"]:
         return (f"{matrix}: {f0:.1%} of the sampled UMIs fall in cells of {labels}; no shift within "
