@@ -439,3 +439,18 @@ def test_bad_input(make, expected, tmp_path):
     assert re.search(expected, message), message
     assert re.search(r"[\w.-]+\.(tiff?|geojson)\b", message), f"names no input file: {message}"
     assert "Traceback" not in message
+
+
+def test_a_rerun_of_h5ad_removes_stereopys_folders_of_killed_runs(tmp_path):
+    """A killed `h5ad --writer stereopy` leaves tmpXXXXXXXX/stereopy.h5ad beside its output; the next run removes
+    such folders (and empty ones of that name), nothing else."""
+    from segrefine.expression import remove_stereopy_leftovers
+
+    for name, files in [("tmpk1ll3d_x", ["stereopy.h5ad"]), ("tmpab12cd34", []), ("tmpab12cd35", ["notes.txt"]),
+                        ("tmp_mine", ["stereopy.h5ad"]), ("data", ["stereopy.h5ad"])]:
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_bytes(b"x" * 64)
+    (tmp_path / "tmpzz99yy88").write_text("a file, not a folder")
+    remove_stereopy_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "tmp_mine", "tmpab12cd35", "tmpzz99yy88"]

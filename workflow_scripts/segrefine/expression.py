@@ -561,6 +561,18 @@ def cgef_to_h5ad_direct(cgef, cellmap_csv, out_h5ad, chunk: int = 1 << 22) -> in
     return int(len(cell))
 
 
+def remove_stereopy_leftovers(folder) -> None:
+    """Remove the temporary folders (``tmpXXXXXXXX`` holding only ``stereopy.h5ad``) that killed runs of
+    ``cgef_to_h5ad_stereopy`` left in ``folder``; any other folder stays."""
+    import re
+
+    for d in Path(folder).glob("tmp*"):
+        with contextlib.suppress(OSError):
+            if (re.fullmatch(r"tmp[a-z0-9_]{8}", d.name) and d.is_dir()
+                    and {f.name for f in d.iterdir()} <= {"stereopy.h5ad"}):
+                shutil.rmtree(d)
+
+
 def cgef_to_h5ad_stereopy(cgef, cellmap_csv, out_h5ad) -> int:
     """cgef -> AnnData with stereopy; obs gains the label id of each cell in the whole-slide mask.
 
@@ -591,6 +603,7 @@ def cgef_to_h5ad_stereopy(cgef, cellmap_csv, out_h5ad) -> int:
     import stereo as st
 
     data = st.io.read_gef(str(cgef), bin_type="cell_bins")
+    remove_stereopy_leftovers(Path(out_h5ad).parent)
     with _quiet_hdf5_teardown():
         with tempfile.TemporaryDirectory(dir=Path(out_h5ad).parent) as tmpdir:
             raw = Path(tmpdir) / "stereopy.h5ad"
