@@ -42,7 +42,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 
@@ -334,54 +334,30 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
            probability_map_out=None, probability_bin_px: int = PROBABILITY_BIN_PX,
            work_dir=None) -> dict:
     """Stitch all tiles of a plan; returns the report (also written to ``report_out``)."""
-    from segrefine.io import DiskArray, atomic_path, label_pyramid_levels, write_pyramid_ome_tiff, write_text_atomic
-    from segrefine.tiling import Progress, read_plan, read_tile, tile_file
+    from segrefine.io import DiskArray, write_text_atomic
+    from segrefine.tiling import read_plan
 
     t_start = time.monotonic()
     plan, meta = read_plan(plan_tsv)
-    shards = []
-    for p in shard_jsons:
-        if not Path(p).is_file():
-            raise SegRefineError(f"{p}: shard summary not found (run its segment-shard job first)")
-        shards.append(json.loads(Path(p).read_text()))
-    card_shas = {s["card_sha256"] for s in shards}
-    if len(card_shas) > 1:
-        raise SegRefineError(f"shards {shard_jsons} were computed with different models; rerun them")
-    tiles = plan[plan["in_tissue"]]
-    tiles = tiles[np.argsort(tiles["tile_id"], kind="stable")]
-    missing = [int(t) for t in tiles["tile_id"] if not tile_file(tiles_dir, t).is_file()]
-    if missing:
-        raise SegRefineError(f"{tiles_dir}: {len(missing)} tile result(s) missing (tiles {missing[:10]}); "
-                             "rerun their shards (snakemake --forcerun segment_shard)")
+    shards = _read_shards(shard_jsons)
+    tiles = _tiles_to_paste(plan, tiles_dir)
     H, W = int(meta["height"]), int(meta["width"])
     labels_out = Path(labels_out)
     labels_out.parent.mkdir(parents=True, exist_ok=True)
-    work_parent = Path(work_dir or labels_out.parent)
-    for old in work_parent.glob(".stitch-*"):  # work folders of killed runs of this job (one job per output folder)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=".stitch-", dir=work_parent))
-    report = {"slide": str(slide_path), "height": H, "width": W, "tiles": int(meta["tiles"]),
-              "tiles_in_tissue": int(meta["tiles_in_tissue"]),
-              "tiles_skipped_background": int(meta["tiles_skipped_background"]), "halo_px": int(meta["halo_px"]),
-              "context_px": int(meta["context_px"]), "tile_size": int(meta["tile_size"]), "shards": len(shards),
-              "duplicates_resolved": 0, "pixels_trimmed": 0, "large_cells": [], "timings_s": {},
-              "fragment_cells": 0, "fragment_pixels": 0, "fragment_cell_ids": [],
-              "intensity_reference": meta.get("intensity_reference"),
-              # how the shards that predicted tiles normalised them ("slide" or "per window")
-              "normalization": sorted({str(s["intensity_reference"]) for s in shards if s.get("intensity_reference")})}
+    work = _new_work_dir(Path(work_dir or labels_out.parent))
+    report = _new_report(slide_path, meta, shards)
     timings = report["timings_s"]
     # the overlay on a second thread: its slide view needs only the slide (made while the tiles are pasted), its
     # drawing only the small pyramid level (made while labels.tif is compressed); numpy, zlib and file reads release
     # the GIL
     pool = concurrent.futures.ThreadPoolExecutor(1)
+    background = None
     if overlay_out:
         shapes = _pyramid_shapes((H, W))
         k_ov = _overlay_level(shapes)
         background = pool.submit(_timed, _overlay_background, slide_path, shapes[k_ov], 2 ** k_ov,
                                  meta.get("channel"))
     try:
-        next_id = 1
         clock = _Clock("paste", "cell_table", "geojson")
         with contextlib.ExitStack() as stack:
             store = DiskArray(work / "level0.raw", (H, W), np.uint32)  # sparse: background is never written
@@ -389,115 +365,16 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
             table = _TableWriter(stack, cells_csv, cells_parquet)
             prob_grid = _ProbabilityGrid((H, W), probability_bin_px)
             geo = _GeoJSONWriter(stack, geojson_out) if geojson_out else None
-            progress = Progress(len(tiles), "stitch")
-            order = list(tiles)
-            # the next tile is read (np.load, zlib: GIL released) on a reader thread while this one is pasted
-            reader = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
-            pending = reader.submit(read_tile, tile_file(tiles_dir, order[0].tile_id)) if order else None
-            for i, t in enumerate(order):
-                owned, tmeta, cells = pending.result()
-                pending = reader.submit(read_tile, tile_file(tiles_dir, order[i + 1].tile_id)) \
-                    if i + 1 < len(order) else None
-                if tmeta.get("fingerprint", "").split(":")[0] != meta["plan_id"]:
-                    raise SegRefineError(f"{tile_file(tiles_dir, t.tile_id)}: computed for another tile plan; "
-                                         "rerun its shard")
-                report["large_cells"].extend(tmeta.get("large", []))
-                if owned.size == 0 or owned.max() == 0:
-                    progress.update(i + 1)
-                    continue
-                with clock.part("paste"):
-                    ox, oy = tmeta["origin"]
-                    h, w = owned.shape
-                    existing = np.asarray(store[oy:oy + h, ox:ox + w])
-                    n = int(owned.max())
-                    free = existing == 0
-                    if free.all():  # nothing pasted here yet: no conflict, every cell is kept whole
-                        area = np.bincount(owned.ravel(), minlength=n + 1)
-                        survive = area > 0
-                        report["duplicates_resolved"] += int((area[1:] == 0).sum())
-                        trimmed = np.zeros(n + 1, bool)
-                    else:
-                        dup = _duplicates(owned, existing)
-                        area_free = np.bincount(owned[free].ravel(), minlength=n + 1)
-                        survive = (area_free > 0) & ~dup
-                        report["duplicates_resolved"] += int((dup[1:] | (area_free[1:] == 0)).sum())
-                        # trimmed: kept cells that lose some pixels to an earlier tile's cells
-                        trimmed = (np.bincount(owned[~free].ravel(), minlength=n + 1) > 0) & survive
-                        trimmed[0] = False
-                    survive[0] = False
-                    k = int(survive.sum())
-                    if next_id - 1 + k > MAX_ID:
-                        raise SegRefineError(f"more than {MAX_ID} cells: uint32 ids exhausted")
-                    lut = np.zeros(n + 1, np.uint32)
-                    lut[survive] = np.arange(next_id, next_id + k, dtype=np.uint32)
-                    first = next_id
-                    next_id += k
-                    new = lut[owned]
-                    if trimmed.any():
-                        report["pixels_trimmed"] += int((~free & survive[owned]).sum())
-                    new[~free] = 0
-                    # every cell one piece (segrefine.cells): its fragments go to background; its row and outline
-                    # are recomputed from the pixels, as for a trimmed cell
-                    frag = fragment_pixels(np.where(new > 0, owned, 0))
-                    if frag.any():
-                        cut = np.unique(owned[frag])
-                        trimmed[cut] = True
-                        new[frag] = 0
-                        free &= ~frag
-                        report["fragment_cells"] += len(cut)
-                        report["fragment_pixels"] += int(frag.sum())
-                        report["fragment_cell_ids"] += lut[cut].tolist()
-                    store[oy:oy + h, ox:ox + w] = np.where(new > 0, new, existing)
-                with clock.part("cell_table"):
-                    # the table from the shard's per-cell sums for cells kept whole, recomputed for the trimmed ones
-                    kept = np.nonzero(survive)[0]
-                    stats = cells["stats"][kept - 1]
-                    if trimmed.any():
-                        redo = trimmed[kept]
-                        stats[redo] = cell_stats(np.where(trimmed[owned] & free, owned, 0), n)[kept[redo] - 1]
-                    # a trimmed cell keeps the mean probability of the pixels its tile predicted
-                    cols = _cell_rows(stats, (ox, oy), first, cells["prob"][kept - 1])
-                    cols["tile_id"] = np.full(len(cols["cell_id"]), int(t.tile_id), np.int64)
-                    table.add(cols)
-                    prob_grid.add(cols)
-                if geo is not None:
-                    with clock.part("geojson"):
-                        # outlines from the shard for cells kept whole; recomputed for the few trimmed ones
-                        g_ids, g_off, g_text = cells["geo_ids"], cells["geo_offsets"], cells["geo_text"]
-                        whole = np.nonzero(survive[g_ids] & ~trimmed[g_ids])[0]
-                        geo.add_texts(lut[g_ids[whole]].tolist(),
-                                      [g_text[g_off[j]:g_off[j + 1]] for j in whole.tolist()])
-                        if trimmed.any():
-                            geo.add(np.where(trimmed[owned] & (new > 0), new, 0), (ox, oy))
-                progress.update(i + 1)
-            table.close()
-            report["probability"] = prob_grid.summary()
-            if probability_map_out:
-                prob_grid.write_png(stack.enter_context(atomic_path(probability_map_out, suffix=".png")))
-            if geo is not None:
-                geo.close()
+            n_cells = _paste_tiles(tiles=tiles, tiles_dir=tiles_dir, plan_id=meta["plan_id"], store=store,
+                                   table=table, prob_grid=prob_grid, geo=geo, clock=clock, report=report)
+            _close_cell_outputs(stack=stack, table=table, prob_grid=prob_grid, geo=geo,
+                                probability_map_out=probability_map_out, report=report)
             timings.update(clock.wall)
             report["timings_cpu_s"] = dict(clock.cpu)
-            report["cells"] = next_id - 1
-            t0, c0 = time.monotonic(), time.thread_time()
-            levels = label_pyramid_levels(store, work)
-            for lv in levels[1:]:
-                stack.callback(lv.close)
-            drawn = None
-            if overlay_out:
-                png = stack.enter_context(atomic_path(overlay_out, suffix=".png"))
-                drawn = pool.submit(lambda: _timed(_overlay, levels, slide_path, png, 1024, background.result()[0]))
-                stack.callback(concurrent.futures.wait, [drawn])  # on any failure: done before its file is removed
-            write_pyramid_ome_tiff(stack.enter_context(atomic_path(labels_out, suffix=".tif")), levels,
-                                   pixel_size_um=pixel_size_um, zlib_level=3)
-            timings["pyramid_write"] = time.monotonic() - t0
-            report["timings_cpu_s"]["pyramid_write"] = time.thread_time() - c0  # + tifffile's encoder threads
-            report["pyramid_levels"] = [list(lv.shape) for lv in levels]
-            if drawn is not None:
-                t0 = time.monotonic()
-                timings["overlay_background"] = background.result()[1]
-                timings["overlay_draw"] = drawn.result()[1]
-                timings["overlay"] = time.monotonic() - t0  # waited for the overlay after labels.tif was written
+            report["cells"] = n_cells
+            _write_labels_and_overlay(stack=stack, store=store, work=work, labels_out=labels_out,
+                                      pixel_size_um=pixel_size_um, overlay_out=overlay_out, background=background,
+                                      pool=pool, slide_path=slide_path, report=report)
         # leaving the stack published every output together; any failure above removed them all
     except OSError as exc:
         raise SegRefineError(f"{labels_out.parent}: cannot write the stitched outputs ({exc}; is the disk full?); "
@@ -506,27 +383,253 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
         pool.shutdown(wait=True, cancel_futures=True)  # no thread still reading the slide or writing
         shutil.rmtree(work, ignore_errors=True)
     timings["stitch_total"] = time.monotonic() - t_start
+    _add_shard_totals(report, shards, halo_px=meta["halo_px"])
+    if report_out:
+        write_text_atomic(report_out, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    _log_summary(report, n_tiles=len(tiles), labels_out=labels_out, slide_path=slide_path,
+                 geojson_out=geojson_out)
+    return report
+
+
+def _read_shards(shard_jsons: List) -> list:
+    """The shard summaries, refused when one is missing or they were computed with different models."""
+    shards = []
+    for p in shard_jsons:
+        if not Path(p).is_file():
+            raise SegRefineError(f"{p}: shard summary not found (run its segment-shard job first)")
+        shards.append(json.loads(Path(p).read_text()))
+    card_shas = {s["card_sha256"] for s in shards}
+    if len(card_shas) > 1:
+        raise SegRefineError(f"shards {shard_jsons} were computed with different models; rerun them")
+    return shards
+
+
+def _tiles_to_paste(plan: np.ndarray, tiles_dir) -> np.ndarray:
+    """The plan's tiles in tissue, in tile-id order, refused when any tile's result is missing."""
+    from segrefine.tiling import tile_file
+
+    tiles = plan[plan["in_tissue"]]
+    tiles = tiles[np.argsort(tiles["tile_id"], kind="stable")]
+    missing = [int(t) for t in tiles["tile_id"] if not tile_file(tiles_dir, t).is_file()]
+    if missing:
+        raise SegRefineError(f"{tiles_dir}: {len(missing)} tile result(s) missing (tiles {missing[:10]}); "
+                             "rerun their shards (snakemake --forcerun segment_shard)")
+    return tiles
+
+
+def _new_work_dir(work_parent: Path) -> Path:
+    """A fresh ``.stitch-*`` work folder in ``work_parent``, after removing those of killed runs."""
+    for old in work_parent.glob(".stitch-*"):  # work folders of killed runs of this job (one job per output folder)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=".stitch-", dir=work_parent))
+
+
+def _new_report(slide_path, meta: dict, shards: list) -> dict:
+    """The report before any tile is pasted: the plan's figures, zero counts, empty timings."""
+    return {"slide": str(slide_path), "height": int(meta["height"]), "width": int(meta["width"]),
+            "tiles": int(meta["tiles"]), "tiles_in_tissue": int(meta["tiles_in_tissue"]),
+            "tiles_skipped_background": int(meta["tiles_skipped_background"]), "halo_px": int(meta["halo_px"]),
+            "context_px": int(meta["context_px"]), "tile_size": int(meta["tile_size"]), "shards": len(shards),
+            "duplicates_resolved": 0, "pixels_trimmed": 0, "large_cells": [], "timings_s": {},
+            "fragment_cells": 0, "fragment_pixels": 0, "fragment_cell_ids": [],
+            "intensity_reference": meta.get("intensity_reference"),
+            # how the shards that predicted tiles normalised them ("slide" or "per window")
+            "normalization": sorted({str(s["intensity_reference"]) for s in shards if s.get("intensity_reference")})}
+
+
+def _paste_tiles(tiles: np.ndarray, tiles_dir, plan_id: str, store, table: _TableWriter,
+                 prob_grid: _ProbabilityGrid, geo: Optional[_GeoJSONWriter], clock: _Clock, report: dict) -> int:
+    """Paste the tiles, in their order, into the level-0 ``store`` and stream their cells into the cell table, the
+    probability grid and the outlines (``geo``, if any); returns the number of cells (ids 1..N)."""
+    from segrefine.tiling import Progress, read_tile, tile_file
+
+    next_id = 1
+    progress = Progress(len(tiles), "stitch")
+    order = list(tiles)
+    # the next tile is read (np.load, zlib: GIL released) on a reader thread while this one is pasted
+    with concurrent.futures.ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(read_tile, tile_file(tiles_dir, order[0].tile_id)) if order else None
+        for i, t in enumerate(order):
+            owned, tmeta, cells = pending.result()
+            pending = reader.submit(read_tile, tile_file(tiles_dir, order[i + 1].tile_id)) \
+                if i + 1 < len(order) else None
+            if tmeta.get("fingerprint", "").split(":")[0] != plan_id:
+                raise SegRefineError(f"{tile_file(tiles_dir, t.tile_id)}: computed for another tile plan; "
+                                     "rerun its shard")
+            report["large_cells"].extend(tmeta.get("large", []))
+            if owned.size == 0 or owned.max() == 0:
+                progress.update(i + 1)
+                continue
+            ox, oy = tmeta["origin"]
+            with clock.part("paste"):
+                pasted = _paste_tile(store, owned, (ox, oy), next_id, report)
+                next_id += pasted.cells
+            with clock.part("cell_table"):
+                cols = _tile_rows(cells, pasted, owned, (ox, oy), int(t.tile_id))
+                table.add(cols)
+                prob_grid.add(cols)
+            if geo is not None:
+                with clock.part("geojson"):
+                    _add_tile_outlines(geo, cells, pasted, owned, (ox, oy))
+            progress.update(i + 1)
+    return next_id - 1
+
+
+class _Pasted(NamedTuple):
+    """One tile pasted: per owned id (index 0: background), ``lut`` its global id (0: dropped), ``survive`` whether
+    it was kept, ``trimmed`` whether it was kept but lost pixels (to an earlier tile's cells or as fragments), so
+    that its row and outline are recomputed; ``free`` the window's pixels no earlier tile had (less this tile's
+    fragments), ``new`` the global ids this tile pasted, ``first`` its first global id, ``cells`` how many."""
+    lut: np.ndarray
+    survive: np.ndarray
+    trimmed: np.ndarray
+    free: np.ndarray
+    new: np.ndarray
+    first: int
+    cells: int
+
+
+def _paste_tile(store, owned: np.ndarray, origin, next_id: int, report: dict) -> _Pasted:
+    """Paste one tile's owned labels into the level-0 ``store`` at ``origin`` (x, y), its kept cells numbered from
+    ``next_id``, conflicts with the cells of earlier tiles resolved (see the module's docstring) and counted in
+    ``report``."""
+    ox, oy = origin
+    h, w = owned.shape
+    existing = np.asarray(store[oy:oy + h, ox:ox + w])
+    n = int(owned.max())
+    free = existing == 0
+    if free.all():  # nothing pasted here yet: no conflict, every cell is kept whole
+        area = np.bincount(owned.ravel(), minlength=n + 1)
+        survive = area > 0
+        report["duplicates_resolved"] += int((area[1:] == 0).sum())
+        trimmed = np.zeros(n + 1, bool)
+    else:
+        dup = _duplicates(owned, existing)
+        area_free = np.bincount(owned[free].ravel(), minlength=n + 1)
+        survive = (area_free > 0) & ~dup
+        report["duplicates_resolved"] += int((dup[1:] | (area_free[1:] == 0)).sum())
+        # trimmed: kept cells that lose some pixels to an earlier tile's cells
+        trimmed = (np.bincount(owned[~free].ravel(), minlength=n + 1) > 0) & survive
+        trimmed[0] = False
+    survive[0] = False
+    k = int(survive.sum())
+    if next_id - 1 + k > MAX_ID:
+        raise SegRefineError(f"more than {MAX_ID} cells: uint32 ids exhausted")
+    lut = np.zeros(n + 1, np.uint32)
+    lut[survive] = np.arange(next_id, next_id + k, dtype=np.uint32)
+    new = lut[owned]
+    if trimmed.any():
+        report["pixels_trimmed"] += int((~free & survive[owned]).sum())
+    new[~free] = 0
+    # every cell one piece (segrefine.cells): its fragments go to background; its row and outline
+    # are recomputed from the pixels, as for a trimmed cell
+    frag = fragment_pixels(np.where(new > 0, owned, 0))
+    if frag.any():
+        cut = np.unique(owned[frag])
+        trimmed[cut] = True
+        new[frag] = 0
+        free &= ~frag
+        report["fragment_cells"] += len(cut)
+        report["fragment_pixels"] += int(frag.sum())
+        report["fragment_cell_ids"] += lut[cut].tolist()
+    store[oy:oy + h, ox:ox + w] = np.where(new > 0, new, existing)
+    return _Pasted(lut=lut, survive=survive, trimmed=trimmed, free=free, new=new, first=next_id, cells=k)
+
+
+def _tile_rows(cells: dict, pasted: _Pasted, owned: np.ndarray, origin, tile_id: int) -> dict:
+    """The cell-table columns of a pasted tile's kept cells: from the shard's per-cell sums for cells kept whole,
+    recomputed from the pasted pixels for the trimmed ones."""
+    kept = np.nonzero(pasted.survive)[0]
+    stats = cells["stats"][kept - 1]
+    if pasted.trimmed.any():
+        redo = pasted.trimmed[kept]
+        stats[redo] = cell_stats(np.where(pasted.trimmed[owned] & pasted.free, owned, 0),
+                                 len(pasted.lut) - 1)[kept[redo] - 1]
+    # a trimmed cell keeps the mean probability of the pixels its tile predicted
+    cols = _cell_rows(stats, origin, pasted.first, cells["prob"][kept - 1])
+    cols["tile_id"] = np.full(len(cols["cell_id"]), tile_id, np.int64)
+    return cols
+
+
+def _add_tile_outlines(geo: _GeoJSONWriter, cells: dict, pasted: _Pasted, owned: np.ndarray, origin) -> None:
+    """The outlines of a pasted tile's kept cells: the shard's text for cells kept whole, recomputed for the few
+    trimmed ones."""
+    g_ids, g_off, g_text = cells["geo_ids"], cells["geo_offsets"], cells["geo_text"]
+    whole = np.nonzero(pasted.survive[g_ids] & ~pasted.trimmed[g_ids])[0]
+    geo.add_texts(pasted.lut[g_ids[whole]].tolist(), [g_text[g_off[j]:g_off[j + 1]] for j in whole.tolist()])
+    if pasted.trimmed.any():
+        geo.add(np.where(pasted.trimmed[owned] & (pasted.new > 0), pasted.new, 0), origin)
+
+
+def _close_cell_outputs(stack: contextlib.ExitStack, table: _TableWriter, prob_grid: _ProbabilityGrid,
+                        geo: Optional[_GeoJSONWriter], probability_map_out, report: dict) -> None:
+    """Finish the cell table and the outlines, write the probability map (if asked), and put the probability
+    summary in the report (published when ``stack`` closes)."""
+    from segrefine.io import atomic_path
+
+    table.close()
+    report["probability"] = prob_grid.summary()
+    if probability_map_out:
+        prob_grid.write_png(stack.enter_context(atomic_path(probability_map_out, suffix=".png")))
+    if geo is not None:
+        geo.close()
+
+
+def _write_labels_and_overlay(stack: contextlib.ExitStack, store, work: Path, labels_out: Path,
+                              pixel_size_um: Optional[float], overlay_out, background, pool, slide_path,
+                              report: dict) -> None:
+    """labels.tif (the pyramid of the level-0 ``store``, its levels built under ``work``) and, if asked, the
+    overlay, drawn on ``pool``'s thread over its slide view (``background``, a future) while labels.tif is
+    compressed; both published when ``stack`` closes. Timings and the pyramid's shapes go into the report."""
+    from segrefine.io import atomic_path, label_pyramid_levels, write_pyramid_ome_tiff
+
+    timings = report["timings_s"]
+    t0, c0 = time.monotonic(), time.thread_time()
+    levels = label_pyramid_levels(store, work)
+    for lv in levels[1:]:
+        stack.callback(lv.close)
+    drawn = None
+    if overlay_out:
+        png = stack.enter_context(atomic_path(overlay_out, suffix=".png"))
+        drawn = pool.submit(lambda: _timed(_overlay, levels, slide_path, png, 1024, background.result()[0]))
+        stack.callback(concurrent.futures.wait, [drawn])  # on any failure: done before its file is removed
+    write_pyramid_ome_tiff(stack.enter_context(atomic_path(labels_out, suffix=".tif")), levels,
+                           pixel_size_um=pixel_size_um, zlib_level=3)
+    timings["pyramid_write"] = time.monotonic() - t0
+    report["timings_cpu_s"]["pyramid_write"] = time.thread_time() - c0  # + tifffile's encoder threads
+    report["pyramid_levels"] = [list(lv.shape) for lv in levels]
+    if drawn is not None:
+        t0 = time.monotonic()
+        timings["overlay_background"] = background.result()[1]
+        timings["overlay_draw"] = drawn.result()[1]
+        timings["overlay"] = time.monotonic() - t0  # waited for the overlay after labels.tif was written
+
+
+def _add_shard_totals(report: dict, shards: list, halo_px: int) -> None:
+    """The shards' summed timings and the count of large cells in the report; a warning when there are any."""
     for key in ("read_s", "predict_s", "wait_read_s", "own_write_s"):
         report[f"shards_{key}"] = float(sum(s.get(key, 0.0) for s in shards))
     report["n_large_cells"] = len(report["large_cells"])
     if report["large_cells"]:
         log.warning("%d cell(s) larger than the halo (%d px) reach a tile window's edge and are clipped there; "
                     "first at x=%d y=%d (all listed in the report): raise segmentation.tiling.halo",
-                    len(report["large_cells"]), meta["halo_px"], report["large_cells"][0]["anchor_x"],
+                    len(report["large_cells"]), halo_px, report["large_cells"][0]["anchor_x"],
                     report["large_cells"][0]["anchor_y"])
-    if report_out:
-        write_text_atomic(report_out, json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+
+def _log_summary(report: dict, n_tiles: int, labels_out: Path, slide_path, geojson_out) -> None:
+    """The log lines of a finished stitch: its counts, the fragments removed, a warning when it found no cell."""
     log.info("stitched %d cells from %d tiles (%d background tiles skipped), %d duplicates resolved, %d px trimmed, "
-             "%d large cells -> %s (%.1f s)", report["cells"], len(tiles), report["tiles_skipped_background"],
+             "%d large cells -> %s (%.1f s)", report["cells"], n_tiles, report["tiles_skipped_background"],
              report["duplicates_resolved"], report["pixels_trimmed"], report["n_large_cells"], labels_out,
-             timings["stitch_total"])
+             report["timings_s"]["stitch_total"])
     if report["fragment_cells"]:
         log.info("%d cell(s) had pieces not 8-connected to their largest one: %d px went to background (ids in the "
                  "report: fragment_cell_ids)", report["fragment_cells"], report["fragment_pixels"])
     if report["cells"] == 0:
         log.warning("no cell found in %s: the labels, cell table%s are written empty", slide_path,
                     " and outlines" if geojson_out else "")
-    return report
 
 
 def seam_report(reference: np.ndarray, tiled: np.ndarray, tile_size: int, near: int = 0,
