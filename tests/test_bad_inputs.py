@@ -154,6 +154,11 @@ def polygon(coords, cls="Nucleus", otype="annotation", fid=None):
 
 SQUARE = [[10, 10], [30, 10], [30, 30], [10, 30], [10, 10]]
 BOWTIE = [[40, 40], [60, 60], [60, 40], [40, 60], [40, 40]]  # self-intersecting at (50, 50): two triangles
+# one object as QuPath may write it: a point, the bowtie (180 px) and a 10x10 square, one cell of 280 px
+COLLECTION = {"type": "Feature", "properties": {"objectType": "annotation"}, "geometry": {
+    "type": "GeometryCollection", "geometries": [
+        {"type": "Point", "coordinates": [5, 5]}, {"type": "Polygon", "coordinates": [BOWTIE]},
+        {"type": "Polygon", "coordinates": [[[70, 10], [80, 10], [80, 20], [70, 20], [70, 10]]]}]}}
 
 
 # --- steps ----------------------------------------------------------------------------------------------------------
@@ -393,6 +398,12 @@ ROWS = [
      r"\.geojson: feature 1 is not a GeoJSON object but list \[1, 2, 3\]"),
     ("geometry that is not an object", lambda t: convert(geojson(t, [{"type": "Feature", "geometry": "Polygon"}])),
      r"\.geojson: feature 0: 'geometry' is not an object but str"),
+    ("GeometryCollection: its polygons kept, not dropped", lambda t: convert(geojson(t, [polygon(SQUARE),
+                                                                                         COLLECTION])),
+     lambda labels: (cells(2)(labels), np.testing.assert_array_equal(np.bincount(labels.ravel())[1:], [400, 280]))),
+    ("GeometryCollection without a list", lambda t: convert(geojson(t, [{"type": "Feature", "geometry": {
+        "type": "GeometryCollection", "geometries": "Polygon"}}])),
+     r"\.geojson: feature 0: a GeometryCollection's 'geometries' must be a list, got str"),
     ("unclassified whole-patch rectangle = region of interest",
      lambda t: convert(geojson(t, [polygon([[0, 0], [128, 0], [128, 96], [0, 96], [0, 0]], cls=None),
                                    polygon(SQUARE)])), cells(1)),

@@ -103,6 +103,26 @@ def _check_coordinates(coords, path: Path, i: int, feat: dict) -> None:
                                  f"every vertex must be a pair of finite numbers")
 
 
+def _polygonal_members(geom: dict, path: Path, i: int, feat: dict) -> Optional[dict]:
+    """A GeometryCollection's polygons as one MultiPolygon (every part kept; point and line members left out with a
+    warning), or None when it has no polygon."""
+    members = geom.get("geometries")
+    if not isinstance(members, list):
+        raise SegRefineError(f"{path}: feature {i}{_feature_name(feat)}: a GeometryCollection's 'geometries' must be "
+                             f"a list, got {type(members).__name__} {_short(members)}")
+    polys = [g for g in members if isinstance(g, dict) and g.get("type") in ("Polygon", "MultiPolygon")]
+    if not polys:
+        return None
+    if len(polys) < len(members):
+        log.warning("%s: feature %d%s: %d of the %d members of its GeometryCollection are not polygons: left out",
+                    path, i, _feature_name(feat), len(members) - len(polys), len(members))
+    coords = []
+    for g in polys:
+        c = g.get("coordinates")
+        coords.extend([c] if g["type"] == "Polygon" else (c if isinstance(c, list) else [c]))
+    return {"type": "MultiPolygon", "coordinates": coords}
+
+
 def _is_roi(props: dict, geom, shape: Tuple[int, int]) -> bool:
     """An unclassified annotation rectangle covering (almost) the whole patch: a region of interest, not a cell."""
     import shapely
@@ -225,6 +245,8 @@ def read_cell_objects(path, exclude_classes: Sequence[str] = ("Region",), use_nu
         if otype not in CELL_OBJECT_TYPES or _class_name(props) in exclude_classes:
             continue
         geom = feat.get("nucleusGeometry") if (use_nucleus and feat.get("nucleusGeometry")) else feat.get("geometry")
+        if geom and geom.get("type") == "GeometryCollection":
+            geom = _polygonal_members(geom, path, i, feat)
         if not geom or geom.get("type") not in ("Polygon", "MultiPolygon"):
             continue  # points, lines: not cells
         _check_coordinates(geom.get("coordinates"), path, i, feat)
