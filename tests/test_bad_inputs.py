@@ -98,9 +98,9 @@ def rgb_and_rgba(tmp_path):
     return tmp_path / "rgb.tif", tmp_path / "rgba.tif"
 
 
-def mask_file(tmp_path, mask, name="S-x0_y0_w128_h96-mask.tif"):
+def mask_file(tmp_path, mask, name="S-x0_y0_w128_h96-mask.tif", **kw):
     path = tmp_path / name
-    tifffile.imwrite(path, mask)
+    tifffile.imwrite(path, mask, **kw)
     return path
 
 
@@ -377,6 +377,10 @@ ROWS = [
     ("semantic mask classes 0/1/2", lambda t: convert(classes(t)), cells(12)),
     ("instance mask", lambda t: convert(mask_file(t, blobs()[1])), cells(12)),
     ("instance mask, 2 cells", lambda t: convert(mask_file(t, np.where(blobs()[1] <= 2, blobs()[1], 0))), cells(2)),
+    ("instance mask with a leading axis of 1", lambda t: convert(mask_file(t, blobs()[1][None])), cells(12)),
+    ("stack of 3 masks", lambda t: convert(mask_file(t, np.stack([blobs()[1]] * 3), photometric="minisblack")),
+     r"-mask\.tif: a mask must be one 2-D image \(or gray RGB\), got an array of shape \(3, 96, 128\) \(a stack "
+     r"of 3 images\?\)"),
     ("ambiguous mask", lambda t: convert(ambiguous_mask(t)),
      r"S-x0_y0_w128_h96-mask\.tif: cannot tell whether this is an instance mask or a semantic mask"),
     ("class mask: one region covers most of the patch", lambda t: convert(mask_file(t, np.where(

@@ -489,6 +489,12 @@ def convert_annotation(path, shape: Tuple[int, int], exclude_classes: Sequence[s
                 raise SegRefineError(f"{path}: not a readable PNG ({exc})") from exc
         else:
             mask = read_tiff(path)
+        mask = np.asarray(mask)
+        while mask.ndim > 2 and mask.shape[0] == 1:  # a single plane saved with a leading axis of 1
+            mask = mask[0]
+        if mask.ndim > 3 or (mask.ndim == 3 and mask.shape[-1] not in (3, 4)):
+            raise SegRefineError(f"{path}: a mask must be one 2-D image (or gray RGB), got an array of shape "
+                                 f"{mask.shape} (a stack of {mask.shape[0]} images?): save this patch's mask alone")
         if mask.shape[:2] != tuple(shape):
             raise SegRefineError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} px but its patch is "
                                  f"{shape[1]}x{shape[0]} px")
