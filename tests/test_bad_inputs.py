@@ -235,6 +235,33 @@ def same_as_rgb(out):
     np.testing.assert_array_equal(th1, th2)
 
 
+def tiled_segment(tmp_path):
+    """The tiled path (`segrefine segment`: plan, shards, stitch) on the RGBA slide and its RGB version, and on a
+    2-channel slide (channel 1) and that channel as a gray slide: labels.tif of each."""
+    rgb, rgba = rgb_and_rgba(tmp_path)
+    mif = write_stack(tmp_path, "mif.tif", "CYX", 2)
+    gray = tmp_path / "gray.tif"
+    tifffile.imwrite(gray, stacked("CYX", 2)[0][1])
+
+    def run():
+        assert cli_main(["pretrained-card", "--framework", "classical", "--name", "b", "--source", "none",
+                         "--out-dir", str(tmp_path / "card")]) == 0
+        out = {}
+        for name, path, extra in (("rgb", rgb, []), ("rgba", rgba, []), ("gray", gray, []),
+                                  ("mif", mif, ["--channel", "1"])):
+            assert cli_main(["segment", "--card", str(tmp_path / "card" / "card.json"), "--slide", str(path),
+                             "--out-dir", str(tmp_path / name), "--no-tissue", "--tile-size", "64", *extra]) == 0
+            out[name] = tifffile.imread(tmp_path / name / "labels.tif")
+        return out
+    return run
+
+
+def same_tiled_labels(out):
+    assert int(out["rgb"].max()) >= 25 and int(out["gray"].max()) >= 10
+    np.testing.assert_array_equal(out["rgba"], out["rgb"])
+    np.testing.assert_array_equal(out["mif"], out["gray"])
+
+
 def channel_through_the_plan(tmp_path):
     """A 2-channel slide with channel 1 chosen, through tile-plan and the whole-image path: the same reference
     and cells as the grayscale slide of that channel; the plan records the channel for the shards and the stitch."""
@@ -332,6 +359,7 @@ def found_shift(dx, dy):
 ROWS = [
     # slides
     ("rgba slide = its rgb version", rgba_equals_rgb, same_as_rgb),
+    ("rgba and 2-channel slides through the tiled segment", tiled_segment, same_tiled_labels),
     ("z stack", lambda t: open_slide(write_stack(t, "z.tif", "ZYX", 3)),
      r"z\.tif: the slide holds more than one image: axes ZYX .*3 focal planes"),
     ("z stack ome", lambda t: open_slide(write_stack(t, "z.ome.tif", "ZYX", 3, ome=True)),
