@@ -80,8 +80,10 @@ def cmd_convert_annotation(a):
 def cmd_trainset(a):
     from segrefine.trainset import build_rows, write_trainset
 
-    rows = build_rows(a.images, a.masks, a.seed, a.val_fraction, a.test_fraction)
-    version = write_trainset(a.out, rows, a.seed, a.val_fraction, a.test_fraction)
+    rows = build_rows(images=a.images, masks=a.masks, seed=a.seed, val_fraction=a.val_fraction,
+                      test_fraction=a.test_fraction)
+    version = write_trainset(path=a.out, rows=rows, seed=a.seed, val_fraction=a.val_fraction,
+                             test_fraction=a.test_fraction)
     logging.info("training set %s: %d patches -> %s", version, len(rows), a.out)
 
 
@@ -94,25 +96,29 @@ def cmd_fetch_pretrained(a):
 def cmd_pretrained_card(a):
     from segrefine.finetune import pretrained_card
 
-    pretrained_card(a.framework, a.weights, a.name, a.params, a.out_dir, a.source)
+    pretrained_card(framework=a.framework, weights=a.weights, name=a.name, params=a.params, out_dir=a.out_dir,
+                    source=a.source)
 
 
 def cmd_train_base(a):
     from segrefine.finetune import train_base
 
-    train_base(a.framework, a.name, a.params, a.n_images, a.size, a.seed, a.out_dir)
+    train_base(framework=a.framework, name=a.name, params=a.params, n_images=a.n_images, size=a.size, seed=a.seed,
+               out_dir=a.out_dir)
 
 
 def cmd_finetune(a):
     from segrefine.finetune import fine_tune
 
-    fine_tune(a.pretrained_card, a.trainset, a.name, a.params, a.seed, a.out_dir)
+    fine_tune(pretrained_card_path=a.pretrained_card, trainset_path=a.trainset, name=a.name, params=a.params,
+              seed=a.seed, out_dir=a.out_dir)
 
 
 def cmd_evaluate(a):
     from segrefine.evaluate import evaluate_model
 
-    evaluate_model(a.card, a.trainset, a.split, a.out, a.predictions, a.iou_threshold, a.modes, a.min_size)
+    evaluate_model(card_path=a.card, trainset_path=a.trainset, split=a.split, out_csv=a.out,
+                   predictions_npz=a.predictions, iou_threshold=a.iou_threshold, modes=a.modes, min_size=a.min_size)
 
 
 def cmd_summarize(a):
@@ -125,7 +131,8 @@ def cmd_threshold_sweep(a):
     from segrefine.evaluate import threshold_sweep
 
     grid = {k: [float(v) for v in vals] for k, vals in (a.grid or {}).items()}
-    print(threshold_sweep(a.card, a.trainset, a.split, a.out, grid or None, a.iou_threshold, a.min_size)
+    print(threshold_sweep(card_path=a.card, trainset_path=a.trainset, split=a.split, out_csv=a.out, grid=grid or None,
+                          iou_threshold=a.iou_threshold, min_size=a.min_size)
           .to_string(index=False))
 
 
@@ -144,7 +151,8 @@ def cmd_plot_evaluation(a):
 def cmd_overlays(a):
     from segrefine.evaluation_plots import overlays
 
-    overlays(a.predictions, a.trainset, a.out_dir, a.title, a.iou_threshold)
+    overlays(predictions_npz=a.predictions, trainset_path=a.trainset, out_dir=a.out_dir, title=a.title,
+             threshold=a.iou_threshold)
 
 
 def cmd_loss_curves(a):
@@ -162,7 +170,7 @@ def _tissue_level(text: str):
 def cmd_complexity(a):
     from segrefine.complexity import trainset_complexity
 
-    trainset_complexity(a.trainset, a.out, a.long, a.joined, a.grid)
+    trainset_complexity(trainset_path=a.trainset, out_csv=a.out, long_csv=a.long, out_joined=a.joined, grid=a.grid)
 
 
 def cmd_learning_curve_subset(a):
@@ -174,7 +182,8 @@ def cmd_learning_curve_subset(a):
 def cmd_learning_curve(a):
     from segrefine.learning_curve import learning_curve_table
 
-    print(learning_curve_table(a.evaluations, a.subsets, a.out, a.png, a.pretrained or ()).to_string(index=False))
+    print(learning_curve_table(evaluations=a.evaluations, subsets=a.subsets, out_csv=a.out, png=a.png,
+                               pretrained=a.pretrained or ()).to_string(index=False))
 
 
 def _annotated_names(a):
@@ -189,15 +198,17 @@ def _annotated_names(a):
 def cmd_annotate_next_predict(a):
     from segrefine.annotate_next import predict_candidates
 
-    predict_candidates(a.card, a.slide, a.sn, a.size, a.step, _annotated_names(a), a.out, a.min_tissue,
-                       a.bright_field, channel=a.channel, tta=a.tta)
+    predict_candidates(card_path=a.card, slide_path=a.slide, sn=a.sn, size=a.size, step=a.step,
+                       annotated=_annotated_names(a), out_npz=a.out, min_tissue=a.min_tissue,
+                       bright_field=a.bright_field, channel=a.channel, tta=a.tta)
 
 
 def cmd_annotate_next(a):
     from segrefine.annotate_next import annotate_next
 
-    top = annotate_next(a.slide, a.sn, a.predictions, a.names, a.out, a.geojson, a.out_dir, a.top_n,
-                        a.complexity_weight, channel=a.channel, uncertainty_weight=a.uncertainty_weight).head(a.top_n)
+    top = annotate_next(slide_path=a.slide, sn=a.sn, prediction_npzs=a.predictions, names=a.names, out_table=a.out,
+                        out_geojson=a.geojson, out_dir=a.out_dir, top_n=a.top_n, complexity_weight=a.complexity_weight,
+                        channel=a.channel, uncertainty_weight=a.uncertainty_weight).head(a.top_n)
     print(top[["rank", "patch", "score", "disagreement", "complexity", "uncertainty", "n_cells"]].to_string(
         index=False))
 
@@ -208,7 +219,8 @@ def cmd_preannotate(a):
     names = patches_to_preannotate(a.sn, a.ranking, a.top_n, a.patches or ())
     if not names:
         raise SegRefineError(f"no patch of chip {a.sn} to pre-annotate (give --ranking with --top-n, or --patches)")
-    write_preannotations(a.card, a.pretrained_card, a.slide, a.sn, names, a.out_dir, a.archive, a.summary,
+    write_preannotations(card_path=a.card, pretrained_card_path=a.pretrained_card, slide_path=a.slide, sn=a.sn,
+                         patches=names, out_dir=a.out_dir, archive_dir=a.archive, summary_csv=a.summary,
                          channel=a.channel, tta=a.tta)
     print("\n".join(names))
 
@@ -216,8 +228,9 @@ def cmd_preannotate(a):
 def cmd_corrections(a):
     from segrefine.corrections import corrections
 
-    per_round = corrections(a.annotations, a.archive, a.out_dir, a.summary, a.model, a.exclude_class, a.use_nucleus,
-                            scratch_minutes=a.scratch_minutes, edit_fraction=a.edit_fraction,
+    per_round = corrections(annotation_files=a.annotations, archive_dir=a.archive, out_dir=a.out_dir,
+                            summary_csv=a.summary, model=a.model, exclude_classes=a.exclude_class,
+                            use_nucleus=a.use_nucleus, scratch_minutes=a.scratch_minutes, edit_fraction=a.edit_fraction,
                             delete_fraction=a.delete_fraction, review_fraction=a.review_fraction)
     print(per_round.to_string(index=False))
 
@@ -225,8 +238,10 @@ def cmd_corrections(a):
 def cmd_segment(a):
     from segrefine.segment import segment_slide
 
-    segment_slide(a.card, a.slide, a.out_dir, a.tile_size, a.halo, a.context, a.shards, not a.no_tissue,
-                  _tissue_level(a.tissue_level), a.tissue_downsample, a.bright_field, a.trainset, a.pixel_size_um,
+    segment_slide(card_path=a.card, slide_path=a.slide, out_dir=a.out_dir, tile_size=a.tile_size, halo_px=a.halo,
+                  context_px=a.context, shards=a.shards, tissue=not a.no_tissue,
+                  tissue_level=_tissue_level(a.tissue_level), tissue_downsample=a.tissue_downsample,
+                  bright_field=a.bright_field, trainset=a.trainset, pixel_size_um=a.pixel_size_um,
                   model_context=not a.no_model_context, channel=a.channel)
 
 
@@ -239,8 +254,9 @@ def cmd_tile_plan(a):
             raise SegRefineError("--halo-unit um needs --pixel-size-um")
         halo = a.halo / a.pixel_size_um
     group = a.group if a.group == "auto" else _positive_int(a.group, "--group")
-    plan, meta = make_plan(a.slide, a.tile_size, int(round(halo)), a.context, a.shards, not a.no_tissue,
-                           _tissue_level(a.tissue_level), a.tissue_downsample, a.bright_field, a.trainset,
+    plan, meta = make_plan(slide_path=a.slide, tile_size=a.tile_size, halo_px=int(round(halo)), context_px=a.context,
+                           shards=a.shards, tissue=not a.no_tissue, tissue_level=_tissue_level(a.tissue_level),
+                           tissue_downsample=a.tissue_downsample, bright_field=a.bright_field, trainset=a.trainset,
                            group=group, context_bound_px=a.context_bound, channel=a.channel)
     write_plan(plan, meta, a.out, a.out_json)
 
@@ -264,44 +280,49 @@ def cmd_halo_check(a):
 def cmd_segment_shard(a):
     from segrefine.tiling import run_shard
 
-    run_shard(a.plan, a.shard, a.card, a.slide, a.tiles_dir, a.out, gpus=a.gpus, prefetch=a.prefetch,
-              model_context=not a.no_model_context)
+    run_shard(plan_tsv=a.plan, shard=a.shard, card_path=a.card, slide_path=a.slide, tiles_dir=a.tiles_dir,
+              out_json=a.out, gpus=a.gpus, prefetch=a.prefetch, model_context=not a.no_model_context)
 
 
 def cmd_stitch(a):
     from segrefine.stitch import stitch
 
-    stitch(a.plan, a.tiles_dir, a.shards, a.slide, a.labels, a.cells, a.parquet, a.geojson, a.overlay, a.report,
-           a.pixel_size_um, probability_map_out=a.probability_map, probability_bin_px=a.probability_bin_px)
+    stitch(plan_tsv=a.plan, tiles_dir=a.tiles_dir, shard_jsons=a.shards, slide_path=a.slide, labels_out=a.labels,
+           cells_csv=a.cells, cells_parquet=a.parquet, geojson_out=a.geojson, overlay_out=a.overlay,
+           report_out=a.report, pixel_size_um=a.pixel_size_um, probability_map_out=a.probability_map,
+           probability_bin_px=a.probability_bin_px)
 
 
 def cmd_cells(a):
     from segrefine.cells import expand_label_image
 
     mode = "mask" if a.mask else "expand"
-    expand_label_image(a.labels, a.out, a.report, mode, a.distance, a.unit, a.um_per_px, a.mask, a.band_rows,
-                       a.block_cols, a.pixel_size_um)
+    expand_label_image(labels_path=a.labels, out_tif=a.out, report_out=a.report, mode=mode, distance=a.distance,
+                       unit=a.unit, um_per_px=a.um_per_px, mask_path=a.mask, band_rows=a.band_rows,
+                       block_cols=a.block_cols, pixel_size_um=a.pixel_size_um)
 
 
 def cmd_cgef(a):
     from segrefine.expression import make_cgef
 
-    n = make_cgef(a.gem, a.labels, a.cgef, a.cellmap, a.threads, a.writer, a.origin, a.chunk, a.band_records,
-                  a.band_rows, a.report)
+    n = make_cgef(gem_path=a.gem, labels_path=a.labels, cgef_out=a.cgef, cellmap_out=a.cellmap, threads=a.threads,
+                  writer=a.writer, origin=a.origin, chunk=a.chunk, band_records=a.band_records, band_rows=a.band_rows,
+                  report_out=a.report)
     logging.info("%d cells -> %s (%s writer)", n, a.cgef, a.writer)
 
 
 def cmd_h5ad(a):
     from segrefine.expression import cgef_to_h5ad
 
-    n = cgef_to_h5ad(a.cgef, a.cellmap, a.out, a.writer, a.chunk)
+    n = cgef_to_h5ad(cgef=a.cgef, cellmap_csv=a.cellmap, out_h5ad=a.out, writer=a.writer, chunk=a.chunk)
     logging.info("%d cells -> %s", n, a.out)
 
 
 def cmd_expression_qc(a):
     from segrefine.qc import expression_qc
 
-    expression_qc(a.cellmaps, a.samples, a.out_dir, a.extreme_iqr, a.stages, a.reports)
+    expression_qc(cellmaps=a.cellmaps, samples=a.samples, out_dir=a.out_dir, k=a.extreme_iqr, stages=a.stages,
+                  reports=a.reports)
 
 
 def cmd_saw_cells(a):
@@ -314,21 +335,24 @@ def cmd_saw_cells(a):
 def cmd_purity(a):
     from segrefine.purity import purity_step, read_markers
 
-    purity_step(a.stages, a.cgefs, a.labels, a.out_dir, a.expression, a.truth, a.truth_types,
-                read_markers(a.markers) if a.markers else None, a.mixed_fraction, a.origin, a.sample)
+    purity_step(stages=a.stages, cgefs=a.cgefs, labels=a.labels, out_dir=a.out_dir, expression=a.expression,
+                truth=a.truth, truth_types=a.truth_types, markers=read_markers(a.markers) if a.markers else None,
+                mixed_fraction=a.mixed_fraction, origin=a.origin, sample=a.sample)
 
 
 def cmd_cluster_check(a):
     from segrefine.clusters import cluster_check
 
-    cluster_check(a.stages, a.h5ads, a.out, a.cells, a.sample, a.resolution, a.seed)
+    cluster_check(stages=a.stages, h5ads=a.h5ads, out_json=a.out, cells=a.cells, sample=a.sample,
+                  resolution=a.resolution, seed=a.seed)
 
 
 def cmd_spatialdata(a):
     from segrefine.sdata import render_png, write_spatialdata
 
-    summary = write_spatialdata(a.slide, a.labels, a.outlines, a.h5ad, a.cell_table, a.out, a.cells_labels,
-                                a.pixel_size_um, a.stain, a.sample, a.min_side)
+    summary = write_spatialdata(slide=a.slide, labels=a.labels, outlines=a.outlines, h5ad=a.h5ad,
+                                cell_table=a.cell_table, out_zarr=a.out, cells_labels=a.cells_labels,
+                                pixel_size_um=a.pixel_size_um, stain=a.stain, sample=a.sample, min_side=a.min_side)
     if a.png:
         summary.update(render_png(a.out, a.png, a.close_up, a.sample))
     logging.getLogger("segrefine").info("SpatialData -> %s: %s", a.out, json.dumps(summary))
