@@ -12,6 +12,7 @@ if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
 
+
 report: "report/workflow.rst"
 
 
@@ -34,6 +35,6 @@ include: "rules/summary.smk"
 
 
 rule all:
+    default_target: True
     input:
         final_outputs(),
-    default_target: True

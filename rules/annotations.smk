@@ -5,14 +5,14 @@ rule convert_annotation:
         lambda wc: annotations[(wc.sample, wc.patch)],
     output:
         f"{RESULTS}/annotations/{{sample}}/{{patch}}-mask.tif",
-    params:
-        exclude=" ".join(shlex.quote(c) for c in config["annotations"]["exclude_classes"]),
-        nucleus="--use-nucleus" if config["annotations"]["use_nucleus"] else "",
-        pad=f"--pad-to {config['patches']['pad_to']}" if config["patches"]["pad_to"] else "",
     log:
         "logs/annotations/{sample}/{patch}.log",
     conda:
         env_file("core")
+    params:
+        exclude=" ".join(shlex.quote(c) for c in config["annotations"]["exclude_classes"]),
+        nucleus="--use-nucleus" if config["annotations"]["use_nucleus"] else "",
+        pad=f"--pad-to {config['patches']['pad_to']}" if config["patches"]["pad_to"] else "",
     shell:
         segrefine("core") + " convert-annotation --annotation {input:q} --out {output} "
         "--exclude-class {params.exclude} {params.nucleus} {params.pad} 2> {log}"

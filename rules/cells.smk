@@ -13,14 +13,14 @@ rule cells:
     output:
         labels=f"{RESULTS}/segmentation/{{sample}}/expanded/labels.tif",
         report=f"{RESULTS}/segmentation/{{sample}}/expanded/cells.json",
-    params:
-        args=cells_args,
     log:
         "logs/cells/{sample}.log",
     benchmark:
         "benchmarks/cells/{sample}.tsv"
     conda:
         env_file("core")
+    params:
+        args=cells_args,
     shell:
         segrefine("core") + " cells --labels {input.labels} --out {output.labels} --report {output.report} "
         "{params.args} 2> {log}"
@@ -30,12 +30,12 @@ use rule cells as cells_qc with:
     output:
         labels=f"{RESULTS}/segmentation/{{sample}}/{{stage}}/expanded/labels.tif",
         report=f"{RESULTS}/segmentation/{{sample}}/{{stage}}/expanded/cells.json",
-    wildcard_constraints:
-        stage=other_stage(),
     log:
         "logs/cells/{stage}/{sample}.log",
     benchmark:
         "benchmarks/cells/{stage}/{sample}.tsv"
+    wildcard_constraints:
+        stage=other_stage(),
 
 
 use rule cgef as cgef_cells with:
@@ -57,12 +57,12 @@ use rule cgef_cells as cgef_cells_qc with:
         cgef=f"{RESULTS}/expression/{{sample}}/{{stage}}/expanded/cells.cgef",
         cellmap=f"{RESULTS}/expression/{{sample}}/{{stage}}/expanded/cellmap.csv",
         report=f"{RESULTS}/expression/{{sample}}/{{stage}}/expanded/alignment.json",
-    wildcard_constraints:
-        stage=other_stage(),
     log:
         "logs/cgef/expanded/{stage}/{sample}.log",
     benchmark:
         "benchmarks/cgef/expanded/{stage}/{sample}.tsv"
+    wildcard_constraints:
+        stage=other_stage(),
 
 
 use rule h5ad as h5ad_cells with:
@@ -83,9 +83,9 @@ use rule h5ad as h5ad_cells_qc with:
         cellmap=f"{RESULTS}/expression/{{sample}}/{{stage}}/expanded/cellmap.csv",
     output:
         f"{RESULTS}/expression/{{sample}}/{{stage}}/expanded/cells.h5ad",
-    wildcard_constraints:
-        stage=other_stage(),
     log:
         "logs/h5ad/expanded/{stage}/{sample}.log",
     benchmark:
         "benchmarks/h5ad/expanded/{stage}/{sample}.tsv"
+    wildcard_constraints:
+        stage=other_stage(),

@@ -34,8 +34,10 @@ def validated(data, schema, what):
             raise
         where = ".".join(map(str, err.absolute_path))
         row = re.search(r"Error validating row (\d+)", str(exc))
-        message = (f"{what}{f' row {int(row.group(1)) + 1}' if row else ''}{f', key {where}' if where else ''}: "
-                   f"{err.message}")
+        message = (
+            f"{what}{f' row {int(row.group(1)) + 1}' if row else ''}{f', key {where}' if where else ''}: "
+            f"{err.message}"
+        )
     if message:
         fail(message)
 
@@ -45,16 +47,19 @@ validated(config, "../config/schemas/config.schema.yaml", "config")
 RESULTS = config["results"]
 ANNOTATION_SUFFIXES = (".geojson", ".json", ".tif", ".tiff", ".png")
 if config["segmentation"]["model"] not in config["models"]:
-    fail(f"segmentation.model {config['segmentation']['model']!r} is not a configured model "
-         f"(models: {', '.join(sorted(config['models']))})")
+    fail(
+        f"segmentation.model {config['segmentation']['model']!r} is not a configured model "
+        f"(models: {', '.join(sorted(config['models']))})"
+    )
 
 
 # --- samples ----------------------------------------------------------------------------------------------------------
 def _read_samples(path):
     if not Path(path).is_file():
         fail(f"sample sheet {path} not found")
-    sheet = pd.read_csv(path, sep="\t", dtype={"sample": str, "image": str, "expression": str, "saw_outs": str},
-                        comment="#")
+    sheet = pd.read_csv(
+        path, sep="\t", dtype={"sample": str, "image": str, "expression": str, "saw_outs": str}, comment="#"
+    )
     for col in ("image", "expression", "saw_outs"):  # optional columns, and empty cells, as ""
         sheet[col] = sheet[col].fillna("") if col in sheet else ""
     sheet["saw_cellbins"] = [{} for _ in range(len(sheet))]
@@ -72,8 +77,10 @@ def _read_samples(path):
         fail(f"{path}: duplicate sample ids {sorted(sheet['sample'][sheet['sample'].duplicated()])}")
     for row in sheet.itertuples():
         if not Path(row.image).is_file():
-            fail(f"{path}: sample {row.sample}: image {row.image} not found"
-                 + (" (run `make demo-data` to create the demo)" if row.image.startswith("demo/") else ""))
+            fail(
+                f"{path}: sample {row.sample}: image {row.image} not found"
+                + (" (run `make demo-data` to create the demo)" if row.image.startswith("demo/") else "")
+            )
         if row.expression and not Path(row.expression).is_file():
             fail(f"{path}: sample {row.sample}: expression matrix {row.expression} not found")
         if not Path(row.annotations).is_dir():
@@ -114,6 +121,7 @@ def _find_annotations():
 
 
 annotations = _find_annotations()
+
 
 wildcard_constraints:
     sample="|".join(map(str, samples.index)),
@@ -181,7 +189,7 @@ def pretrained_weights(model):
     if spec == "none":
         return []
     if spec.startswith("base:"):
-        base = spec[len("base:"):]
+        base = spec[len("base:") :]
         if base not in config.get("base_models", {}):
             fail(f"model {model}: pretrained {spec!r} names no entry of base_models")
         return f"{RESULTS}/models/base/{base}/card.json"
@@ -246,10 +254,12 @@ def halo_check_input(wildcards):
 
 def tile_plan_args(wildcards):
     t = tiling_cfg()
-    args = (f"--tile-size {t['tile_size']} --halo {t['halo']} --halo-unit {t['halo_unit']} --context {t['context']} "
-            f"--group {t['group']} --context-bound {model_context_bound()} "
-            f"--shards {n_shards()} --pixel-size-um {samples.loc[wildcards.sample, 'pixel_size_um']} "
-            f"--tissue-level {t['tissue']['level']} --tissue-downsample {t['tissue']['downsample']}")
+    args = (
+        f"--tile-size {t['tile_size']} --halo {t['halo']} --halo-unit {t['halo_unit']} --context {t['context']} "
+        f"--group {t['group']} --context-bound {model_context_bound()} "
+        f"--shards {n_shards()} --pixel-size-um {samples.loc[wildcards.sample, 'pixel_size_um']} "
+        f"--tissue-level {t['tissue']['level']} --tissue-downsample {t['tissue']['downsample']}"
+    )
     if not t["tissue"]["activate"]:
         args += " --no-tissue"
     if samples.loc[wildcards.sample, "stain"] == "HE":
@@ -300,8 +310,12 @@ def slide_dir(wildcards):
 def qc_outputs():
     """The expression QC's files; before_after.csv only with both stages segmented (docs/expression.md)."""
     qc = f"{RESULTS}/expression/qc"
-    out = {"summary": f"{qc}/summary.csv", "cells": f"{qc}/cells.csv", "extreme": f"{qc}/extreme_area.csv",
-           "plot": f"{qc}/distributions.png"}
+    out = {
+        "summary": f"{qc}/summary.csv",
+        "cells": f"{qc}/cells.csv",
+        "extreme": f"{qc}/extreme_area.csv",
+        "plot": f"{qc}/distributions.png",
+    }
     if qc_before_after():
         out["before_after"] = f"{qc}/before_after.csv"
     if saw_tables():
@@ -353,8 +367,12 @@ def _check_cells():
     for s in samples.index:
         if c["mode"] == "expand":
             try:
-                distance_px(c["distance"], c["unit"], float(samples.loc[s, "pixel_size_um"]),
-                            where=f"expression.cells (sample {s})")
+                distance_px(
+                    c["distance"],
+                    c["unit"],
+                    float(samples.loc[s, "pixel_size_um"]),
+                    where=f"expression.cells (sample {s})",
+                )
             except SegRefineError as exc:
                 fail(str(exc))
         elif c["mode"] == "mask":
@@ -375,8 +393,8 @@ def qc_our_stages():
 
 def table_dir(sample, stage):
     """The folder of one of our cell tables: results/expression/<sample>[/<stage>], plus /expanded for the cells."""
-    if stage.endswith(CELLS_SUFFIX) and stage[:-len(CELLS_SUFFIX)] in STAGES:
-        return str(Path(stage_dir("expression", sample, stage[:-len(CELLS_SUFFIX)]), "expanded"))
+    if stage.endswith(CELLS_SUFFIX) and stage[: -len(CELLS_SUFFIX)] in STAGES:
+        return str(Path(stage_dir("expression", sample, stage[: -len(CELLS_SUFFIX)]), "expanded"))
     return stage_dir("expression", sample, stage)
 
 
@@ -392,8 +410,11 @@ def qc_cellmaps(wildcards):
 
 def qc_reports(wildcards):
     """The cgef steps' alignment reports (UMIs in cells, shift check) of our tables, in qc_tables' order."""
-    return [str(Path(table_dir(sample, stage), "alignment.json"))
-            for stage in qc_our_stages() for sample in expression_samples()]
+    return [
+        str(Path(table_dir(sample, stage), "alignment.json"))
+        for stage in qc_our_stages()
+        for sample in expression_samples()
+    ]
 
 
 def qc_args(wildcards):
@@ -452,8 +473,8 @@ def purity_stages():
 def table_labels(sample, stage):
     """The label image a cell table was built from: results/segmentation/<sample>[/<stage>]/labels.tif, and the
     cells' expanded/labels.tif beside it (table_dir's rule)."""
-    if stage.endswith(CELLS_SUFFIX) and stage[:-len(CELLS_SUFFIX)] in STAGES:
-        return str(Path(stage_dir("segmentation", sample, stage[:-len(CELLS_SUFFIX)]), "expanded", "labels.tif"))
+    if stage.endswith(CELLS_SUFFIX) and stage[: -len(CELLS_SUFFIX)] in STAGES:
+        return str(Path(stage_dir("segmentation", sample, stage[: -len(CELLS_SUFFIX)]), "expanded", "labels.tif"))
     return str(Path(stage_dir("segmentation", sample, stage), "labels.tif"))
 
 
@@ -492,13 +513,21 @@ def spatialdata_samples():
 
 
 def final_outputs():
-    out = [f"{RESULTS}/evaluation/summary.csv", f"{RESULTS}/evaluation/boxplots.png",
-           f"{RESULTS}/evaluation/loss_curves.png", f"{RESULTS}/evaluation/complexity_vs_accuracy.csv",
-           f"{RESULTS}/evaluation/screening/ranking.csv"]
-    out += expand(f"{RESULTS}/evaluation/{{model}}/{{stage}}_overlays", model=config["models"],
-                  stage=["pretrained", "finetuned"])
-    out += expand(f"{RESULTS}/evaluation/threshold_sweep/{{model}}/{{stage}}.csv", model=SWEEP_MODELS,
-                  stage=["pretrained", "finetuned"])
+    out = [
+        f"{RESULTS}/evaluation/summary.csv",
+        f"{RESULTS}/evaluation/boxplots.png",
+        f"{RESULTS}/evaluation/loss_curves.png",
+        f"{RESULTS}/evaluation/complexity_vs_accuracy.csv",
+        f"{RESULTS}/evaluation/screening/ranking.csv",
+    ]
+    out += expand(
+        f"{RESULTS}/evaluation/{{model}}/{{stage}}_overlays", model=config["models"], stage=["pretrained", "finetuned"]
+    )
+    out += expand(
+        f"{RESULTS}/evaluation/threshold_sweep/{{model}}/{{stage}}.csv",
+        model=SWEEP_MODELS,
+        stage=["pretrained", "finetuned"],
+    )
     out += [f"{RESULTS}/models/{m}/finetuned/card.json" for m in config["models"]]
     out += expand(f"{RESULTS}/segmentation/{{sample}}/labels.tif", sample=samples.index)
     out += expand(f"{RESULTS}/expression/{{sample}}/cells.h5ad", sample=expression_samples())

@@ -13,23 +13,32 @@ for _name in PREANNOTATE_LISTED:
     except SegRefineError as exc:
         fail(f"evaluation.annotate_next.preannotate: {exc}")
     if _box.sn not in samples.index:
-        fail(f"evaluation.annotate_next.preannotate: patch {_name} names chip {_box.sn!r}, which is no sample: "
-             f"{sorted(samples.index)}")
+        fail(
+            f"evaluation.annotate_next.preannotate: patch {_name} names chip {_box.sn!r}, which is no sample: "
+            f"{sorted(samples.index)}"
+        )
 
 
 # the samples that get pre-annotations: all with annotate_next active, else those with listed patches
-PREANNOTATE_SAMPLES = (list(samples.index) if ANNOTATE_NEXT["activate"]
-                       else sorted({parse_patch_name(n).sn for n in PREANNOTATE_LISTED}))
+PREANNOTATE_SAMPLES = (
+    list(samples.index) if ANNOTATE_NEXT["activate"] else sorted({parse_patch_name(n).sn for n in PREANNOTATE_LISTED})
+)
 KEPT_PREANNOTATIONS = sorted(str(p) for p in Path(PREANNOTATIONS).glob("*/*.geojson"))
 # the GeoJSON annotation files, counted once at least one of them has a kept pre-annotation of its patch
 _GEOJSON_ANNOTATIONS = {p: f for (s, p), f in annotations.items() if Path(f).suffix.lower() in (".geojson", ".json")}
-CORRECTED_FILES = (sorted(_GEOJSON_ANNOTATIONS.values())
-                   if {Path(k).parent.name for k in KEPT_PREANNOTATIONS} & set(_GEOJSON_ANNOTATIONS) else [])
+CORRECTED_FILES = (
+    sorted(_GEOJSON_ANNOTATIONS.values())
+    if {Path(k).parent.name for k in KEPT_PREANNOTATIONS} & set(_GEOJSON_ANNOTATIONS)
+    else []
+)
 # what `all` asks for (final_outputs in rules/common.smk)
 ANNOTATION_LOOP_OUTPUTS = [f"{AN}/{s}/preannotations" for s in PREANNOTATE_SAMPLES]
 if CORRECTED_FILES:
-    ANNOTATION_LOOP_OUTPUTS += [f"{RESULTS}/corrections/per_patch.csv", f"{RESULTS}/corrections/per_round.csv",
-                                f"{RESULTS}/corrections/corrections.png"]
+    ANNOTATION_LOOP_OUTPUTS += [
+        f"{RESULTS}/corrections/per_patch.csv",
+        f"{RESULTS}/corrections/per_round.csv",
+        f"{RESULTS}/corrections/corrections.png",
+    ]
 
 
 rule preannotate:
@@ -44,21 +53,22 @@ rule preannotate:
         summary=f"{RESULTS}/evaluation/summary.csv",
     output:
         directory(f"{AN}/{{sample}}/preannotations"),
+    log:
+        "logs/preannotate/{sample}.log",
+    conda:
+        env_file(model_env(PREANNOTATE_MODEL))
+    threads: 2
+    resources:
+        gpu=model_gpu(PREANNOTATE_MODEL),
     params:
         run=segrefine(model_env(PREANNOTATE_MODEL)),
-        ranking=lambda wc, input: f"--ranking {input.ranking[0]} --top-n {ANNOTATE_NEXT['top_n']}" if input.ranking
-        else "",
+        ranking=lambda wc, input: (
+            f"--ranking {input.ranking[0]} --top-n {ANNOTATE_NEXT['top_n']}" if input.ranking else ""
+        ),
         listed=lambda wc: " ".join(n for n in PREANNOTATE_LISTED if parse_patch_name(n).sn == wc.sample),
         tta=ANNOTATE_NEXT.get("uncertainty_tta", 4),
         archive=PREANNOTATIONS,
         channel=channel_arg,
-    log:
-        "logs/preannotate/{sample}.log",
-    threads: 2
-    resources:
-        gpu=model_gpu(PREANNOTATE_MODEL),
-    conda:
-        env_file(model_env(PREANNOTATE_MODEL))
     shell:
         "OMP_NUM_THREADS={threads} {params.run} preannotate --card {input.card} --pretrained-card {input.pretrained} "
         "--slide {input.slide} --sn {wildcards.sample} {params.ranking} --patches {params.listed} "
@@ -77,22 +87,34 @@ rule corrections:
         summary=f"{RESULTS}/evaluation/summary.csv",
     output:
         cells=f"{RESULTS}/corrections/per_cell.csv",
-        patches=report(f"{RESULTS}/corrections/per_patch.csv", caption="../report/corrections.rst",
-                       category="4. Annotate next", labels={"table": "corrections per patch"}),
-        rounds=report(f"{RESULTS}/corrections/per_round.csv", caption="../report/corrections.rst",
-                      category="4. Annotate next", labels={"table": "corrections per round"}),
-        png=report(f"{RESULTS}/corrections/corrections.png", caption="../report/corrections.rst",
-                   category="4. Annotate next", labels={"figure": "corrections"}),
+        patches=report(
+            f"{RESULTS}/corrections/per_patch.csv",
+            caption="../report/corrections.rst",
+            category="4. Annotate next",
+            labels={"table": "corrections per patch"},
+        ),
+        rounds=report(
+            f"{RESULTS}/corrections/per_round.csv",
+            caption="../report/corrections.rst",
+            category="4. Annotate next",
+            labels={"table": "corrections per round"},
+        ),
+        png=report(
+            f"{RESULTS}/corrections/corrections.png",
+            caption="../report/corrections.rst",
+            category="4. Annotate next",
+            labels={"figure": "corrections"},
+        ),
+    log:
+        "logs/corrections.log",
+    conda:
+        env_file("core")
     params:
         exclude=" ".join(shlex.quote(c) for c in config["annotations"]["exclude_classes"]),
         nucleus="--use-nucleus" if config["annotations"]["use_nucleus"] else "",
         archive=PREANNOTATIONS,
         model=PREANNOTATE_MODEL,
         out_dir=lambda wc, output: str(Path(output.cells).parent),
-    log:
-        "logs/corrections.log",
-    conda:
-        env_file("core")
     shell:
         segrefine("core") + " corrections --annotations {input.annotations:q} --archive {params.archive} "
         "--summary {input.summary} --model {params.model} --exclude-class {params.exclude} {params.nucleus} "

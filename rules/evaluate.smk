@@ -11,20 +11,20 @@ rule evaluate:
     output:
         csv=f"{EVAL}/{{model}}/{{stage}}.csv",
         predictions=f"{EVAL}/{{model}}/{{stage}}_predictions.npz",
+    log:
+        "logs/evaluate/{model}/{stage}.log",
+    benchmark:
+        "benchmarks/evaluate/{model}/{stage}.tsv"
+    conda:
+        lambda wc: env_file(model_env(wc.model))
+    threads: 2
+    resources:
+        gpu=lambda wc: model_gpu(wc.model),
     params:
         run=lambda wc: segrefine(model_env(wc.model)),
         modes=" ".join(EVALUATION["modes"]),
         iou=EVALUATION["iou_threshold"],
         min_size=EVALUATION["min_size"],
-    log:
-        "logs/evaluate/{model}/{stage}.log",
-    benchmark:
-        "benchmarks/evaluate/{model}/{stage}.tsv"
-    threads: 2
-    resources:
-        gpu=lambda wc: model_gpu(wc.model),
-    conda:
-        lambda wc: env_file(model_env(wc.model))
     shell:
         "OMP_NUM_THREADS={threads} {params.run} evaluate --card {input.card} --trainset {input.trainset} "
         "--split test --modes {params.modes} --iou-threshold {params.iou} --min-size {params.min_size} "
@@ -36,10 +36,18 @@ rule evaluation_summary:
     input:
         expand(f"{EVAL}/{{model}}/{{stage}}.csv", model=config["models"], stage=["pretrained", "finetuned"]),
     output:
-        summary=report(f"{EVAL}/summary.csv", caption="../report/summary.rst", category="1. Evaluation",
-                       labels={"table": "summary (mean per model, stage, mode)"}),
-        long=report(f"{EVAL}/metrics_long.csv", caption="../report/metrics_long.rst", category="1. Evaluation",
-                    labels={"table": "every value (long format)"}),
+        summary=report(
+            f"{EVAL}/summary.csv",
+            caption="../report/summary.rst",
+            category="1. Evaluation",
+            labels={"table": "summary (mean per model, stage, mode)"},
+        ),
+        long=report(
+            f"{EVAL}/metrics_long.csv",
+            caption="../report/metrics_long.rst",
+            category="1. Evaluation",
+            labels={"table": "every value (long format)"},
+        ),
         xlsx=f"{EVAL}/metrics.xlsx",
     log:
         "logs/evaluate/summary.log",
@@ -55,10 +63,18 @@ rule evaluation_boxplots:
     input:
         f"{EVAL}/metrics_long.csv",
     output:
-        png=report(f"{EVAL}/boxplots.png", caption="../report/boxplots.rst", category="1. Evaluation",
-                   labels={"figure": "box plots before vs after fine-tuning"}),
-        stats=report(f"{EVAL}/wilcoxon.csv", caption="../report/wilcoxon.rst", category="1. Evaluation",
-                     labels={"table": "paired Wilcoxon signed-rank tests"}),
+        png=report(
+            f"{EVAL}/boxplots.png",
+            caption="../report/boxplots.rst",
+            category="1. Evaluation",
+            labels={"figure": "box plots before vs after fine-tuning"},
+        ),
+        stats=report(
+            f"{EVAL}/wilcoxon.csv",
+            caption="../report/wilcoxon.rst",
+            category="1. Evaluation",
+            labels={"table": "paired Wilcoxon signed-rank tests"},
+        ),
     log:
         "logs/evaluate/boxplots.log",
     conda:
@@ -74,15 +90,20 @@ rule evaluation_overlays:
         predictions=f"{EVAL}/{{model}}/{{stage}}_predictions.npz",
         trainset=f"{RESULTS}/trainset/trainset.tsv",
     output:
-        report(directory(f"{EVAL}/{{model}}/{{stage}}_overlays"), patterns=["{patch}.png"],
-               caption="../report/overlays.rst", category="2. Overlays", subcategory="{model} {stage}",
-               labels={"model": "{model}", "stage": "{stage}", "patch": "{patch}"}),
-    params:
-        iou=EVALUATION["iou_threshold"],
+        report(
+            directory(f"{EVAL}/{{model}}/{{stage}}_overlays"),
+            patterns=["{patch}.png"],
+            caption="../report/overlays.rst",
+            category="2. Overlays",
+            subcategory="{model} {stage}",
+            labels={"model": "{model}", "stage": "{stage}", "patch": "{patch}"},
+        ),
     log:
         "logs/evaluate/overlays/{model}/{stage}.log",
     conda:
         env_file("core")
+    params:
+        iou=EVALUATION["iou_threshold"],
     shell:
         segrefine("core") + " overlays --predictions {input.predictions} --trainset {input.trainset} "
         "--title '{wildcards.model} ({wildcards.stage})' --iou-threshold {params.iou} --out-dir {output} 2> {log}"
@@ -93,14 +114,18 @@ rule loss_curves:
     input:
         expand(f"{RESULTS}/models/{{model}}/finetuned/losses.json", model=config["models"]),
     output:
-        report(f"{EVAL}/loss_curves.png", caption="../report/loss_curves.rst", category="3. Fine-tuning",
-               labels={"figure": "loss curves"}),
-    params:
-        names=" ".join(config["models"]),
+        report(
+            f"{EVAL}/loss_curves.png",
+            caption="../report/loss_curves.rst",
+            category="3. Fine-tuning",
+            labels={"figure": "loss curves"},
+        ),
     log:
         "logs/evaluate/loss_curves.log",
     conda:
         env_file("core")
+    params:
+        names=" ".join(config["models"]),
     shell:
         segrefine("core") + " loss-curves --losses {input} --names {params.names} --out {output} 2> {log}"
 
@@ -111,10 +136,18 @@ rule complexity:
         trainset=f"{RESULTS}/trainset/trainset.tsv",
         long=f"{EVAL}/metrics_long.csv",
     output:
-        table=report(f"{EVAL}/complexity.csv", caption="../report/complexity.rst", category="1. Evaluation",
-                     labels={"table": "tissue complexity per patch"}),
-        joined=report(f"{EVAL}/complexity_vs_accuracy.csv", caption="../report/complexity_vs_accuracy.rst",
-                      category="1. Evaluation", labels={"table": "complexity beside accuracy"}),
+        table=report(
+            f"{EVAL}/complexity.csv",
+            caption="../report/complexity.rst",
+            category="1. Evaluation",
+            labels={"table": "tissue complexity per patch"},
+        ),
+        joined=report(
+            f"{EVAL}/complexity_vs_accuracy.csv",
+            caption="../report/complexity_vs_accuracy.rst",
+            category="1. Evaluation",
+            labels={"table": "complexity beside accuracy"},
+        ),
     log:
         "logs/evaluate/complexity.log",
     conda:
@@ -131,19 +164,19 @@ rule screen_pretrained:
         trainset=f"{RESULTS}/trainset/trainset.tsv",
     output:
         f"{EVAL}/screening/{{model}}.csv",
-    params:
-        run=lambda wc: segrefine(model_env(wc.model)),
-        iou=EVALUATION["iou_threshold"],
-        min_size=EVALUATION["min_size"],
     log:
         "logs/evaluate/screening/{model}.log",
     benchmark:
         "benchmarks/evaluate/screening/{model}.tsv"
+    conda:
+        lambda wc: env_file(model_env(wc.model))
     threads: 2
     resources:
         gpu=lambda wc: model_gpu(wc.model),
-    conda:
-        lambda wc: env_file(model_env(wc.model))
+    params:
+        run=lambda wc: segrefine(model_env(wc.model)),
+        iou=EVALUATION["iou_threshold"],
+        min_size=EVALUATION["min_size"],
     shell:
         "OMP_NUM_THREADS={threads} {params.run} evaluate --card {input.card} --trainset {input.trainset} "
         "--split all --modes standard --iou-threshold {params.iou} --min-size {params.min_size} "
@@ -155,8 +188,12 @@ rule screening_ranking:
     input:
         expand(f"{EVAL}/screening/{{model}}.csv", model=config["models"]),
     output:
-        report(f"{EVAL}/screening/ranking.csv", caption="../report/screening.rst", category="1. Evaluation",
-               labels={"table": "zero-shot screening of pretrained models"}),
+        report(
+            f"{EVAL}/screening/ranking.csv",
+            caption="../report/screening.rst",
+            category="1. Evaluation",
+            labels={"table": "zero-shot screening of pretrained models"},
+        ),
     log:
         "logs/evaluate/screening/ranking.log",
     conda:
@@ -176,23 +213,27 @@ rule threshold_sweep:
         card=f"{RESULTS}/models/{{model}}/{{stage}}/card.json",
         trainset=f"{RESULTS}/trainset/trainset.tsv",
     output:
-        report(f"{EVAL}/threshold_sweep/{{model}}/{{stage}}.csv", caption="../report/threshold_sweep.rst",
-               category="1. Evaluation", subcategory="threshold sweeps",
-               labels={"model": "{model}", "stage": "{stage}"}),
+        report(
+            f"{EVAL}/threshold_sweep/{{model}}/{{stage}}.csv",
+            caption="../report/threshold_sweep.rst",
+            category="1. Evaluation",
+            subcategory="threshold sweeps",
+            labels={"model": "{model}", "stage": "{stage}"},
+        ),
+    log:
+        "logs/evaluate/threshold_sweep/{model}/{stage}.log",
+    benchmark:
+        "benchmarks/evaluate/threshold_sweep/{model}/{stage}.tsv"
+    conda:
+        lambda wc: env_file(model_env(wc.model))
+    threads: 2
+    resources:
+        gpu=lambda wc: model_gpu(wc.model),
     params:
         run=lambda wc: segrefine(model_env(wc.model)),
         grid=lambda wc: params_json(EVALUATION.get("threshold_grids", {}).get(model_cfg(wc.model)["framework"])),
         iou=EVALUATION["iou_threshold"],
         min_size=EVALUATION["min_size"],
-    log:
-        "logs/evaluate/threshold_sweep/{model}/{stage}.log",
-    benchmark:
-        "benchmarks/evaluate/threshold_sweep/{model}/{stage}.tsv"
-    threads: 2
-    resources:
-        gpu=lambda wc: model_gpu(wc.model),
-    conda:
-        lambda wc: env_file(model_env(wc.model))
     shell:
         "OMP_NUM_THREADS={threads} {params.run} threshold-sweep --card {input.card} --trainset {input.trainset} "
         "--split val --grid {params.grid} --iou-threshold {params.iou} --min-size {params.min_size} "

@@ -8,16 +8,16 @@ rule cgef:
         cgef=f"{RESULTS}/expression/{{sample}}/cells.cgef",
         cellmap=f"{RESULTS}/expression/{{sample}}/cellmap.csv",
         report=f"{RESULTS}/expression/{{sample}}/alignment.json",
-    params:
-        writer=config["expression"]["writer"],
-        origin=expression_origin,
     log:
         "logs/cgef/{sample}.log",
     benchmark:
         "benchmarks/cgef/{sample}.tsv"
-    threads: config["expression"]["threads"]
     conda:
         env_file("gef")
+    threads: config["expression"]["threads"]
+    params:
+        writer=config["expression"]["writer"],
+        origin=expression_origin,
     shell:
         segrefine("gef") + " cgef --gem {input.gem:q} --labels {input.labels} --cgef {output.cgef} "
         "--cellmap {output.cellmap} --report {output.report} --writer {params.writer} --origin {params.origin} "
@@ -29,12 +29,12 @@ use rule cgef as cgef_qc with:
         cgef=f"{RESULTS}/expression/{{sample}}/{{stage}}/cells.cgef",
         cellmap=f"{RESULTS}/expression/{{sample}}/{{stage}}/cellmap.csv",
         report=f"{RESULTS}/expression/{{sample}}/{{stage}}/alignment.json",
-    wildcard_constraints:
-        stage=other_stage(),
     log:
         "logs/cgef/{stage}/{sample}.log",
     benchmark:
         "benchmarks/cgef/{stage}/{sample}.tsv"
+    wildcard_constraints:
+        stage=other_stage(),
 
 
 rule h5ad:
@@ -63,21 +63,38 @@ rule expression_qc:
         cellmaps=qc_cellmaps,
         reports=qc_reports,
     output:
-        summary=report(qc_outputs()["summary"], caption="../report/qc_summary.rst", **QC_REPORT),
-        cells=qc_outputs()["cells"],
-        extreme=report(qc_outputs()["extreme"], caption="../report/qc_extreme_area.rst", **QC_REPORT),
-        plot=report(qc_outputs()["plot"], caption="../report/qc_distributions.rst", **QC_REPORT),
-        **({"before_after": report(qc_outputs()["before_after"], caption="../report/qc_before_after.rst",
-                                   **QC_REPORT)} if qc_before_after() else {}),
-        **({"saw_comparison": report(qc_outputs()["saw_comparison"], caption="../report/qc_saw_comparison.rst",
-                                     **QC_REPORT)} if saw_tables() else {}),
-    params:
-        args=qc_args,
-        out_dir=lambda wc, output: str(Path(output.summary).parent),
+        # one dict, so the optional outputs stay after the others (snakefmt moves a directive's `**` items first)
+        **{
+            "summary": report(qc_outputs()["summary"], caption="../report/qc_summary.rst", **QC_REPORT),
+            "cells": qc_outputs()["cells"],
+            "extreme": report(qc_outputs()["extreme"], caption="../report/qc_extreme_area.rst", **QC_REPORT),
+            "plot": report(qc_outputs()["plot"], caption="../report/qc_distributions.rst", **QC_REPORT),
+            **(
+                {
+                    "before_after": report(
+                        qc_outputs()["before_after"], caption="../report/qc_before_after.rst", **QC_REPORT
+                    )
+                }
+                if qc_before_after()
+                else {}
+            ),
+            **(
+                {
+                    "saw_comparison": report(
+                        qc_outputs()["saw_comparison"], caption="../report/qc_saw_comparison.rst", **QC_REPORT
+                    )
+                }
+                if saw_tables()
+                else {}
+            ),
+        },
     log:
         "logs/expression_qc.log",
     conda:
         env_file("core")
+    params:
+        args=qc_args,
+        out_dir=lambda wc, output: str(Path(output.summary).parent),
     shell:
         segrefine("core") + " expression-qc --cellmaps {input.cellmaps} --reports {input.reports} {params.args} "
         "--out-dir {params.out_dir} > {log} 2>&1"
@@ -90,10 +107,10 @@ rule saw_cells:
         lambda wc: samples.loc[wc.sample, "saw_cellbins"][wc.saw_stage],
     output:
         f"{RESULTS}/expression/{{sample}}/{{saw_stage}}/cellmap.csv",
-    wildcard_constraints:
-        saw_stage="saw_nuclei|saw_cells",
     log:
         "logs/saw_cells/{sample}.{saw_stage}.log",
+    wildcard_constraints:
+        saw_stage="saw_nuclei|saw_cells",
     conda:
         env_file("gef")
     shell:

@@ -7,20 +7,20 @@ rule finetune:
         card=f"{RESULTS}/models/{{model}}/finetuned/card.json",
         losses=f"{RESULTS}/models/{{model}}/finetuned/losses.json",
         curve=f"{RESULTS}/models/{{model}}/finetuned/loss.png",
+    log:
+        "logs/finetune/{model}.log",
+    benchmark:
+        "benchmarks/finetune/{model}.tsv"
+    conda:
+        lambda wc: env_file(model_env(wc.model))
+    threads: 2
+    resources:
+        gpu=lambda wc: model_gpu(wc.model),
     params:
         hp=lambda wc: params_json(model_cfg(wc.model).get("hyperparameters")),
         seed=lambda wc: model_cfg(wc.model)["seed"],
         outdir=lambda wc, output: str(Path(output.card).parent),
         run=lambda wc: segrefine(model_env(wc.model)),
-    log:
-        "logs/finetune/{model}.log",
-    benchmark:
-        "benchmarks/finetune/{model}.tsv"
-    threads: 2
-    resources:
-        gpu=lambda wc: model_gpu(wc.model),
-    conda:
-        lambda wc: env_file(model_env(wc.model))
     shell:
         "OMP_NUM_THREADS={threads} {params.run} finetune --pretrained-card {input.pretrained} "
         "--trainset {input.trainset} --name {wildcards.model} --params {params.hp} --seed {params.seed} "

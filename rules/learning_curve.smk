@@ -14,8 +14,10 @@ except SegRefineError as exc:
     fail(f"evaluation.learning_curve: {exc}")
 LC_MODELS = list(LEARNING_CURVE["models"])
 if set(LC_MODELS) - set(config["models"]):
-    fail(f"evaluation.learning_curve.models {sorted(set(LC_MODELS) - set(config['models']))} are not configured "
-         f"models: {sorted(config['models'])}")
+    fail(
+        f"evaluation.learning_curve.models {sorted(set(LC_MODELS) - set(config['models']))} are not configured "
+        f"models: {sorted(config['models'])}"
+    )
 
 
 rule learning_curve_subset:
@@ -26,14 +28,14 @@ rule learning_curve_subset:
     output:
         table=f"{LC}/subsets/{{subset}}.tsv",
         summary=f"{LC}/subsets/{{subset}}.json",
-    wildcard_constraints:
-        subset=r"f[0-9.]+|c[0-9]+",
-    params:
-        seed=LEARNING_CURVE["seed"],
     log:
         "logs/learning_curve/subsets/{subset}.log",
+    wildcard_constraints:
+        subset=r"f[0-9.]+|c[0-9]+",
     conda:
         env_file("core")
+    params:
+        seed=LEARNING_CURVE["seed"],
     shell:
         segrefine("core") + " learning-curve-subset --trainset {input} --subset {wildcards.subset} "
         "--seed {params.seed} --out {output.table} > {log} 2>&1"
@@ -47,22 +49,22 @@ rule learning_curve_finetune:
     output:
         card=f"{LC}/{{model}}/{{subset}}/model/card.json",
         losses=f"{LC}/{{model}}/{{subset}}/model/losses.json",
+    log:
+        "logs/learning_curve/{model}/{subset}/finetune.log",
+    benchmark:
+        "benchmarks/learning_curve/{model}/{subset}/finetune.tsv"
     wildcard_constraints:
         subset=r"f[0-9.]+|c[0-9]+",
+    conda:
+        lambda wc: env_file(model_env(wc.model))
+    threads: 2
+    resources:
+        gpu=lambda wc: model_gpu(wc.model),
     params:
         hp=lambda wc: params_json(model_cfg(wc.model).get("hyperparameters")),
         seed=lambda wc: model_cfg(wc.model)["seed"],
         outdir=lambda wc, output: str(Path(output.card).parent),
         run=lambda wc: segrefine(model_env(wc.model)),
-    log:
-        "logs/learning_curve/{model}/{subset}/finetune.log",
-    benchmark:
-        "benchmarks/learning_curve/{model}/{subset}/finetune.tsv"
-    threads: 2
-    resources:
-        gpu=lambda wc: model_gpu(wc.model),
-    conda:
-        lambda wc: env_file(model_env(wc.model))
     shell:
         "OMP_NUM_THREADS={threads} {params.run} finetune --pretrained-card {input.pretrained} "
         "--trainset {input.trainset} --name {wildcards.model} --params {params.hp} --seed {params.seed} "
@@ -76,20 +78,20 @@ rule learning_curve_evaluate:
         trainset=f"{LC}/subsets/{{subset}}.tsv",
     output:
         f"{LC}/{{model}}/{{subset}}/test.csv",
+    log:
+        "logs/learning_curve/{model}/{subset}/evaluate.log",
     wildcard_constraints:
         subset=r"f[0-9.]+|c[0-9]+",
+    conda:
+        lambda wc: env_file(model_env(wc.model))
+    threads: 2
+    resources:
+        gpu=lambda wc: model_gpu(wc.model),
     params:
         run=lambda wc: segrefine(model_env(wc.model)),
         modes=" ".join(EVALUATION["modes"]),
         iou=EVALUATION["iou_threshold"],
         min_size=EVALUATION["min_size"],
-    log:
-        "logs/learning_curve/{model}/{subset}/evaluate.log",
-    threads: 2
-    resources:
-        gpu=lambda wc: model_gpu(wc.model),
-    conda:
-        lambda wc: env_file(model_env(wc.model))
     shell:
         "OMP_NUM_THREADS={threads} {params.run} evaluate --card {input.card} --trainset {input.trainset} "
         "--split test --modes {params.modes} --iou-threshold {params.iou} --min-size {params.min_size} "
@@ -100,16 +102,22 @@ rule learning_curve:
     """F1, precision and recall versus the number of annotated training cells, per model and mode
     (the pretrained model at 0 cells)."""
     input:
-        evaluations=expand(f"{LC}/{{model}}/{{subset}}/test.csv", model=LC_MODELS,
-                           subset=LC_SUBSETS),
-        subsets=expand(f"{LC}/subsets/{{subset}}.tsv", model=LC_MODELS,
-                       subset=LC_SUBSETS),
+        evaluations=expand(f"{LC}/{{model}}/{{subset}}/test.csv", model=LC_MODELS, subset=LC_SUBSETS),
+        subsets=expand(f"{LC}/subsets/{{subset}}.tsv", model=LC_MODELS, subset=LC_SUBSETS),
         pretrained=expand(f"{EVAL}/{{model}}/pretrained.csv", model=LC_MODELS),
     output:
-        table=report(f"{LC}/learning_curve.csv", caption="../report/learning_curve.rst", category="1. Evaluation",
-                     labels={"table": "learning curve"}),
-        png=report(f"{LC}/learning_curve.png", caption="../report/learning_curve.rst", category="1. Evaluation",
-                   labels={"figure": "learning curve"}),
+        table=report(
+            f"{LC}/learning_curve.csv",
+            caption="../report/learning_curve.rst",
+            category="1. Evaluation",
+            labels={"table": "learning curve"},
+        ),
+        png=report(
+            f"{LC}/learning_curve.png",
+            caption="../report/learning_curve.rst",
+            category="1. Evaluation",
+            labels={"figure": "learning curve"},
+        ),
     log:
         "logs/learning_curve/learning_curve.log",
     conda:

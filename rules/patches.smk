@@ -4,14 +4,14 @@ rule annotated_patch:
         slide=lambda wc: samples.loc[wc.sample, "image"],
     output:
         f"{RESULTS}/patches/{{sample}}/{{patch}}-img.tif",
-    params:
-        pad=f"--pad-to {config['patches']['pad_to']}" if config["patches"]["pad_to"] else "",
-        outdir=lambda wc, output: str(Path(output[0]).parent),
-        channel=channel_arg,
     log:
         "logs/patches/{sample}/{patch}.log",
     conda:
         env_file("core")
+    params:
+        pad=f"--pad-to {config['patches']['pad_to']}" if config["patches"]["pad_to"] else "",
+        outdir=lambda wc, output: str(Path(output[0]).parent),
+        channel=channel_arg,
     shell:
         segrefine("core") + " patches --slide {input.slide} --name {wildcards.patch} "
         "--out-dir {params.outdir} {params.pad} {params.channel} 2> {log}"
@@ -25,14 +25,17 @@ rule candidate_patches:
     output:
         patches=directory(f"{RESULTS}/candidates/{{sample}}/patches"),
         done=touch(f"{RESULTS}/candidates/{{sample}}/done"),
-    params:
-        where=lambda wc, input: (f"--coords {shlex.quote(input.coords)}" if input.coords
-               else "--grid {size} {step}".format(**config["patches"]["candidates"])),
-        channel=channel_arg,
     log:
         "logs/candidates/{sample}.log",
     conda:
         env_file("core")
+    params:
+        where=lambda wc, input: (
+            f"--coords {shlex.quote(input.coords)}"
+            if input.coords
+            else "--grid {size} {step}".format(**config["patches"]["candidates"])
+        ),
+        channel=channel_arg,
     shell:
         segrefine("core") + " patches --slide {input.slide} {params.where} "
         "--sn {wildcards.sample} --out-dir {output.patches} {params.channel} 2> {log}"

@@ -12,12 +12,12 @@ use rule h5ad as h5ad_qc with:
         cellmap=f"{RESULTS}/expression/{{sample}}/{{stage}}/cellmap.csv",
     output:
         f"{RESULTS}/expression/{{sample}}/{{stage}}/cells.h5ad",
-    wildcard_constraints:
-        stage=other_stage(),
     log:
         "logs/h5ad/{stage}/{sample}.log",
     benchmark:
         "benchmarks/h5ad/{stage}/{sample}.tsv"
+    wildcard_constraints:
+        stage=other_stage(),
 
 
 rule purity:
@@ -31,17 +31,17 @@ rule purity:
         summary=f"{RESULTS}/expression/{{sample}}/purity/summary.json",
         cells=f"{RESULTS}/expression/{{sample}}/purity/cells.csv",
         pairs=f"{RESULTS}/expression/{{sample}}/purity/mecr_pairs.csv",
-    params:
-        stages=lambda wc: " ".join(purity_stages()),
-        args=purity_args,
-        origin=expression_origin,
-        out_dir=lambda wc, output: str(Path(output.summary).parent),
     log:
         "logs/purity/{sample}.log",
     benchmark:
         "benchmarks/purity/{sample}.tsv"
     conda:
         env_file("gef")
+    params:
+        stages=lambda wc: " ".join(purity_stages()),
+        args=purity_args,
+        origin=expression_origin,
+        out_dir=lambda wc, output: str(Path(output.summary).parent),
     shell:
         segrefine("gef") + " purity --sample {wildcards.sample} --stages {params.stages} --cgefs {input.cgefs} "
         "--labels {input.labels} --out-dir {params.out_dir} --origin {params.origin}{params.args} > {log} 2>&1"
@@ -52,19 +52,20 @@ rule cluster_check:
     Leiden, seeded); with a truth, the adjusted Rand index of the clusters against the cells' true types."""
     input:
         h5ads=lambda wc: [f"{table_dir(wc.sample, st)}/cells.h5ad" for st in purity_stages()],
-        cells=lambda wc: ([f"{RESULTS}/expression/{wc.sample}/purity/cells.csv"]
-                          if sample_column(wc.sample, "truth") else []),
+        cells=lambda wc: (
+            [f"{RESULTS}/expression/{wc.sample}/purity/cells.csv"] if sample_column(wc.sample, "truth") else []
+        ),
     output:
         f"{RESULTS}/expression/{{sample}}/purity/clusters.json",
-    params:
-        stages=lambda wc: " ".join(purity_stages()),
-        cells=lambda wc, input: f"--cells {input.cells}" if input.cells else "",
     log:
         "logs/cluster_check/{sample}.log",
     benchmark:
         "benchmarks/cluster_check/{sample}.tsv"
     conda:
         env_file("anndata")
+    params:
+        stages=lambda wc: " ".join(purity_stages()),
+        cells=lambda wc, input: f"--cells {input.cells}" if input.cells else "",
     shell:
         segrefine("anndata") + " cluster-check --sample {wildcards.sample} --stages {params.stages} "
         "--h5ads {input.h5ads} {params.cells} --out {output} > {log} 2>&1"
@@ -78,12 +79,12 @@ rule purity_table:
     output:
         table=report(f"{RESULTS}/expression/qc/purity.csv", caption="../report/qc_purity.rst", **QC_REPORT),
         plot=report(f"{RESULTS}/expression/qc/purity.png", caption="../report/qc_purity.rst", **QC_REPORT),
-    params:
-        summaries=lambda wc, input: f"--summaries {' '.join(input.summaries)}" if input.summaries else "",
     log:
         "logs/purity_table.log",
     conda:
         env_file("core")
+    params:
+        summaries=lambda wc, input: f"--summaries {' '.join(input.summaries)}" if input.summaries else "",
     shell:
         segrefine("core") + " purity-table {params.summaries} --clusters {input.clusters} --out {output.table} "
         "--plot {output.plot} > {log} 2>&1"

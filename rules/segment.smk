@@ -13,15 +13,15 @@ rule tile_plan:
     output:
         plan=f"{RESULTS}/segmentation/{{sample}}/tiles.tsv",
         meta=f"{RESULTS}/segmentation/{{sample}}/tiles.json",
-    params:
-        args=tile_plan_args,
-        channel=channel_arg,
     log:
         "logs/segment/{sample}.plan.log",
     benchmark:
         "benchmarks/segment/{sample}.plan.tsv"
     conda:
         env_file("core")
+    params:
+        args=tile_plan_args,
+        channel=channel_arg,
     shell:
         segrefine("core") + " tile-plan --slide {input.slide:q} --out {output.plan} "
         "--out-json {output.meta} {params.args} {params.channel} 2> {log}"
@@ -53,21 +53,21 @@ rule segment_shard:
         halo_check=halo_check_input,
     output:
         f"{RESULTS}/segmentation/{{sample}}/shards/{{shard}}.json",
-    params:
-        run=segrefine(model_env(config["segmentation"]["model"])),
-        tiles=lambda wc, output: str(Path(output[0]).parent.parent / "tiles"),
-        model_context="" if tiling_cfg()["model_context"] else "--no-model-context",
-    wildcard_constraints:
-        shard=r"\d+",
     log:
         "logs/segment/{sample}.shard{shard}.log",
     benchmark:
         "benchmarks/segment/{sample}.shard{shard}.tsv"
+    wildcard_constraints:
+        shard=r"\d+",
+    conda:
+        env_file(model_env(config["segmentation"]["model"]))
     threads: 2
     resources:
         gpu=model_gpu(config["segmentation"]["model"]),
-    conda:
-        env_file(model_env(config["segmentation"]["model"]))
+    params:
+        run=segrefine(model_env(config["segmentation"]["model"])),
+        tiles=lambda wc, output: str(Path(output[0]).parent.parent / "tiles"),
+        model_context="" if tiling_cfg()["model_context"] else "--no-model-context",
     shell:
         "OMP_NUM_THREADS={threads} {params.run} segment-shard --plan {input.plan} --shard {wildcards.shard} "
         "--card {input.card} --slide {input.slide:q} --tiles-dir {params.tiles} --out {output} "
@@ -86,23 +86,28 @@ rule stitch:
         cells=f"{RESULTS}/segmentation/{{sample}}/cells.csv",
         parquet=f"{RESULTS}/segmentation/{{sample}}/cells.parquet",
         geojson=f"{RESULTS}/segmentation/{{sample}}/cells.geojson",
-        overlay=report(f"{RESULTS}/segmentation/{{sample}}/overlay.png", caption="../report/slide_overlay.rst",
-                       category="5. Whole slide", labels={"sample": "{sample}", "figure": "cell outlines",
-                                                          "stage": config["segmentation"]["stage"]}),
-        probability=report(f"{RESULTS}/segmentation/{{sample}}/probability_map.png",
-                           caption="../report/probability_map.rst", category="5. Whole slide",
-                           labels={"sample": "{sample}", "figure": "cell probability",
-                                   "stage": config["segmentation"]["stage"]}),
+        overlay=report(
+            f"{RESULTS}/segmentation/{{sample}}/overlay.png",
+            caption="../report/slide_overlay.rst",
+            category="5. Whole slide",
+            labels={"sample": "{sample}", "figure": "cell outlines", "stage": config["segmentation"]["stage"]},
+        ),
+        probability=report(
+            f"{RESULTS}/segmentation/{{sample}}/probability_map.png",
+            caption="../report/probability_map.rst",
+            category="5. Whole slide",
+            labels={"sample": "{sample}", "figure": "cell probability", "stage": config["segmentation"]["stage"]},
+        ),
         report=f"{RESULTS}/segmentation/{{sample}}/segmentation.json",
-    params:
-        tiles=lambda wc, output: str(Path(output.labels).parent / "tiles"),
-        pixel_size=lambda wc: samples.loc[wc.sample, "pixel_size_um"],
     log:
         "logs/segment/{sample}.stitch.log",
     benchmark:
         "benchmarks/segment/{sample}.stitch.tsv"
     conda:
         env_file("core")
+    params:
+        tiles=lambda wc, output: str(Path(output.labels).parent / "tiles"),
+        pixel_size=lambda wc: samples.loc[wc.sample, "pixel_size_um"],
     shell:
         segrefine("core") + " stitch --plan {input.plan} --tiles-dir {params.tiles} --shards {input.shards} "
         "--slide {input.slide:q} --labels {output.labels} --cells {output.cells} --parquet {output.parquet} "
@@ -118,13 +123,13 @@ QC_SLIDE = f"{RESULTS}/segmentation/{{sample}}/{{stage}}"
 use rule segment_shard as segment_shard_qc with:
     output:
         f"{QC_SLIDE}/shards/{{shard}}.json",
-    wildcard_constraints:
-        shard=r"\d+",
-        stage=other_stage(),
     log:
         "logs/segment/{stage}/{sample}.shard{shard}.log",
     benchmark:
         "benchmarks/segment/{stage}/{sample}.shard{shard}.tsv"
+    wildcard_constraints:
+        shard=r"\d+",
+        stage=other_stage(),
 
 
 use rule stitch as stitch_qc with:
@@ -133,15 +138,22 @@ use rule stitch as stitch_qc with:
         cells=f"{QC_SLIDE}/cells.csv",
         parquet=f"{QC_SLIDE}/cells.parquet",
         geojson=f"{QC_SLIDE}/cells.geojson",
-        overlay=report(f"{QC_SLIDE}/overlay.png", caption="../report/slide_overlay.rst", category="5. Whole slide",
-                       labels={"sample": "{sample}", "figure": "cell outlines", "stage": "{stage}"}),
-        probability=report(f"{QC_SLIDE}/probability_map.png", caption="../report/probability_map.rst",
-                           category="5. Whole slide",
-                           labels={"sample": "{sample}", "figure": "cell probability", "stage": "{stage}"}),
+        overlay=report(
+            f"{QC_SLIDE}/overlay.png",
+            caption="../report/slide_overlay.rst",
+            category="5. Whole slide",
+            labels={"sample": "{sample}", "figure": "cell outlines", "stage": "{stage}"},
+        ),
+        probability=report(
+            f"{QC_SLIDE}/probability_map.png",
+            caption="../report/probability_map.rst",
+            category="5. Whole slide",
+            labels={"sample": "{sample}", "figure": "cell probability", "stage": "{stage}"},
+        ),
         report=f"{QC_SLIDE}/segmentation.json",
-    wildcard_constraints:
-        stage=other_stage(),
     log:
         "logs/segment/{stage}/{sample}.stitch.log",
     benchmark:
         "benchmarks/segment/{stage}/{sample}.stitch.tsv"
+    wildcard_constraints:
+        stage=other_stage(),

@@ -15,19 +15,22 @@ rule spatialdata:
         h5ad=f"{RESULTS}/expression/{{sample}}/cells.h5ad",
     output:
         store=directory(f"{RESULTS}/spatialdata/{{sample}}.zarr"),
-        png=report(f"{RESULTS}/spatialdata/{{sample}}.png", caption="../report/spatialdata.rst",
-                   category="5. Whole slide", labels={"sample": "{sample}", "figure": "SpatialData store",
-                                                      "stage": config["segmentation"]["stage"]}),
-    params:
-        cells=lambda wc, input: f"--cells-labels {input.cells[0]}" if input.cells else "",
-        pixel_size=lambda wc: samples.loc[wc.sample, "pixel_size_um"],
-        stain=lambda wc: samples.loc[wc.sample, "stain"],
+        png=report(
+            f"{RESULTS}/spatialdata/{{sample}}.png",
+            caption="../report/spatialdata.rst",
+            category="5. Whole slide",
+            labels={"sample": "{sample}", "figure": "SpatialData store", "stage": config["segmentation"]["stage"]},
+        ),
     log:
         "logs/spatialdata/{sample}.log",
     benchmark:
         "benchmarks/spatialdata/{sample}.tsv"
     conda:
         env_file("spatialdata")
+    params:
+        cells=lambda wc, input: f"--cells-labels {input.cells[0]}" if input.cells else "",
+        pixel_size=lambda wc: samples.loc[wc.sample, "pixel_size_um"],
+        stain=lambda wc: samples.loc[wc.sample, "stain"],
     shell:
         segrefine("spatialdata") + " spatialdata --sample {wildcards.sample} --slide {input.slide:q} "
         "--labels {input.labels} {params.cells} --outlines {input.outlines} --cell-table {input.table} "

@@ -6,12 +6,12 @@ rule trainset:
     output:
         table=f"{RESULTS}/trainset/trainset.tsv",
         summary=f"{RESULTS}/trainset/trainset.json",
-    params:
-        cfg=config["trainset"],
     log:
         "logs/trainset/trainset.log",
     conda:
         env_file("core")
+    params:
+        cfg=config["trainset"],
     shell:
         segrefine("core") + " trainset --images {input.images} --masks {input.masks} --out {output.table} "
         "--seed {params.cfg[seed]} --val-fraction {params.cfg[val_fraction]} "
