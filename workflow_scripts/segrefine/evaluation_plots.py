@@ -140,18 +140,16 @@ def overlays(predictions_npz, trainset_path, out_dir, title: str, threshold: flo
     """One PNG per evaluated patch (the patches in ``predictions_npz``), written into ``out_dir``
     (created whole: a temporary folder renamed at the end)."""
     import shutil
-    import tempfile
 
     from matplotlib.patches import Patch
 
     from segrefine import SegRefineError
-    from segrefine.io import read_tiff
+    from segrefine.io import new_work_dir, read_tiff
     from segrefine.trainset import read_trainset
 
     rows = {r["patch"]: r for r in read_trainset(trainset_path)}
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    work = new_work_dir(out_dir.parent, f".{out_dir.name}.")  # after removing the work folders of killed runs
     plt = _pyplot()
     try:
         with np.load(predictions_npz) as preds:

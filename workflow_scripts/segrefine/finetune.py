@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from segrefine import SegRefineError
-from segrefine.io import sha256_file
+from segrefine.io import new_work_dir, sha256_file
 from segrefine.models import adapter_class, read_card, weights_path, write_card
 
 log = logging.getLogger("segrefine.finetune")
@@ -45,7 +44,7 @@ def _keep_version(model_dir: Path, version: str) -> None:
     target = model_dir.parent / "versions" / version
     if target.exists():
         return
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=model_dir.parent))
+    tmp = new_work_dir(model_dir.parent, f".{model_dir.name}.")  # the model's own prefix: one cleanup for both
     try:
         shutil.copytree(model_dir, tmp / "m")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -97,8 +96,7 @@ def plot_losses(losses: dict, title: str, path) -> None:
 
 def _train_and_save(adapter, train, val, params: dict, seed: int, out_dir, card: dict) -> Path:
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    work = new_work_dir(out_dir.parent, f".{out_dir.name}.")  # after removing the work folders of killed runs
     try:
         t0 = time.time()
         losses = adapter.fine_tune(train, val, params, seed, work / "scratch")

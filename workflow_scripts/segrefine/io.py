@@ -12,9 +12,10 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -51,19 +52,40 @@ def atomic_path(path, suffix: Optional[str] = None) -> Iterator[Path]:
             tmp.unlink()
 
 
+#: the 8 characters tempfile.mkstemp and mkdtemp put between a prefix and a suffix
+_TEMP_RANDOM = r"[a-z0-9_]{8}"
+
+
+def _temporaries(parent: Path, prefix: str, rest: str) -> List[Path]:
+    """The entries of ``parent`` named exactly as ``tempfile.mkstemp``/``mkdtemp(prefix=prefix, dir=parent)`` names
+    them: ``prefix``, the 8 random characters, then what the regular expression ``rest`` matches."""
+    pattern = re.compile(re.escape(prefix) + _TEMP_RANDOM + rest, re.DOTALL)
+    try:
+        names = [e.name for e in os.scandir(parent) if e.name.startswith(prefix)]
+    except OSError:
+        return []
+    return [parent / name for name in names if pattern.fullmatch(name)]
+
+
 def remove_leftovers(path) -> None:
     """Remove the temporary files ``atomic_path`` left beside ``path`` in runs that were killed. Called when ``path``
     is about to be written, so they belong to earlier attempts of the same job (one job per output at a time)."""
     path = Path(path)
-    pattern = re.compile(r"^\." + re.escape(path.name) + r"\.[a-z0-9_]{8}\.part")  # mkstemp's 8 characters
-    try:
-        names = [e.name for e in os.scandir(path.parent) if e.name.startswith(f".{path.name}.")]
-    except OSError:
-        return
-    for name in names:
-        if pattern.match(name):
-            with contextlib.suppress(OSError):
-                (path.parent / name).unlink()
+    for old in _temporaries(path.parent, f".{path.name}.", r"\.part.*"):
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
+def new_work_dir(parent, prefix: str) -> Path:
+    """A fresh hidden work folder ``{prefix}XXXXXXXX`` (``tempfile.mkdtemp``) in ``parent``, after removing the
+    folders of exactly that name pattern that killed runs left there. ``prefix`` must belong to one job (the name of
+    its output, or a folder only that job writes in), so a rerun removes its own leftovers and nothing else."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for old in _temporaries(parent, prefix, ""):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
 
 
 def sha256_file(path) -> str:

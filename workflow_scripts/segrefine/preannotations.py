@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -154,7 +153,7 @@ def write_preannotations(card_path, pretrained_card_path, slide_path, sn: str, p
     objects in slide coordinates) and the patch-frame GeoJSON into
     ``{archive_dir}/{patch}/{sha[:12]}.geojson`` (kept when it exists). Returns the patch names."""
     from segrefine.annotations import dump_geojson
-    from segrefine.io import Slide, write_text_atomic, write_tiff
+    from segrefine.io import Slide, new_work_dir, write_text_atomic, write_tiff
     from segrefine.models import load_model
     from segrefine.patches import parse_patch_name
 
@@ -170,8 +169,7 @@ def write_preannotations(card_path, pretrained_card_path, slide_path, sn: str, p
     if summary_csv:
         meta.update(model_f1(summary_csv, card["name"]))
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    work = new_work_dir(out_dir.parent, f".{out_dir.name}.")  # after removing the work folders of killed runs
     try:
         with Slide(slide_path, channel=channel) as slide:
             for b in boxes:

@@ -223,12 +223,14 @@ def summarize_purity(table, mixed_fraction: float = MIXED_FRACTION) -> dict:
 
 def truth_purity(expression, labels_path, truth_path, truth_types_path=None, markers=None,
                  mixed_fraction: float = MIXED_FRACTION, origin=None, out_cells=None, out_summary=None,
-                 chunk: Optional[int] = None, band_rows: Optional[int] = None):
+                 chunk: Optional[int] = None, band_rows: Optional[int] = None, work_dir=None):
     """Per-cell purity of a segmentation against the truth labels (module docstring); returns (table, summary).
 
     ``expression``: GEM or bgef; ``labels_path``, ``truth_path``: label images of the same size, pixel (0, 0) at
     GEM coordinate ``origin`` (``auto``: the file's offsets, as `segrefine cgef`); ``markers``: ``{type: [genes]}``
-    (marker purity needs them and ``truth_types_path``)."""
+    (marker purity needs them and ``truth_types_path``). The expression spills to a hidden ``.purity.XXXXXXXX``
+    folder in ``work_dir`` (default: the outputs' folder; one job at a time there), where those of killed runs are
+    removed first; with neither, to the system's temporary folder."""
     import signal
     import sys
     import threading
@@ -236,7 +238,7 @@ def truth_purity(expression, labels_path, truth_path, truth_types_path=None, mar
     from segrefine.cgef import BAND_PIXELS, BAND_ROWS, RecordSpill
     from segrefine.expression import LabelImage, check_frame, resolve_origin
     from segrefine.gem import CHUNK_RECORDS, open_expression
-    from segrefine.io import write_text_atomic
+    from segrefine.io import new_work_dir, write_text_atomic
 
     if not 0 < mixed_fraction <= 0.5:
         raise SegRefineError(f"mixed fraction {mixed_fraction}: expected a fraction in (0, 0.5]")
@@ -255,9 +257,10 @@ def truth_purity(expression, labels_path, truth_path, truth_types_path=None, mar
                                  "not the same frame")
         band_rows = band_rows or max(1, min(BAND_ROWS, BAND_PIXELS // max(1, labels.shape[1])))
         org, how = resolve_origin(reader, origin)
-        where = Path(out_cells or out_summary or ".").parent
-        where.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".purity.", dir=where))
+        if work_dir or out_cells or out_summary:
+            work = new_work_dir(work_dir or Path(out_cells or out_summary).parent, ".purity.")
+        else:  # a library call without outputs
+            work = Path(tempfile.mkdtemp(prefix="segrefine-purity-"))
         spill = RecordSpill(reader, org, labels.shape, work)
         check_frame(spill, labels.shape, org, how, expression, labels_path)
         kinds = list(markers)
@@ -388,7 +391,7 @@ def purity_step(stages: Sequence[str], cgefs: Sequence, labels: Sequence, out_di
             pair_rows += [{"sample": sample, "stage": stage, **p} for p in pairs]
         if truth:
             table, entry["truth"] = truth_purity(expression, lab, truth, truth_types, markers, mixed_fraction,
-                                                 origin)
+                                                 origin, work_dir=out)
             tables.append(table.assign(stage=stage)[["stage", *CELL_COLUMNS]])
         result["stages"][stage] = entry
     cells = pd.concat(tables) if tables else pd.DataFrame(columns=["stage", *CELL_COLUMNS])
