@@ -127,12 +127,10 @@ def test_h5ad_of_a_slide_without_cells_is_a_valid_empty_anndata(demo, tmp_path, 
         assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_a_rerun_removes_the_temporary_files_of_killed_runs(demo, tmp_path):
+def test_a_rerun_removes_the_temporary_files_of_killed_runs(demo, small, tmp_path):
     """atomic_path's temporary files (.{name}.XXXXXXXX.part...) beside an output and stitch's work folders
     (.stitch-*) of killed runs are removed when the step writes that output again; other hidden files stay. A blank
     slide also shows stitch's 0-cell case: empty outputs, said so."""
-    run_step("core", "pretrained-card", "--framework", "classical", "--name", "b", "--source", "none",
-             "--out-dir", tmp_path / "card")
     from segrefine.io import write_tiff
 
     write_tiff(tmp_path / "blank.tif", np.zeros((512, 512), np.uint8))
@@ -143,13 +141,88 @@ def test_a_rerun_removes_the_temporary_files_of_killed_runs(demo, tmp_path):
     kept = [seg / ".cells.csv.gz.ab12cd_3.part.csv.gz", seg / ".notes"]  # another output's, and not ours
     for f in leftovers + kept:
         f.write_text("x")
-    proc = run_step("core", "segment", "--card", tmp_path / "card" / "card.json", "--slide", tmp_path / "blank.tif",
+    proc = run_step("core", "segment", "--card", small / "card" / "card.json", "--slide", tmp_path / "blank.tif",
                     "--out-dir", seg, "--no-tissue", "--tile-size", 256)
     assert not (seg / ".stitch-k1ll3d_x").exists() and not any(f.exists() for f in leftovers)
     assert all(f.exists() for f in kept)
     assert not [p.name for p in seg.iterdir() if p.name.startswith(".stitch-")]
     assert "no cell found in" in proc.stderr and "written empty" in proc.stderr
     assert len(pd.read_csv(seg / "cells.csv")) == 0
+
+
+@pytest.fixture(scope="module")
+def small(demo):
+    """The classical model's pretrained card, a training set of four 128 px patches of the demo chip (one test
+    patch), a predictions file of its patches (their truth) and a long metrics table, for the steps below."""
+    import tifffile
+
+    from segrefine.io import write_tiff
+
+    d = demo / "small"
+    run_step("core", "pretrained-card", "--framework", "classical", "--name", "b", "--source", "none",
+             "--out-dir", d / "card")
+    slide, truth = tifffile.imread(demo / "demo" / "P1.tif"), tifffile.imread(demo / "demo" / "P1-truth.tif")
+    names = [f"P1-x{x}_y{y}_w128_h128" for y in (128, 256) for x in (128, 256)]
+    for name, (y, x) in zip(names, [(128, 128), (128, 256), (256, 128), (256, 256)]):
+        write_tiff(d / f"{name}-img.tif", slide[y:y + 128, x:x + 128])
+        write_tiff(d / f"{name}-mask.tif", truth[y:y + 128, x:x + 128])
+    run_step("core", "trainset", "--images", *[d / f"{n}-img.tif" for n in names], "--masks",
+             *[d / f"{n}-mask.tif" for n in names], "--out", d / "trainset.tsv", "--val-fraction", 0.25,
+             "--test-fraction", 0.25)
+    np.savez(d / "pred.npz", **{n: tifffile.imread(d / f"{n}-mask.tif") for n in names[:1]})
+    pd.DataFrame([{"model": "b", "stage": stage, "mode": "standard", "metric": "f1", "image": n, "value": v + k / 10}
+                  for k, n in enumerate(names) for stage, v in (("pretrained", 0.5), ("finetuned", 0.55))]
+                 ).to_csv(d / "long.csv", index=False)
+    return d
+
+
+# the hidden work folders and files each step makes, as a killed run leaves them, and look-alikes that are not its
+# own: id, env, step arguments ({d}: the demo folder, {s}: the small inputs; outputs under "out/"), the folder they
+# lie in, the leftovers (names with ".part": atomic_path's files, others: folders with a file), the look-alikes
+LEFTOVER_CASES = [
+    ("finetune", "core",
+     ["finetune", "--pretrained-card", "{s}/card/card.json", "--trainset", "{s}/trainset.tsv", "--name", "m",
+      "--out-dir", "out/m/finetuned"],
+     "out/m", [".finetuned.k1ll3d_x", ".finetuned.ab12cd_3"],
+     [".pretrained.k1ll3d_x", ".finetuned.k1ll3d_xy", ".finetuned.old", "finetuned.k1ll3d_x"]),
+    ("purity", "gef",
+     ["purity", "--stages", "s", "--cgefs", "{d}/ok/c.cgef", "--labels", "{d}/demo/P1-truth.tif", "--out-dir",
+      "out/purity", "--expression", "{d}/demo/P1.gem.gz", "--truth", "{d}/demo/P1-truth.tif"],
+     "out/purity", [".purity.k1ll3d_x", ".cells.csv.ab12cd_3.part.csv"],
+     [".purity.k1ll3d", ".cgef.k1ll3d_x", ".purity-k1ll3d_x"]),
+    ("preannotate", "core",
+     ["preannotate", "--card", "{s}/card/card.json", "--slide", "{d}/demo/P1.tif", "--sn", "P1", "--patches",
+      "P1-x64_y128_w128_h128", "--out-dir", "out/an/preannotations", "--archive", "out/archive"],
+     "out/an", [".preannotations.k1ll3d_x"], [".preannotations.k1ll3d_x.bak", ".overlays.k1ll3d_x"]),
+    ("overlays", "core",
+     ["overlays", "--predictions", "{s}/pred.npz", "--trainset", "{s}/trainset.tsv", "--title", "b",
+      "--out-dir", "out/ev/overlays"],
+     "out/ev", [".overlays.k1ll3d_x"], [".overlays_2.k1ll3d_x", ".preannotations.k1ll3d_x"]),
+    ("plot-evaluation", "core",
+     ["plot-evaluation", "--long", "{s}/long.csv", "--out", "out/ev/boxplots.png", "--stats", "out/ev/wilcoxon.csv"],
+     "out/ev", [".boxplots.png.k1ll3d_x.part.png", ".wilcoxon.csv.ab12cd_3.part"],
+     [".boxplots.png.k1ll3d_x", ".wilcoxon.csv.gz.ab12cd_3.part.gz"]),
+]
+
+
+@pytest.mark.parametrize("case", LEFTOVER_CASES, ids=[c[0] for c in LEFTOVER_CASES])
+def test_a_rerun_of_each_step_removes_its_own_leftovers_only(case, demo, small, tmp_path):
+    """A step removes the work folders and temporary files that its own killed runs left (the exact names it
+    makes), and keeps every look-alike: another output's, another step's, or a user's."""
+    _, env, args, where, leftovers, kept = case
+    folder = tmp_path / where
+    folder.mkdir(parents=True)
+    for name in leftovers + kept:
+        if ".part" in name:
+            (folder / name).write_text("x")
+        else:
+            (folder / name).mkdir()
+            (folder / name / "weights.json").write_text("{}")
+    run_step(env, *[a.replace("{d}", str(demo)).replace("{s}", str(small)) for a in args], cwd=tmp_path)
+    assert [n for n in leftovers if (folder / n).exists()] == []
+    assert [n for n in kept if not (folder / n).exists()] == []
+    hidden = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob(".*"))
+    assert hidden == sorted(f"{where}/{n}" for n in kept if n.startswith(".")), hidden  # the run left nothing
 
 
 def _tiny_workdir(tmp_path):
