@@ -5,7 +5,8 @@
 PYTHON ?= python3
 # the frameworks' envs come from their registry (FRAMEWORKS in workflow_scripts/segrefine/models/__init__.py)
 FRAMEWORK_ENVS := $(shell PYTHONPATH=workflow_scripts $(PYTHON) -c 'from segrefine.models import framework_envs; print(*framework_envs())')
-ENVS := core $(filter-out core,$(FRAMEWORK_ENVS)) gef stereopy anndata spatialdata
+# every env; lint is the style checks' (snakefmt)
+ENVS := core $(filter-out core,$(FRAMEWORK_ENVS)) gef stereopy anndata spatialdata lint
 ENV_TOOL := $(PYTHON) workflow_scripts/segrefine/envs.py
 CORE_PY = $$($(ENV_TOOL) python core)
 RUN_CORE = PYTHONPATH=workflow_scripts $(CORE_PY)
@@ -46,9 +47,10 @@ test: setup
 test-fast: setup
 	$(RUN_CORE) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
-# ruff's rules are in pyproject.toml
+# ruff's rules and snakefmt's settings are in pyproject.toml; snakemake --lint reads the workflow with the demo config
 lint: setup demo-data
 	$(RUN_CORE) -m ruff check workflow_scripts bench tests
+	$$($(ENV_TOOL) python lint) -m snakefmt --check Snakefile rules
 	$(SNAKEMAKE) --lint
 
 dag: setup demo-data

@@ -1,9 +1,11 @@
 """Style: ruff, with the rules of the clone's pyproject.toml, finds nothing in the library, the benches and the
-tests (`make lint` runs the same check, then `snakemake --lint`)."""
+tests, and snakefmt, with its settings there, would change nothing in the Snakefile and rules/*.smk (`make lint` runs
+the same checks, then `snakemake --lint`, which tests/test_workflow.py runs on the test config)."""
 import subprocess
 import sys
 
 from conftest import REPO
+from segrefine.envs import env_python
 
 
 def ruff(*args, cwd=REPO):
@@ -34,3 +36,30 @@ def test_the_configured_rules_apply(tmp_path):
     found = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("bad.py:")}
     assert found == {"F401", "E501", "B023"}, proc.stdout
     assert "bad.py:2:121: E501" in proc.stdout and "bad.py:3:" not in proc.stdout
+
+
+def snakefmt(*args, cwd=REPO):
+    # snakefmt lives in its own env (envs/lint.yaml), built by make setup
+    cmd = [str(env_python("lint")), "-m", "snakefmt", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+
+
+def test_snakefmt_would_change_nothing():
+    proc = snakefmt("--check", "Snakefile", "rules")
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    n_files = 1 + len(list((REPO / "rules").glob("*.smk")))
+    assert f"All {n_files} file(s) would be left unchanged" in proc.stderr, proc.stderr
+
+
+def test_snakefmt_reads_the_clone_settings(tmp_path):
+    """The check above is not vacuous: with pyproject.toml's line length (120, as ruff's), a 112-character line is
+    left alone and a 124-character one is wrapped; with snakefmt's own default (88) the 112-character line is not."""
+    items = ", ".join(['"aaaaaaaa"'] * 9)
+    (tmp_path / "fits.smk").write_text(f"x = [{items}]\n")
+    (tmp_path / "long.smk").write_text(f"x = [{items}, \"aaaaaaaa\"]\n")
+    assert [len(p.read_text()) - 1 for p in sorted(tmp_path.glob("*.smk"))] == [112, 124]
+    config = ("--config", REPO / "pyproject.toml")
+    assert snakefmt(*config, "--check", "fits.smk", cwd=tmp_path).returncode == 0
+    proc = snakefmt(*config, "--diff", "long.smk", cwd=tmp_path)
+    assert '+     "aaaaaaaa",' in proc.stdout, proc.stdout + proc.stderr
+    assert snakefmt("--check", "fits.smk", cwd=tmp_path).returncode == 1  # no pyproject.toml in tmp_path: 88
