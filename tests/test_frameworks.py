@@ -3,6 +3,7 @@ the config schema; the schema's defaults against the values the rules used to wr
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from segrefine.models import FRAMEWORKS, adapter_class, framework_envs, threshold_grid
+from segrefine import SegRefineError
+from segrefine.models import FRAMEWORKS, adapter_class, config_envs, framework_envs, threshold_grid
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "config" / "schemas" / "config.schema.yaml"
@@ -40,6 +42,63 @@ def test_makefile_builds_every_framework_env():
                          capture_output=True, text=True, check=True).stdout.split()
     assert set(framework_envs()) <= set(out)
     assert out[0] == "core"
+
+
+def test_config_envs_are_its_models_frameworks_envs(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "base_models": {"generic": {"framework": "cellpose"}},
+        "models": {"sd": {"framework": "stardist"}, "unet": {"framework": "unet"},
+                   "baseline": {"framework": "classical"}}}))
+    assert config_envs(config) == ["cellpose", "core", "tensorflow"]
+    assert config_envs(REPO / "config" / "test" / "config.yaml") == ["cellpose", "core", "tensorflow"]
+    config.write_text(yaml.safe_dump({"models": {"x": {"framework": "cpsam"}}}))
+    assert config_envs(config) == ["cpsam"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("models:\n  x: {framework: nope}\n", r"config.yaml: models.x: framework 'nope' is none of \['cellpose'"),
+    ("base_models:\n  b: {n_images: 4}\n", r"config.yaml: base_models.b: framework None is none of"),
+    ("models: [a, b\n", r"config.yaml: not valid YAML"),
+    ("- a\n", r"config.yaml: not a configuration"),
+])
+def test_config_envs_refuses_a_model_without_a_known_framework(tmp_path, text, message):
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    with pytest.raises(SegRefineError, match=message):
+        config_envs(config)
+    with pytest.raises(SegRefineError, match="missing.yaml: config file not found"):
+        config_envs(tmp_path / "missing.yaml")
+
+
+def test_make_demo_builds_only_what_the_demo_uses():
+    """`make demo` builds the envs the rules name (Snakemake needs them to read the workflow) and those of the demo
+    config's models' frameworks: not the other frameworks' (cpsam, 5.4 GB) nor the lint env; `make setup` (and so
+    `make test`) builds every env."""
+    def make(*args):
+        return subprocess.run(["make", "-s", "-C", str(REPO), "--no-print-directory", *args],
+                              capture_output=True, text=True, check=True).stdout
+
+    rule_envs = set()
+    for smk in (REPO / "rules").glob("*.smk"):
+        rule_envs |= set(re.findall(r'env_file\("(\w+)"\)', smk.read_text()))
+    demo = make("print-demo-envs").split()
+    assert len(demo) == len(set(demo)) and demo[0] == "core"
+    assert set(demo) == rule_envs | set(config_envs(REPO / "config" / "config.yaml"))
+    assert {"cpsam", "tensorflow", "lint"}.isdisjoint(demo)
+    every = make("print-envs").split()
+    assert set(every) == {p.stem for p in (REPO / "envs").glob("*.yaml")}
+    # the demo's recipe builds the rules' envs + what config_envs prints for its config, then writes the report
+    plan = make("-n", "demo")
+    rules_part = " ".join(demo[:len(rule_envs)])
+    assert set(demo[:len(rule_envs)]) == rule_envs
+    computed = re.escape(f"config_envs(sys.argv[1]) if e not in sys.argv[2:]))' config/config.yaml {rules_part})")
+    built = re.escape(f"workflow_scripts/segrefine/envs.py build {rules_part} $envs\n")
+    assert re.search(computed + r'" && \S+ ' + built, plan), plan
+    assert f"envs.py build {' '.join(every)}" in make("-n", "setup")
+    assert f"envs.py build {' '.join(every)}" not in plan
+    run, report = plan.index("-m snakemake --profile profiles/local\n"), plan.index("-m snakemake --report results/")
+    assert run < report
 
 
 def test_registry_reads_without_numpy_or_any_framework():

@@ -48,6 +48,31 @@ def framework_envs() -> List[str]:
     return sorted({f["env"] for f in FRAMEWORKS.values()})
 
 
+def config_envs(config_path) -> List[str]:
+    """The envs (sorted) of the frameworks a configuration file's models and base models use: beside the envs the
+    rules name themselves, what a run of that configuration needs built (`make demo` builds only these)."""
+    import yaml  # not at module level: the registry reads without any package installed
+
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise SegRefineError(f"{config_path}: config file not found")
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError as exc:
+        raise SegRefineError(f"{config_path}: not valid YAML ({exc})") from exc
+    if not isinstance(config, dict):
+        raise SegRefineError(f"{config_path}: not a configuration (a YAML mapping)")
+    envs = set()
+    for section in ("models", "base_models"):
+        for name, entry in (config.get(section) or {}).items():
+            framework = entry.get("framework") if isinstance(entry, dict) else None
+            if framework not in FRAMEWORKS:
+                raise SegRefineError(f"{config_path}: {section}.{name}: framework {framework!r} is none of "
+                                     f"{sorted(FRAMEWORKS)}")
+            envs.add(framework_env(framework))
+    return sorted(envs)
+
+
 def uses_gpu(framework: str) -> bool:
     return bool(FRAMEWORKS[framework]["gpu"])
 
