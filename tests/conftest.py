@@ -53,3 +53,22 @@ def real_trainset(tmp_path_factory, realdata):
     """A training set of the real ssDNA and DAPI crops (binary masks -> instances)."""
     return make_real_trainset(tmp_path_factory.mktemp("real"), realdata, ["ssDNA", "DAPI", "ssDNA", "DAPI"],
                               0.25, 0.25)
+
+
+@pytest.fixture(scope="session")
+def slide(tmp_path_factory):
+    """The 384 px demo chip with a blank background band on the right (so some tiles hold no tissue), and a
+    classical model card: (slide path, image, card path)."""
+    import numpy as np
+
+    from segrefine.demo import make_slide
+    from segrefine.io import write_tiff
+
+    d = tmp_path_factory.mktemp("slide")
+    img, truth, _ = make_slide(384, seed=3)
+    img = np.concatenate([img, np.full((384, 192), img.min(), img.dtype)], axis=1)  # 576 wide, right third blank
+    write_tiff(d / "slide.tif", img, tiled=True, photometric="minisblack", metadata={"axes": "YX"})
+    card = d / "classical"
+    run_step("core", "pretrained-card", "--framework", "classical", "--name", "c", "--source", "none",
+             "--out-dir", card)
+    return d / "slide.tif", img, card / "card.json"

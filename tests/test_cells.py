@@ -251,7 +251,7 @@ def test_stitch_keeps_every_cell_one_piece_and_counts_the_fragments(tmp_path):
     from conftest import run_step
     from segrefine.demo import make_slide
     from segrefine.io import write_tiff
-    from test_tiling import LocalClassical, _check_outputs_agree_with_labels, run_all
+    from tiling_helpers import LocalClassical, _check_outputs_agree_with_labels, run_all
 
     class Stray(LocalClassical):
         def predict(self, img):
