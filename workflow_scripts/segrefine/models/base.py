@@ -29,9 +29,13 @@ class Adapter(abc.ABC):
         """A model initialised from a local weights file, or from scratch when ``weights`` is None."""
 
     @classmethod
-    @abc.abstractmethod
     def load(cls, card_path: Path, card: dict) -> "Adapter":
-        """A saved model, from its card (weights path and settings)."""
+        """A saved model, from its card: ``from_pretrained`` of its weights with the card's hyperparameters and
+        thresholds as parameters. An adapter whose card keeps other settings (preprocessing) overrides it."""
+        from segrefine.models import weights_path
+
+        params = {**card.get("hyperparameters", {}), **card.get("thresholds", {})}
+        return cls.from_pretrained(weights_path(card_path, card), params)
 
     @classmethod
     def download_official(cls, name: str, dest: Path) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import random
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from segrefine import SegRefineError
 from segrefine.models.base import Adapter, Pair
+from segrefine.models.cellpose_common import seed_everything, sigmoid, torch_device
 
 log = logging.getLogger("segrefine.cellpose")
 
@@ -46,14 +46,6 @@ def _augmentation(rotate: bool, flip: bool):
         yield
     finally:
         transforms.random_rotate_and_resize = original
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _as_input(img: np.ndarray) -> np.ndarray:
@@ -104,12 +96,6 @@ def _normalize_default() -> dict:
     from cellpose.models import normalize_default
 
     return dict(normalize_default)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """The logistic function of cellpose's cell probability logits, float32, without overflow warnings."""
-    x = np.asarray(x, np.float32)
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
 
 
 def _taper(bsize: int) -> np.ndarray:
@@ -174,20 +160,14 @@ class CellposeAdapter(Adapter):
         return Path(models.model_path(name))
 
     # -- construction -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _torch_device():
-        import torch
-
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
     @classmethod
     def from_pretrained(cls, weights: Optional[Path], params: dict) -> "CellposeAdapter":
         from cellpose import models
 
         params = {**DEFAULTS, **(params or {})}
-        _seed_everything(int(params.get("seed", 0)))
+        seed_everything(int(params.get("seed", 0)))
         # MKLDNN weights (cellpose's CPU inference default) cannot be trained: keep plain tensors
-        device = cls._torch_device()
+        device = torch_device()
         if weights is None:
             model = models.CellposeModel(device=device, pretrained_model=False, diam_mean=float(params["diam_mean"]),
                                          mkldnn=False)
@@ -203,13 +183,6 @@ class CellposeAdapter(Adapter):
                                      "is it the weights of another framework?") from exc
         return cls(model, params)
 
-    @classmethod
-    def load(cls, card_path: Path, card: dict) -> "CellposeAdapter":
-        from segrefine.models import weights_path
-
-        params = {**card.get("hyperparameters", {}), **card.get("thresholds", {})}
-        return cls.from_pretrained(weights_path(card_path, card), params)
-
     @property
     def device(self) -> str:
         return str(self.model.device)
@@ -221,7 +194,7 @@ class CellposeAdapter(Adapter):
 
         p = {**self.params, **(params or {})}
         self.params = p
-        _seed_everything(seed)
+        seed_everything(seed)
         imgs = [_as_input(i) for i, _ in train]
         lbls = [np.asarray(m).astype(np.int32) for _, m in train]
         chans = _channels(imgs[0])
@@ -333,7 +306,7 @@ class CellposeAdapter(Adapter):
         """(``predict_window``'s labels, the sigmoid of the network's cell probability output at the image's
         pixels, (h, w) float32): one network pass gives both; the labels are exactly ``predict_window``'s."""
         y = self.network_outputs(image, origin)
-        prob = _sigmoid(y[2])  # before the dynamics, which may work on y in place
+        prob = sigmoid(y[2])  # before the dynamics, which may work on y in place
         return self._masks(y), prob
 
     def _masks(self, y: np.ndarray) -> np.ndarray:

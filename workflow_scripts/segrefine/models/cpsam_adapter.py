@@ -16,7 +16,6 @@ epochs, so epoch 0 never moves the weights: train at least 2 epochs.
 from __future__ import annotations
 
 import logging
-import random
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 
 from segrefine import SegRefineError
 from segrefine.models.base import Adapter, Pair
+from segrefine.models.cellpose_common import seed_everything, sigmoid, torch_device
 
 log = logging.getLogger("segrefine.cpsam")
 
@@ -44,14 +44,6 @@ DEFAULTS = {
 HYPER_KEYS = ("n_epochs", "learning_rate", "weight_decay", "batch_size", "min_train_masks", "scale_range",
               "nimg_per_epoch", "augment_rotate", "augment_flip", "use_bfloat16", "eval_batch_size", "diameter")
 THRESHOLD_KEYS = ("flow_threshold", "cellprob_threshold", "min_size")
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _cellpose_models():
@@ -131,12 +123,6 @@ class CpsamAdapter(Adapter):
         return Path(models.cache_model_path(cls.official_weights[name]))
 
     # -- construction -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _torch_device():
-        import torch
-
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
     @classmethod
     def from_pretrained(cls, weights: Optional[Path], params: dict) -> "CpsamAdapter":
         params = {**DEFAULTS, **(params or {})}
@@ -146,9 +132,9 @@ class CpsamAdapter(Adapter):
         models = _cellpose_models()
         from cellpose.vit import CPSAM
 
-        device = cls._torch_device()
+        device = torch_device()
         bf16 = bool(params["use_bfloat16"])
-        _seed_everything(int(params.get("seed", 0)))
+        seed_everything(int(params.get("seed", 0)))
         if weights is not None:
             weights = Path(weights)
             _check_weights(weights)
@@ -165,13 +151,6 @@ class CpsamAdapter(Adapter):
         model.pretrained_model = None
         return cls(model, params)
 
-    @classmethod
-    def load(cls, card_path: Path, card: dict) -> "CpsamAdapter":
-        from segrefine.models import weights_path
-
-        params = {**card.get("hyperparameters", {}), **card.get("thresholds", {})}
-        return cls.from_pretrained(weights_path(card_path, card), params)
-
     @property
     def device(self) -> str:
         return str(self.model.device)
@@ -185,7 +164,7 @@ class CpsamAdapter(Adapter):
         p = {**self.params, **(params or {})}
         _check_params(p)
         self.params = p
-        _seed_everything(seed)
+        seed_everything(seed)
         imgs = [_as_chw(i) for i, _ in train]
         lbls = [np.asarray(m).astype(np.int32) for _, m in train]
         val_imgs = [_as_chw(i) for i, _ in val] or None
@@ -275,8 +254,7 @@ class CpsamAdapter(Adapter):
                                           cellprob_threshold=float(p["cellprob_threshold"]),
                                           min_size=int(p["min_size"]))
         cellprob = np.asarray(flows[2], np.float32).reshape(np.asarray(masks).shape)
-        prob = (0.5 * (1.0 + np.tanh(0.5 * cellprob))).astype(np.float32)  # the logistic function, no overflow
-        return np.asarray(masks).astype(np.uint32), prob
+        return np.asarray(masks).astype(np.uint32), sigmoid(cellprob)
 
     def card_fields(self) -> dict:
         p = self.params
