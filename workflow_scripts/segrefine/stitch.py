@@ -48,7 +48,8 @@ import numpy as np
 
 from segrefine import SegRefineError
 from segrefine.cells import fragment_pixels
-from segrefine.tiling import cell_outlines, cell_stats, outline_texts  # noqa: F401 (cell_outlines: re-exported)
+from segrefine.outlines import outline_texts
+from segrefine.tiling import cell_stats
 
 log = logging.getLogger("segrefine.stitch")
 

@@ -39,7 +39,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from segrefine import SegRefineError
-from segrefine.outlines import cell_outlines, outline_texts  # noqa: F401 (cell_outlines: stitch.py imports it from here)
+from segrefine.outlines import outline_texts
 
 log = logging.getLogger("segrefine.tiling")
 
