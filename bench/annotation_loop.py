@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,20 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "workflow_scripts"))
-
-from segrefine.envs import env_python  # noqa: E402
+from benchlib import REPO, step
 
 SN = "LOOP01"
-
-
-def step(env, *args):
-    proc = subprocess.run([str(env_python(env)), "-m", "segrefine", *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO / "workflow_scripts")))
-    if proc.returncode:
-        sys.exit(f"segrefine {args[0]} failed:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def demo_slide(size: int, seed: int):

@@ -25,29 +25,23 @@ or on the demo:
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "workflow_scripts"))
-
-from segrefine.envs import env_python  # noqa: E402
-from segrefine.gem import aggregate_by_labels, density_labels, read_expression  # noqa: E402
+import benchlib
+from benchlib import REPO, env_python
+from segrefine.gem import aggregate_by_labels, density_labels, read_expression  # after benchlib (sys.path)
 
 REAL_GEM = REPO.parent / "shared" / "realdata" / "stereoseq-spateo-gem" / "SS200000135TL_D1_bin1_small.gem.gz"
 
 
 def step(env, *args):
+    """Seconds that ``segrefine <args>`` took in ``env``."""
     t = time.perf_counter()
-    proc = subprocess.run([str(env_python(env)), "-m", "segrefine", *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO / "workflow_scripts")))
-    if proc.returncode:
-        sys.exit(f"segrefine {args[0]} failed:\n{proc.stderr[-3000:]}")
+    benchlib.step(env, *args)
     return time.perf_counter() - t
 
 
