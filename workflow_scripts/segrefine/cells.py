@@ -55,7 +55,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -312,7 +311,7 @@ def expand_label_image(labels_path, out_tif, report_out=None, mode: str = "expan
     ``mask_path``), as a pyramidal OME-TIFF; returns the report (also written to ``report_out``). Everything is
     checked before anything is written; the outputs appear together or not at all."""
     from segrefine.expression import LabelImage
-    from segrefine.io import DiskArray, label_pyramid_levels, write_pyramid_ome_tiff, write_text_atomic
+    from segrefine.io import DiskArray, label_pyramid_levels, new_work_dir, write_pyramid_ome_tiff, write_text_atomic
 
     t0 = time.monotonic()
     labels_path, out_tif = Path(labels_path), Path(out_tif)
@@ -346,10 +345,7 @@ def expand_label_image(labels_path, out_tif, report_out=None, mode: str = "expan
         offsets = _offsets_by_d2(r2) if r2 >= 1 else {}
         out_tif.parent.mkdir(parents=True, exist_ok=True)
         work_parent = Path(work_dir or out_tif.parent)
-        for old in work_parent.glob(".cells-*"):  # work folders of killed runs of this job (one job per folder)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-        work = Path(tempfile.mkdtemp(prefix=".cells-", dir=work_parent))
+        work = new_work_dir(work_parent, ".cells-")  # one job per folder: the leftovers are its killed runs'
         try:
             nuclei_ids, cell_ids = _IdSet(), _IdSet()
             px_nuclei = px_cells = 0

@@ -273,6 +273,7 @@ def make_cgef(gem_path, labels_path, cgef_out, cellmap_out, threads: int = 2, wr
 
     from segrefine.cgef import BAND_PIXELS, BAND_RECORDS, BAND_ROWS, RecordSpill
     from segrefine.gem import CHUNK_RECORDS, open_expression
+    from segrefine.io import new_work_dir
 
     if writer not in WRITERS:
         raise SegRefineError(f"unknown cgef writer {writer!r}: one of {list(WRITERS)}")
@@ -287,10 +288,7 @@ def make_cgef(gem_path, labels_path, cgef_out, cellmap_out, threads: int = 2, wr
     previous = None
     if threading.current_thread() is threading.main_thread():  # a terminated job still removes its temporary files
         previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    for old in Path(cgef_out).parent.glob(".cgef.*"):  # work folders of killed runs (one cgef job per folder)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=".cgef.", dir=Path(cgef_out).parent))
+    work = new_work_dir(Path(cgef_out).parent, ".cgef.")  # one cgef job per folder: the leftovers are its own
     try:
         spill = RecordSpill(reader, org, labels.shape, work)
         check_frame(spill, labels.shape, org, how, gem_path, labels_path)

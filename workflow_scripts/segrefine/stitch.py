@@ -39,7 +39,6 @@ import csv
 import json
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import List, NamedTuple, Optional
@@ -419,11 +418,11 @@ def _tiles_to_paste(plan: np.ndarray, tiles_dir) -> np.ndarray:
 
 
 def _new_work_dir(work_parent: Path) -> Path:
-    """A fresh ``.stitch-*`` work folder in ``work_parent``, after removing those of killed runs."""
-    for old in work_parent.glob(".stitch-*"):  # work folders of killed runs of this job (one job per output folder)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=".stitch-", dir=work_parent))
+    """A fresh ``.stitch-*`` work folder in ``work_parent``, after removing those of killed runs (one job per output
+    folder)."""
+    from segrefine.io import new_work_dir
+
+    return new_work_dir(work_parent, ".stitch-")
 
 
 def _new_report(slide_path, meta: dict, shards: list) -> dict:
