@@ -56,7 +56,7 @@ def atomic_path(path, suffix: Optional[str] = None) -> Iterator[Path]:
 _TEMP_RANDOM = r"[a-z0-9_]{8}"
 
 
-def _temporaries(parent: Path, prefix: str, rest: str) -> List[Path]:
+def temporaries(parent: Path, prefix: str, rest: str) -> List[Path]:
     """The entries of ``parent`` named exactly as ``tempfile.mkstemp``/``mkdtemp(prefix=prefix, dir=parent)`` names
     them: ``prefix``, the 8 random characters, then what the regular expression ``rest`` matches."""
     pattern = re.compile(re.escape(prefix) + _TEMP_RANDOM + rest, re.DOTALL)
@@ -71,7 +71,7 @@ def remove_leftovers(path) -> None:
     """Remove the temporary files ``atomic_path`` left beside ``path`` in runs that were killed. Called when ``path``
     is about to be written, so they belong to earlier attempts of the same job (one job per output at a time)."""
     path = Path(path)
-    for old in _temporaries(path.parent, f".{path.name}.", r"\.part.*"):
+    for old in temporaries(path.parent, f".{path.name}.", r"\.part.*"):
         with contextlib.suppress(OSError):
             old.unlink()
 
@@ -82,7 +82,7 @@ def new_work_dir(parent, prefix: str) -> Path:
     its output, or a folder only that job writes in), so a rerun removes its own leftovers and nothing else."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    for old in _temporaries(parent, prefix, ""):
+    for old in temporaries(parent, prefix, ""):
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))

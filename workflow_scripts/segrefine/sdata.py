@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -95,11 +94,9 @@ def check_target(out) -> None:
 
 def _leftovers(out: Path) -> List[Path]:
     """Hidden work folders of killed runs for this target (``.{name}.*.part.zarr``, ``.{name}.*.old``)."""
-    pattern = re.compile(r"^\." + re.escape(out.name) + r"\.[A-Za-z0-9_]{8}\.(part\.zarr|old)$")
-    try:
-        return [out.parent / e.name for e in os.scandir(out.parent) if pattern.match(e.name)]
-    except OSError:
-        return []
+    from segrefine.io import temporaries
+
+    return temporaries(out.parent, f".{out.name}.", r"\.(part\.zarr|old)")
 
 
 @contextlib.contextmanager
