@@ -550,6 +550,22 @@ def write_cgef(tables: Dict[str, np.ndarray], path, fill_cell_exp, fill_gene_exp
         ge.attrs["maxCount"] = ce.attrs["maxCount"]
 
 
+def open_cell_bin(path, tables: Tuple[str, ...]):
+    """A cgef opened read-only (``h5py.File``, for a ``with`` block) that holds ``cellBin/<t>`` for each of
+    ``tables``; a clear error naming the file when it cannot be read or lacks one of them."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise SegRefineError(f"{path}: not a readable cell-bin GEF ({exc})") from None
+    if any(f"cellBin/{t}" not in f for t in tables):
+        f.close()
+        names = f"{', '.join(tables[:-1])} and {tables[-1]} tables" if len(tables) > 1 else f"{tables[0]} table"
+        raise SegRefineError(f"{path}: no cellBin/{names} (not a cell-bin GEF)")
+    return f
+
+
 def read_cell_table(path) -> np.ndarray:
     """The ``cellBin/cell`` table of a cgef (either writer), with a clear error if there is none."""
     import h5py

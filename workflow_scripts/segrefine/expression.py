@@ -497,17 +497,12 @@ def cgef_to_h5ad_direct(cgef, cellmap_csv, out_h5ad, chunk: int = 1 << 22) -> in
     import h5py
     import pandas as pd
 
+    from segrefine.cgef import open_cell_bin
     from segrefine.io import atomic_path
 
     Path(out_h5ad).parent.mkdir(parents=True, exist_ok=True)
     cellmap = _read_cellmap(cellmap_csv)
-    try:
-        f = h5py.File(cgef, "r")
-    except OSError as exc:
-        raise SegRefineError(f"{cgef}: not a readable cell-bin GEF ({exc})") from None
-    with f:
-        if "cellBin/cell" not in f or "cellBin/cellExp" not in f or "cellBin/gene" not in f:
-            raise SegRefineError(f"{cgef}: no cellBin/cell, cellExp and gene tables (not a cell-bin GEF)")
+    with open_cell_bin(cgef, ("cell", "cellExp", "gene")) as f:
         cell = f["cellBin/cell"][:]
         genes = np.array([g.decode() for g in f["cellBin/gene"]["geneName"]], dtype=object)
         border = f["cellBin/cellBorder"][:] if "cellBin/cellBorder" in f else np.zeros((len(cell), 0, 2), np.int16)

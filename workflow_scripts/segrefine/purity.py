@@ -297,15 +297,9 @@ def truth_purity(expression, labels_path, truth_path, truth_types_path=None, mar
 # --- MECR -------------------------------------------------------------------------------------------------------------
 def marker_cells(cgef, genes: Sequence[str]) -> Tuple[int, Dict[str, np.ndarray]]:
     """(number of cells, {gene: sorted cgef cell ids with a count > 0}) for the genes of a cgef that are in it."""
-    import h5py
+    from segrefine.cgef import open_cell_bin
 
-    try:
-        f = h5py.File(cgef, "r")
-    except OSError as exc:
-        raise SegRefineError(f"{cgef}: not a readable cell-bin GEF ({exc})") from None
-    with f:
-        if "cellBin/cell" not in f or "cellBin/gene" not in f or "cellBin/geneExp" not in f:
-            raise SegRefineError(f"{cgef}: no cellBin/cell, gene and geneExp tables (not a cell-bin GEF)")
+    with open_cell_bin(cgef, ("cell", "gene", "geneExp")) as f:
         n = int(f["cellBin/cell"].shape[0])
         table = f["cellBin/gene"][:]  # one row per gene: small
         names = [g.decode() if isinstance(g, bytes) else str(g) for g in table["geneName"]]
