@@ -65,10 +65,11 @@ test: setup
 test-fast: setup
 	$(RUN_CORE) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
-# ruff's rules and snakefmt's settings are in pyproject.toml; snakemake --lint reads the workflow with the demo config
+# ruff's rules and format and snakefmt's settings are in pyproject.toml; snakemake --lint reads the workflow with the demo config
 lint: setup-demo demo-data
 	@$(ENV_TOOL) build lint
 	$(RUN_CORE) -m ruff check workflow_scripts bench tests
+	$(RUN_CORE) -m ruff format --check workflow_scripts bench tests
 	$$($(ENV_TOOL) python lint) -m snakefmt --check Snakefile rules
 	$(SNAKEMAKE) --lint
 

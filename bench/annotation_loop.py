@@ -21,6 +21,7 @@ model + 0.25 x tissue complexity, ``annotate_next.score_candidates``); ``random`
 Without --pretrained-card the model is the classical baseline (default parameters; its fine-tuning is a grid
 search), which runs in the core env in seconds; a card of another framework runs its steps in that env.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,9 +60,9 @@ def realdata_mosaic():
         y, x = 256 * (k // 2), 256 * (k % 2)
         a = tifffile.imread(root / f"{stain}_img.tif").astype(np.float64)
         lo, hi = np.percentile(a, [1, 99.8])
-        img[y:y + 256, x:x + 256] = np.clip((a - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
+        img[y : y + 256, x : x + 256] = np.clip((a - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
         cells = mask_to_instances(tifffile.imread(root / f"{stain}_mask.tif"), source=stain).astype(np.uint32)
-        lab[y:y + 256, x:x + 256] = np.where(cells > 0, cells + n, 0)
+        lab[y : y + 256, x : x + 256] = np.where(cells > 0, cells + n, 0)
         n += int(cells.max())
     return img, lab
 
@@ -77,8 +78,10 @@ def correction_counts(pred: np.ndarray, truth: np.ndarray) -> dict:
     rows, cols = match_pairs(iou_matrix(truth, pred), 0.5)
     id_of_truth = {int(r) + 1: f"p{int(c) + 1}" for r, c in zip(rows, cols)}
     pre = [CellObject(i, f"p{lab}", "annotation", "Cell", {}, g) for i, (lab, g) in enumerate(label_outlines(pred))]
-    post = [CellObject(i, id_of_truth.get(lab), "annotation", "Cell", {}, g)
-            for i, (lab, g) in enumerate(label_outlines(truth))]
+    post = [
+        CellObject(i, id_of_truth.get(lab), "annotation", "Cell", {}, g)
+        for i, (lab, g) in enumerate(label_outlines(truth))
+    ]
     cells = diff_cells(pre, post)
     return {s: sum(c["status"] == s for c in cells) for s in STATUSES}
 
@@ -91,7 +94,14 @@ class Loop:
         from segrefine.models import framework_env, read_card
 
         self.out, self.img, self.truth, self.patch, self.card, self.params, self.seed = (
-            out, img, truth, patch, card, params, seed)
+            out,
+            img,
+            truth,
+            patch,
+            card,
+            params,
+            seed,
+        )
         self.env = framework_env(read_card(card)["framework"])
         self.slide = out / f"{SN}.tif"
         tifffile.imwrite(self.slide, img)
@@ -105,14 +115,17 @@ class Loop:
         b = self.boxes[name]
         img, msk = self.out / "patches" / f"{name}-img.tif", self.out / "patches" / f"{name}-mask.tif"
         if not img.exists():
-            write_tiff(img, self.img[b.y:b.y + b.h, b.x:b.x + b.w], photometric="minisblack")
-            write_tiff(msk, relabel_sequential(self.truth[b.y:b.y + b.h, b.x:b.x + b.w].astype(np.int64)),
-                       photometric="minisblack")
+            write_tiff(img, self.img[b.y : b.y + b.h, b.x : b.x + b.w], photometric="minisblack")
+            write_tiff(
+                msk,
+                relabel_sequential(self.truth[b.y : b.y + b.h, b.x : b.x + b.w].astype(np.int64)),
+                photometric="minisblack",
+            )
         return str(img), str(msk)
 
     def truth_of(self, name):
         b = self.boxes[name]
-        return self.truth[b.y:b.y + b.h, b.x:b.x + b.w]
+        return self.truth[b.y : b.y + b.h, b.x : b.x + b.w]
 
     def trainset(self, path: Path, train, test):
         from segrefine.trainset import build_rows, write_trainset
@@ -129,8 +142,22 @@ class Loop:
     def fit_and_test(self, tag: str, train, test):
         d = self.out / tag
         ts = self.trainset(d / "trainset.tsv", train, test)
-        step(self.env, "finetune", "--pretrained-card", self.card, "--trainset", ts, "--name", tag, "--params",
-             json.dumps(self.params), "--seed", self.seed, "--out-dir", d / "model")
+        step(
+            self.env,
+            "finetune",
+            "--pretrained-card",
+            self.card,
+            "--trainset",
+            ts,
+            "--name",
+            tag,
+            "--params",
+            json.dumps(self.params),
+            "--seed",
+            self.seed,
+            "--out-dir",
+            d / "model",
+        )
         return (d / "model" / "card.json", *self.evaluate(d / "model" / "card.json", ts, d / "eval.csv"))
 
     def evaluate(self, card: Path, ts: Path, csv: Path):
@@ -142,8 +169,24 @@ class Loop:
         return float(e["f1"].mean()), float(e["ap"].mean()), float(e["ap_mean"].mean())
 
     def predict_pool(self, card: Path, taken, npz: Path):
-        step(self.env, "annotate-next-predict", "--card", card, "--slide", self.slide, "--sn", SN, "--size",
-             self.patch, "--step", self.patch, "--annotated", *taken, "--out", npz)
+        step(
+            self.env,
+            "annotate-next-predict",
+            "--card",
+            card,
+            "--slide",
+            self.slide,
+            "--sn",
+            SN,
+            "--size",
+            self.patch,
+            "--step",
+            self.patch,
+            "--annotated",
+            *taken,
+            "--out",
+            npz,
+        )
         with np.load(npz) as z:
             return {k: z[k] for k in z.files if not k.startswith("_")}
 
@@ -157,24 +200,42 @@ def run(args):
     img, truth = realdata_mosaic() if args.data == "realdata" else demo_slide(args.size, args.seed)
     card = Path(args.pretrained_card) if args.pretrained_card else None
     if card is None:
-        step("core", "pretrained-card", "--framework", "classical", "--name", "pre", "--source", "none",
-             "--out-dir", out / "pre")
+        step(
+            "core",
+            "pretrained-card",
+            "--framework",
+            "classical",
+            "--name",
+            "pre",
+            "--source",
+            "none",
+            "--out-dir",
+            out / "pre",
+        )
         card = out / "pre" / "card.json"
     loop = Loop(out, img, truth, args.patch, card, json.loads(args.params), args.seed)
     rng = np.random.default_rng(args.seed)
     names = sorted(loop.boxes)
     order = list(rng.permutation(names))
-    test, seed_set, pool0 = order[:args.test], order[args.test:args.test + args.seed_patches], \
-        order[args.test + args.seed_patches:]
+    test, seed_set, pool0 = (
+        order[: args.test],
+        order[args.test : args.test + args.seed_patches],
+        order[args.test + args.seed_patches :],
+    )
     if len(pool0) < args.rounds * args.per_round:
-        sys.exit(f"{len(names)} patches with tissue: too few for {args.test} test + {args.seed_patches} seed + "
-                 f"{args.rounds} x {args.per_round}")
-    print(f"slide {img.shape[1]}x{img.shape[0]} ({args.data}), {len(names)} patches of {args.patch} px with tissue: "
-          f"{len(test)} test, {len(seed_set)} seed, {len(pool0)} to choose from; {int(truth.max())} true cells")
+        sys.exit(
+            f"{len(names)} patches with tissue: too few for {args.test} test + {args.seed_patches} seed + "
+            f"{args.rounds} x {args.per_round}"
+        )
+    print(
+        f"slide {img.shape[1]}x{img.shape[0]} ({args.data}), {len(names)} patches of {args.patch} px with tissue: "
+        f"{len(test)} test, {len(seed_set)} seed, {len(pool0)} to choose from; {int(truth.max())} true cells"
+    )
     area = args.patch * args.patch
     pre_pool = loop.predict_pool(card, test + seed_set, out / "pretrained_pool.npz")
-    f1_pre, ap_pre, apm_pre = loop.evaluate(card, loop.trainset(out / "pretrained" / "trainset.tsv", seed_set, test),
-                                            out / "pretrained" / "eval.csv")
+    f1_pre, ap_pre, apm_pre = loop.evaluate(
+        card, loop.trainset(out / "pretrained" / "trainset.tsv", seed_set, test), out / "pretrained" / "eval.csv"
+    )
     print(f"pretrained model on the test patches: F1 {f1_pre:.4f}, AP50 {ap_pre:.4f}, mean AP {apm_pre:.4f}")
     rows = []
     t0 = time.time()
@@ -182,17 +243,30 @@ def run(args):
     for strategy in args.strategies:
         annotated = list(seed_set)
         touched = drawn = base_cells
-        mins_scratch = mins_corr = sum(minutes({"accepted": 0, "edited": 0, "deleted": 0,
-                                                "added": int(len(np.unique(loop.truth_of(n))) - 1)}, area)[0]
-                                       for n in seed_set)
+        mins_scratch = mins_corr = sum(
+            minutes(
+                {"accepted": 0, "edited": 0, "deleted": 0, "added": int(len(np.unique(loop.truth_of(n))) - 1)}, area
+            )[0]
+            for n in seed_set
+        )
         srng = np.random.default_rng(args.seed + 1)
         for r in range(args.rounds + 1):
             tag = f"{strategy}_r{r}"
             cur, f1, ap, apm = loop.fit_and_test(tag, annotated, test)
-            rows.append({"strategy": strategy, "round": r, "patches": len(annotated), "cells_drawn_scratch": drawn,
-                         "cells_touched_corrected": touched, "minutes_scratch": round(mins_scratch, 1),
-                         "minutes_corrected": round(mins_corr, 1), "f1": round(f1, 4), "ap50": round(ap, 4),
-                         "ap_mean": round(apm, 4)})
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "round": r,
+                    "patches": len(annotated),
+                    "cells_drawn_scratch": drawn,
+                    "cells_touched_corrected": touched,
+                    "minutes_scratch": round(mins_scratch, 1),
+                    "minutes_corrected": round(mins_corr, 1),
+                    "f1": round(f1, 4),
+                    "ap50": round(ap, 4),
+                    "ap_mean": round(apm, 4),
+                }
+            )
             print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
             if r == args.rounds:
                 break
@@ -202,10 +276,14 @@ def run(args):
                 picks = list(srng.choice(pool, args.per_round, replace=False))
             else:
                 preds = {"pretrained": {n: pre_pool[n] for n in pool}, "current": {n: cur_pool[n] for n in pool}}
-                images = {n: loop.img[loop.boxes[n].y:loop.boxes[n].y + args.patch,
-                                      loop.boxes[n].x:loop.boxes[n].x + args.patch] for n in pool}
+                images = {
+                    n: loop.img[
+                        loop.boxes[n].y : loop.boxes[n].y + args.patch, loop.boxes[n].x : loop.boxes[n].x + args.patch
+                    ]
+                    for n in pool
+                }
                 table = score_candidates(preds, images, complexity_weight=0.25 if strategy == "ours" else 1.0)
-                picks = list(table["patch"][:args.per_round])
+                picks = list(table["patch"][: args.per_round])
             for n in picks:
                 t = loop.truth_of(n)
                 c = correction_counts(cur_pool[n], t)

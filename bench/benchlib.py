@@ -3,6 +3,7 @@
 Benchmarks run as ``python bench/<name>.py``, so this folder is on ``sys.path`` and ``import benchlib`` works; it
 also puts ``workflow_scripts`` on the path for the ``segrefine`` imports that follow it.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,12 @@ from segrefine.envs import env_python  # noqa: E402
 
 def step(env: str, *args) -> subprocess.CompletedProcess:
     """``segrefine <args>`` in ``env``'s interpreter; exits the benchmark with the step's stderr if it fails."""
-    proc = subprocess.run([str(env_python(env)), "-m", "segrefine", *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS)))
+    proc = subprocess.run(
+        [str(env_python(env)), "-m", "segrefine", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS)),
+    )
     if proc.returncode:
         sys.exit(f"segrefine {args[0]} failed:\n{proc.stderr[-3000:]}")
     return proc

@@ -22,6 +22,7 @@ Run it in the stereopy env (h5py, scipy, tifffile), after `make setup`:
 or on the demo:
 ``... bench/cgef_exactness.py --gem demo/DEMO01.gem.gz --labels results/segmentation/DEMO01/labels.tif``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,10 +88,17 @@ def compare(ids, matrix, cg_lab, cg_gene, cg_count, n_genes):
     labs = set(ex_umi) | set(cg_umi)
     d_umi = np.array([cg_umi.get(lab, 0) - ex_umi.get(lab, 0) for lab in labs])
     d_gen = np.array([cg_gen.get(lab, 0) - ex_gen.get(lab, 0) for lab in labs])
-    return {"in_cells": sum(got.values()), "same": same, "frac": same / total if total else 1.0,
-            "diff": total - same, "cells": len(cg_umi), "umi_cells_differ": int((d_umi != 0).sum()),
-            "umi_max_abs": int(np.abs(d_umi).max()) if len(d_umi) else 0,
-            "gene_cells_differ": int((d_gen != 0).sum()), "total": total}
+    return {
+        "in_cells": sum(got.values()),
+        "same": same,
+        "frac": same / total if total else 1.0,
+        "diff": total - same,
+        "cells": len(cg_umi),
+        "umi_cells_differ": int((d_umi != 0).sum()),
+        "umi_max_abs": int(np.abs(d_umi).max()) if len(d_umi) else 0,
+        "gene_cells_differ": int((d_gen != 0).sum()),
+        "total": total,
+    }
 
 
 def main():
@@ -117,44 +125,79 @@ def main():
         labels_path = out / "labels.tif"
         tifffile.imwrite(labels_path, labels, compression="zlib")
         touching = np.count_nonzero((labels[:, 1:] != labels[:, :-1]) & (labels[:, 1:] > 0) & (labels[:, :-1] > 0))
-        print(f"mask: {labels.max()} cells from the UMI density of {Path(a.gem).name}, "
-              f"{(labels > 0).mean():.1%} of {labels.shape[1]}x{labels.shape[0]} DNB, "
-              f"{touching} horizontal cell-cell contacts; origin {origin}")
+        print(
+            f"mask: {labels.max()} cells from the UMI density of {Path(a.gem).name}, "
+            f"{(labels > 0).mean():.1%} of {labels.shape[1]}x{labels.shape[0]} DNB, "
+            f"{touching} horizontal cell-cell contacts; origin {origin}"
+        )
     ids, matrix, outside = aggregate_by_labels(gem, labels, origin)
     n_genes = len(gem.genes)
     res, secs = {}, {}
     for writer in ("exact", "gefpy"):
         cgef, cellmap = out / f"{writer}.cgef", out / f"{writer}.cellmap.csv"
-        secs[writer] = step("gef", "cgef", "--gem", a.gem, "--labels", labels_path, "--cgef", cgef,
-                            "--cellmap", cellmap, "--writer", writer, "--origin", f"{origin[0]},{origin[1]}",
-                            "--threads", 1)
+        secs[writer] = step(
+            "gef",
+            "cgef",
+            "--gem",
+            a.gem,
+            "--labels",
+            labels_path,
+            "--cgef",
+            cgef,
+            "--cellmap",
+            cellmap,
+            "--writer",
+            writer,
+            "--origin",
+            f"{origin[0]},{origin[1]}",
+            "--threads",
+            1,
+        )
         res[writer] = compare(ids, matrix, *cgef_pairs(cgef, cellmap, list(gem.genes)), n_genes)
     e, g = res["exact"], res["gefpy"]
-    print(f"GEM {a.gem}: {int(gem.count.sum())} UMIs, {len(gem.count)} records, {n_genes} genes; "
-          f"{e['total']} UMIs inside {len(ids)} cells (exact aggregation), {outside} outside cells")
+    print(
+        f"GEM {a.gem}: {int(gem.count.sum())} UMIs, {len(gem.count)} records, {n_genes} genes; "
+        f"{e['total']} UMIs inside {len(ids)} cells (exact aggregation), {outside} outside cells"
+    )
     print(f"{'':52} {'exact writer':>14} {'gefpy writer':>14}")
-    rows = [("UMIs given to cells", "in_cells", "d"), ("cells in the cgef (with >= 1 UMI)", "cells", "d"),
-            ("in-cell UMIs assigned to the same cell and gene", "frac", ".4%"),
-            ("in-cell UMIs assigned differently or lost", "diff", "d"),
-            ("cells whose UMI count differs from exact", "umi_cells_differ", "d"),
-            ("largest per-cell UMI difference", "umi_max_abs", "d"),
-            ("cells whose gene count differs from exact", "gene_cells_differ", "d")]
+    rows = [
+        ("UMIs given to cells", "in_cells", "d"),
+        ("cells in the cgef (with >= 1 UMI)", "cells", "d"),
+        ("in-cell UMIs assigned to the same cell and gene", "frac", ".4%"),
+        ("in-cell UMIs assigned differently or lost", "diff", "d"),
+        ("cells whose UMI count differs from exact", "umi_cells_differ", "d"),
+        ("largest per-cell UMI difference", "umi_max_abs", "d"),
+        ("cells whose gene count differs from exact", "gene_cells_differ", "d"),
+    ]
     for title, key, fmt in rows:
         print(f"{title:52} {format(e[key], fmt):>14} {format(g[key], fmt):>14}")
     print(f"{'segrefine cgef wall time (s, incl. ~1 s start)':52} {secs['exact']:14.2f} {secs['gefpy']:14.2f}")
     if a.no_h5ad:
         return
     h5ad = out / "exact.h5ad"
-    t_h5ad = step("stereopy", "h5ad", "--cgef", out / "exact.cgef", "--cellmap", out / "exact.cellmap.csv",
-                  "--out", h5ad)
-    check = ("import anndata, sys; a = anndata.read_h5ad(sys.argv[1]); "
-             "print(f'anndata {anndata.__version__} (Python {sys.version.split()[0]}): {a.n_obs} cells x {a.n_vars}"
-             " genes; obs {sorted(a.obs.columns)}; obsm {sorted(a.obsm.keys())}; "
-             "total_counts sum {int(a.obs.total_counts.sum())}')")
+    t_h5ad = step(
+        "stereopy", "h5ad", "--cgef", out / "exact.cgef", "--cellmap", out / "exact.cellmap.csv", "--out", h5ad
+    )
+    check = (
+        "import anndata, sys; a = anndata.read_h5ad(sys.argv[1]); "
+        "print(f'anndata {anndata.__version__} (Python {sys.version.split()[0]}): {a.n_obs} cells x {a.n_vars}"
+        " genes; obs {sorted(a.obs.columns)}; obsm {sorted(a.obsm.keys())}; "
+        "total_counts sum {int(a.obs.total_counts.sum())}')"
+    )
     proc = subprocess.run([str(env_python("anndata")), "-c", check, str(h5ad)], capture_output=True, text=True)
     print(f"h5ad (stereopy, {t_h5ad:.1f} s): {proc.stdout.strip() or proc.stderr[-2000:]}")
-    step("core", "expression-qc", "--cellmaps", out / "exact.cellmap.csv", out / "gefpy.cellmap.csv",
-         "--samples", "exact", "gefpy", "--out-dir", out / "qc")
+    step(
+        "core",
+        "expression-qc",
+        "--cellmaps",
+        out / "exact.cellmap.csv",
+        out / "gefpy.cellmap.csv",
+        "--samples",
+        "exact",
+        "gefpy",
+        "--out-dir",
+        out / "qc",
+    )
     print(f"QC (exact vs gefpy cells): {out / 'qc'}/summary.csv, extreme_area.csv, distributions.png")
 
 

@@ -12,6 +12,7 @@ of cells, not the number of records.
 
     $(python3 workflow_scripts/segrefine/envs.py python gef) bench/cgef_scale.py --size 2048
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,33 @@ from segrefine.envs import env_python  # noqa: E402
 
 
 def run_cgef(writer, gem, labels, out, extra=()):
-    cmd = ["/usr/bin/time", "-f", "TIME %e %M", str(env_python("gef")), "-m", "segrefine", "cgef", "--gem", str(gem),
-           "--labels", str(labels), "--cgef", str(out / f"{writer}.cgef"), "--cellmap", str(out / f"{writer}.csv"),
-           "--writer", writer, "--origin", "0,0", "--threads", "1", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO / "workflow_scripts")))
+    cmd = [
+        "/usr/bin/time",
+        "-f",
+        "TIME %e %M",
+        str(env_python("gef")),
+        "-m",
+        "segrefine",
+        "cgef",
+        "--gem",
+        str(gem),
+        "--labels",
+        str(labels),
+        "--cgef",
+        str(out / f"{writer}.cgef"),
+        "--cellmap",
+        str(out / f"{writer}.csv"),
+        "--writer",
+        writer,
+        "--origin",
+        "0,0",
+        "--threads",
+        "1",
+        *extra,
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "workflow_scripts"))
+    )
     if proc.returncode:
         sys.exit(f"{writer} failed:\n{proc.stderr[-3000:]}")
     m = re.search(r"TIME ([\d.]+) (\d+)", proc.stderr)
@@ -70,8 +93,16 @@ def main():
     print(f"chip {n} x {n} DNB, {int(lab.max())} touching cells, {k} transcripts, {exact_umis} UMIs")
     print(f"{'writer':8} {'wall s':>8} {'peak RSS GiB':>13} {'UMIs in cells':>14} {'same as exact':>14}")
     for writer in ("exact", "gefpy"):
-        extra = [str(v) for opt in ("chunk", "band_records", "band_rows") if getattr(a, opt)
-                 for v in ("--" + opt.replace("_", "-"), getattr(a, opt))] if writer == "exact" else []
+        extra = (
+            [
+                str(v)
+                for opt in ("chunk", "band_records", "band_rows")
+                if getattr(a, opt)
+                for v in ("--" + opt.replace("_", "-"), getattr(a, opt))
+            ]
+            if writer == "exact"
+            else []
+        )
         secs, gib = run_cgef(writer, gem, out / "labels.tif", out, extra)
         cells = pd.read_csv(out / f"{writer}.csv")
         lab_at = lab[cells["y"].to_numpy(), cells["x"].to_numpy()]

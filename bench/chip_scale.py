@@ -26,6 +26,7 @@ not timed). Wall time, CPU time (user + sys) and peak RSS of each process come
 from GNU time. The paper's Table 2 whole-slide figures (21-60 GB of host memory)
 are printed beside them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,12 @@ TILE = 512
 def _hash(seed: int, i: np.ndarray, j: np.ndarray, k: int) -> np.ndarray:
     """A uint64 hash of (seed, i, j, k) (splitmix64 finaliser), vectorised."""
     with np.errstate(over="ignore"):
-        z = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + i.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
-             + j.astype(np.uint64) * np.uint64(0x94D049BB133111EB) + np.uint64(k) * np.uint64(0xD6E8FEB86659FD93))
+        z = (
+            np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+            + i.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+            + j.astype(np.uint64) * np.uint64(0x94D049BB133111EB)
+            + np.uint64(k) * np.uint64(0xD6E8FEB86659FD93)
+        )
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
@@ -65,6 +70,7 @@ def _hash(seed: int, i: np.ndarray, j: np.ndarray, k: int) -> np.ndarray:
 
 def nuclei(seed: int, size: int, i: np.ndarray, j: np.ndarray):
     """Centre (y, x), radius, brightness and presence of the nuclei at grid nodes (i, j)."""
+
     def u(k, n):
         return (_hash(seed, i, j, k) % np.uint64(n)).astype(np.int64)
 
@@ -82,7 +88,7 @@ def write_slide(path: Path, size: int, seed: int) -> None:
     import tifffile
 
     yy, xx = np.mgrid[-8:9, -8:9]
-    r2 = yy ** 2 + xx ** 2
+    r2 = yy**2 + xx**2
     n = -(-size // TILE)
 
     def tiles():
@@ -91,8 +97,10 @@ def write_slide(path: Path, size: int, seed: int) -> None:
                 y0, x0 = by * TILE, bx * TILE
                 rng = np.random.default_rng([seed, by, bx])
                 canvas = (12 + 6 * rng.standard_normal((TILE + 16, TILE + 16))).astype(np.float32)
-                gi, gj = np.mgrid[max(0, (y0 - 12) // SPACING):(y0 + TILE + 12) // SPACING + 1,
-                                  max(0, (x0 - 12) // SPACING):(x0 + TILE + 12) // SPACING + 1]
+                gi, gj = np.mgrid[
+                    max(0, (y0 - 12) // SPACING) : (y0 + TILE + 12) // SPACING + 1,
+                    max(0, (x0 - 12) // SPACING) : (x0 + TILE + 12) // SPACING + 1,
+                ]
                 cy, cx, r, val, ok = nuclei(seed, size, gi.ravel(), gj.ravel())
                 for y, x, rr, v in zip(cy[ok], cx[ok], r[ok], val[ok]):
                     ly, lx = y - y0 + 8, x - x0 + 8  # canvas has an 8 px margin on every side
@@ -100,12 +108,21 @@ def write_slide(path: Path, size: int, seed: int) -> None:
                         a0, b0 = ly - 8, lx - 8
                         sy = slice(max(0, a0), min(TILE + 16, a0 + 17))
                         sx = slice(max(0, b0), min(TILE + 16, b0 + 17))
-                        stamp = (r2 <= rr * rr + 0.5)[sy.start - a0:sy.stop - a0, sx.start - b0:sx.stop - b0]
+                        stamp = (r2 <= rr * rr + 0.5)[sy.start - a0 : sy.stop - a0, sx.start - b0 : sx.stop - b0]
                         canvas[sy, sx][stamp] = v
-                yield np.clip(canvas[8:8 + TILE, 8:8 + TILE], 0, 255).astype(np.uint8)
+                yield np.clip(canvas[8 : 8 + TILE, 8 : 8 + TILE], 0, 255).astype(np.uint8)
 
-    tifffile.imwrite(path, tiles(), shape=(size, size), dtype=np.uint8, tile=(TILE, TILE), bigtiff=True,
-                     compression="zlib", compressionargs={"level": 1}, photometric="minisblack")
+    tifffile.imwrite(
+        path,
+        tiles(),
+        shape=(size, size),
+        dtype=np.uint8,
+        tile=(TILE, TILE),
+        bigtiff=True,
+        compression="zlib",
+        compressionargs={"level": 1},
+        photometric="minisblack",
+    )
 
 
 def gene_sizes(records: int, seed: int) -> np.ndarray:
@@ -131,8 +148,9 @@ def write_bgef(path: Path, size: int, records: int, seed: int) -> int:
         f.attrs["geftool_ver"] = np.array([1, 3, 3], np.uint32)
         f.attrs["omics"] = np.array([b"Transcriptomics"], "S32")
         f.attrs["version"] = np.array([2], np.uint32)
-        exp = f.create_dataset("geneExp/bin1/expression", shape=(0,), maxshape=(None,), dtype=exp_dtype,
-                               chunks=(1 << 18,))
+        exp = f.create_dataset(
+            "geneExp/bin1/expression", shape=(0,), maxshape=(None,), dtype=exp_dtype, chunks=(1 << 18,)
+        )
         total, max_count = 0, 0
         lo = np.array([size, size])
         hi = np.array([-1, -1])
@@ -171,15 +189,19 @@ def run(name, argv, env_name, rows, cwd=None):
     """Run one step as its own process under GNU time; record wall, CPU and peak RSS."""
     cmd = ["/usr/bin/time", "-f", "TIME %e %U %S %M", str(env_python(env_name)), *map(str, argv)]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd,
-                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS), OMP_NUM_THREADS="2"))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=cwd, env=dict(os.environ, PYTHONPATH=str(SCRIPTS), OMP_NUM_THREADS="2")
+    )
     if proc.returncode:
         sys.exit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     m = re.findall(r"TIME ([\d.]+) ([\d.]+) ([\d.]+) (\d+)", proc.stderr)[-1]
-    row = {"step": name, "wall_s": float(m[0]), "cpu_s": float(m[1]) + float(m[2]), "peak_gib": int(m[3]) / 2 ** 20}
+    row = {"step": name, "wall_s": float(m[0]), "cpu_s": float(m[1]) + float(m[2]), "peak_gib": int(m[3]) / 2**20}
     rows.append(row)
-    print(f"  {name:34} {row['wall_s']:9.1f} s wall {row['cpu_s']:9.1f} s CPU {row['peak_gib']:7.2f} GiB peak",
-          f"({time.monotonic() - t0:.0f} s)", flush=True)
+    print(
+        f"  {name:34} {row['wall_s']:9.1f} s wall {row['cpu_s']:9.1f} s CPU {row['peak_gib']:7.2f} GiB peak",
+        f"({time.monotonic() - t0:.0f} s)",
+        flush=True,
+    )
     return proc
 
 
@@ -208,8 +230,12 @@ tifffile.imwrite(sys.argv[3], data=strips, shape=(H, W), dtype=np.uint8, rowsper
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=20000, help="chip side in px (= DNB at bin1)")
-    ap.add_argument("--records", type=float, default=2.45e8,
-                    help="(DNB, gene) records to draw; records of one gene on one DNB merge (2.45e8 drawn give ~2.0e8)")
+    ap.add_argument(
+        "--records",
+        type=float,
+        default=2.45e8,
+        help="(DNB, gene) records to draw; records of one gene on one DNB merge (2.45e8 drawn give ~2.0e8)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/segrefine-chip", help="work folder (needs ~3 GB per 1e8 records)")
     ap.add_argument("--tile-size", type=int, default=1024, help="tile-plan --tile-size (the workflow's default)")
@@ -220,8 +246,10 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     slide, bgef = out / "chip_ssDNA_regist.tif", out / "chip.raw.gef"
     rows = []
-    print(f"# chip {a.size} x {a.size} px, {a.records:.3g} records drawn, seed {a.seed}; {os.cpu_count()} CPUs",
-          flush=True)
+    print(
+        f"# chip {a.size} x {a.size} px, {a.records:.3g} records drawn, seed {a.seed}; {os.cpu_count()} CPUs",
+        flush=True,
+    )
     if not slide.is_file():
         t0 = time.monotonic()
         write_slide(slide, a.size, a.seed)
@@ -234,8 +262,23 @@ def main():
     py = ["-m", "segrefine"]
     card = out / "classical" / "card.json"
     if not card.is_file():
-        run("pretrained-card", [*py, "pretrained-card", "--framework", "classical", "--name", "classical",
-                                "--source", "none", "--out-dir", card.parent], "core", [])
+        run(
+            "pretrained-card",
+            [
+                *py,
+                "pretrained-card",
+                "--framework",
+                "classical",
+                "--name",
+                "classical",
+                "--source",
+                "none",
+                "--out-dir",
+                card.parent,
+            ],
+            "core",
+            [],
+        )
     import shutil
 
     seg, expr = out / "seg", out / "expr"  # every step from scratch; the chip's image and bgef are kept
@@ -243,21 +286,118 @@ def main():
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
     print("\n## steps (each its own process; GNU time)\n")
-    run("tile-plan", [*py, "tile-plan", "--slide", slide, "--out", seg / "tiles.tsv", "--out-json", seg / "tiles.json",
-                      "--tile-size", a.tile_size, "--halo", 64, "--shards", 1, "--pixel-size-um", 0.5], "core", rows)
-    run("segment-shard (classical)", [*py, "segment-shard", "--plan", seg / "tiles.tsv", "--shard", 0, "--card", card,
-                                      "--slide", slide, "--tiles-dir", seg / "tiles", "--out", seg / "shard0.json"],
-        "core", rows)
-    run("stitch", [*py, "stitch", "--plan", seg / "tiles.tsv", "--tiles-dir", seg / "tiles", "--shards",
-                   seg / "shard0.json", "--slide", slide, "--labels", seg / "labels.tif", "--cells", seg / "cells.csv",
-                   "--parquet", seg / "cells.parquet", "--geojson", seg / "cells.geojson", "--overlay",
-                   seg / "overlay.png", "--report", seg / "segmentation.json", "--pixel-size-um", 0.5], "core", rows)
-    run("cgef (exact, streaming)", [*py, "cgef", "--gem", bgef, "--labels", seg / "labels.tif", "--cgef",
-                                    expr / "cells.cgef", "--cellmap", expr / "cellmap.csv", "--origin", "0,0",
-                                    "--threads", 1], "gef", rows)
+    run(
+        "tile-plan",
+        [
+            *py,
+            "tile-plan",
+            "--slide",
+            slide,
+            "--out",
+            seg / "tiles.tsv",
+            "--out-json",
+            seg / "tiles.json",
+            "--tile-size",
+            a.tile_size,
+            "--halo",
+            64,
+            "--shards",
+            1,
+            "--pixel-size-um",
+            0.5,
+        ],
+        "core",
+        rows,
+    )
+    run(
+        "segment-shard (classical)",
+        [
+            *py,
+            "segment-shard",
+            "--plan",
+            seg / "tiles.tsv",
+            "--shard",
+            0,
+            "--card",
+            card,
+            "--slide",
+            slide,
+            "--tiles-dir",
+            seg / "tiles",
+            "--out",
+            seg / "shard0.json",
+        ],
+        "core",
+        rows,
+    )
+    run(
+        "stitch",
+        [
+            *py,
+            "stitch",
+            "--plan",
+            seg / "tiles.tsv",
+            "--tiles-dir",
+            seg / "tiles",
+            "--shards",
+            seg / "shard0.json",
+            "--slide",
+            slide,
+            "--labels",
+            seg / "labels.tif",
+            "--cells",
+            seg / "cells.csv",
+            "--parquet",
+            seg / "cells.parquet",
+            "--geojson",
+            seg / "cells.geojson",
+            "--overlay",
+            seg / "overlay.png",
+            "--report",
+            seg / "segmentation.json",
+            "--pixel-size-um",
+            0.5,
+        ],
+        "core",
+        rows,
+    )
+    run(
+        "cgef (exact, streaming)",
+        [
+            *py,
+            "cgef",
+            "--gem",
+            bgef,
+            "--labels",
+            seg / "labels.tif",
+            "--cgef",
+            expr / "cells.cgef",
+            "--cellmap",
+            expr / "cellmap.csv",
+            "--origin",
+            "0,0",
+            "--threads",
+            1,
+        ],
+        "gef",
+        rows,
+    )
     if not a.skip_h5ad:
-        run("h5ad (stereopy)", [*py, "h5ad", "--cgef", expr / "cells.cgef", "--cellmap", expr / "cellmap.csv",
-                                "--out", expr / "cells.h5ad"], "stereopy", rows)
+        run(
+            "h5ad (stereopy)",
+            [
+                *py,
+                "h5ad",
+                "--cgef",
+                expr / "cells.cgef",
+                "--cellmap",
+                expr / "cellmap.csv",
+                "--out",
+                expr / "cells.h5ad",
+            ],
+            "stereopy",
+            rows,
+        )
     if not a.skip_gefpy:
         mask = expr / "gefpy_mask.tif"
         run("(gefpy mask, not counted)", ["-c", GEFPY_MASK, seg / "labels.tif", bgef, mask, SCRIPTS], "gef", [])
@@ -265,13 +405,21 @@ def main():
     seg_json = json.loads((seg / "segmentation.json").read_text())
     shard = json.loads((seg / "shard0.json").read_text())
     plan = json.loads((seg / "tiles.json").read_text())
-    summary = {"size": a.size, "records_drawn": a.records, "cells": seg_json.get("cells"), "steps": rows,
-               "model_pixels_over_tissue": shard.get("seen_ratio"),
-               "tile_size": plan.get("tile_size"), "tissue_fraction": plan.get("tissue", {}).get("tissue_fraction")}
+    summary = {
+        "size": a.size,
+        "records_drawn": a.records,
+        "cells": seg_json.get("cells"),
+        "steps": rows,
+        "model_pixels_over_tissue": shard.get("seen_ratio"),
+        "tile_size": plan.get("tile_size"),
+        "tissue_fraction": plan.get("tissue", {}).get("tissue_fraction"),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\n## chip {a.size}^2: {summary['cells']} cells, tile size {summary['tile_size']}, tissue "
-          f"{summary['tissue_fraction']}, the model saw {summary['model_pixels_over_tissue']} x the pixels of the "
-          "tiles it predicted\n")
+    print(
+        f"\n## chip {a.size}^2: {summary['cells']} cells, tile size {summary['tile_size']}, tissue "
+        f"{summary['tissue_fraction']}, the model saw {summary['model_pixels_over_tissue']} x the pixels of the "
+        "tiles it predicted\n"
+    )
     print("| step | wall s | CPU s | peak RSS GiB |\n| --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['step']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_gib']:.2f} |")
@@ -279,8 +427,10 @@ def main():
     gef = sum(r["wall_s"] for r in rows if r["step"].startswith("gefpy"))
     if gef:
         print(f"\ncgef: the streaming exact writer {ours:.1f} s vs gefpy's C++ writer {gef:.1f} s: {gef / ours:.2f}x")
-    print("\nThe paper (CSRefiner, Table 2): whole-slide inference and cgef with the whole slide in memory, "
-          "21-60 GB of host memory.")
+    print(
+        "\nThe paper (CSRefiner, Table 2): whole-slide inference and cgef with the whole slide in memory, "
+        "21-60 GB of host memory."
+    )
 
 
 if __name__ == "__main__":

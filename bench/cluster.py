@@ -7,6 +7,7 @@ with the GPU jobs marked and the jobs that overlapped listed.
 
 Needs slurm-wlm + munge (`make setup-slurm`) and root (it writes /etc/slurm/slurm.conf).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -25,6 +25,7 @@ them ({cache}/{framework}/{file}, as the workflow's fetch_pretrained rule puts
 them), else a seeded from-scratch network; the time and memory of a fine-tuning
 step do not depend on the starting values.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,10 +55,14 @@ def real_pairs(realdata: Path, n_images: int, crop: int):
 
     from segrefine.annotations import mask_to_instances
 
-    views = [lambda a: a, lambda a: np.rot90(a, 1), lambda a: np.rot90(a, 2), lambda a: np.rot90(a, 3),
-             lambda a: a.T]
-    crops = [(tifffile.imread(realdata / "cellbindb-demo" / f"{s}_img.tif"),
-              tifffile.imread(realdata / "cellbindb-demo" / f"{s}_mask.tif")) for s in STAINS]
+    views = [lambda a: a, lambda a: np.rot90(a, 1), lambda a: np.rot90(a, 2), lambda a: np.rot90(a, 3), lambda a: a.T]
+    crops = [
+        (
+            tifffile.imread(realdata / "cellbindb-demo" / f"{s}_img.tif"),
+            tifffile.imread(realdata / "cellbindb-demo" / f"{s}_mask.tif"),
+        )
+        for s in STAINS
+    ]
     pairs = []
     for view in views:
         for img, mask in crops:
@@ -65,8 +70,8 @@ def real_pairs(realdata: Path, n_images: int, crop: int):
                 for x in range(0, img.shape[1] - crop + 1, crop):
                     if len(pairs) == n_images:
                         return pairs
-                    im = np.ascontiguousarray(view(img[y:y + crop, x:x + crop]))
-                    m = mask_to_instances(np.ascontiguousarray(view(mask[y:y + crop, x:x + crop])))
+                    im = np.ascontiguousarray(view(img[y : y + crop, x : x + crop]))
+                    m = mask_to_instances(np.ascontiguousarray(view(mask[y : y + crop, x : x + crop])))
                     pairs.append((im, m))
     if len(pairs) < n_images:
         sys.exit(f"only {len(pairs)} patches of {crop} px can be cut from {realdata}/cellbindb-demo")
@@ -104,14 +109,24 @@ def worker(a) -> None:
         if cuda:
             torch.cuda.synchronize()
         train_s = time.perf_counter() - t0
-    out = {"family": a.worker, "device": adapter.device, "gpu": torch.cuda.get_device_name(0) if cuda else None,
-           "start": start, "images": len(pairs), "crop": a.crop, "epochs": a.epochs,
-           "hyperparameters": adapter.card_fields()["hyperparameters"], "load_s": round(load_s, 1),
-           "finetune_s": round(train_s, 1), "final_train_loss": losses["train_loss"][-1],
-           "peak_gpu_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-           "peak_gpu_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
-           "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-           "torch": torch.__version__, "threads": torch.get_num_threads()}
+    out = {
+        "family": a.worker,
+        "device": adapter.device,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "start": start,
+        "images": len(pairs),
+        "crop": a.crop,
+        "epochs": a.epochs,
+        "hyperparameters": adapter.card_fields()["hyperparameters"],
+        "load_s": round(load_s, 1),
+        "finetune_s": round(train_s, 1),
+        "final_train_loss": losses["train_loss"][-1],
+        "peak_gpu_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "peak_gpu_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -125,18 +140,31 @@ def run_family(family: str, a) -> dict:
     except EnvError as exc:
         return {"family": family, "error": str(exc)}
     epochs = a.cellpose_epochs if family == "cellpose" else a.cpsam_epochs
-    cmd = [str(py), str(Path(__file__).resolve()), "--worker", family, "--epochs", str(epochs),
-           "--images", str(a.images), "--crop", str(a.crop), "--realdata", a.realdata]
+    cmd = [
+        str(py),
+        str(Path(__file__).resolve()),
+        "--worker",
+        family,
+        "--epochs",
+        str(epochs),
+        "--images",
+        str(a.images),
+        "--crop",
+        str(a.crop),
+        "--realdata",
+        a.realdata,
+    ]
     if a.model_cache:
         cmd += ["--model-cache", a.model_cache]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO / "workflow_scripts")))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "workflow_scripts"))
+    )
     wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         return {"family": family, "error": f"worker failed ({proc.returncode}): {proc.stderr[-2000:]}"}
-    return dict(json.loads(lines[-1][len("RESULT "):]), process_s=round(wall, 1))
+    return dict(json.loads(lines[-1][len("RESULT ") :]), process_s=round(wall, 1))
 
 
 def fmt_time(s) -> str:
@@ -144,14 +172,32 @@ def fmt_time(s) -> str:
 
 
 def report(results) -> str:
-    head = ["family", "device", "start", "images x epochs", "fine-tune time", "peak memory",
-            "paper GPU time", "paper GPU memory"]
+    head = [
+        "family",
+        "device",
+        "start",
+        "images x epochs",
+        "fine-tune time",
+        "peak memory",
+        "paper GPU time",
+        "paper GPU memory",
+    ]
     rows = []
     for r in results:
         _, _, paper_name, paper_s, paper_gb = FAMILIES[r["family"]]
         if "error" in r:
-            rows.append([paper_name, "not run", r["error"].splitlines()[0][:70], "-", "-", "-",
-                         fmt_time(paper_s), f"{paper_gb:.2f} GB"])
+            rows.append(
+                [
+                    paper_name,
+                    "not run",
+                    r["error"].splitlines()[0][:70],
+                    "-",
+                    "-",
+                    "-",
+                    fmt_time(paper_s),
+                    f"{paper_gb:.2f} GB",
+                ]
+            )
             continue
         if r["peak_gpu_allocated_gb"] is not None:
             device = f"{r['device']} ({r['gpu']})"
@@ -159,8 +205,18 @@ def report(results) -> str:
         else:
             device = f"no GPU: cpu, {r['threads']} threads"
             mem = f"{r['peak_rss_gb']:.2f} GB RSS (CPU)"
-        rows.append([paper_name, device, r["start"], f"{r['images']} x {r['epochs']} ({r['crop']} px)",
-                     fmt_time(r["finetune_s"]), mem, fmt_time(paper_s), f"{paper_gb:.2f} GB"])
+        rows.append(
+            [
+                paper_name,
+                device,
+                r["start"],
+                f"{r['images']} x {r['epochs']} ({r['crop']} px)",
+                fmt_time(r["finetune_s"]),
+                mem,
+                fmt_time(paper_s),
+                f"{paper_gb:.2f} GB",
+            ]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
@@ -189,11 +245,15 @@ def main(argv=None) -> int:
         print(f"[gpu_finetune_timing] {family} ...", file=sys.stderr, flush=True)
         results.append(run_family(family, a))
     print(report(results))
-    print("\npaper: CSRefiner Table 2 (GPU fine-tuning on ~20 patches). Time = the adapter's fine_tune call "
-          "(model loading excluded); GPU memory = torch.cuda.max_memory_allocated during it.")
+    print(
+        "\npaper: CSRefiner Table 2 (GPU fine-tuning on ~20 patches). Time = the adapter's fine_tune call "
+        "(model loading excluded); GPU memory = torch.cuda.max_memory_allocated during it."
+    )
     if any(r.get("peak_gpu_allocated_gb") is None for r in results if "error" not in r):
-        print("no GPU: the CPU rows check the script and give CPU time / peak RSS; they are not comparable "
-              "with the paper's GPU columns.")
+        print(
+            "no GPU: the CPU rows check the script and give CPU time / peak RSS; they are not comparable "
+            "with the paper's GPU columns."
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0 if all("error" not in r for r in results) else 1

@@ -16,6 +16,7 @@ tqdm, pyximport, cv2) are replaced by empty stand-ins.
     git clone https://github.com/STOmics/cs-benchmark /tmp/cs-benchmark
     PYTHONPATH=workflow_scripts .envs/core/bin/python bench/paper_evaluator_check.py /tmp/cs-benchmark
 """
+
 import glob
 import json
 import logging
@@ -28,15 +29,30 @@ import tifffile
 from skimage.measure import label
 from skimage.segmentation import relabel_sequential
 
-PAIRS = {"precision": "precision", "recall": "recall", "f1": "f1", "jaccard": "jaccard", "dice": "dice",
-         "PQ": "pq", "merge": "merges", "split": "splits", "catastrophe": "catastrophes",
-         "correct_detections": "tp", "n_true": "n_true", "n_pred": "n_pred"}
+PAIRS = {
+    "precision": "precision",
+    "recall": "recall",
+    "f1": "f1",
+    "jaccard": "jaccard",
+    "dice": "dice",
+    "PQ": "pq",
+    "merge": "merges",
+    "split": "splits",
+    "catastrophe": "catastrophes",
+    "correct_detections": "tp",
+    "n_true": "n_true",
+    "n_pred": "n_pred",
+}
 
 
 def load_reference(checkout):
-    for name, attrs in {"sklearn": {}, "sklearn.metrics": {"confusion_matrix": None},
-                        "tqdm": {"tqdm": lambda x, **k: x}, "pyximport": {"install": lambda: None},
-                        "cv2": {}}.items():
+    for name, attrs in {
+        "sklearn": {},
+        "sklearn.metrics": {"confusion_matrix": None},
+        "tqdm": {"tqdm": lambda x, **k: x},
+        "pyximport": {"install": lambda: None},
+        "cv2": {},
+    }.items():
         if name not in sys.modules:
             m = types.ModuleType(name)
             m.__dict__.update(attrs)
@@ -49,7 +65,7 @@ def load_reference(checkout):
         for d in self._correct:
             if isinstance(d.true_index, tuple):  # catastrophe groups carry 1-based indices
                 t, p = d.true_index[0] - 1, d.pred_index[0] - 1
-            else:                                 # matched pairs carry 0-based indices
+            else:  # matched pairs carry 0-based indices
                 t, p = d.true_index, d.pred_index
             if self.iou[t, p] >= iou_threshold:
                 tp += 1
@@ -81,8 +97,10 @@ def main(checkout):
             for k, v in PAIRS.items():
                 worst[k] = max(worst.get(k, 0.0), abs(float(r[k]) - float(ours[v])))
             n += 1
-            print(f"{os.path.basename(stain_dir)}\t{os.path.basename(os.path.dirname(dt_path))}\t{r['f1']:.4f}\t"
-                  f"{ours['f1']:.4f}\t{r['catastrophe']}\t{r['PQ']:.4f}\t{ours['pq']:.4f}")
+            print(
+                f"{os.path.basename(stain_dir)}\t{os.path.basename(os.path.dirname(dt_path))}\t{r['f1']:.4f}\t"
+                f"{ours['f1']:.4f}\t{r['catastrophe']}\t{r['PQ']:.4f}\t{ours['pq']:.4f}"
+            )
     print(f"{n} published predictions compared; worst absolute difference per metric:")
     print(json.dumps(worst, indent=1))
     return 0 if n and max(worst.values()) <= 1e-9 else 1

@@ -15,6 +15,7 @@ passes it for Cellpose), one shard, stitch; wall seconds, peak RSS of each step 
 ``seen_ratio``, the overhead (read, own, write, plan, stitch) over model time, and whether the cell tables of the
 two runs are identical.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,9 +67,13 @@ def geometry(sizes, tile: int, halo: int, context: int, bound: int):
             for name, g in (("before", 1), ("after", g_auto)):
                 win = prediction_windows(tiles, g, context, (size, size))
                 seen = seen_pixels(win)
-                row[name] = {"group": g, "windows": len(win), "seen_per_core": seen / cores,
-                             "seen_per_tissue": seen / tissue_px,
-                             "max_window": max(max(b[2] - b[0], b[3] - b[1]) for _, b in win)}
+                row[name] = {
+                    "group": g,
+                    "windows": len(win),
+                    "seen_per_core": seen / cores,
+                    "seen_per_tissue": seen / tissue_px,
+                    "max_window": max(max(b[2] - b[0], b[3] - b[1]) for _, b in win),
+                }
             rows.append(row)
     return rows
 
@@ -84,33 +89,87 @@ def measured(py, size: int, work: Path, card: Path, tile: int, halo: int, contex
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         load0 = os.getloadavg()[0]
-        plan = run_measured([*seg, "tile-plan", "--slide", slide, "--out", d / "tiles.tsv", "--out-json",
-                             d / "tiles.json", "--tile-size", tile, "--halo", halo, "--shards", 1,
-                             "--context-bound", bound, *group])
+        plan = run_measured(
+            [
+                *seg,
+                "tile-plan",
+                "--slide",
+                slide,
+                "--out",
+                d / "tiles.tsv",
+                "--out-json",
+                d / "tiles.json",
+                "--tile-size",
+                tile,
+                "--halo",
+                halo,
+                "--shards",
+                1,
+                "--context-bound",
+                bound,
+                *group,
+            ]
+        )
         shard = run_measured([py, "-c", SHARD, d / "tiles.tsv", card, slide, d / "tiles", d / "shard0.json", context])
-        stitch = run_measured([*seg, "stitch", "--plan", d / "tiles.tsv", "--tiles-dir", d / "tiles", "--shards",
-                               d / "shard0.json", "--slide", slide, "--labels", d / "labels.tif", "--cells",
-                               d / "cells.csv", "--parquet", d / "cells.parquet", "--geojson", d / "cells.geojson",
-                               "--overlay", d / "overlay.png", "--report", d / "report.json"])
+        stitch = run_measured(
+            [
+                *seg,
+                "stitch",
+                "--plan",
+                d / "tiles.tsv",
+                "--tiles-dir",
+                d / "tiles",
+                "--shards",
+                d / "shard0.json",
+                "--slide",
+                slide,
+                "--labels",
+                d / "labels.tif",
+                "--cells",
+                d / "cells.csv",
+                "--parquet",
+                d / "cells.parquet",
+                "--geojson",
+                d / "cells.geojson",
+                "--overlay",
+                d / "overlay.png",
+                "--report",
+                d / "report.json",
+            ]
+        )
         st = json.loads((d / "shard0.json").read_text())
         meta = json.loads((d / "tiles.json").read_text())
         rep = json.loads((d / "report.json").read_text())
         p = st["predict_s"]
-        row = {"size": size, "run": name, "group": meta["group_tiles"], "windows": st["windows"],
-               "max_window": st["max_window_px"], "seen_ratio": st["seen_ratio"],
-               "plan_estimate": meta["seen_ratio_at_context_bound"], "cells": rep["cells"],
-               "plan_s": plan[0], "shard_s": shard[0], "stitch_s": stitch[0], "predict_s": p,
-               "predict_cpu_s": st["predict_cpu_s"],
-               "overhead": (plan[0] + shard[0] - p + stitch[0]) / p,
-               "plan_rss": plan[1], "shard_rss": shard[1], "stitch_rss": stitch[1],
-               "load": [load0, os.getloadavg()[0]]}
+        row = {
+            "size": size,
+            "run": name,
+            "group": meta["group_tiles"],
+            "windows": st["windows"],
+            "max_window": st["max_window_px"],
+            "seen_ratio": st["seen_ratio"],
+            "plan_estimate": meta["seen_ratio_at_context_bound"],
+            "cells": rep["cells"],
+            "plan_s": plan[0],
+            "shard_s": shard[0],
+            "stitch_s": stitch[0],
+            "predict_s": p,
+            "predict_cpu_s": st["predict_cpu_s"],
+            "overhead": (plan[0] + shard[0] - p + stitch[0]) / p,
+            "plan_rss": plan[1],
+            "shard_rss": shard[1],
+            "stitch_rss": stitch[1],
+            "load": [load0, os.getloadavg()[0]],
+        }
         shutil.rmtree(d / "tiles", ignore_errors=True)
         print(json.dumps(row), flush=True)
         out.append(row)
-    out[1]["same_cells_csv"] = filecmp.cmp(work / f"before_{size}" / "cells.csv", work / f"after_{size}" / "cells.csv",
-                                           shallow=False)
-    out[1]["cells_differing"] = cells_differing(work / f"before_{size}" / "cells.csv",
-                                                work / f"after_{size}" / "cells.csv")
+    out[1]["same_cells_csv"] = filecmp.cmp(
+        work / f"before_{size}" / "cells.csv", work / f"after_{size}" / "cells.csv", shallow=False
+    )
+    out[1]["cells_differing"] = cells_differing(
+        work / f"before_{size}" / "cells.csv", work / f"after_{size}" / "cells.csv"
+    )
     return out
 
 
@@ -139,16 +198,22 @@ def main():
     from segrefine.envs import env_python
 
     geo = geometry(a.geometry_sizes, a.tile, a.halo, a.context, a.bound)
-    print(f"\n## Pixels the model sees per pixel of the slide (tile {a.tile} px, halo {a.halo} px, model context "
-          f"{a.context} px; groups sized for a context bound of {a.bound} px)\n")
-    print("| slide | tissue | in-tissue cores Mpx | before: windows, per core px, per tissue px "
-          "| after: group, windows, largest window px, per core px, per tissue px |")
+    print(
+        f"\n## Pixels the model sees per pixel of the slide (tile {a.tile} px, halo {a.halo} px, model context "
+        f"{a.context} px; groups sized for a context bound of {a.bound} px)\n"
+    )
+    print(
+        "| slide | tissue | in-tissue cores Mpx | before: windows, per core px, per tissue px "
+        "| after: group, windows, largest window px, per core px, per tissue px |"
+    )
     print("|---|---|---|---|---|")
     for r in geo:
         b, f = r["before"], r["after"]
-        print(f"| {r['size']}² | {r['tissue']} | {r['cores_mpx']:.0f} | {b['windows']}, {b['seen_per_core']:.3f}, "
-              f"{b['seen_per_tissue']:.3f} | {f['group']}x{f['group']}, {f['windows']}, {f['max_window']}, "
-              f"{f['seen_per_core']:.3f}, {f['seen_per_tissue']:.3f} |")
+        print(
+            f"| {r['size']}² | {r['tissue']} | {r['cores_mpx']:.0f} | {b['windows']}, {b['seen_per_core']:.3f}, "
+            f"{b['seen_per_tissue']:.3f} | {f['group']}x{f['group']}, {f['windows']}, {f['max_window']}, "
+            f"{f['seen_per_core']:.3f}, {f['seen_per_tissue']:.3f} |"
+        )
     results = {"geometry": geo, "measured": [], "machine": f"{os.cpu_count()} CPU cores"}
     if a.sizes:
         py = env_python("core")
@@ -158,18 +223,22 @@ def main():
         for size in a.sizes:
             results["measured"] += measured(py, size, work, card, a.tile, a.halo, a.context, a.bound)
         print(f"\n## Measured: classical model with a {a.context} px context, 1 shard\n")
-        print("| slide | run | group | windows (largest px) | seen / core px (plan's estimate) "
-              "| predict s wall / CPU | tile-plan / shard / stitch s | overhead "
-              "| peak RSS MiB tile-plan / shard / stitch | cells | cells.csv identical (cells differing) | load |")
+        print(
+            "| slide | run | group | windows (largest px) | seen / core px (plan's estimate) "
+            "| predict s wall / CPU | tile-plan / shard / stitch s | overhead "
+            "| peak RSS MiB tile-plan / shard / stitch | cells | cells.csv identical (cells differing) | load |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results["measured"]:
             same = {True: "yes", False: f"no ({r.get('cells_differing')})"}.get(r.get("same_cells_csv"), "-")
-            print(f"| {r['size']}² | {r['run']} | {r['group']}x{r['group']} | {r['windows']} "
-                  f"({max(r['max_window'])}) | {r['seen_ratio']:.3f} ({r['plan_estimate']:.3f}) | "
-                  f"{r['predict_s']:.1f} / {r['predict_cpu_s']:.1f} | "
-                  f"{r['plan_s']:.1f} / {r['shard_s']:.1f} / {r['stitch_s']:.1f} | "
-                  f"{100 * r['overhead']:.1f} % | {r['plan_rss']:.0f} / {r['shard_rss']:.0f} / {r['stitch_rss']:.0f} | "
-                  f"{r['cells']} | {same} | {r['load'][0]:.1f}/{r['load'][1]:.1f} |")
+            print(
+                f"| {r['size']}² | {r['run']} | {r['group']}x{r['group']} | {r['windows']} "
+                f"({max(r['max_window'])}) | {r['seen_ratio']:.3f} ({r['plan_estimate']:.3f}) | "
+                f"{r['predict_s']:.1f} / {r['predict_cpu_s']:.1f} | "
+                f"{r['plan_s']:.1f} / {r['shard_s']:.1f} / {r['stitch_s']:.1f} | "
+                f"{100 * r['overhead']:.1f} % | {r['plan_rss']:.0f} / {r['shard_rss']:.0f} / {r['stitch_rss']:.0f} | "
+                f"{r['cells']} | {same} | {r['load'][0]:.1f}/{r['load'][1]:.1f} |"
+            )
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
 

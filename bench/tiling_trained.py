@@ -35,6 +35,7 @@ slide-anchored resampling and block grid). ``--variants`` adds diagnostic
 runs of the same model with changed inference settings (see VARIANTS; with
 no name: all of them), to find where tiled and whole differ.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,10 +72,15 @@ def stock_predict_window(self, image, origin=(0, 0)):
     from segrefine.models.cellpose_adapter import _as_input, _channels
 
     img = _as_input(image)
-    masks = self.model.eval(img, channels=_channels(img), diameter=self.diameter(), normalize=self._normalize(img),
-                            flow_threshold=float(self.params["flow_threshold"]),
-                            cellprob_threshold=float(self.params["cellprob_threshold"]),
-                            min_size=int(self.params["min_size"]))[0]
+    masks = self.model.eval(
+        img,
+        channels=_channels(img),
+        diameter=self.diameter(),
+        normalize=self._normalize(img),
+        flow_threshold=float(self.params["flow_threshold"]),
+        cellprob_threshold=float(self.params["cellprob_threshold"]),
+        min_size=int(self.params["min_size"]),
+    )[0]
     return np.asarray(masks).astype(np.uint32)
 
 
@@ -88,28 +94,72 @@ def train_models(work: Path, which, cellpose_epochs: int, stardist_epochs: int, 
     (work / "data").mkdir(exist_ok=True)
     images, masks = make_tiles(REALDATA, work / "data")
     ts = work / "trainset.tsv"
-    step("core", "trainset", "--images", *images, "--masks", *masks, "--out", ts, "--seed", 0,
-         "--val-fraction", 0.15, "--test-fraction", 0.25)
+    step(
+        "core",
+        "trainset",
+        "--images",
+        *images,
+        "--masks",
+        *masks,
+        "--out",
+        ts,
+        "--seed",
+        0,
+        "--val-fraction",
+        0.15,
+        "--test-fraction",
+        0.25,
+    )
     cards, info = {}, {}
     if "cellpose" in which:
         t0 = time.monotonic()
         if base is None or not Path(base).is_file():  # the offline base model, as finetune_families trains it
-            step("cellpose", "train-base", "--framework", "cellpose", "--name", "generic_nuclei", "--n-images", 16,
-                 "--size", 256, "--seed", 0, "--params", json.dumps({"n_epochs": 30, "diam_mean": 17.0, "bsize": 128}),
-                 "--out-dir", work / "base")
+            step(
+                "cellpose",
+                "train-base",
+                "--framework",
+                "cellpose",
+                "--name",
+                "generic_nuclei",
+                "--n-images",
+                16,
+                "--size",
+                256,
+                "--seed",
+                0,
+                "--params",
+                json.dumps({"n_epochs": 30, "diam_mean": 17.0, "bsize": 128}),
+                "--out-dir",
+                work / "base",
+            )
             base = work / "base" / "card.json"
         params = {"n_epochs": cellpose_epochs, "bsize": 128, "augment_rotate": False}
         cards["cellpose"] = _finetune("cellpose", "cellpose", str(base), params, work, ts)
         info["cellpose"] = {"train_s": time.monotonic() - t0, "params": params, "base": str(base)}
     if "stardist" in which:
         t0 = time.monotonic()
-        params = {"n_epochs": stardist_epochs, "steps_per_epoch": 20, "patch_size": 128, "batch_size": 4,
-                  "learning_rate": 1e-3}
+        params = {
+            "n_epochs": stardist_epochs,
+            "steps_per_epoch": 20,
+            "patch_size": 128,
+            "batch_size": 4,
+            "learning_rate": 1e-3,
+        }
         cards["stardist"] = _finetune("stardist", "tensorflow", None, params, work, ts)
         info["stardist"] = {"train_s": time.monotonic() - t0, "params": params, "base": "from scratch"}
     for fw, card in cards.items():  # how well each finds cells: the held-out CellBinDB test tiles
-        step(FRAMEWORK_ENV[fw], "evaluate", "--card", card, "--trainset", ts, "--split", "test",
-             "--out", work / fw / "test.csv")
+        step(
+            FRAMEWORK_ENV[fw],
+            "evaluate",
+            "--card",
+            card,
+            "--trainset",
+            ts,
+            "--split",
+            "test",
+            "--out",
+            work / fw / "test.csv",
+        )
         import pandas as pd
 
         info[fw]["test_f1_vs_truth"] = float(pd.read_csv(work / fw / "test.csv")["f1"].mean())
@@ -121,10 +171,37 @@ def _finetune(fw, env, weights, params, work: Path, ts: Path) -> Path:
 
     d = work / fw
     args = ["--weights", weights] if weights else []
-    step(env, "pretrained-card", "--framework", fw, "--name", fw, "--source", weights or "none",
-         "--params", json.dumps(params), "--out-dir", d / "pretrained", *args)
-    step(env, "finetune", "--pretrained-card", d / "pretrained" / "card.json", "--trainset", ts, "--name",
-         f"{fw}_cellbindb", "--params", json.dumps(params), "--seed", 0, "--out-dir", d / "finetuned")
+    step(
+        env,
+        "pretrained-card",
+        "--framework",
+        fw,
+        "--name",
+        fw,
+        "--source",
+        weights or "none",
+        "--params",
+        json.dumps(params),
+        "--out-dir",
+        d / "pretrained",
+        *args,
+    )
+    step(
+        env,
+        "finetune",
+        "--pretrained-card",
+        d / "pretrained" / "card.json",
+        "--trainset",
+        ts,
+        "--name",
+        f"{fw}_cellbindb",
+        "--params",
+        json.dumps(params),
+        "--seed",
+        0,
+        "--out-dir",
+        d / "finetuned",
+    )
     return d / "finetuned" / "card.json"
 
 
@@ -157,8 +234,19 @@ def tiled_steps(card, slide, out: Path, tile: int, halo: int, context: int = 0, 
     outlines or overlay (not scored here); returns the stitch report."""
     from segrefine.segment import segment_slide
 
-    return segment_slide(card, slide, out, tile_size=tile, halo_px=halo, context_px=context, shards=1, tissue=False,
-                         geojson=False, overlay=False, model_context=model_context)
+    return segment_slide(
+        card,
+        slide,
+        out,
+        tile_size=tile,
+        halo_px=halo,
+        context_px=context,
+        shards=1,
+        tissue=False,
+        geojson=False,
+        overlay=False,
+        model_context=model_context,
+    )
 
 
 def worker(spec_path: Path) -> None:
@@ -199,25 +287,47 @@ def worker(spec_path: Path) -> None:
         whole = segment_whole(card_used, case["slide"])
         whole_s = time.monotonic() - t0
         tifffile.imwrite(out / "whole.tif", whole)
-        results.append({"name": case["name"], "tiled_s": tiled_s, "whole_s": whole_s, "context": context,
-                        "tiled": str(out / "labels.tif"), "whole": str(out / "whole.tif")})
-        print(f"{spec['model']}: {case['name']} tiled {tiled_s:.1f} s, whole {whole_s:.1f} s", file=sys.stderr,
-              flush=True)
+        results.append(
+            {
+                "name": case["name"],
+                "tiled_s": tiled_s,
+                "whole_s": whole_s,
+                "context": context,
+                "tiled": str(out / "labels.tif"),
+                "whole": str(out / "whole.tif"),
+            }
+        )
+        print(
+            f"{spec['model']}: {case['name']} tiled {tiled_s:.1f} s, whole {whole_s:.1f} s", file=sys.stderr, flush=True
+        )
     Path(spec["out"]).write_text(json.dumps(results))
 
 
-def run_worker(framework: str, model_label: str, card, case_specs, work: Path, patch=None, context=0,
-               model_context=True):
+def run_worker(
+    framework: str, model_label: str, card, case_specs, work: Path, patch=None, context=0, model_context=True
+):
     from segrefine.envs import env_python
 
     work.mkdir(parents=True, exist_ok=True)
-    spec = {"card": str(card), "model": model_label, "cases": case_specs, "out": str(work / "worker.json"),
-            "work": str(work), "patch": patch, "context": context, "model_context": model_context}
+    spec = {
+        "card": str(card),
+        "model": model_label,
+        "cases": case_specs,
+        "out": str(work / "worker.json"),
+        "work": str(work),
+        "patch": patch,
+        "context": context,
+        "model_context": model_context,
+    }
     (work / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=str(SCRIPTS), TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([str(env_python(FRAMEWORK_ENV[framework])), str(Path(__file__).resolve()), "--worker",
-                           str(work / "spec.json")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+    proc = subprocess.run(
+        [str(env_python(FRAMEWORK_ENV[framework])), str(Path(__file__).resolve()), "--worker", str(work / "spec.json")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if proc.returncode:
         sys.exit(f"{model_label} worker failed:\n{proc.stderr[-4000:]}")
     sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines() if line.startswith(model_label)))
@@ -231,11 +341,18 @@ def score(whole: np.ndarray, tiled: np.ndarray, tile: int, halo: int) -> dict:
 
     m = object_metrics(whole.astype(np.int64), tiled.astype(np.int64))
     s = seam_report(whole, tiled, tile, near=halo)
-    return {"cells_whole": int(m["n_true"]), "cells_tiled": int(m["n_pred"]), "f1": m["f1"],
-            "mean_matched_iou": m["mean_matched_iou"], "seam_cells": s["seam_cells"],
-            "cells_crossing_seams": s["cells_crossing_seams"], "cut_at_seams": s["cut_at_seams"],
-            "duplicates": s["duplicates"], "ids_unique": s["ids_unique_and_dense"],
-            "pixel_agreement": float(((whole > 0) == (tiled > 0)).mean())}
+    return {
+        "cells_whole": int(m["n_true"]),
+        "cells_tiled": int(m["n_pred"]),
+        "f1": m["f1"],
+        "mean_matched_iou": m["mean_matched_iou"],
+        "seam_cells": s["seam_cells"],
+        "cells_crossing_seams": s["cells_crossing_seams"],
+        "cut_at_seams": s["cut_at_seams"],
+        "duplicates": s["duplicates"],
+        "ids_unique": s["ids_unique_and_dense"],
+        "pixel_agreement": float(((whole > 0) == (tiled > 0)).mean()),
+    }
 
 
 def differing_cells(whole: np.ndarray, tiled: np.ndarray, tile: int, halo: int, iou: float = 0.5):
@@ -258,8 +375,14 @@ def differing_cells(whole: np.ndarray, tiled: np.ndarray, tile: int, halo: int, 
         seams_y = [k * tile for k in range(1, -(-H // tile))]
         seams_x = [k * tile for k in range(1, -(-W // tile))]
         d = min([abs(cy - s) for s in seams_y] + [abs(cx - s) for s in seams_x] + [1e9])
-        out.append({"cell": lab, "centre_xy": [round(cx), round(cy)], "seam_distance_px": round(d, 1),
-                    "extent_px": int(max(s.stop - s.start for s in sl))})
+        out.append(
+            {
+                "cell": lab,
+                "centre_xy": [round(cx), round(cy)],
+                "seam_distance_px": round(d, 1),
+                "extent_px": int(max(s.stop - s.start for s in sl)),
+            }
+        )
     return out
 
 
@@ -273,19 +396,35 @@ def main():
     ap.add_argument("--cellpose-epochs", type=int, default=60)
     ap.add_argument("--stardist-epochs", type=int, default=15)
     ap.add_argument("--synthetic-size", type=int, default=512, help="synthetic demo slide size (0: none)")
-    ap.add_argument("--cellpose-base",
-                    default=str(REPO / "results" / "models" / "base" / "generic_nuclei" / "card.json"),
-                    help="the offline Cellpose base model to fine-tune (trained with `segrefine train-base` as "
-                         "bench/finetune_families.py does when this card is missing)")
-    ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), metavar="VARIANT",
-                    help=f"also run these diagnostic variants (none given: all): {list(VARIANTS)}")
-    ap.add_argument("--context", type=int, default=0, help="context px added to every image's halo in the plan "
-                                                            "(tile-plan's context_px)")
-    ap.add_argument("--model-context", choices=["on", "off"], default="on",
-                    help="on (the shipped default): the shard grows each window by the model's context_px() and "
-                         "crops the labels back; off: the model sees the plan's window only")
-    ap.add_argument("--images", nargs="+", metavar="TEXT",
-                    help="only the images whose name contains one of these (default: all)")
+    ap.add_argument(
+        "--cellpose-base",
+        default=str(REPO / "results" / "models" / "base" / "generic_nuclei" / "card.json"),
+        help="the offline Cellpose base model to fine-tune (trained with `segrefine train-base` as "
+        "bench/finetune_families.py does when this card is missing)",
+    )
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        choices=list(VARIANTS),
+        metavar="VARIANT",
+        help=f"also run these diagnostic variants (none given: all): {list(VARIANTS)}",
+    )
+    ap.add_argument(
+        "--context",
+        type=int,
+        default=0,
+        help="context px added to every image's halo in the plan (tile-plan's context_px)",
+    )
+    ap.add_argument(
+        "--model-context",
+        choices=["on", "off"],
+        default="on",
+        help="on (the shipped default): the shard grows each window by the model's context_px() and "
+        "crops the labels back; off: the model sees the plan's window only",
+    )
+    ap.add_argument(
+        "--images", nargs="+", metavar="TEXT", help="only the images whose name contains one of these (default: all)"
+    )
     ap.add_argument("--work", default="/tmp/segrefine-bench-tiling-trained")
     ap.add_argument("--out", help="write all figures as JSON here")
     a = ap.parse_args()
@@ -303,8 +442,7 @@ def main():
     train_info = {}
     if todo:
         t0 = time.monotonic()
-        trained, train_info = train_models(work / "train", todo, a.cellpose_epochs, a.stardist_epochs,
-                                           a.cellpose_base)
+        trained, train_info = train_models(work / "train", todo, a.cellpose_epochs, a.stardist_epochs, a.cellpose_base)
         cards.update(trained)
         print(f"trained {todo} in {time.monotonic() - t0:.0f} s: {json.dumps(train_info)}", file=sys.stderr)
 
@@ -316,53 +454,102 @@ def main():
         slide = work / "slides" / f"{key}.tif"
         slide.parent.mkdir(parents=True, exist_ok=True)
         tifffile.imwrite(slide, img, tile=(128, 128), photometric="rgb" if img.ndim == 3 else "minisblack")
-        case_specs.append({"name": name, "key": key, "slide": str(slide), "tile": tile, "halo": halo,
-                           "size": f"{img.shape[1]}x{img.shape[0]}"})
+        case_specs.append(
+            {
+                "name": name,
+                "key": key,
+                "slide": str(slide),
+                "tile": tile,
+                "halo": halo,
+                "size": f"{img.shape[1]}x{img.shape[0]}",
+            }
+        )
 
     runs = [(fw, fw, None) for fw in a.models]
     if a.variants is not None:
-        runs += [(fw, label, patch) for label, (fw, patch) in VARIANTS.items()
-                 if fw in a.models and (not a.variants or label in a.variants)]
+        runs += [
+            (fw, label, patch)
+            for label, (fw, patch) in VARIANTS.items()
+            if fw in a.models and (not a.variants or label in a.variants)
+        ]
     rows = []
     for fw, label, patch in runs:
         card = cards[fw]
         cdata = json.loads(Path(card).read_text())
-        specs = [dict(c, work=str(work / "runs" / label.replace(" ", "_").replace(",", "") / c["key"]))
-                 for c in case_specs]
-        res = run_worker(fw, label, card, specs, work / "runs" / label.replace(" ", "_").replace(",", ""), patch,
-                         a.context, a.model_context == "on")
+        specs = [
+            dict(c, work=str(work / "runs" / label.replace(" ", "_").replace(",", "") / c["key"])) for c in case_specs
+        ]
+        res = run_worker(
+            fw,
+            label,
+            card,
+            specs,
+            work / "runs" / label.replace(" ", "_").replace(",", ""),
+            patch,
+            a.context,
+            a.model_context == "on",
+        )
         for c, r in zip(case_specs, res):
             whole, tiled = tifffile.imread(r["whole"]), tifffile.imread(r["tiled"])
             plan = json.loads((Path(r["tiled"]).parent / "tiles.json").read_text())
-            row = {"image": c["name"], "size": c["size"], "tiles": int(plan["tiles"]), "tile": c["tile"],
-                   "halo": c["halo"], "context": int(r["context"]), "model_context_px": _model_context(r["tiled"]),
-                   "model": label, "framework": fw, "card": str(card),
-                   "card_diameter_px": cdata.get("preprocessing", {}).get("diameter_px"),
-                   **score(whole, tiled, c["tile"], c["halo"]), "tiled_s": r["tiled_s"], "whole_s": r["whole_s"],
-                   "largest_whole_cell_px": _largest(whole)}
+            row = {
+                "image": c["name"],
+                "size": c["size"],
+                "tiles": int(plan["tiles"]),
+                "tile": c["tile"],
+                "halo": c["halo"],
+                "context": int(r["context"]),
+                "model_context_px": _model_context(r["tiled"]),
+                "model": label,
+                "framework": fw,
+                "card": str(card),
+                "card_diameter_px": cdata.get("preprocessing", {}).get("diameter_px"),
+                **score(whole, tiled, c["tile"], c["halo"]),
+                "tiled_s": r["tiled_s"],
+                "whole_s": r["whole_s"],
+                "largest_whole_cell_px": _largest(whole),
+            }
             row["unmatched_whole_cells"] = differing_cells(whole, tiled, c["tile"], c["halo"])
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "unmatched_whole_cells"}), file=sys.stderr,
-                  flush=True)
+            print(
+                json.dumps({k: v for k, v in row.items() if k != "unmatched_whole_cells"}), file=sys.stderr, flush=True
+            )
 
     print("\n## Fidelity with trained deep models: tiled vs whole-image inference, same model (F1 at IoU 0.5)\n")
-    print("| image | size | tiles (px, halo + context, + model context) | model | cells whole / tiled | F1 "
-          "| seam cells | cut at seams | duplicates | ids unique | s tiled / whole |")
+    print(
+        "| image | size | tiles (px, halo + context, + model context) | model | cells whole / tiled | F1 "
+        "| seam cells | cut at seams | duplicates | ids unique | s tiled / whole |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['image']} | {r['size']} | {r['tiles']} ({r['tile']}, {r['halo']} + {r['context']}, + "
-              f"{r['model_context_px']}) | {r['model']} | "
-              f"{r['cells_whole']} / {r['cells_tiled']} | {r['f1']:.4f} | {r['seam_cells']} | "
-              f"{r['cut_at_seams']} | {r['duplicates']} | {r['ids_unique']} | "
-              f"{r['tiled_s']:.1f} / {r['whole_s']:.1f} |")
+        print(
+            f"| {r['image']} | {r['size']} | {r['tiles']} ({r['tile']}, {r['halo']} + {r['context']}, + "
+            f"{r['model_context_px']}) | {r['model']} | "
+            f"{r['cells_whole']} / {r['cells_tiled']} | {r['f1']:.4f} | {r['seam_cells']} | "
+            f"{r['cut_at_seams']} | {r['duplicates']} | {r['ids_unique']} | "
+            f"{r['tiled_s']:.1f} / {r['whole_s']:.1f} |"
+        )
     total = time.monotonic() - t_start
-    print(f"\n(models: {', '.join(f'{fw} {cards[fw]}' for fw in a.models)}; total {total:.0f} s on "
-          f"{os.cpu_count()} CPU cores)")
+    print(
+        f"\n(models: {', '.join(f'{fw} {cards[fw]}' for fw in a.models)}; total {total:.0f} s on "
+        f"{os.cpu_count()} CPU cores)"
+    )
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "total_s": total,
-                                           "cards": {k: str(v) for k, v in cards.items()}, "training": train_info,
-                                           "fidelity": rows}, indent=2, default=float) + "\n")
+        Path(a.out).write_text(
+            json.dumps(
+                {
+                    "machine": f"{os.cpu_count()} CPU cores",
+                    "total_s": total,
+                    "cards": {k: str(v) for k, v in cards.items()},
+                    "training": train_info,
+                    "fidelity": rows,
+                },
+                indent=2,
+                default=float,
+            )
+            + "\n"
+        )
 
 
 def _model_context(labels_path) -> int:
@@ -374,8 +561,10 @@ def _model_context(labels_path) -> int:
 def _largest(labels: np.ndarray) -> int:
     from scipy import ndimage
 
-    return max([max(s.stop - s.start for s in sl) for sl in ndimage.find_objects(labels.astype(np.int64))
-                if sl is not None] or [0])
+    return max(
+        [max(s.stop - s.start for s in sl) for sl in ndimage.find_objects(labels.astype(np.int64)) if sl is not None]
+        or [0]
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ resolved afterwards, so not tile-exact) is computed with its own grid formula (`
 overlap) and its Xenium Cellpose configuration (6000 px, 150 px). SOPA is not installed for this: the figure is
 the patch geometry, which is all that decides the pixels its model sees.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,7 @@ def write_slide(kind: str, size: int, path: Path) -> None:
 def disc_fraction(size: int, radius: float, n: int = 4096) -> float:
     """Fraction of the size x size slide inside the centred disc of radius ``radius`` x size (numerically)."""
     c = (np.arange(n) + 0.5) / n - 0.5
-    return float(((c[:, None] ** 2 + c[None, :] ** 2) <= radius ** 2).mean())
+    return float(((c[:, None] ** 2 + c[None, :] ** 2) <= radius**2).mean())
 
 
 def sopa_seen(mask: np.ndarray, f: float, shape, width: int, overlap: int) -> int:
@@ -65,7 +66,7 @@ def sopa_seen(mask: np.ndarray, f: float, shape, width: int, overlap: int) -> in
     seen = 0
     for y0, y1 in grid(H):
         for x0, x1 in grid(W):
-            m = mask[int(y0 // f):int(math.ceil(y1 / f)), int(x0 // f):int(math.ceil(x1 / f))]
+            m = mask[int(y0 // f) : int(math.ceil(y1 / f)), int(x0 // f) : int(math.ceil(x1 / f))]
             if m.any():
                 seen += (y1 - y0) * (x1 - x0)
     return seen
@@ -87,9 +88,12 @@ def main():
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    print("| slide | true tissue | detected tissue | tile | tiles in tissue | group | seen / core px | "
-          "seen / detected tissue px | seen / true tissue px | SOPA 2000/50: seen / tissue px | "
-          "SOPA 6000/150 |\n|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print(
+        "| slide | true tissue | detected tissue | tile | tiles in tissue | group | seen / core px | "
+        "seen / detected tissue px | seen / true tissue px | SOPA 2000/50: seen / tissue px | "
+        "SOPA 6000/150 |\n|---|---|---|---|---|---|---|---|---|---|---|",
+        flush=True,
+    )
     for size in a.sizes:
         for kind in a.kinds:
             path = work / f"{kind.replace(' ', '_')}_{size}.tif"
@@ -106,20 +110,33 @@ def main():
                 px = meta["pixels"]
                 seen = px["seen_at_context_bound"]
                 sopa = {w: sopa_seen(mask, f, (size, size), w, o) for w, o in ((2000, 50), (6000, 150))}
-                row = {"size": size, "slide": kind, "tile": tile, "true_tissue_fraction": true / size ** 2,
-                       "detected_tissue_fraction": meta["tissue"]["tissue_fraction"],
-                       "tiles_in_tissue": meta["tiles_in_tissue"], "tiles": meta["tiles"],
-                       "group": meta["group_tiles"], "seen": seen, "cores": px["cores_in_tissue"],
-                       "tissue_px": px["tissue"], "seen_per_core": seen / px["cores_in_tissue"],
-                       "seen_per_tissue": seen / px["tissue"], "seen_per_true_tissue": seen / true,
-                       "sopa_2000_per_tissue": sopa[2000] / px["tissue"],
-                       "sopa_6000_per_tissue": sopa[6000] / px["tissue"]}
+                row = {
+                    "size": size,
+                    "slide": kind,
+                    "tile": tile,
+                    "true_tissue_fraction": true / size**2,
+                    "detected_tissue_fraction": meta["tissue"]["tissue_fraction"],
+                    "tiles_in_tissue": meta["tiles_in_tissue"],
+                    "tiles": meta["tiles"],
+                    "group": meta["group_tiles"],
+                    "seen": seen,
+                    "cores": px["cores_in_tissue"],
+                    "tissue_px": px["tissue"],
+                    "seen_per_core": seen / px["cores_in_tissue"],
+                    "seen_per_tissue": seen / px["tissue"],
+                    "seen_per_true_tissue": seen / true,
+                    "sopa_2000_per_tissue": sopa[2000] / px["tissue"],
+                    "sopa_6000_per_tissue": sopa[6000] / px["tissue"],
+                }
                 rows.append(row)
-                print(f"| {size}² {kind} | {row['true_tissue_fraction']:.3f} | {row['detected_tissue_fraction']:.3f} "
-                      f"| {tile} | {row['tiles_in_tissue']}/{row['tiles']} | {row['group']}x{row['group']} "
-                      f"| {row['seen_per_core']:.3f} | {row['seen_per_tissue']:.3f} "
-                      f"| {row['seen_per_true_tissue']:.3f} "
-                      f"| {row['sopa_2000_per_tissue']:.3f} | {row['sopa_6000_per_tissue']:.3f} |", flush=True)
+                print(
+                    f"| {size}² {kind} | {row['true_tissue_fraction']:.3f} | {row['detected_tissue_fraction']:.3f} "
+                    f"| {tile} | {row['tiles_in_tissue']}/{row['tiles']} | {row['group']}x{row['group']} "
+                    f"| {row['seen_per_core']:.3f} | {row['seen_per_tissue']:.3f} "
+                    f"| {row['seen_per_true_tissue']:.3f} "
+                    f"| {row['sopa_2000_per_tissue']:.3f} | {row['sopa_6000_per_tissue']:.3f} |",
+                    flush=True,
+                )
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))
 

@@ -7,6 +7,7 @@ with the classical model in 2 shards (CPU jobs that may run side by side), no ex
 `slurm_profile` copies profiles/slurm with the overrides a user of this one-node test cluster
 makes (status by squeue, threads capped to the node's CPUs); nothing else of the profile changes.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,12 @@ def slim_config(tiling: dict | None = None):
     cfg = yaml.safe_load((REPO / "config" / "test" / "config.yaml").read_text())
     cfg.pop("base_models", None)
     cfg["models"] = {
-        "tiny": {"framework": "cellpose", "pretrained": "none", "seed": 0,
-                 "hyperparameters": {"n_epochs": 2, "bsize": 96}},
+        "tiny": {
+            "framework": "cellpose",
+            "pretrained": "none",
+            "seed": 0,
+            "hyperparameters": {"n_epochs": 2, "bsize": 96},
+        },
         "baseline": {"framework": "classical", "pretrained": "none"},
     }
     seg = cfg.setdefault("segmentation", {})
@@ -59,9 +64,27 @@ def make_workdir(d: Path, size: int = 384, tiling: dict | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "config" / "test" / "samples.tsv", d / "samples.tsv")
     (d / "config.yaml").write_text(yaml.safe_dump(slim_config(tiling), sort_keys=False))
-    subprocess.run([core_python(), "-m", "segrefine", "demo-data", "--out", str(d / "demo"), "--sn", "TINY01",
-                    "--size", str(size), "--patches", "4", "--patch-size", "96"],
-                   env=dict(os.environ, PYTHONPATH=str(SCRIPTS)), check=True, capture_output=True)
+    subprocess.run(
+        [
+            core_python(),
+            "-m",
+            "segrefine",
+            "demo-data",
+            "--out",
+            str(d / "demo"),
+            "--sn",
+            "TINY01",
+            "--size",
+            str(size),
+            "--patches",
+            "4",
+            "--patch-size",
+            "96",
+        ],
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS)),
+        check=True,
+        capture_output=True,
+    )
     return d
 
 
@@ -84,14 +107,14 @@ def slurm_profile(dest: Path, cpus: int, extra_set_resources: dict | None = None
 
 
 def snakemake(workdir: Path, *args, timeout=900, config="config.yaml", **popen):
-    cmd = [core_python(), "-m", "snakemake", *map(str, args), "-s", str(REPO / "Snakefile"),
-           "--configfile", config]
+    cmd = [core_python(), "-m", "snakemake", *map(str, args), "-s", str(REPO / "Snakefile"), "--configfile", config]
     env = dict(os.environ, PYTHONPATH=str(SCRIPTS))
     if popen:  # a background driver; stdout= a file keeps a long run from filling the pipe
         popen.setdefault("stdout", subprocess.PIPE)
         return subprocess.Popen(cmd, cwd=workdir, env=env, stderr=subprocess.STDOUT, text=True, **popen)
-    return subprocess.run(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
 
 
 def run_local(workdir: Path, *args, cores=2, gpus=1):
@@ -134,7 +157,7 @@ def overlapping(intervals):
     """Pairs of (label, start, end) intervals that overlap in time."""
     out = []
     for i, a in enumerate(intervals):
-        for b in intervals[i + 1:]:
+        for b in intervals[i + 1 :]:
             if max(a[1], b[1]) < min(a[2], b[2]):
                 out.append((a[0], b[0]))
     return out
@@ -229,8 +252,10 @@ def kill_mid_shard(proc, workdir: Path, min_fraction: float = 0.25, timeout: flo
         time.sleep(0.05)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"no moment with one shard finished and another midway within {timeout} s "
-                         f"(driver exit {proc.wait()}):\n{(workdir / 'driver.log').read_text()[-4000:]}")
+    raise AssertionError(
+        f"no moment with one shard finished and another midway within {timeout} s "
+        f"(driver exit {proc.wait()}):\n{(workdir / 'driver.log').read_text()[-4000:]}"
+    )
 
 
 def file_state(workdir: Path) -> dict:

@@ -1,5 +1,6 @@
 """Shared test helpers. Tests run with the core env's Python (make test); steps that
 need another framework run through `segrefine <step>` in that framework's env."""
+
 import os
 import shutil
 import subprocess
@@ -18,8 +19,13 @@ from segrefine.envs import env_python  # noqa: E402
 
 def run_step(env, *args, check=True, cwd=None):
     """Run `segrefine <args>` in env's interpreter; returns the CompletedProcess."""
-    proc = subprocess.run([str(env_python(env)), "-m", "segrefine", *map(str, args)],
-                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS)), capture_output=True, text=True, cwd=cwd)
+    proc = subprocess.run(
+        [str(env_python(env)), "-m", "segrefine", *map(str, args)],
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS)),
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"segrefine {args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -43,16 +49,27 @@ def make_real_trainset(d: Path, realdata: Path, stains, val_fraction: float, tes
         run_step("core", "convert-annotation", "--annotation", d / f"{name}-mask.tif", "--out", d / f"{name}-mask.tif")
         images.append(d / f"{name}-img.tif")
         masks.append(d / f"{name}-mask.tif")
-    run_step("core", "trainset", "--images", *images, "--masks", *masks, "--out", d / "trainset.tsv",
-             "--val-fraction", val_fraction, "--test-fraction", test_fraction)
+    run_step(
+        "core",
+        "trainset",
+        "--images",
+        *images,
+        "--masks",
+        *masks,
+        "--out",
+        d / "trainset.tsv",
+        "--val-fraction",
+        val_fraction,
+        "--test-fraction",
+        test_fraction,
+    )
     return d / "trainset.tsv"
 
 
 @pytest.fixture(scope="session")
 def real_trainset(tmp_path_factory, realdata):
     """A training set of the real ssDNA and DAPI crops (binary masks -> instances)."""
-    return make_real_trainset(tmp_path_factory.mktemp("real"), realdata, ["ssDNA", "DAPI", "ssDNA", "DAPI"],
-                              0.25, 0.25)
+    return make_real_trainset(tmp_path_factory.mktemp("real"), realdata, ["ssDNA", "DAPI", "ssDNA", "DAPI"], 0.25, 0.25)
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +86,7 @@ def slide(tmp_path_factory):
     img = np.concatenate([img, np.full((384, 192), img.min(), img.dtype)], axis=1)  # 576 wide, right third blank
     write_tiff(d / "slide.tif", img, tiled=True, photometric="minisblack", metadata={"axes": "YX"})
     card = d / "classical"
-    run_step("core", "pretrained-card", "--framework", "classical", "--name", "c", "--source", "none",
-             "--out-dir", card)
+    run_step(
+        "core", "pretrained-card", "--framework", "classical", "--name", "c", "--source", "none", "--out-dir", card
+    )
     return d / "slide.tif", img, card / "card.json"

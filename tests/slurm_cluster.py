@@ -10,6 +10,7 @@ jobstep executor uses) do not see SLURM_CONF. The cluster writes that file only 
 or when the one there is its own (marked), and removes it on stop. munged, slurmctld and slurmd
 are started in the foreground as children and stopped by their PIDs.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,9 @@ class SlurmUnavailable(RuntimeError):
 
 
 def missing_programs():
-    found = {p: shutil.which(p) or (f"/usr/sbin/{p}" if Path(f"/usr/sbin/{p}").exists() else None)
-             for p in DAEMONS + CLIENTS}
+    found = {
+        p: shutil.which(p) or (f"/usr/sbin/{p}" if Path(f"/usr/sbin/{p}").exists() else None) for p in DAEMONS + CLIENTS
+    }
     return sorted(p for p, path in found.items() if path is None)
 
 
@@ -116,8 +118,10 @@ PartitionName=gpu Nodes={self.host} MaxTime=INFINITE State=UP
     def start(self, timeout: float = 60):
         missing = missing_programs()
         if missing:
-            raise SlurmUnavailable(f"SLURM/munge programs not installed: {', '.join(missing)} "
-                                   "(`make setup-slurm` installs slurm-wlm and munge with apt-get)")
+            raise SlurmUnavailable(
+                f"SLURM/munge programs not installed: {', '.join(missing)} "
+                "(`make setup-slurm` installs slurm-wlm and munge with apt-get)"
+            )
         for port in (6817, 6818):
             if not _port_free(port):
                 raise SlurmUnavailable(f"port {port} is in use (another slurmctld/slurmd is running)")
@@ -132,7 +136,8 @@ PartitionName=gpu Nodes={self.host} MaxTime=INFINITE State=UP
             if not self._munge_ok():
                 Path("/run/munge").mkdir(parents=True, exist_ok=True)
                 self.procs["munged"] = subprocess.Popen(
-                    [_sbin("munged"), "--foreground", "--force"], stdout=log, stderr=log)
+                    [_sbin("munged"), "--foreground", "--force"], stdout=log, stderr=log
+                )
                 self._wait(self._munge_ok, 15, "munged")
             self.procs["slurmctld"] = subprocess.Popen([_sbin("slurmctld"), "-D", "-i"], stdout=log, stderr=log)
             self._wait(lambda: self._run("scontrol", "ping").returncode == 0, timeout, "slurmctld")
@@ -172,8 +177,9 @@ PartitionName=gpu Nodes={self.host} MaxTime=INFINITE State=UP
         if not shutil.which("munge") or not shutil.which("unmunge"):
             return False
         enc = subprocess.run(["munge", "-n"], capture_output=True)
-        return enc.returncode == 0 and subprocess.run(["unmunge"], input=enc.stdout,
-                                                      capture_output=True).returncode == 0
+        return (
+            enc.returncode == 0 and subprocess.run(["unmunge"], input=enc.stdout, capture_output=True).returncode == 0
+        )
 
     def _node_idle(self):
         out = self._run("sinfo", "-h", "-N", "-o", "%t").stdout.split()
@@ -204,15 +210,22 @@ PartitionName=gpu Nodes={self.host} MaxTime=INFINITE State=UP
             if not line.strip() or line.startswith("No jobs"):
                 continue
             fields = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
-            jobs.append({
-                "id": fields.get("JobId"), "name": fields.get("JobName"), "comment": fields.get("Comment", ""),
-                "state": fields.get("JobState"), "partition": fields.get("Partition"),
-                "submit": _epoch(fields.get("SubmitTime")),
-                "start": _epoch(fields.get("StartTime")), "end": _epoch(fields.get("EndTime")),
-                "cpus": int(fields.get("NumCPUs", "0")), "mem": fields.get("MinMemoryNode", ""),
-                "gres": ",".join(v for k, v in fields.items() if k in ("TresPerJob", "TresPerNode") and v),
-                "exit": fields.get("ExitCode"),
-            })
+            jobs.append(
+                {
+                    "id": fields.get("JobId"),
+                    "name": fields.get("JobName"),
+                    "comment": fields.get("Comment", ""),
+                    "state": fields.get("JobState"),
+                    "partition": fields.get("Partition"),
+                    "submit": _epoch(fields.get("SubmitTime")),
+                    "start": _epoch(fields.get("StartTime")),
+                    "end": _epoch(fields.get("EndTime")),
+                    "cpus": int(fields.get("NumCPUs", "0")),
+                    "mem": fields.get("MinMemoryNode", ""),
+                    "gres": ",".join(v for k, v in fields.items() if k in ("TresPerJob", "TresPerNode") and v),
+                    "exit": fields.get("ExitCode"),
+                }
+            )
         return jobs
 
 

@@ -5,19 +5,24 @@ import pytest
 import tifffile
 
 from segrefine import SegRefineError
-from segrefine.annotations import (convert_annotation, dump_geojson, labels_to_geojson, mask_to_instances,
-                                   rasterize_polygons)
+from segrefine.annotations import (
+    convert_annotation,
+    dump_geojson,
+    labels_to_geojson,
+    mask_to_instances,
+    rasterize_polygons,
+)
 
 
 def _labels():
     lab = np.zeros((64, 80), np.uint16)
     lab[5:20, 5:25] = 1
-    lab[5:20, 25:40] = 2            # touches cell 1
+    lab[5:20, 25:40] = 2  # touches cell 1
     lab[30:60, 10:50] = 3
-    lab[40:50, 20:30] = 0           # a hole in cell 3
-    lab[50:60, 60:80] = 4           # at the patch border
+    lab[40:50, 20:30] = 0  # a hole in cell 3
+    lab[50:60, 60:80] = 4  # at the patch border
     lab[0:3, 70:73] = 5
-    lab[3:6, 73:76] = 5             # diagonal pieces: one cell made of two parts (MultiPolygon)
+    lab[3:6, 73:76] = 5  # diagonal pieces: one cell made of two parts (MultiPolygon)
     return lab
 
 
@@ -38,14 +43,24 @@ def test_detections_and_cells_count_regions_and_points_do_not(tmp_path):
     def sq(x, y):
         return {"type": "Polygon", "coordinates": [[[x, y], [x + 10, y], [x + 10, y + 10], [x, y + 10], [x, y]]]}
 
-    doc = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": sq(0, 0), "properties": {"objectType": "detection"}},
-        {"type": "Feature", "geometry": sq(20, 0), "nucleusGeometry": sq(22, 2),
-         "properties": {"objectType": "cell"}},
-        {"type": "Feature", "geometry": sq(0, 0) | {"coordinates": [[[0, 0], [80, 0], [80, 64], [0, 64], [0, 0]]]},
-         "properties": {"objectType": "annotation", "classification": {"name": "Region"}}},
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}, "properties": {}},
-    ]}
+    doc = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "geometry": sq(0, 0), "properties": {"objectType": "detection"}},
+            {
+                "type": "Feature",
+                "geometry": sq(20, 0),
+                "nucleusGeometry": sq(22, 2),
+                "properties": {"objectType": "cell"},
+            },
+            {
+                "type": "Feature",
+                "geometry": sq(0, 0) | {"coordinates": [[[0, 0], [80, 0], [80, 64], [0, 64], [0, 0]]]},
+                "properties": {"objectType": "annotation", "classification": {"name": "Region"}},
+            },
+            {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}, "properties": {}},
+        ],
+    }
     p = _write(tmp_path, doc)
     lab = convert_annotation(p, (64, 80))
     assert lab.max() == 2 and (lab == 1).sum() == 100 and (lab == 2).sum() == 100
@@ -54,8 +69,11 @@ def test_detections_and_cells_count_regions_and_points_do_not(tmp_path):
 
 
 def test_annotation_outside_its_patch_is_refused(tmp_path):
-    doc = {"type": "Feature", "properties": {"objectType": "annotation"},
-           "geometry": {"type": "Polygon", "coordinates": [[[70, 50], [95, 50], [95, 60], [70, 60], [70, 50]]]}}
+    doc = {
+        "type": "Feature",
+        "properties": {"objectType": "annotation"},
+        "geometry": {"type": "Polygon", "coordinates": [[[70, 50], [95, 50], [95, 60], [70, 60], [70, 50]]]},
+    }
     p = _write(tmp_path, doc)
     with pytest.raises(SegRefineError, match=r"S1-x0_y0_w80_h64.geojson: feature 0 .* outside its 80x64 px patch"):
         convert_annotation(p, (64, 80))
@@ -87,7 +105,7 @@ def test_binary_masks_split_into_4_connected_cells(tmp_path, fg):
 def test_instance_masks_are_kept_and_relabelled(tmp_path):
     m = np.zeros((10, 10), np.uint32)
     m[0:5, 0:5] = 70000
-    m[0:5, 5:10] = 7   # touching cells with distinct labels stay distinct
+    m[0:5, 5:10] = 7  # touching cells with distinct labels stay distinct
     m[6:9, 6:9] = 12
     lab = mask_to_instances(m)
     assert lab.max() == 3 and lab.dtype == np.uint16

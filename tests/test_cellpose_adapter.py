@@ -1,6 +1,7 @@
 """The Cellpose adapter, through the step commands in the cellpose env, on real
 CellBinDB Stereo-seq crops (shared/realdata): train, save, load, predict; and
 its slide-anchored inference (predict_window), in a cellpose-env subprocess."""
+
 import json
 import os
 import subprocess
@@ -17,19 +18,59 @@ from segrefine.models import CARD_KEYS
 @pytest.fixture(scope="module")
 def base_card(tmp_path_factory):
     d = tmp_path_factory.mktemp("base")
-    run_step("cellpose", "train-base", "--framework", "cellpose", "--name", "tiny",
-             "--params", json.dumps({"n_epochs": 2, "diam_mean": 17.0, "bsize": 96}),
-             "--n-images", 2, "--size", 128, "--seed", 0, "--out-dir", d / "base")
+    run_step(
+        "cellpose",
+        "train-base",
+        "--framework",
+        "cellpose",
+        "--name",
+        "tiny",
+        "--params",
+        json.dumps({"n_epochs": 2, "diam_mean": 17.0, "bsize": 96}),
+        "--n-images",
+        2,
+        "--size",
+        128,
+        "--seed",
+        0,
+        "--out-dir",
+        d / "base",
+    )
     return d / "base" / "card.json"
 
 
 def _finetune(base_card, trainset, out, seed=0, **params):
     pre = out / "pretrained"
-    run_step("cellpose", "pretrained-card", "--framework", "cellpose", "--weights", base_card, "--name", "m",
-             "--source", "base:tiny", "--out-dir", pre)
-    run_step("cellpose", "finetune", "--pretrained-card", pre / "card.json", "--trainset", trainset, "--name", "m",
-             "--params", json.dumps({"n_epochs": 4, "bsize": 128, **params}), "--seed", seed,
-             "--out-dir", out / "finetuned")
+    run_step(
+        "cellpose",
+        "pretrained-card",
+        "--framework",
+        "cellpose",
+        "--weights",
+        base_card,
+        "--name",
+        "m",
+        "--source",
+        "base:tiny",
+        "--out-dir",
+        pre,
+    )
+    run_step(
+        "cellpose",
+        "finetune",
+        "--pretrained-card",
+        pre / "card.json",
+        "--trainset",
+        trainset,
+        "--name",
+        "m",
+        "--params",
+        json.dumps({"n_epochs": 4, "bsize": 128, **params}),
+        "--seed",
+        seed,
+        "--out-dir",
+        out / "finetuned",
+    )
     return json.loads((out / "finetuned" / "card.json").read_text())
 
 
@@ -73,8 +114,18 @@ def test_saved_model_predicts_identically_after_reload(base_card, real_trainset,
     _finetune(base_card, real_trainset, tmp_path)
     card = tmp_path / "finetuned" / "card.json"
     for k in (1, 2):
-        run_step("cellpose", "evaluate", "--card", card, "--trainset", real_trainset, "--split", "test",
-                 "--out", tmp_path / f"eval{k}.csv")
+        run_step(
+            "cellpose",
+            "evaluate",
+            "--card",
+            card,
+            "--trainset",
+            real_trainset,
+            "--split",
+            "test",
+            "--out",
+            tmp_path / f"eval{k}.csv",
+        )
     e1, e2 = pd.read_csv(tmp_path / "eval1.csv"), pd.read_csv(tmp_path / "eval2.csv")
     pd.testing.assert_frame_equal(e1, e2)
     assert set(e1["stage"]) == {"finetuned"} and e1["n_true"].min() > 0
@@ -83,8 +134,21 @@ def test_saved_model_predicts_identically_after_reload(base_card, real_trainset,
 def test_weights_of_the_wrong_kind_are_refused_before_training(tmp_path):
     bogus = tmp_path / "model.hdf5"
     bogus.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
-    proc = run_step("cellpose", "pretrained-card", "--framework", "cellpose", "--weights", bogus, "--name", "m",
-                    "--source", str(bogus), "--out-dir", tmp_path / "out", check=False)
+    proc = run_step(
+        "cellpose",
+        "pretrained-card",
+        "--framework",
+        "cellpose",
+        "--weights",
+        bogus,
+        "--name",
+        "m",
+        "--source",
+        str(bogus),
+        "--out-dir",
+        tmp_path / "out",
+        check=False,
+    )
     assert proc.returncode == 1
     assert "model.hdf5: not a Cellpose 3 weights file" in proc.stderr
     assert not (tmp_path / "out" / "card.json").exists()
@@ -160,8 +224,12 @@ WINDOW_SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def window_results():
-    proc = subprocess.run([str(env_python("cellpose")), "-c", WINDOW_SCRIPT], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS)))
+    proc = subprocess.run(
+        [str(env_python("cellpose")), "-c", WINDOW_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS)),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

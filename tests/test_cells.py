@@ -1,4 +1,5 @@
 """segrefine.cells: every cell one piece, nuclei grown into cells (exact, banded), a user's cell mask."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ def brute_force(labels, d):
 def random_nuclei(seed, shape=(48, 64), n=12, r=(1, 4)):
     rng = np.random.default_rng(seed)
     lab = np.zeros(shape, np.uint32)
-    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
     for _ in range(n):
         cy, cx, rr = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(r[0], r[1] + 1)
         lab[((yy - cy) ** 2 + (xx - cx) ** 2 <= rr * rr) & (lab == 0)] = rng.integers(1, 1000)
@@ -199,8 +200,16 @@ def _write_labels(path, lab):
 def test_label_image_expand_and_report(tmp_path):
     lab = random_nuclei(2, shape=(70, 90), n=30)
     _write_labels(tmp_path / "labels.tif", lab)
-    rep = expand_label_image(tmp_path / "labels.tif", tmp_path / "cells.tif", tmp_path / "cells.json",
-                             distance=3, unit="um", um_per_px=0.5, band_rows=16, block_cols=32)
+    rep = expand_label_image(
+        tmp_path / "labels.tif",
+        tmp_path / "cells.tif",
+        tmp_path / "cells.json",
+        distance=3,
+        unit="um",
+        um_per_px=0.5,
+        band_rows=16,
+        block_cols=32,
+    )
     got = LabelImage(tmp_path / "cells.tif")
     assert got.dtype == np.uint32 and got.shape == lab.shape
     assert np.array_equal(got.rows(0, 70), brute_force(lab, 6))
@@ -217,8 +226,14 @@ def test_label_image_mask(tmp_path):
     mask = expand_labels(lab, 2) * 2
     _write_labels(tmp_path / "labels.tif", lab)
     tifffile.imwrite(tmp_path / "mask.tif", mask.astype(np.uint16))
-    expand_label_image(tmp_path / "labels.tif", tmp_path / "cells.tif", tmp_path / "cells.json", mode="mask",
-                       mask_path=tmp_path / "mask.tif", band_rows=8)
+    expand_label_image(
+        tmp_path / "labels.tif",
+        tmp_path / "cells.tif",
+        tmp_path / "cells.json",
+        mode="mask",
+        mask_path=tmp_path / "mask.tif",
+        band_rows=8,
+    )
     got = LabelImage(tmp_path / "cells.tif")
     assert got.dtype == np.uint32 and np.array_equal(got.rows(0, 40), mask)  # the user's ids, as given
     got.close()
@@ -259,16 +274,31 @@ def test_stitch_keeps_every_cell_one_piece_and_counts_the_fragments(tmp_path):
             for cid in np.unique(lab)[1::3]:  # every third cell: a pixel 2 px below-right of its bounding box
                 ys, xs = np.nonzero(lab == cid)
                 y, x = ys.max() + 2, xs.max() + 2
-                if y < lab.shape[0] and x < lab.shape[1] and not lab[max(0, y - 1):y + 2, max(0, x - 1):x + 2].any():
+                if (
+                    y < lab.shape[0]
+                    and x < lab.shape[1]
+                    and not lab[max(0, y - 1) : y + 2, max(0, x - 1) : x + 2].any()
+                ):
                     lab[y, x] = cid
             return lab
 
     img, _, _ = make_slide(256, seed=5)
     write_tiff(tmp_path / "slide.tif", img, tiled=True, photometric="minisblack", metadata={"axes": "YX"})
-    run_step("core", "pretrained-card", "--framework", "classical", "--name", "c", "--source", "none",
-             "--out-dir", tmp_path / "card")
-    _, _, rep = run_all(tmp_path / "run", tmp_path / "slide.tif", tmp_path / "card" / "card.json", Stray(),
-                        tile=96, halo=24)
+    run_step(
+        "core",
+        "pretrained-card",
+        "--framework",
+        "classical",
+        "--name",
+        "c",
+        "--source",
+        "none",
+        "--out-dir",
+        tmp_path / "card",
+    )
+    _, _, rep = run_all(
+        tmp_path / "run", tmp_path / "slide.tif", tmp_path / "card" / "card.json", Stray(), tile=96, halo=24
+    )
     assert rep["fragment_cells"] > 0 and rep["fragment_pixels"] >= rep["fragment_cells"]
     assert len(rep["fragment_cell_ids"]) == rep["fragment_cells"]
     tiled = tifffile.imread(tmp_path / "run" / "labels.tif")
@@ -290,9 +320,17 @@ def test_expression_qc_puts_cells_beside_nuclei(tmp_path):
     for i, st in enumerate(stages):
         n = 40 + 5 * i
         area = rng.integers(20, 60, n) * (3 if st.endswith("_cells") else 1)
-        df = pd.DataFrame({"cgef_cell": np.arange(n), "label_id": np.arange(1, n + 1), "x": rng.random(n),
-                           "y": rng.random(n), "area": area, "total_counts": rng.integers(0, 50, n) + area // 10,
-                           "n_genes": rng.integers(0, 20, n)})
+        df = pd.DataFrame(
+            {
+                "cgef_cell": np.arange(n),
+                "label_id": np.arange(1, n + 1),
+                "x": rng.random(n),
+                "y": rng.random(n),
+                "area": area,
+                "total_counts": rng.integers(0, 50, n) + area // 10,
+                "n_genes": rng.integers(0, 20, n),
+            }
+        )
         paths.append(tmp_path / f"{st}.csv")
         df.to_csv(paths[-1], index=False)
     expression_qc(paths, ["S1"] * 4, tmp_path / "qc", stages=stages)
@@ -300,6 +338,8 @@ def test_expression_qc_puts_cells_beside_nuclei(tmp_path):
     assert summary["stage"].tolist() == stages
     assert summary["cells"].tolist() == [40, 45, 50, 55]
     ba = pd.read_csv(tmp_path / "qc" / "before_after.csv")
-    assert sorted(set(zip(ba["before"], ba["after"]))) == [("pretrained", "finetuned"),
-                                                           ("pretrained_cells", "finetuned_cells")]
+    assert sorted(set(zip(ba["before"], ba["after"]))) == [
+        ("pretrained", "finetuned"),
+        ("pretrained_cells", "finetuned_cells"),
+    ]
     assert (tmp_path / "qc" / "distributions.png").stat().st_size > 0

@@ -1,4 +1,5 @@
 """The classical baseline adapter (it runs in the core env, so it is tested in-process)."""
+
 import json
 
 import numpy as np
@@ -13,7 +14,9 @@ from segrefine.models.classical_adapter import ClassicalAdapter
 @pytest.fixture(scope="module")
 def demo_pairs():
     img, labels, band = make_slide(384, seed=5)
-    return [(img[y:y + 128, x:x + 128], labels[y:y + 128, x:x + 128]) for y in (0, 128, 256) for x in (0, 128, 256)]
+    return [
+        (img[y : y + 128, x : x + 128], labels[y : y + 128, x : x + 128]) for y in (0, 128, 256) for x in (0, 128, 256)
+    ]
 
 
 def _f1(model, pairs):

@@ -1,4 +1,5 @@
 """Tissue-complexity measures on hand-built patches whose answers are known."""
+
 import math
 
 import numpy as np
@@ -13,10 +14,10 @@ from segrefine.complexity import patch_complexity, trainset_complexity
 
 def _four_cells():
     t = np.zeros((40, 40), np.int32)
-    t[2:12, 2:12] = 1      # centroid (6.5, 6.5)
-    t[2:12, 20:30] = 2     # (6.5, 24.5)
-    t[20:30, 2:12] = 3     # (24.5, 6.5)
-    t[20:30, 12:22] = 4    # (24.5, 16.5), touching cell 3
+    t[2:12, 2:12] = 1  # centroid (6.5, 6.5)
+    t[2:12, 20:30] = 2  # (6.5, 24.5)
+    t[20:30, 2:12] = 3  # (24.5, 6.5)
+    t[20:30, 12:22] = 4  # (24.5, 16.5), touching cell 3
     return t
 
 
@@ -27,7 +28,7 @@ def test_distances_density_and_distribution():
     assert c["nn_distance"] == pytest.approx((18 + 18 + 10 + 10) / 4)
     assert c["compactness"] == pytest.approx(14 / math.sqrt(4 * 100 / math.pi))
     assert c["density"] == pytest.approx(4 / 1600 * 1e4)
-    assert c["distribution"] == pytest.approx(np.std([1, 1, 2, 0]) / 1.0)   # 2x2 blocks: 1, 1, 2, 0 cells
+    assert c["distribution"] == pytest.approx(np.std([1, 1, 2, 0]) / 1.0)  # 2x2 blocks: 1, 1, 2, 0 cells
 
 
 def test_shape_complexity_orders_shapes():
@@ -61,8 +62,12 @@ def test_empty_and_single_cell_patches_and_bad_shapes():
 def test_trainset_complexity_beside_accuracy(real_trainset, tmp_path):
     rows = pd.read_csv(real_trainset, sep="\t")
     test_patch = rows[rows["split"] == "test"]["patch"].iloc[0]
-    long = pd.DataFrame([{"model": "m", "stage": s, "image": test_patch, "mode": "standard", "metric": "f1",
-                          "value": v} for s, v in (("pretrained", 0.4), ("finetuned", 0.7))])
+    long = pd.DataFrame(
+        [
+            {"model": "m", "stage": s, "image": test_patch, "mode": "standard", "metric": "f1", "value": v}
+            for s, v in (("pretrained", 0.4), ("finetuned", 0.7))
+        ]
+    )
     long.to_csv(tmp_path / "long.csv", index=False)
     table = trainset_complexity(real_trainset, tmp_path / "c.csv", tmp_path / "long.csv", tmp_path / "j.csv")
     assert list(table["image"]) == list(rows["patch"]) and (table["n_cells"] == rows["n_cells"]).all()

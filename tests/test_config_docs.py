@@ -1,4 +1,5 @@
 """config/README.md names every sample-sheet column and every configuration section the schemas allow."""
+
 from __future__ import annotations
 
 from pathlib import Path

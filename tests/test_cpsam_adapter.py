@@ -6,6 +6,7 @@ so the fine-tune here is one image and two epochs (cellpose 4's train_seg warms 
 learning rate up from 0, so epoch 0 leaves the weights unchanged; epoch 1 is the step
 that moves them). Only one cpsam process runs at a time.
 """
+
 import json
 import math
 import os
@@ -38,8 +39,20 @@ def small_trainset(tmp_path_factory, realdata):
         run_step("core", "convert-annotation", "--annotation", d / f"{name}-mask.tif", "--out", d / f"{name}-mask.tif")
         images.append(d / f"{name}-img.tif")
         masks.append(d / f"{name}-mask.tif")
-    run_step("core", "trainset", "--images", *images, "--masks", *masks, "--out", d / "trainset.tsv",
-             "--val-fraction", "0", "--test-fraction", "0.5")
+    run_step(
+        "core",
+        "trainset",
+        "--images",
+        *images,
+        "--masks",
+        *masks,
+        "--out",
+        d / "trainset.tsv",
+        "--val-fraction",
+        "0",
+        "--test-fraction",
+        "0.5",
+    )
     return d / "trainset.tsv"
 
 
@@ -47,29 +60,73 @@ def small_trainset(tmp_path_factory, realdata):
 def finetuned(tmp_path_factory, small_trainset):
     """From scratch (seeded; no model hub here) -> fine-tuned on the one training crop."""
     d = tmp_path_factory.mktemp("cpsam")
-    run_step("cpsam", "pretrained-card", "--framework", "cpsam", "--name", "sam", "--source", "none",
-             "--params", json.dumps({"seed": 0}), "--out-dir", d / "pretrained")
-    run_step("cpsam", "finetune", "--pretrained-card", d / "pretrained" / "card.json", "--trainset", small_trainset,
-             "--name", "sam", "--params", json.dumps({"n_epochs": 2}), "--seed", 0, "--out-dir", d / "finetuned")
+    run_step(
+        "cpsam",
+        "pretrained-card",
+        "--framework",
+        "cpsam",
+        "--name",
+        "sam",
+        "--source",
+        "none",
+        "--params",
+        json.dumps({"seed": 0}),
+        "--out-dir",
+        d / "pretrained",
+    )
+    run_step(
+        "cpsam",
+        "finetune",
+        "--pretrained-card",
+        d / "pretrained" / "card.json",
+        "--trainset",
+        small_trainset,
+        "--name",
+        "sam",
+        "--params",
+        json.dumps({"n_epochs": 2}),
+        "--seed",
+        0,
+        "--out-dir",
+        d / "finetuned",
+    )
     return d
 
 
 @pytest.mark.slow
 def test_same_inputs_and_seed_give_the_same_weights(finetuned, small_trainset):
-    run_step("cpsam", "finetune", "--pretrained-card", finetuned / "pretrained" / "card.json",
-             "--trainset", small_trainset, "--name", "sam", "--params", json.dumps({"n_epochs": 2}), "--seed", 0,
-             "--out-dir", finetuned / "again")
+    run_step(
+        "cpsam",
+        "finetune",
+        "--pretrained-card",
+        finetuned / "pretrained" / "card.json",
+        "--trainset",
+        small_trainset,
+        "--name",
+        "sam",
+        "--params",
+        json.dumps({"n_epochs": 2}),
+        "--seed",
+        0,
+        "--out-dir",
+        finetuned / "again",
+    )
     a = json.loads((finetuned / "finetuned" / "card.json").read_text())
     b = json.loads((finetuned / "again" / "card.json").read_text())
     assert a["weights_sha256"] == b["weights_sha256"], "same inputs and seed -> same weights"
-    assert json.loads((finetuned / "finetuned" / "losses.json").read_text()) == \
-        json.loads((finetuned / "again" / "losses.json").read_text())
+    assert json.loads((finetuned / "finetuned" / "losses.json").read_text()) == json.loads(
+        (finetuned / "again" / "losses.json").read_text()
+    )
 
 
 def _cpsam_python(code: str) -> dict:
     """Run ``code`` in the cpsam env; it prints one JSON object as its last line."""
-    proc = subprocess.run([str(env_python("cpsam")), "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS)))
+    proc = subprocess.run(
+        [str(env_python("cpsam")), "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS)),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -134,38 +191,89 @@ def test_unknown_pretrained_name_is_refused(tmp_path):
     assert official_path("cpsam", "cpsam", tmp_path) == tmp_path / "cpsam" / "cpsam"
     with pytest.raises(SegRefineError, match=r"unknown pretrained cpsam model 'cyto3'.*\['cpsam'\]"):
         official_path("cpsam", "cyto3", tmp_path)
-    proc = run_step("cpsam", "fetch-pretrained", "--framework", "cpsam", "--name", "cpsam_v9",
-                    "--out", tmp_path / "cpsam" / "cpsam_v9", check=False)
+    proc = run_step(
+        "cpsam",
+        "fetch-pretrained",
+        "--framework",
+        "cpsam",
+        "--name",
+        "cpsam_v9",
+        "--out",
+        tmp_path / "cpsam" / "cpsam_v9",
+        check=False,
+    )
     assert proc.returncode == 1 and "unknown pretrained cpsam model 'cpsam_v9'" in proc.stderr
 
 
 @pytest.mark.slow
 def test_weights_of_another_framework_are_refused_before_training(tmp_path):
     # a real Cellpose 3 model (what the cellpose env trains), and a Keras HDF5 file
-    run_step("cellpose", "train-base", "--framework", "cellpose", "--name", "cp3",
-             "--params", json.dumps({"n_epochs": 1, "bsize": 64}), "--n-images", 1, "--size", 64,
-             "--out-dir", tmp_path / "cp3")
+    run_step(
+        "cellpose",
+        "train-base",
+        "--framework",
+        "cellpose",
+        "--name",
+        "cp3",
+        "--params",
+        json.dumps({"n_epochs": 1, "bsize": 64}),
+        "--n-images",
+        1,
+        "--size",
+        64,
+        "--out-dir",
+        tmp_path / "cp3",
+    )
     cp3 = tmp_path / "cp3" / json.loads((tmp_path / "cp3" / "card.json").read_text())["weights"]
     keras = tmp_path / "model.hdf5"
     keras.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
     for weights, why in ((cp3, "a Cellpose 3 (cyto/nuclei) model"), (keras, "torch cannot read it")):
         out = tmp_path / f"out-{weights.stem}"
-        proc = run_step("cpsam", "pretrained-card", "--framework", "cpsam", "--weights", weights, "--name", "m",
-                        "--source", str(weights), "--out-dir", out, check=False)
+        proc = run_step(
+            "cpsam",
+            "pretrained-card",
+            "--framework",
+            "cpsam",
+            "--weights",
+            weights,
+            "--name",
+            "m",
+            "--source",
+            str(weights),
+            "--out-dir",
+            out,
+            check=False,
+        )
         assert proc.returncode == 1, proc.stderr
         assert f"{weights}: not a Cellpose-SAM (cellpose 4) weights file" in proc.stderr
         assert why in proc.stderr
         assert not (out / "card.json").exists()
     # and a cpsam card cannot be the pretrained model of the cellpose (3) framework either way round
-    proc = run_step("cpsam", "pretrained-card", "--framework", "cpsam", "--weights", tmp_path / "cp3" / "card.json",
-                    "--name", "m", "--source", "x", "--out-dir", tmp_path / "o3", check=False)
+    proc = run_step(
+        "cpsam",
+        "pretrained-card",
+        "--framework",
+        "cpsam",
+        "--weights",
+        tmp_path / "cp3" / "card.json",
+        "--name",
+        "m",
+        "--source",
+        "x",
+        "--out-dir",
+        tmp_path / "o3",
+        check=False,
+    )
     assert proc.returncode == 1 and "a cellpose model cannot be the pretrained cpsam model" in proc.stderr
 
 
 def test_settings_cellpose4_cannot_honour_are_refused():
     """Checked before torch is even imported (so this runs in the core env)."""
-    for params, msg in (({"augment_rotate": False}, "cannot be turned off"), ({"bsize": 224}, "bsize must be 256"),
-                        ({"n_epochs": 0}, "must be >= 1")):
+    for params, msg in (
+        ({"augment_rotate": False}, "cannot be turned off"),
+        ({"bsize": 224}, "bsize must be 256"),
+        ({"n_epochs": 0}, "must be >= 1"),
+    ):
         with pytest.raises(SegRefineError, match=msg):
             CpsamAdapter.from_pretrained(None, params)
 

@@ -30,7 +30,7 @@ def test_demo_annotations_are_the_truth_of_their_patches(tmp_path):
     assert len(files) == info["patches"] == 4
     for f in files:
         box = parse_patch_name(f.stem)
-        crop = relabel_sequential(truth[box.y:box.y + box.h, box.x:box.x + box.w].astype(np.int64))
+        crop = relabel_sequential(truth[box.y : box.y + box.h, box.x : box.x + box.w].astype(np.int64))
         np.testing.assert_array_equal(convert_annotation(f, (box.h, box.w)), crop)
     gem = (tmp_path / "T1.gem.gz").read_bytes()
     assert len(gem) > 1000

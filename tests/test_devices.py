@@ -1,4 +1,5 @@
 """GPU allocation (segrefine.devices): one device per concurrent job."""
+
 import os
 
 import pytest

@@ -27,7 +27,9 @@ def test_env_files_read_the_same_as_conda_would(path):
 
 def test_constraints_keep_exact_pins_only():
     assert envs.constraints_of(["torch==2.13.0", "numpy>=2", "stereopy[all]==1.6.0"]) == [
-        "torch==2.13.0", "stereopy==1.6.0"]
+        "torch==2.13.0",
+        "stereopy==1.6.0",
+    ]
 
 
 def _write(tmp_path, text):
@@ -37,25 +39,31 @@ def _write(tmp_path, text):
 
 
 def test_conda_only_package_is_refused_with_file_and_line(tmp_path):
-    p = _write(tmp_path, """\
+    p = _write(
+        tmp_path,
+        """\
         name: x
         dependencies:
           - python=3.11
           - cudatoolkit=11.8
           - pip:
               - numpy==2.0.0
-        """)
+        """,
+    )
     with pytest.raises(envs.EnvError, match=r"x.yaml:4: 'cudatoolkit=11.8' is a conda package"):
         envs.parse_env_file(p)
 
 
 def test_missing_python_pin_is_refused(tmp_path):
-    p = _write(tmp_path, """\
+    p = _write(
+        tmp_path,
+        """\
         name: x
         dependencies:
           - pip:
               - numpy==2.0.0
-        """)
+        """,
+    )
     with pytest.raises(envs.EnvError, match="no 'python=3.X' line"):
         envs.parse_env_file(p)
 
@@ -106,7 +114,12 @@ def test_by_hand_commands_work_in_every_env(name, tmp_path):
     if name != "core":
         assert (site_packages(target) / PTH_NAME).read_text().strip() == str(REPO / "workflow_scripts")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([str(target / "bin" / "python"), "-c", "import segrefine, segrefine.cli; "
-                           "print(segrefine.__file__)"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(target / "bin" / "python"), "-c", "import segrefine, segrefine.cli; print(segrefine.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(REPO / "workflow_scripts" / "segrefine" / "__init__.py")

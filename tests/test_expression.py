@@ -12,7 +12,7 @@ def _touching_labels():
     lab = np.zeros((60, 60), np.uint32)
     for k in range(1, 40):
         y, x = rng.integers(0, 55, 2)
-        lab[y:y + 8, x:x + 8] = k   # overlapping squares: many touching cells, some labels > 65535 below
+        lab[y : y + 8, x : x + 8] = k  # overlapping squares: many touching cells, some labels > 65535 below
     lab[lab == 5] = 70000
     return lab
 
@@ -69,12 +69,33 @@ def test_h5ad_refuses_a_cell_table_that_does_not_match_and_writes_nothing(tmp_pa
     tifffile.imwrite(tmp_path / "labels.tif", lab)
     with gzip.open(tmp_path / "g.gem.gz", "wt") as fh:
         fh.write("geneID\tx\ty\tMIDCount\nA\t2\t2\t3\nB\t6\t6\t2\nA\t9\t9\t1\n")
-    run_step("gef", "cgef", "--gem", tmp_path / "g.gem.gz", "--labels", tmp_path / "labels.tif",
-             "--cgef", tmp_path / "c.cgef", "--cellmap", tmp_path / "c.csv")
+    run_step(
+        "gef",
+        "cgef",
+        "--gem",
+        tmp_path / "g.gem.gz",
+        "--labels",
+        tmp_path / "labels.tif",
+        "--cgef",
+        tmp_path / "c.cgef",
+        "--cellmap",
+        tmp_path / "c.csv",
+    )
     cellmap = (tmp_path / "c.csv").read_text().splitlines()
     (tmp_path / "short.csv").write_text("\n".join(cellmap[:-1]) + "\n")  # one cell missing
-    proc = run_step("stereopy", "h5ad", "--cgef", tmp_path / "c.cgef", "--cellmap", tmp_path / "short.csv",
-                    "--out", tmp_path / "out" / "cells.h5ad", "--writer", writer, check=False)
+    proc = run_step(
+        "stereopy",
+        "h5ad",
+        "--cgef",
+        tmp_path / "c.cgef",
+        "--cellmap",
+        tmp_path / "short.csv",
+        "--out",
+        tmp_path / "out" / "cells.h5ad",
+        "--writer",
+        writer,
+        check=False,
+    )
     assert proc.returncode == 1 and "cells do not line up with" in proc.stderr and "short.csv" in proc.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 

@@ -1,4 +1,5 @@
 """The alignment check: the fraction of UMIs in cells, and the shift of the matrix that would raise it."""
+
 import numpy as np
 import pytest
 
@@ -15,7 +16,7 @@ def _chip(seed=0, size=400, n_cells=200, radius=6):
     for k in range(n_cells):
         cy, cx = rng.integers(radius, size - radius, 2)
         sl = (slice(cy - radius, cy + radius + 1), slice(cx - radius, cx + radius + 1))
-        lab[sl][(yy[sl] - cy) ** 2 + (xx[sl] - cx) ** 2 <= radius ** 2] = k + 1
+        lab[sl][(yy[sl] - cy) ** 2 + (xx[sl] - cx) ** 2 <= radius**2] = k + 1
         centres.append((cy, cx))
     centres = np.array(centres)
     n = 20000
@@ -35,8 +36,10 @@ def _windows(lab, x, y, c, calls, max_shift, **kw):
     def read_rows(y0, y1):
         calls.append((y0, y1))
         return lab[y0:y1]
-    return sample_windows(records_in_rows, read_rows, (int(y.min()), int(y.max())), lab.shape[0],
-                          max_shift=max_shift, **kw)
+
+    return sample_windows(
+        records_in_rows, read_rows, (int(y.min()), int(y.max())), lab.shape[0], max_shift=max_shift, **kw
+    )
 
 
 def test_an_aligned_matrix_is_left_alone():

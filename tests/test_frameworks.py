@@ -1,5 +1,6 @@
 """One home per fact: the framework registry (segrefine.models.FRAMEWORKS) against the adapters, the env files and
 the config schema; the schema's defaults against the values the rules used to write in their own dicts."""
+
 from __future__ import annotations
 
 import copy
@@ -38,30 +39,45 @@ def test_schema_framework_enum_is_the_registry():
 
 
 def test_makefile_builds_every_framework_env():
-    out = subprocess.run(["make", "-s", "-C", str(REPO), "--no-print-directory", "print-envs"],
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        ["make", "-s", "-C", str(REPO), "--no-print-directory", "print-envs"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert set(framework_envs()) <= set(out)
     assert out[0] == "core"
 
 
 def test_config_envs_are_its_models_frameworks_envs(tmp_path):
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "base_models": {"generic": {"framework": "cellpose"}},
-        "models": {"sd": {"framework": "stardist"}, "unet": {"framework": "unet"},
-                   "baseline": {"framework": "classical"}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "base_models": {"generic": {"framework": "cellpose"}},
+                "models": {
+                    "sd": {"framework": "stardist"},
+                    "unet": {"framework": "unet"},
+                    "baseline": {"framework": "classical"},
+                },
+            }
+        )
+    )
     assert config_envs(config) == ["cellpose", "core", "tensorflow"]
     assert config_envs(REPO / "config" / "test" / "config.yaml") == ["cellpose", "core", "tensorflow"]
     config.write_text(yaml.safe_dump({"models": {"x": {"framework": "cpsam"}}}))
     assert config_envs(config) == ["cpsam"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("models:\n  x: {framework: nope}\n", r"config.yaml: models.x: framework 'nope' is none of \['cellpose'"),
-    ("base_models:\n  b: {n_images: 4}\n", r"config.yaml: base_models.b: framework None is none of"),
-    ("models: [a, b\n", r"config.yaml: not valid YAML"),
-    ("- a\n", r"config.yaml: not a configuration"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("models:\n  x: {framework: nope}\n", r"config.yaml: models.x: framework 'nope' is none of \['cellpose'"),
+        ("base_models:\n  b: {n_images: 4}\n", r"config.yaml: base_models.b: framework None is none of"),
+        ("models: [a, b\n", r"config.yaml: not valid YAML"),
+        ("- a\n", r"config.yaml: not a configuration"),
+    ],
+)
 def test_config_envs_refuses_a_model_without_a_known_framework(tmp_path, text, message):
     config = tmp_path / "config.yaml"
     config.write_text(text)
@@ -75,9 +91,11 @@ def test_make_demo_builds_only_what_the_demo_uses():
     """`make demo` builds the envs the rules name (Snakemake needs them to read the workflow) and those of the demo
     config's models' frameworks: not the other frameworks' (cpsam, 5.4 GB) nor the lint env; `make setup` (and so
     `make test`) builds every env."""
+
     def make(*args):
-        return subprocess.run(["make", "-s", "-C", str(REPO), "--no-print-directory", *args],
-                              capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            ["make", "-s", "-C", str(REPO), "--no-print-directory", *args], capture_output=True, text=True, check=True
+        ).stdout
 
     rule_envs = set()
     for smk in (REPO / "rules").glob("*.smk"):
@@ -90,8 +108,8 @@ def test_make_demo_builds_only_what_the_demo_uses():
     assert set(every) == {p.stem for p in (REPO / "envs").glob("*.yaml")}
     # the demo's recipe builds the rules' envs + what config_envs prints for its config, then writes the report
     plan = make("-n", "demo")
-    rules_part = " ".join(demo[:len(rule_envs)])
-    assert set(demo[:len(rule_envs)]) == rule_envs
+    rules_part = " ".join(demo[: len(rule_envs)])
+    assert set(demo[: len(rule_envs)]) == rule_envs
     computed = re.escape(f"config_envs(sys.argv[1]) if e not in sys.argv[2:]))' config/config.yaml {rules_part})")
     built = re.escape(f"workflow_scripts/segrefine/envs.py build {rules_part} $envs\n")
     assert re.search(computed + r'" && \S+ ' + built, plan), plan
@@ -102,19 +120,34 @@ def test_make_demo_builds_only_what_the_demo_uses():
 
 
 def test_registry_reads_without_numpy_or_any_framework():
-    code = ("import sys; import segrefine.models as m; m.framework_envs(); "
-            "print(sorted(k for k in sys.modules if k.split('.')[0] in "
-            "('numpy', 'torch', 'tensorflow', 'cellpose', 'stardist')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(REPO / "workflow_scripts")}).stdout
+    code = (
+        "import sys; import segrefine.models as m; m.framework_envs(); "
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in "
+        "('numpy', 'torch', 'tensorflow', 'cellpose', 'stardist')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(REPO / "workflow_scripts")},
+    ).stdout
     assert out.strip() == "[]"
 
 
 # --- defaults: the schema fills what the rules' dicts used to hold ---------------------------------------------------
 # the dicts as rules/common.smk (TILING_DEFAULTS), rules/evaluate.smk (EVALUATION) and rules/learning_curve.smk
 # (LEARNING_CURVE, less its `models`, which depends on the configuration) wrote them before the schema held them
-OLD_TILING = {"tile_size": 1024, "halo": 64, "halo_unit": "px", "context": 0, "model_context": True,
-              "group": "auto", "shards": "auto", "tissue": {"activate": True, "level": "auto", "downsample": 16}}
+OLD_TILING = {
+    "tile_size": 1024,
+    "halo": 64,
+    "halo_unit": "px",
+    "context": 0,
+    "model_context": True,
+    "group": "auto",
+    "shards": "auto",
+    "tissue": {"activate": True, "level": "auto", "downsample": 16},
+}
 OLD_EVALUATION = {"modes": ["standard", "paper"], "iou_threshold": 0.5, "min_size": 0}
 OLD_LEARNING_CURVE = {"activate": False, "fractions": [0.25, 0.5, 1.0], "cells": [], "seed": 0}
 
@@ -163,8 +196,10 @@ def test_shipped_configs_fill_as_before(config):
     out = filled(cfg)
     assert out["segmentation"]["tiling"] == old_tiling(cfg["segmentation"].get("tiling", {}))
     evaluation = cfg.get("evaluation", {})
-    assert {k: out["evaluation"][k] for k in OLD_EVALUATION} == {**OLD_EVALUATION, **{
-        k: v for k, v in evaluation.items() if k in OLD_EVALUATION}}
+    assert {k: out["evaluation"][k] for k in OLD_EVALUATION} == {
+        **OLD_EVALUATION,
+        **{k: v for k, v in evaluation.items() if k in OLD_EVALUATION},
+    }
     assert out["evaluation"]["learning_curve"] == {**OLD_LEARNING_CURVE, **evaluation.get("learning_curve", {})}
     assert out["expression"]["writer"] == cfg["expression"].get("writer", "exact")
     assert out["expression"]["qc_before_after"] == cfg["expression"].get("qc_before_after", True)

@@ -37,9 +37,14 @@ def test_count_column_variants_and_gene_name(tmp_path, col):
     assert list(gem.count) == [3] and list(gem.genes) == ["G1", "G2"]  # zero-count record dropped
 
 
-@pytest.mark.parametrize("row,message", [("G1\t5\t6\t-1", "column MIDCount must be an integer >= 0, got '-1'"),
-                                         ("G1\t5\t6\t1.5", "column MIDCount must be an integer >= 0, got '1.5'"),
-                                         ("G1\tx\t6\t1", "column x must be an integer >= 0, got 'x'")])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ("G1\t5\t6\t-1", "column MIDCount must be an integer >= 0, got '-1'"),
+        ("G1\t5\t6\t1.5", "column MIDCount must be an integer >= 0, got '1.5'"),
+        ("G1\tx\t6\t1", "column x must be an integer >= 0, got 'x'"),
+    ],
+)
 @pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 22])
 def test_bad_values_name_file_and_line(tmp_path, row, message, chunk):
     p = _write(tmp_path / "b.gem.gz", "#OffsetX=0\n#OffsetY=0\ngeneID\tx\ty\tMIDCount\nG1\t1\t2\t1\n" + row + "\n")
@@ -61,30 +66,37 @@ def test_missing_column_and_truncated_gzip(tmp_path):
 def test_exact_aggregation_with_touching_cells_offsets_and_border(tmp_path):
     labels = np.zeros((4, 6), np.uint32)
     labels[0:2, 0:2] = 7
-    labels[0:2, 2:4] = 9        # touches cell 7
-    labels[3, 5] = 11           # at the border; cell 12 would be empty: absent from the result
-    rows = ["geneID\tx\ty\tMIDCount",
-            "A\t100\t50\t2",    # (0, 0) -> cell 7
-            "B\t101\t51\t1",    # (1, 1) -> cell 7
-            "A\t102\t50\t4",    # (2, 0) -> cell 9
-            "C\t105\t53\t5",    # (5, 3) -> cell 11
-            "A\t104\t52\t3",    # background
-            "B\t200\t200\t6"]   # outside the label image
+    labels[0:2, 2:4] = 9  # touches cell 7
+    labels[3, 5] = 11  # at the border; cell 12 would be empty: absent from the result
+    rows = [
+        "geneID\tx\ty\tMIDCount",
+        "A\t100\t50\t2",  # (0, 0) -> cell 7
+        "B\t101\t51\t1",  # (1, 1) -> cell 7
+        "A\t102\t50\t4",  # (2, 0) -> cell 9
+        "C\t105\t53\t5",  # (5, 3) -> cell 11
+        "A\t104\t52\t3",  # background
+        "B\t200\t200\t6",
+    ]  # outside the label image
     gem = read_gem(_write(tmp_path / "e.gem", "\n".join(rows) + "\n", gz=False))
     ids, matrix, outside = aggregate_by_labels(gem, labels, origin=(100, 50))
     assert list(ids) == [7, 9, 11] and outside == 9
-    dense = matrix.toarray()          # genes sorted: A, B, C
+    dense = matrix.toarray()  # genes sorted: A, B, C
     np.testing.assert_array_equal(dense, [[2, 1, 0], [4, 0, 0], [0, 0, 5]])
 
 
-@pytest.mark.parametrize("row,message", [
-    ("G1\t1\t2\t1\t7\t8", r"m.gem:5: malformed GEM line: 6 fields, the header names 4"),
-    ("G1\t1", r"m.gem:5: malformed GEM line: no value in column y")])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ("G1\t1\t2\t1\t7\t8", r"m.gem:5: malformed GEM line: 6 fields, the header names 4"),
+        ("G1\t1", r"m.gem:5: malformed GEM line: no value in column y"),
+    ],
+)
 @pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 22])
 def test_malformed_lines_name_file_and_line(tmp_path, row, message, chunk):
     """The malformed line is the last one: with chunk 1, 2 or 3 it falls in the last chunk, alone or not."""
-    p = _write(tmp_path / "m.gem", "#OffsetX=0\n#OffsetY=0\ngeneID\tx\ty\tMIDCount\nG1\t1\t2\t1\n" + row + "\n",
-               gz=False)
+    p = _write(
+        tmp_path / "m.gem", "#OffsetX=0\n#OffsetY=0\ngeneID\tx\ty\tMIDCount\nG1\t1\t2\t1\n" + row + "\n", gz=False
+    )
     with pytest.raises(SegRefineError, match=message):
         read_gem(p, chunk=chunk)
 
@@ -106,8 +118,9 @@ def test_chunked_reading_gives_the_same_records_and_gene_codes_at_any_chunk_size
 
 
 def test_header_offsets_and_extent(tmp_path):
-    p = _write(tmp_path / "o.gem", "#OffsetX=250\n#OffsetY=-40\ngeneID\tx\ty\tMIDCount\nA\t3\t9\t1\nB\t7\t5\t2\n",
-               gz=False)
+    p = _write(
+        tmp_path / "o.gem", "#OffsetX=250\n#OffsetY=-40\ngeneID\tx\ty\tMIDCount\nA\t3\t9\t1\nB\t7\t5\t2\n", gz=False
+    )
     gem = read_gem(p)
     assert gem.offset == (250, -40) and gem.extent() == (3, 7, 5, 9)
 

@@ -1,5 +1,6 @@
 """The slide-level intensity reference (segrefine.intensity): exact histogram percentiles, the tissue pixels' reference,
 and tiled classical inference equal to whole-image inference with it."""
+
 import json
 
 import numpy as np
@@ -45,8 +46,9 @@ def _classical_fidelity(tmp_path, slide_path, img, card, tile, halo, invert=Fals
     from segrefine.models.classical_adapter import ClassicalAdapter
     from segrefine.segment import segment_whole
 
-    _, meta, rep = run_all(tmp_path, slide_path, card, ClassicalAdapter({"invert": invert}), tile=tile, halo=halo,
-                           shards=2, tissue=False)
+    _, meta, rep = run_all(
+        tmp_path, slide_path, card, ClassicalAdapter({"invert": invert}), tile=tile, halo=halo, shards=2, tissue=False
+    )
     whole = segment_whole(card, slide_path, model=ClassicalAdapter({"invert": invert}))
     tiled = tifffile.imread(tmp_path / "labels.tif")
     assert meta["intensity_reference"]["method"] == "exact histogram" and rep["normalization"] == ["slide"]
@@ -66,12 +68,13 @@ def test_shipped_classical_model_tiled_equals_whole_with_the_slide_reference(sli
     plan, meta = read_plan(tmp_path / "tiles.tsv")
     per_window, slide_level = ClassicalAdapter({}), ClassicalAdapter({})
     assert slide_level.set_intensity_reference(meta["intensity_reference"]) is True
-    windows = [img[t.wy0:t.wy1, t.wx0:t.wx1] for t in plan]
+    windows = [img[t.wy0 : t.wy1, t.wx0 : t.wx1] for t in plan]
     assert any((per_window.predict(w) > 0).sum() != (slide_level.predict(w) > 0).sum() for w in windows)
 
 
-@pytest.mark.parametrize("name,tile,halo,invert", [("mIF", 96, 24, False), ("DAPI", 96, 24, False),
-                                                    ("HE", 96, 40, True)])
+@pytest.mark.parametrize(
+    "name,tile,halo,invert", [("mIF", 96, 24, False), ("DAPI", 96, 24, False), ("HE", 96, 40, True)]
+)
 def test_real_image_tiled_equals_whole_with_the_slide_reference(realdata, tmp_path, slide, name, tile, halo, invert):
     """Real CellBinDB crops in 96 px tiles: mIF and DAPI 256 px (F1 0.79 and 0.86 with per-window Otsu), H&E
     512 px RGB, inverted, whose largest nuclei need a 40 px halo. On H&E one or two small cells on a seam come
@@ -109,8 +112,10 @@ def test_intensity_reference_of_the_tissue_pixels_equals_numpy_on_them(tmp_path)
     assert (tissue_pixels((mask, f), 30, 90, 50, 20) == want[90:110, 30:80]).all()
     write_tiff(tmp_path / "s.tif", img, tiled=True, photometric="minisblack", metadata={"axes": "YX"})
     with Slide(tmp_path / "s.tif") as s:
-        refs = [intensity_reference(img, block=64, tissue=(mask, f)),
-                intensity_reference(s, block=128, tissue=(mask, f))]
+        refs = [
+            intensity_reference(img, block=64, tissue=(mask, f)),
+            intensity_reference(s, block=128, tissue=(mask, f)),
+        ]
     for ref in refs:
         assert ref["pixels"] == "tissue" and ref["n_pixels"] == int(want.sum())
         for q in PERCENTILES:
@@ -141,7 +146,7 @@ def test_mostly_background_chip_takes_its_reference_from_the_tissue(slide, tmp_p
     ref = meta["intensity_reference"]
     assert ref["pixels"] == "tissue" and ref["n_pixels"] < 0.02 * img.size, ref["n_pixels"]
     outside = np.ones(img.shape, bool)
-    outside[720 - 32:816 + 32, 720 - 32:816 + 32] = False
+    outside[720 - 32 : 816 + 32, 720 - 32 : 816 + 32] = False
     run_all(tmp_path, path, card, ClassicalAdapter({}), tile=256, halo=32, shards=1)
     tiled = tifffile.imread(tmp_path / "labels.tif")
     whole = segment_whole(card, path, model=ClassicalAdapter({}), tissue=True, tissue_downsample=4)

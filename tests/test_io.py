@@ -1,4 +1,5 @@
 """Slide and label image I/O (segrefine.io): pyramid levels read and written, the stitch's sparse disk array."""
+
 import os
 
 import numpy as np
@@ -21,7 +22,7 @@ def test_pyramid_levels_are_nearest_downsamples(tmp_path):
     with tifffile.TiffFile(tmp_path / "p.tif") as tif:
         got = [lv.asarray() for lv in tif.series[0].levels]
     assert len(got) == 4
-    assert all((g == lab[::2 ** k, ::2 ** k]).all() for k, g in enumerate(got))
+    assert all((g == lab[:: 2**k, :: 2**k]).all() for k, g in enumerate(got))
 
 
 def test_pyramid_levels_read_and_missing_level_named(tmp_path):
@@ -59,7 +60,7 @@ def test_disk_array_reads_what_was_written_and_stays_sparse(tmp_path):
         for _ in range(40):
             y0, x0 = int(rng.integers(0, H)), int(rng.integers(0, W))
             y1, x1 = int(rng.integers(y0, H + 1)), int(rng.integers(x0, W + 1))
-            v = rng.integers(0, 2 ** 32, (y1 - y0, x1 - x0), dtype=np.uint64).astype(np.uint32)
+            v = rng.integers(0, 2**32, (y1 - y0, x1 - x0), dtype=np.uint64).astype(np.uint32)
             a[y0:y1, x0:x1] = v
             want[y0:y1, x0:x1] = v
             assert (a[y0:y1, x0:x1] == v).all()
@@ -75,6 +76,6 @@ def test_disk_array_reads_what_was_written_and_stays_sparse(tmp_path):
     try:
         b[0:64, 0:64] = 1
         assert (b[0:64, 0:64] == 1).all() and (b[10000:10010, 5000:5010] == 0).all()
-        assert os.stat(tmp_path / "b.raw").st_blocks * 512 < 10 * 2 ** 20
+        assert os.stat(tmp_path / "b.raw").st_blocks * 512 < 10 * 2**20
     finally:
         b.close()

@@ -2,6 +2,7 @@
 stardist.matching (tensorflow env) and cellpose.metrics.average_precision (cellpose env),
 at IoU thresholds 0.50 ... 0.95. Predictions are real: the classical model's output on
 real images, compared with their manual ground truth."""
+
 import json
 import os
 import subprocess
@@ -17,7 +18,8 @@ from segrefine.models.classical_adapter import ClassicalAdapter
 
 THRESHOLDS = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
 
-STARDIST = """
+STARDIST = (
+    """
 import json, sys, numpy as np
 from stardist.matching import matching
 from segrefine.metrics import object_metrics
@@ -31,7 +33,9 @@ for k in range(len(d.files) // 2):
         worst = max([worst] + [abs(float(getattr(ref, a)) - float(ours[b])) for a, b in pairs])
         worst_iou = max(worst_iou, abs(float(ref.mean_matched_score) - ours["mean_matched_iou"]))
 print(json.dumps({"worst": worst, "worst_iou": worst_iou}))
-""" % THRESHOLDS
+"""
+    % THRESHOLDS
+)
 
 CELLPOSE = """
 import json, sys, numpy as np
@@ -53,8 +57,10 @@ print(json.dumps({"worst": float(worst)}))
 def real_pairs(realdata, tmp_path_factory):
     pairs = {}
     model = ClassicalAdapter.from_pretrained(None, {})
-    sources = [("stardist-dsb2018", "img2d_256.tif", "mask2d_256.tif"),
-               ("stardist-dsb2018", "img2d_512.tif", "mask2d_512.tif")]
+    sources = [
+        ("stardist-dsb2018", "img2d_256.tif", "mask2d_256.tif"),
+        ("stardist-dsb2018", "img2d_512.tif", "mask2d_512.tif"),
+    ]
     sources += [("cellbindb-demo", f"{s}_img.tif", f"{s}_mask.tif") for s in ("ssDNA", "DAPI", "mIF", "10xDAPI")]
     for k, (folder, img, mask) in enumerate(sources):
         truth = mask_to_instances(tifffile.imread(realdata / folder / mask)).astype(np.int32)
@@ -67,8 +73,12 @@ def real_pairs(realdata, tmp_path_factory):
 
 @pytest.mark.parametrize("env,code", [("tensorflow", STARDIST), ("cellpose", CELLPOSE)], ids=["stardist", "cellpose"])
 def test_metrics_equal_the_reference_implementation(env, code, real_pairs):
-    out = subprocess.run([str(env_python(env)), "-c", code, str(real_pairs)], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(SCRIPTS), TF_CPP_MIN_LOG_LEVEL="3"))
+    out = subprocess.run(
+        [str(env_python(env)), "-c", code, str(real_pairs)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS), TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["worst"] <= 1e-9  # counts, precision, recall, F1, AP: identical

@@ -1,5 +1,6 @@
 """Cell outlines (segrefine.outlines): marching-squares rings per cell and their GeoJSON text for all cells at
 once."""
+
 import json
 
 import numpy as np

@@ -64,8 +64,13 @@ def test_slide_reads_real_pyramidal_files(realdata):
     with Slide(ndpi) as s:
         assert s.shape == (4864, 3968) and s.channels == 3
         d = s.describe()
-        assert (d["axes"], d["photometric"], d["file_channels"], d["alpha_dropped"], d["channel"]) == \
-            ("YXS", "YCBCR", 3, [], None)
+        assert (d["axes"], d["photometric"], d["file_channels"], d["alpha_dropped"], d["channel"]) == (
+            "YXS",
+            "YCBCR",
+            3,
+            [],
+            None,
+        )
         assert d["levels"] == [[4864, 3968], [2432, 1984], [1216, 992], [608, 496]]
         level0 = tifffile.imread(ndpi, series=0, level=0)
         np.testing.assert_array_equal(s.read(2000, 1500, 256, 300), level0[1500:1800, 2000:2256])
@@ -95,7 +100,7 @@ def test_padded_masks_give_mirrored_cells_their_own_ids():
     from segrefine.patches import reflect_pad_labels
 
     lab = np.zeros((256, 256), np.uint16)
-    lab[10:20, 240:256] = 1   # touches the right edge: mirrored next to itself
+    lab[10:20, 240:256] = 1  # touches the right edge: mirrored next to itself
     lab[100:110, 100:110] = 2
     out = reflect_pad_labels(lab, 512)
     np.testing.assert_array_equal(out[:256, :256], lab)

@@ -1,5 +1,6 @@
 """Pre-annotations: QuPath's object format (checked against its serialisation), stable ids, the model's
 measurements, and the intake taking the file back as it is; QuPath-written files read back."""
+
 import json
 import logging
 import math
@@ -11,8 +12,13 @@ import pytest
 
 from segrefine import SegRefineError
 from segrefine.annotations import convert_annotation, dump_geojson, read_cell_objects, read_measurements
-from segrefine.preannotations import (MEASUREMENTS, cell_measurements, cell_uuid, patches_to_preannotate,
-                                      preannotation_geojson)
+from segrefine.preannotations import (
+    MEASUREMENTS,
+    cell_measurements,
+    cell_uuid,
+    patches_to_preannotate,
+    preannotation_geojson,
+)
 
 PATCH = "S1-x256_y512_w64_h48"
 SHA = "ab" * 32
@@ -21,10 +27,10 @@ SHA = "ab" * 32
 def _labels():
     lab = np.zeros((48, 64), np.uint32)
     lab[4:14, 4:16] = 1
-    lab[4:14, 16:30] = 2        # touches cell 1
+    lab[4:14, 16:30] = 2  # touches cell 1
     lab[25:45, 10:40] = 3
-    lab[30:35, 20:25] = 0       # a hole
-    lab[38:48, 50:64] = 4       # at the patch border
+    lab[30:35, 20:25] = 0  # a hole
+    lab[38:48, 50:64] = 4  # at the patch border
     return lab
 
 
@@ -48,8 +54,8 @@ class Model:
 def test_measurements_come_from_the_model_and_the_pretrained_stage():
     lab = _labels()
     pretrained = np.zeros_like(lab)
-    pretrained[lab == 1] = 7                      # the same cell
-    pretrained[4:14, 16:23] = 8                   # half of cell 2
+    pretrained[lab == 1] = 7  # the same cell
+    pretrained[4:14, 16:23] = 8  # half of cell 2
     labels, m = cell_measurements(Model(lab), np.zeros(lab.shape, np.float32), pretrained, tta=0)
     np.testing.assert_array_equal(labels, lab)
     assert sorted(m) == [1, 2, 3, 4] and all(set(v) == set(MEASUREMENTS) for v in m.values())
@@ -75,7 +81,7 @@ def test_preannotation_is_a_qupath_feature_collection_of_annotation_objects():
         assert str(uuid.UUID(f["id"])) == f["id"] == cell_uuid(PATCH, k, SHA)
         assert f["geometry"]["type"] in ("Polygon", "MultiPolygon")
         p = f["properties"]
-        assert list(p) == ["objectType", "classification", "measurements"]   # QuPath's order of these keys
+        assert list(p) == ["objectType", "classification", "measurements"]  # QuPath's order of these keys
         assert p["objectType"] == "annotation"
         assert p["classification"]["name"] == "Cell" and len(p["classification"]["color"]) == 3
         assert all(isinstance(c, int) and 0 <= c <= 255 for c in p["classification"]["color"])
@@ -119,7 +125,8 @@ QUPATH_06_COMPACT = (
     '{"type":"Feature","id":"9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d",'
     '"geometry":{"type":"Polygon","coordinates":[[[40.5, 20.25],[52, 20.25],[52, 30.75],[40.5, 30.75],'
     '[40.5, 20.25]]]},"properties":{"objectType":"annotation","name":"drawn by hand","color":[255, 0, 0],'
-    '"classification":{"name":"Cell","color":[0, 200, 255]},"isLocked":true}}]}')
+    '"classification":{"name":"Cell","color":[0, 200, 255]},"isLocked":true}}]}'
+)
 # the same with "Pretty JSON" on: Gson's setPrettyPrinting (2-space indent; "[x, y]" and colours stay on one line,
 # as in qupath-core's test resource data/polygon.geojson and classes/derived-class.json)
 QUPATH_06_PRETTY = """{
@@ -163,11 +170,12 @@ QUPATH_03 = (
     '"isLocked":false,"measurements":[{"name":"probability","value":0.95},{"name":"area_px","value":120.0}]}},'
     '{"type":"Feature","id":"PathDetectionObject","geometry":{"type":"Polygon","coordinates":[[[20, 20],[30, 20],'
     '[30, 30],[20, 30],[20, 20]]]},"properties":{"classification":{"names":["Cell","Positive"],'
-    '"color":[1, 2, 3]}}}]')
+    '"color":[1, 2, 3]}}}]'
+)
 
 
 def test_qupath_written_geojson_is_read_back(tmp_path, caplog):
-    p = tmp_path / f"{PATCH}-img.geojson"     # QuPath proposes the image's name: the patch name + -img
+    p = tmp_path / f"{PATCH}-img.geojson"  # QuPath proposes the image's name: the patch name + -img
     p.write_text(QUPATH_06_COMPACT)
     cells = read_cell_objects(p, shape=(48, 64))
     assert [c.id for c in cells] == ["3f1d2c4e-5a6b-4c7d-8e9f-0a1b2c3d4e5f", "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"]
@@ -182,8 +190,11 @@ def test_qupath_written_geojson_is_read_back(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="segrefine.annotations"):
         cells = read_cell_objects(p, shape=(48, 64))
     assert len(cells) == 1 and cells[0].object_type == "detection"
-    assert re.search(rf"{re.escape(str(p))}: 1 of 1 cell objects are QuPath detections, not annotations \(e.g. "
-                     r"feature 0 id '3f1d2c4e", caplog.text)
+    assert re.search(
+        rf"{re.escape(str(p))}: 1 of 1 cell objects are QuPath detections, not annotations \(e.g. "
+        r"feature 0 id '3f1d2c4e",
+        caplog.text,
+    )
 
     p.write_text(QUPATH_03)
     cell, det = read_cell_objects(p, shape=(48, 64))
@@ -194,10 +205,14 @@ def test_qupath_written_geojson_is_read_back(tmp_path, caplog):
 
 def test_measurements_in_both_layouts_and_bad_values():
     assert read_measurements({"a": 1, "b": "NaN", "c": "Infinity", "d": "-inf", "e": None}) == {
-        "a": 1.0, "b": pytest.approx(math.nan, nan_ok=True), "c": math.inf, "d": -math.inf,
-        "e": pytest.approx(math.nan, nan_ok=True)}
+        "a": 1.0,
+        "b": pytest.approx(math.nan, nan_ok=True),
+        "c": math.inf,
+        "d": -math.inf,
+        "e": pytest.approx(math.nan, nan_ok=True),
+    }
     assert read_measurements([{"name": "a", "value": 2}, {"name": "b", "value": "NaN"}])["a"] == 2.0
-    assert read_measurements({"a": "x", "b": [1], "c": True}) == {}      # not numbers: left out with a warning
+    assert read_measurements({"a": "x", "b": [1], "c": True}) == {}  # not numbers: left out with a warning
     assert read_measurements("nonsense") == {} and read_measurements(None) == {}
 
 
@@ -219,33 +234,70 @@ def test_preannotate_by_cli_with_the_classical_model(tmp_path):
     from conftest import run_step
 
     d = tmp_path
-    run_step("core", "demo-data", "--out", d / "demo", "--sn", "TN01", "--size", 256, "--patches", 1,
-             "--patch-size", 64)
+    run_step(
+        "core", "demo-data", "--out", d / "demo", "--sn", "TN01", "--size", 256, "--patches", 1, "--patch-size", 64
+    )
     for m, params in (("best", {}), ("pre", {"threshold_scale": 1.6, "sigma": 2.0})):
-        run_step("core", "pretrained-card", "--framework", "classical", "--name", m, "--source", "none",
-                 "--params", json.dumps(params), "--out-dir", d / m)
+        run_step(
+            "core",
+            "pretrained-card",
+            "--framework",
+            "classical",
+            "--name",
+            m,
+            "--source",
+            "none",
+            "--params",
+            json.dumps(params),
+            "--out-dir",
+            d / m,
+        )
     ranking = d / "ranking.csv"
     ranking.write_text("rank,patch,score\n1,TN01-x64_y64_w96_h96,0.9\n2,TN01-x0_y128_w96_h96,0.5\n")
     summary = d / "summary.csv"
     summary.write_text("model,stage,mode,n_images,f1\nbest,pretrained,standard,1,0.5\n")
 
     def run(out):
-        return run_step("core", "preannotate", "--card", d / "best" / "card.json", "--pretrained-card",
-                        d / "pre" / "card.json", "--slide", d / "demo" / "TN01.tif", "--sn", "TN01", "--ranking",
-                        ranking, "--top-n", 1, "--patches", "TN01-x160_y0_w96_h64", "OTHER-x0_y0_w8_h8",
-                        "--summary", summary, "--tta", 4, "--out-dir", out, "--archive", d / "archive")
+        return run_step(
+            "core",
+            "preannotate",
+            "--card",
+            d / "best" / "card.json",
+            "--pretrained-card",
+            d / "pre" / "card.json",
+            "--slide",
+            d / "demo" / "TN01.tif",
+            "--sn",
+            "TN01",
+            "--ranking",
+            ranking,
+            "--top-n",
+            1,
+            "--patches",
+            "TN01-x160_y0_w96_h64",
+            "OTHER-x0_y0_w8_h8",
+            "--summary",
+            summary,
+            "--tta",
+            4,
+            "--out-dir",
+            out,
+            "--archive",
+            d / "archive",
+        )
 
     proc = run(d / "out")
     names = ["TN01-x64_y64_w96_h96", "TN01-x160_y0_w96_h64"]
     assert proc.stdout.split() == names
     assert sorted(p.name for p in (d / "out").iterdir()) == sorted(
-        [f"{n}.geojson" for n in names] + [f"{n}-img.tif" for n in names] + ["slide_frame"])
+        [f"{n}.geojson" for n in names] + [f"{n}-img.tif" for n in names] + ["slide_frame"]
+    )
     assert sorted(p.name for p in (d / "out" / "slide_frame").iterdir()) == sorted(f"{n}.geojson" for n in names)
     slide = tifffile.imread(d / "demo" / "TN01.tif")
     model, _ = load_model(d / "best" / "card.json")
     for name, (x, y, w, h) in zip(names, [(64, 64, 96, 96), (160, 0, 96, 64)]):
         img = tifffile.imread(d / "out" / f"{name}-img.tif")
-        np.testing.assert_array_equal(img, slide[y:y + h, x:x + w])
+        np.testing.assert_array_equal(img, slide[y : y + h, x : x + w])
         doc = json.loads((d / "out" / f"{name}.geojson").read_text())
         assert doc["features"] and {f["properties"]["objectType"] for f in doc["features"]} == {"annotation"}
         m = doc["features"][0]["properties"]["measurements"]
@@ -260,7 +312,8 @@ def test_preannotate_by_cli_with_the_classical_model(tmp_path):
         x0, y0 = sdoc["features"][0]["geometry"]["coordinates"][0][0]
         assert [x0 - x, y0 - y] == doc["features"][0]["geometry"]["coordinates"][0][0]
         np.testing.assert_array_equal(
-            convert_annotation(d / "out" / "slide_frame" / f"{name}.geojson", (h, w), origin=(x, y)), got)
+            convert_annotation(d / "out" / "slide_frame" / f"{name}.geojson", (h, w), origin=(x, y)), got
+        )
         (kept,) = (d / "archive" / name).iterdir()
         rec = read_preannotation(kept)
         assert rec["patch"] == name and rec["model"] == "best" and rec["f1_pretrained"] == 0.5
@@ -271,7 +324,21 @@ def test_preannotate_by_cli_with_the_classical_model(tmp_path):
         ids = [f["id"] for f in json.loads((d / "out" / f"{name}.geojson").read_text())["features"]]
         assert ids == [f["id"] for f in json.loads((d / "out2" / f"{name}.geojson").read_text())["features"]]
         assert len(list((d / "archive" / name).iterdir())) == 1
-    bad = run_step("core", "preannotate", "--card", d / "best" / "card.json", "--slide", d / "demo" / "TN01.tif",
-                   "--sn", "TN01", "--patches", "TN01-x200_y200_w96_h96", "--out-dir", d / "x", "--archive",
-                   d / "y", check=False)
+    bad = run_step(
+        "core",
+        "preannotate",
+        "--card",
+        d / "best" / "card.json",
+        "--slide",
+        d / "demo" / "TN01.tif",
+        "--sn",
+        "TN01",
+        "--patches",
+        "TN01-x200_y200_w96_h96",
+        "--out-dir",
+        d / "x",
+        "--archive",
+        d / "y",
+        check=False,
+    )
     assert bad.returncode == 1 and "outside the slide" in bad.stderr and not (d / "x").exists()

@@ -1,6 +1,7 @@
 """The execution profiles cover the workflow's rules: every rule that may ask for a GPU is given memory,
 time and CPUs per GPU by profiles/slurm (not the 2 GB / 30 min defaults), threads on the cluster, and
 every rule the profile names exists (a renamed rule would silently fall back to the defaults)."""
+
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def _rules():
         text = smk.read_text()
         heads = list(re.finditer(r"^(?:rule (\w+)|use rule (\w+) as (\w+) with):", text, re.M))
         for k, m in enumerate(heads):
-            body = text[m.end():heads[k + 1].start() if k + 1 < len(heads) else len(text)]
+            body = text[m.end() : heads[k + 1].start() if k + 1 < len(heads) else len(text)]
             if m.group(1):
                 rules[m.group(1)] = body
             else:

@@ -1,4 +1,5 @@
 """Purity of a segmentation's expression: hand-built chips whose every cell's answer is known."""
+
 import json
 import subprocess
 
@@ -10,8 +11,15 @@ import tifffile
 from conftest import run_step
 from segrefine import SegRefineError
 from segrefine.envs import env_python
-from segrefine.purity import (_TRIPLE, cell_purity, check_markers, mecr_of_sets, read_truth_types,
-                              summarize_purity, truth_purity)
+from segrefine.purity import (
+    _TRIPLE,
+    cell_purity,
+    check_markers,
+    mecr_of_sets,
+    read_truth_types,
+    summarize_purity,
+    truth_purity,
+)
 
 MARKERS = {"A": ["a1"], "B": ["b1"]}
 ORIGIN = (100, 50)  # GEM coordinate of label pixel (0, 0)
@@ -19,28 +27,34 @@ ORIGIN = (100, 50)  # GEM coordinate of label pixel (0, 0)
 
 def _truth():
     t = np.zeros((12, 16), np.uint32)
-    t[0:4, 0:4] = 1     # type A
-    t[0:4, 4:8] = 2     # type B, touching 1
-    t[6:10, 0:4] = 3    # type A
+    t[0:4, 0:4] = 1  # type A
+    t[0:4, 4:8] = 2  # type B, touching 1
+    t[6:10, 0:4] = 3  # type A
     return t
 
 
 def _segmentation():
     s = np.zeros((12, 16), np.uint32)
-    s[0:4, 0:8] = 10    # true cells 1 and 2 merged
-    s[6:10, 0:4] = 20   # true cell 3 exactly
+    s[0:4, 0:8] = 10  # true cells 1 and 2 merged
+    s[6:10, 0:4] = 20  # true cell 3 exactly
     s[6:10, 10:14] = 30  # no true cell under it
     return s
 
 
 def _chip(d):
-    rows = [("a1", 0, 0, 4), ("a1", 3, 3, 2), ("h", 1, 2, 3),   # true cell 1: 6 marker UMIs of its type A, 3 other
-            ("b1", 5, 1, 1),                                      # true cell 2: 1 UMI (a marker of B)
-            ("a1", 2, 7, 4), ("h", 0, 9, 1),                      # true cell 3
-            ("h", 11, 8, 2),                                      # background under segmented cell 30
-            ("h", 15, 11, 5)]                                     # background outside every cell
+    rows = [
+        ("a1", 0, 0, 4),
+        ("a1", 3, 3, 2),
+        ("h", 1, 2, 3),  # true cell 1: 6 marker UMIs of its type A, 3 other
+        ("b1", 5, 1, 1),  # true cell 2: 1 UMI (a marker of B)
+        ("a1", 2, 7, 4),
+        ("h", 0, 9, 1),  # true cell 3
+        ("h", 11, 8, 2),  # background under segmented cell 30
+        ("h", 15, 11, 5),
+    ]  # background outside every cell
     text = "#OffsetX=-100\n#OffsetY=-50\ngeneID\tx\ty\tMIDCount\n" + "".join(
-        f"{g}\t{x + ORIGIN[0]}\t{y + ORIGIN[1]}\t{n}\n" for g, x, y, n in rows)
+        f"{g}\t{x + ORIGIN[0]}\t{y + ORIGIN[1]}\t{n}\n" for g, x, y, n in rows
+    )
     (d / "chip.gem").write_text(text)
     tifffile.imwrite(d / "truth.tif", _truth())
     tifffile.imwrite(d / "labels.tif", _segmentation())
@@ -51,8 +65,17 @@ def _chip(d):
 @pytest.mark.parametrize("chunk,band_rows", [(None, None), (2, 3)])
 def test_truth_purity_of_known_cells(tmp_path, chunk, band_rows):
     gem, labels, truth, types = _chip(tmp_path)
-    table, s = truth_purity(gem, labels, truth, types, MARKERS, out_cells=tmp_path / "cells.csv",
-                            out_summary=tmp_path / "summary.json", chunk=chunk, band_rows=band_rows)
+    table, s = truth_purity(
+        gem,
+        labels,
+        truth,
+        types,
+        MARKERS,
+        out_cells=tmp_path / "cells.csv",
+        out_summary=tmp_path / "summary.json",
+        chunk=chunk,
+        band_rows=band_rows,
+    )
     t = table.set_index("label_id")
     assert list(t.index) == [10, 20, 30]
     assert t.loc[10, "umis"] == 10 and t.loc[10, "dominant_truth"] == 1 and t.loc[10, "truth_type"] == "A"
@@ -112,12 +135,45 @@ def test_purity_step_reads_the_mecr_from_the_cgef(tmp_path):
     gem, labels, truth, types = _chip(tmp_path)
     tifffile.imwrite(tmp_path / "truth_as_labels.tif", _truth())
     for name, lab in (("seg", labels), ("truth", tmp_path / "truth_as_labels.tif")):
-        run_step("gef", "cgef", "--gem", gem, "--labels", lab, "--cgef", tmp_path / f"{name}.cgef",
-                 "--cellmap", tmp_path / f"{name}.csv", "--origin", "auto")
-    run_step("gef", "purity", "--stages", "pretrained", "ideal", "--cgefs", tmp_path / "seg.cgef",
-             tmp_path / "truth.cgef", "--labels", labels, tmp_path / "truth_as_labels.tif", "--out-dir",
-             tmp_path / "out", "--expression", gem, "--truth", truth, "--truth-types", types, "--markers",
-             json.dumps(MARKERS), "--sample", "S1")
+        run_step(
+            "gef",
+            "cgef",
+            "--gem",
+            gem,
+            "--labels",
+            lab,
+            "--cgef",
+            tmp_path / f"{name}.cgef",
+            "--cellmap",
+            tmp_path / f"{name}.csv",
+            "--origin",
+            "auto",
+        )
+    run_step(
+        "gef",
+        "purity",
+        "--stages",
+        "pretrained",
+        "ideal",
+        "--cgefs",
+        tmp_path / "seg.cgef",
+        tmp_path / "truth.cgef",
+        "--labels",
+        labels,
+        tmp_path / "truth_as_labels.tif",
+        "--out-dir",
+        tmp_path / "out",
+        "--expression",
+        gem,
+        "--truth",
+        truth,
+        "--truth-types",
+        types,
+        "--markers",
+        json.dumps(MARKERS),
+        "--sample",
+        "S1",
+    )
     doc = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert doc["sample"] == "S1"
     seg, ideal = doc["stages"]["pretrained"], doc["stages"]["ideal"]
@@ -127,8 +183,10 @@ def test_purity_step_reads_the_mecr_from_the_cgef(tmp_path):
     assert seg["truth"]["mean_marker_purity"] == pytest.approx((6 / 7 + 1) / 2)
     assert ideal["truth"]["mean_purity"] == 1.0 and ideal["truth"]["fraction_mixed"] == 0.0
     pairs = pd.read_csv(tmp_path / "out" / "mecr_pairs.csv")
-    assert pairs[["stage", "gene_a", "gene_b", "cells_both"]].values.tolist() == [["pretrained", "a1", "b1", 1],
-                                                                                  ["ideal", "a1", "b1", 0]]
+    assert pairs[["stage", "gene_a", "gene_b", "cells_both"]].values.tolist() == [
+        ["pretrained", "a1", "b1", 1],
+        ["ideal", "a1", "b1", 0],
+    ]
     cells = pd.read_csv(tmp_path / "out" / "cells.csv")
     assert cells.groupby("stage")["label_id"].apply(list).to_dict() == {"ideal": [1, 2, 3], "pretrained": [10, 20, 30]}
 
@@ -147,19 +205,34 @@ def test_purity_step_without_truth_writes_the_mecr_and_an_empty_cell_table(tmp_p
 
 def test_cluster_check_recovers_two_separated_types_with_current_scanpy(tmp_path):
     """An h5ad of two cell types with disjoint genes, read by anndata 0.13 and clustered by scanpy: ARI 1."""
-    make = ("import anndata, numpy as np, pandas as pd, scipy.sparse as sp, sys\n"
-            "rng = np.random.default_rng(0)\n"
-            "X = rng.poisson(0.2, (80, 20)); X[:40, :5] += rng.poisson(6, (40, 5)); X[40:, 5:10] += rng.poisson(6, "
-            "(40, 5))\n"
-            "obs = pd.DataFrame({'label_id': np.arange(1, 81)}, index=[str(i) for i in range(1, 81)])\n"
-            "anndata.AnnData(sp.csr_matrix(X.astype(np.uint32)), obs=obs, "
-            "var=pd.DataFrame(index=[f'g{i}' for i in range(20)])).write_h5ad(sys.argv[1])\n")
+    make = (
+        "import anndata, numpy as np, pandas as pd, scipy.sparse as sp, sys\n"
+        "rng = np.random.default_rng(0)\n"
+        "X = rng.poisson(0.2, (80, 20)); X[:40, :5] += rng.poisson(6, (40, 5)); X[40:, 5:10] += rng.poisson(6, "
+        "(40, 5))\n"
+        "obs = pd.DataFrame({'label_id': np.arange(1, 81)}, index=[str(i) for i in range(1, 81)])\n"
+        "anndata.AnnData(sp.csr_matrix(X.astype(np.uint32)), obs=obs, "
+        "var=pd.DataFrame(index=[f'g{i}' for i in range(20)])).write_h5ad(sys.argv[1])\n"
+    )
     subprocess.run([str(env_python("anndata")), "-c", make, str(tmp_path / "a.h5ad")], check=True)
-    cells = pd.DataFrame({"stage": "finetuned", "label_id": np.arange(1, 81),
-                          "truth_type": ["A"] * 40 + ["B"] * 39 + [None]})
+    cells = pd.DataFrame(
+        {"stage": "finetuned", "label_id": np.arange(1, 81), "truth_type": ["A"] * 40 + ["B"] * 39 + [None]}
+    )
     pd.concat([cells, cells.assign(stage="other", truth_type="B")]).to_csv(tmp_path / "cells.csv", index=False)
-    run_step("anndata", "cluster-check", "--stages", "finetuned", "--h5ads", tmp_path / "a.h5ad", "--cells",
-             tmp_path / "cells.csv", "--out", tmp_path / "c.json", "--sample", "S1")
+    run_step(
+        "anndata",
+        "cluster-check",
+        "--stages",
+        "finetuned",
+        "--h5ads",
+        tmp_path / "a.h5ad",
+        "--cells",
+        tmp_path / "cells.csv",
+        "--out",
+        tmp_path / "c.json",
+        "--sample",
+        "S1",
+    )
     doc = json.loads((tmp_path / "c.json").read_text())
     e = doc["stages"]["finetuned"]
     assert e["cells"] == 80 and e["cells_clustered"] == 80 and e["cells_with_true_type"] == 79

@@ -12,8 +12,17 @@ from segrefine.qc import compare_stages, expression_qc, extreme_area, read_cell_
 
 def _cellmap(path, areas, counts, genes):
     n = len(areas)
-    pd.DataFrame({"cgef_cell": range(n), "label_id": np.arange(n) + 10, "x": np.arange(n), "y": np.arange(n) * 2,
-                  "area": areas, "total_counts": counts, "n_genes": genes}).to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "cgef_cell": range(n),
+            "label_id": np.arange(n) + 10,
+            "x": np.arange(n),
+            "y": np.arange(n) * 2,
+            "area": areas,
+            "total_counts": counts,
+            "n_genes": genes,
+        }
+    ).to_csv(path, index=False)
     return path
 
 
@@ -37,8 +46,12 @@ def test_expression_qc_step_writes_tables_and_plot(tmp_path):
     a = _cellmap(tmp_path / "a.csv", [10, 12, 300], [4, 5, 6], [2, 2, 3])
     run_step("core", "expression-qc", "--cellmaps", a, "--samples", "S1", "--out-dir", tmp_path / "qc")
     out = tmp_path / "qc"
-    assert sorted(p.name for p in out.iterdir()) == ["cells.csv", "distributions.png", "extreme_area.csv",
-                                                      "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cells.csv",
+        "distributions.png",
+        "extreme_area.csv",
+        "summary.csv",
+    ]
     assert (out / "distributions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(pd.read_csv(out / "cells.csv")) == 3
 
@@ -54,8 +67,9 @@ def test_bad_cell_tables_are_named(tmp_path):
 def _stages(tmp_path):
     """Sample A before fine-tuning: 20 cells of 100-119 px and a 3,500 px merge; after: the merge split and every
     cell smaller, 40 cells of 50-89 px, fewer UMIs each. Sample B: the same 5 cells at both stages."""
-    pre = _cellmap(tmp_path / "a_pre.csv", list(range(100, 120)) + [3500], list(range(20, 40)) + [700],
-                   [10] * 20 + [90])
+    pre = _cellmap(
+        tmp_path / "a_pre.csv", list(range(100, 120)) + [3500], list(range(20, 40)) + [700], [10] * 20 + [90]
+    )
     post = _cellmap(tmp_path / "a_post.csv", list(range(50, 90)), list(range(5, 45)), [4] * 40)
     b = [_cellmap(tmp_path / f"b_{st}.csv", [30, 40, 50, 60, 70], [3, 4, 5, 6, 7], [2] * 5) for st in ("pre", "post")]
     return [pre, b[0], post, b[1]], ["A", "B", "A", "B"], ["pretrained", "pretrained", "finetuned", "finetuned"]
@@ -73,7 +87,8 @@ def test_before_after_comparison_of_known_cells(tmp_path):
     # the extreme-area table of both stages: only the merge, before fine-tuning
     ext = extreme_area(cells)
     assert ext[["sample", "stage", "label_id", "area", "side"]].values.tolist() == [
-        ["A", "pretrained", 30, 3500, "large"]]
+        ["A", "pretrained", 30, 3500, "large"]
+    ]
     t = compare_stages(cells, "pretrained", "finetuned").set_index(["sample", "metric"])
     assert len(t) == 6 and set(t["before"]) == {"pretrained"} and set(t["after"]) == {"finetuned"}
     area = t.loc[("A", "area")]
@@ -95,15 +110,34 @@ def test_before_after_comparison_of_known_cells(tmp_path):
 
 def test_expression_qc_step_compares_two_stages(tmp_path):
     cellmaps, samples, stages = _stages(tmp_path)
-    run_step("core", "expression-qc", "--cellmaps", *cellmaps, "--samples", *samples, "--stages", *stages,
-             "--out-dir", tmp_path / "qc")
+    run_step(
+        "core",
+        "expression-qc",
+        "--cellmaps",
+        *cellmaps,
+        "--samples",
+        *samples,
+        "--stages",
+        *stages,
+        "--out-dir",
+        tmp_path / "qc",
+    )
     out = tmp_path / "qc"
-    assert sorted(p.name for p in out.iterdir()) == ["before_after.csv", "cells.csv", "distributions.png",
-                                                      "extreme_area.csv", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "before_after.csv",
+        "cells.csv",
+        "distributions.png",
+        "extreme_area.csv",
+        "summary.csv",
+    ]
     assert (out / "distributions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cells = pd.read_csv(out / "cells.csv")
-    assert cells.groupby(["sample", "stage"]).size().to_dict() == {("A", "finetuned"): 40, ("A", "pretrained"): 21,
-                                                                  ("B", "finetuned"): 5, ("B", "pretrained"): 5}
+    assert cells.groupby(["sample", "stage"]).size().to_dict() == {
+        ("A", "finetuned"): 40,
+        ("A", "pretrained"): 21,
+        ("B", "finetuned"): 5,
+        ("B", "pretrained"): 5,
+    }
     ba = pd.read_csv(out / "before_after.csv")
     assert len(ba) == 6 and list(ba["sample"].unique()) == ["A", "B"]
     assert len(pd.read_csv(out / "summary.csv")) == 4 and len(pd.read_csv(out / "extreme_area.csv")) == 1
@@ -124,12 +158,30 @@ def test_a_slide_without_cells_gives_zero_cell_tables_and_a_plot_saying_so(tmp_p
     comparison), the plot says there is no cell, and the step exits 0 naming the empty tables."""
     empty = _cellmap(tmp_path / "empty.csv", [], [], [])
     some = _cellmap(tmp_path / "some.csv", [10, 12, 300], [4, 5, 6], [2, 2, 3])
-    proc = run_step("core", "expression-qc", "--cellmaps", empty, empty, "--samples", "S1", "S1",
-                    "--stages", "pretrained", "finetuned", "--out-dir", tmp_path / "qc")
+    proc = run_step(
+        "core",
+        "expression-qc",
+        "--cellmaps",
+        empty,
+        empty,
+        "--samples",
+        "S1",
+        "S1",
+        "--stages",
+        "pretrained",
+        "finetuned",
+        "--out-dir",
+        tmp_path / "qc",
+    )
     assert f"no cell in {empty} (S1 pretrained), {empty} (S1 finetuned)" in proc.stderr
     out = tmp_path / "qc"
-    assert sorted(p.name for p in out.iterdir()) == ["before_after.csv", "cells.csv", "distributions.png",
-                                                      "extreme_area.csv", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "before_after.csv",
+        "cells.csv",
+        "distributions.png",
+        "extreme_area.csv",
+        "summary.csv",
+    ]
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary["stage"]) == ["pretrained", "finetuned"] and list(summary["cells"]) == [0, 0]
     assert math.isnan(summary["area_q50"].iloc[0])
@@ -138,8 +190,21 @@ def test_a_slide_without_cells_gives_zero_cell_tables_and_a_plot_saying_so(tmp_p
         assert len(table) == 0 and "sample" in table.columns
     assert (out / "distributions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # one stage without cells, the other with: the empty one keeps its summary row, the comparison has no row
-    run_step("core", "expression-qc", "--cellmaps", empty, some, "--samples", "S1", "S1",
-             "--stages", "pretrained", "finetuned", "--out-dir", tmp_path / "qc2")
+    run_step(
+        "core",
+        "expression-qc",
+        "--cellmaps",
+        empty,
+        some,
+        "--samples",
+        "S1",
+        "S1",
+        "--stages",
+        "pretrained",
+        "finetuned",
+        "--out-dir",
+        tmp_path / "qc2",
+    )
     summary = pd.read_csv(tmp_path / "qc2" / "summary.csv")
     assert list(summary["cells"]) == [0, 3]
     assert len(pd.read_csv(tmp_path / "qc2" / "before_after.csv")) == 0
@@ -150,11 +215,32 @@ def test_saws_cells_are_a_reference_stage_beside_ours(tmp_path):
     saw_comparison.csv (SAW's cells as 'before', our fine-tuned cells as 'after'); before_after.csv unchanged."""
     cellmaps, samples, stages = _stages(tmp_path)
     saw = tmp_path / "saw.csv"
-    pd.DataFrame({"cgef_cell": range(3), "label_id": range(3), "x": [1, 2, 3], "y": [1, 2, 3],
-                  "area": [500, 520, 540], "total_counts": [90, 95, 100],
-                  "n_genes": [2, 2, 2]}).to_csv(saw, index=False)
-    run_step("core", "expression-qc", "--cellmaps", *cellmaps, saw, "--samples", *samples, "A",
-             "--stages", *stages, "saw_nuclei", "--out-dir", tmp_path / "qc")
+    pd.DataFrame(
+        {
+            "cgef_cell": range(3),
+            "label_id": range(3),
+            "x": [1, 2, 3],
+            "y": [1, 2, 3],
+            "area": [500, 520, 540],
+            "total_counts": [90, 95, 100],
+            "n_genes": [2, 2, 2],
+        }
+    ).to_csv(saw, index=False)
+    run_step(
+        "core",
+        "expression-qc",
+        "--cellmaps",
+        *cellmaps,
+        saw,
+        "--samples",
+        *samples,
+        "A",
+        "--stages",
+        *stages,
+        "saw_nuclei",
+        "--out-dir",
+        tmp_path / "qc",
+    )
     out = tmp_path / "qc"
     summary = pd.read_csv(out / "summary.csv").set_index(["sample", "stage"])
     assert summary.loc[("A", "saw_nuclei"), "cells"] == 3 and summary.loc[("A", "saw_nuclei"), "area_q50"] == 520
@@ -174,18 +260,43 @@ def test_alignment_reports_become_summary_columns_and_a_misaligned_matrix_is_nam
     for i, sm in enumerate(samples):
         shifted = sm == "B"  # B's matrix looks shifted by (+20, -4) px in both stages
         reports.append(tmp_path / f"a{i}.json")
-        reports[-1].write_text(json.dumps({"umis": 1000, "umis_in_cells": 150 if shifted else 800,
-                                           "fraction_umis_in_cells": 0.15 if shifted else 0.8,
-                                           "alignment": {"best_shift": [20, -4] if shifted else [0, 0],
-                                                         "fraction_in_cells_at_best_shift": 0.79 if shifted else 0.8,
-                                                         "misaligned": shifted}}))
-    proc = run_step("core", "expression-qc", "--cellmaps", *cellmaps, "--reports", *reports, "--samples", *samples,
-                    "--stages", *stages, "--out-dir", tmp_path / "qc")
+        reports[-1].write_text(
+            json.dumps(
+                {
+                    "umis": 1000,
+                    "umis_in_cells": 150 if shifted else 800,
+                    "fraction_umis_in_cells": 0.15 if shifted else 0.8,
+                    "alignment": {
+                        "best_shift": [20, -4] if shifted else [0, 0],
+                        "fraction_in_cells_at_best_shift": 0.79 if shifted else 0.8,
+                        "misaligned": shifted,
+                    },
+                }
+            )
+        )
+    proc = run_step(
+        "core",
+        "expression-qc",
+        "--cellmaps",
+        *cellmaps,
+        "--reports",
+        *reports,
+        "--samples",
+        *samples,
+        "--stages",
+        *stages,
+        "--out-dir",
+        tmp_path / "qc",
+    )
     summary = pd.read_csv(tmp_path / "qc" / "summary.csv").set_index(["sample", "stage"])
     assert summary.loc[("A", "finetuned"), "fraction_umis_in_cells"] == 0.8
     assert summary.loc[("B", "pretrained"), "alignment_best_shift"] == "+20,-4"
-    assert summary["alignment_misaligned"].to_dict() == {("A", "pretrained"): False, ("B", "pretrained"): True,
-                                                         ("A", "finetuned"): False, ("B", "finetuned"): True}
+    assert summary["alignment_misaligned"].to_dict() == {
+        ("A", "pretrained"): False,
+        ("B", "pretrained"): True,
+        ("A", "finetuned"): False,
+        ("B", "finetuned"): True,
+    }
     assert "B finetuned: only 15.0 % of UMIs fell in cells" in proc.stderr and "(+20,-4) px" in proc.stderr
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SegRefineError, match="bad.json: not an alignment report"):

@@ -7,6 +7,7 @@ predicts only its missing tiles, touches no finished file and gives the labels a
 uninterrupted run (the same under SLURM: tests/test_slurm.py). A sample whose
 image is broken fails; with keep-going the other samples finish, and results/run_summary.tsv (and
 the printed summary) says which job failed, where its log is and why."""
+
 import json
 import os
 import signal
@@ -61,8 +62,11 @@ def test_killed_driver_rerun_finishes_without_redoing_completed_jobs(workdir):
     assert cw.snakemake(workdir, "--unlock").returncode == 0
     plan = cw.snakemake(workdir, *cw.TARGETS, "-n", "--rerun-incomplete", "--cores", 2)
     assert plan.returncode == 0, plan.stdout[-3000:]
-    planned = {line.split()[0] for line in plan.stdout.split("Job stats:")[1].split("Reasons:")[0].splitlines()[3:]
-               if line.strip() and not line.startswith("total")}
+    planned = {
+        line.split()[0]
+        for line in plan.stdout.split("Job stats:")[1].split("Reasons:")[0].splitlines()[3:]
+        if line.strip() and not line.startswith("total")
+    }
     assert "finetune" in planned
     assert not planned & {"annotated_patch", "convert_annotation", "trainset", "pretrained_card"}, planned
 
@@ -108,8 +112,10 @@ def test_driver_killed_mid_shard_rerun_predicts_only_the_missing_tiles(tmp_path_
     changed = sorted(k for k, v in kept.items() if after.get(k) != v)
     assert not changed, f"finished files redone or replaced: {changed[:10]}"
     n_before = len(written & per_shard[cut])
-    assert cw.shard_log_line(d, cut) == (f"shard {cut}: {len(per_shard[cut])} tiles, {n_before} already done, "
-                                         f"{len(per_shard[cut]) - n_before} to predict")
+    assert cw.shard_log_line(d, cut) == (
+        f"shard {cut}: {len(per_shard[cut])} tiles, {n_before} already done, "
+        f"{len(per_shard[cut]) - n_before} to predict"
+    )
     stats = json.loads((d / seg / "shards" / f"{cut}.json").read_text())
     assert (stats["tiles_resumed"], stats["tiles_computed"]) == (n_before, len(per_shard[cut]) - n_before)
     assert not any(cw.is_temporary(k) for k in after if k not in before)  # the rerun left no temporary file
@@ -117,8 +123,10 @@ def test_driver_killed_mid_shard_rerun_predicts_only_the_missing_tiles(tmp_path_
     np.testing.assert_array_equal(tifffile.imread(d / seg / "labels.tif"), tifffile.imread(ref / "labels.tif"))
     pd.testing.assert_frame_equal(pd.read_csv(d / seg / "cells.csv"), pd.read_csv(ref / "cells.csv"))
     assert "Nothing to be done" in cw.snakemake(d, cw.TILED_TARGET, "-n", "--cores", 2).stdout
-    print(f"killed with shard {done} finished and shard {cut} at {n_before}/{len(per_shard[cut])} tiles; "
-          f"kill + rerun {time.monotonic() - t0:.0f} s, uninterrupted run {cw._TILED['reference_s']:.0f} s")
+    print(
+        f"killed with shard {done} finished and shard {cut} at {n_before}/{len(per_shard[cut])} tiles; "
+        f"kill + rerun {time.monotonic() - t0:.0f} s, uninterrupted run {cw._TILED['reference_s']:.0f} s"
+    )
 
 
 @pytest.mark.slow
@@ -129,18 +137,30 @@ def test_failing_sample_does_not_stop_the_others_and_the_summary_says_why(workdi
     for s in ("TINY02", "BAD01"):
         (demo / f"{s}_annotations").mkdir()
     sheet = pd.read_csv(workdir / "samples.tsv", sep="\t", dtype=str)
-    extra = pd.DataFrame([{**sheet.iloc[0].to_dict(), "sample": s, "image": f"demo/{s}.tif", "expression": "",
-                           "annotations": f"demo/{s}_annotations"} for s in ("TINY02", "BAD01")])
+    extra = pd.DataFrame(
+        [
+            {
+                **sheet.iloc[0].to_dict(),
+                "sample": s,
+                "image": f"demo/{s}.tif",
+                "expression": "",
+                "annotations": f"demo/{s}_annotations",
+            }
+            for s in ("TINY02", "BAD01")
+        ]
+    )
     pd.concat([sheet, extra]).to_csv(workdir / "three.tsv", sep="\t", index=False)
-    (workdir / "three.yaml").write_text((workdir / "config.yaml").read_text().replace("samples: samples.tsv",
-                                                                                      "samples: three.tsv"))
+    (workdir / "three.yaml").write_text(
+        (workdir / "config.yaml").read_text().replace("samples: samples.tsv", "samples: three.tsv")
+    )
     targets = ["results/segmentation/BAD01/labels.tif", "results/segmentation/TINY02/labels.tif"]
     proc = cw.snakemake(workdir, *targets, "--keep-going", "--cores", 2, "--resources", "gpu=1", config="three.yaml")
     assert proc.returncode != 0
     # the good chip finished, with the same labels as the identical first chip; the broken one did not
     res = workdir / "results" / "segmentation"
-    np.testing.assert_array_equal(tifffile.imread(res / "TINY02" / "labels.tif"),
-                                  tifffile.imread(res / "TINY01" / "labels.tif"))
+    np.testing.assert_array_equal(
+        tifffile.imread(res / "TINY02" / "labels.tif"), tifffile.imread(res / "TINY01" / "labels.tif")
+    )
     assert not (res / "BAD01" / "labels.tif").exists()
     summary = pd.read_csv(workdir / "results" / "run_summary.tsv", sep="\t", dtype=str).fillna("")
     assert len(summary) == 1, summary
@@ -156,25 +176,28 @@ def test_summary_ignores_the_job_logs_snakemake_shows(tmp_path):
     """Under SLURM the shown job log holds the job's own `Error in rule` block; only the driver's counts."""
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "h5ad.log").write_text("reading cells.cgef\nSegRefineError: cells.cgef: no cells\n")
-    text = "\n".join([
-        "Error in rule h5ad:",
-        "    message: SLURM-job '7' failed, SLURM status is: 'OUT_OF_MEMORY'. For further error details see x",
-        "    jobid: 12",
-        "    output: results/expression/S1/cells.h5ad",
-        "    log: logs/h5ad.log, .snakemake/slurm_logs/rule_h5ad/S1/7.log (check log file(s) for error details)",
-        "    external_jobid: 7",
-        "Logfile .snakemake/slurm_logs/rule_h5ad/S1/7.log:",
-        "=" * 20,
-        "Error in rule h5ad:",
-        "    message: None",
-        "    jobid: 0",
-        "    output: results/expression/S1/cells.h5ad",
-        "=" * 20,
-        "Trying to restart job 12.",
-    ])
+    text = "\n".join(
+        [
+            "Error in rule h5ad:",
+            "    message: SLURM-job '7' failed, SLURM status is: 'OUT_OF_MEMORY'. For further error details see x",
+            "    jobid: 12",
+            "    output: results/expression/S1/cells.h5ad",
+            "    log: logs/h5ad.log, .snakemake/slurm_logs/rule_h5ad/S1/7.log (check log file(s) for error details)",
+            "    external_jobid: 7",
+            "Logfile .snakemake/slurm_logs/rule_h5ad/S1/7.log:",
+            "=" * 20,
+            "Error in rule h5ad:",
+            "    message: None",
+            "    jobid: 0",
+            "    output: results/expression/S1/cells.h5ad",
+            "=" * 20,
+            "Trying to restart job 12.",
+        ]
+    )
     assert len(parse_errors(text)) == 1
     (tmp_path / "run.log").write_text(text)
     (row,) = summarize_run(str(tmp_path / "run.log"), workdir=str(tmp_path))
     assert row["status"] == "failed" and row["external_jobid"] == "7" and row["failed_attempts"] == "1"
-    assert row["reason"] == ("SLURM-job '7' failed, SLURM status is: 'OUT_OF_MEMORY'. | "
-                             "SegRefineError: cells.cgef: no cells")
+    assert row["reason"] == (
+        "SLURM-job '7' failed, SLURM status is: 'OUT_OF_MEMORY'. | SegRefineError: cells.cgef: no cells"
+    )

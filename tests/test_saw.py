@@ -1,4 +1,5 @@
 """SAW v8 outputs as inputs: the outs folder resolved to the image and matrices, SAW's cells as a QC stage."""
+
 import gzip
 
 import numpy as np
@@ -27,8 +28,10 @@ def test_outs_folder_gives_the_registered_image_the_tissue_gef_and_saws_cellbins
     got = resolve_outs(outs, "C04042E3", "ssDNA")
     assert got.image == str(outs / "image" / "C04042E3_ssDNA_regist.tif")
     assert got.expression == str(outs / "feature_expression" / "C04042E3.tissue.gef")
-    assert got.cellbins == {"saw_nuclei": str(outs / "feature_expression" / "C04042E3.cellbin.gef"),
-                            "saw_cells": str(outs / "feature_expression" / "C04042E3.adjusted.cellbin.gef")}
+    assert got.cellbins == {
+        "saw_nuclei": str(outs / "feature_expression" / "C04042E3.cellbin.gef"),
+        "saw_cells": str(outs / "feature_expression" / "C04042E3.adjusted.cellbin.gef"),
+    }
 
 
 def test_raw_gef_when_there_is_no_tissue_gef_and_saws_if_stain_name(tmp_path):
@@ -39,13 +42,16 @@ def test_raw_gef_when_there_is_no_tissue_gef_and_saws_if_stain_name(tmp_path):
     assert got.cellbins == {}
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no folder", "SAW outs folder not found"),
-    ("no image dir", "no image/ folder"),
-    ("no image", "no registered image C04042E3_ssDNA_regist.tif"),
-    ("no gef", "no C04042E3.tissue.gef or C04042E3.raw.gef"),
-    ("two images", "2 files could be the registered image"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no folder", "SAW outs folder not found"),
+        ("no image dir", "no image/ folder"),
+        ("no image", "no registered image C04042E3_ssDNA_regist.tif"),
+        ("no gef", "no C04042E3.tissue.gef or C04042E3.raw.gef"),
+        ("two images", "2 files could be the registered image"),
+    ],
+)
 def test_outs_problems_name_the_folder_and_what_is_missing(tmp_path, case, message):
     outs = _outs(tmp_path)
     if case == "no folder":
@@ -83,9 +89,24 @@ def _chip(tmp_path):
 def test_saws_cellbin_gef_becomes_a_cell_table_like_ours(tmp_path):
     chip = _chip(tmp_path)
     # a cell-bin GEF written by gefpy, as SAW writes its cellbin.gef
-    run_step("gef", "cgef", "--gem", chip / "chip.gem.gz", "--labels", chip / "labels.tif", "--cgef",
-             chip / "saw.cellbin.gef", "--cellmap", chip / "gefpy.csv", "--writer", "gefpy", "--origin", "0,0",
-             "--threads", 1)
+    run_step(
+        "gef",
+        "cgef",
+        "--gem",
+        chip / "chip.gem.gz",
+        "--labels",
+        chip / "labels.tif",
+        "--cgef",
+        chip / "saw.cellbin.gef",
+        "--cellmap",
+        chip / "gefpy.csv",
+        "--writer",
+        "gefpy",
+        "--origin",
+        "0,0",
+        "--threads",
+        1,
+    )
     run_step("gef", "saw-cells", "--cellbin", chip / "saw.cellbin.gef", "--out", chip / "saw.csv")
     saw, ref = pd.read_csv(chip / "saw.csv"), pd.read_csv(chip / "gefpy.csv")
     assert list(saw.columns) == list(ref.columns)

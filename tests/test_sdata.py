@@ -1,6 +1,7 @@
 """SpatialData output (segrefine.sdata): stores written by `segrefine spatialdata` in the spatialdata env from inputs
 made the way the workflow makes them (pyramidal OME-TIFF labels, the stitch's GeoJSON outlines and cell table, an
 AnnData with label_id), read back by `spatialdata.read_zarr` and rendered by spatialdata-plot."""
+
 import contextlib
 import json
 import subprocess
@@ -50,8 +51,18 @@ a = anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"G{k}" for k in range
 a.obsm["spatial"] = np.rint(centres).astype(np.int64)
 a.write_h5ad(out)
 """
-    subprocess.run([str(env_python("spatialdata")), "-c", script, json.dumps([int(i) for i in ids]),
-                    json.dumps(np.asarray(centres).tolist()), str(genes), str(path)], check=True)
+    subprocess.run(
+        [
+            str(env_python("spatialdata")),
+            "-c",
+            script,
+            json.dumps([int(i) for i in ids]),
+            json.dumps(np.asarray(centres).tolist()),
+            str(genes),
+            str(path),
+        ],
+        check=True,
+    )
 
 
 def make_sample(d, rng_seed=0, slide_pyramid=False, rgb=False, drop=(3,)):
@@ -88,7 +99,8 @@ def make_sample(d, rng_seed=0, slide_pyramid=False, rgb=False, drop=(3,)):
     cx = np.bincount(ids, xx, minlength=n + 1)[1:] / count
     cy = np.bincount(ids, yy, minlength=n + 1)[1:] / count
     table = "cell_id,centroid_x,centroid_y,area_px\n" + "".join(
-        f"{k + 1},{float(cx[k])!r},{float(cy[k])!r},{count[k]}\n" for k in range(n))
+        f"{k + 1},{float(cx[k])!r},{float(cy[k])!r},{count[k]}\n" for k in range(n)
+    )
     (d / "cells.csv").write_text(table)
     keep = np.array([i for i in range(1, n + 1) if i not in drop])
     rng.shuffle(keep)
@@ -97,8 +109,20 @@ def make_sample(d, rng_seed=0, slide_pyramid=False, rgb=False, drop=(3,)):
 
 
 def args_of(d, out, **extra):
-    args = ["--slide", d / "slide.tif", "--labels", d / "labels.tif", "--outlines", d / "cells.geojson",
-            "--cell-table", d / "cells.csv", "--h5ad", d / "cells.h5ad", "--out", out]
+    args = [
+        "--slide",
+        d / "slide.tif",
+        "--labels",
+        d / "labels.tif",
+        "--outlines",
+        d / "cells.geojson",
+        "--cell-table",
+        d / "cells.csv",
+        "--h5ad",
+        d / "cells.h5ad",
+        "--out",
+        out,
+    ]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [v])
     return args
@@ -153,8 +177,9 @@ print(json.dumps(out))
 
 
 def read_back(store, labels_tif) -> dict:
-    proc = subprocess.run([str(env_python("spatialdata")), "-c", READ_BACK, str(store), str(labels_tif)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(env_python("spatialdata")), "-c", READ_BACK, str(store), str(labels_tif)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -162,11 +187,27 @@ def read_back(store, labels_tif) -> dict:
 def test_store_holds_every_element_linked_and_spatialdata_plot_renders_it(tmp_path):
     s = make_sample(tmp_path)
     out, png = tmp_path / "res" / "S1.zarr", tmp_path / "res" / "S1.png"
-    run_step("spatialdata", "spatialdata", *args_of(tmp_path, out, cells_labels=tmp_path / "cells.tif", png=png,
-                                                      pixel_size_um=0.5, stain="ssDNA", sample="S1", min_side=64))
+    run_step(
+        "spatialdata",
+        "spatialdata",
+        *args_of(
+            tmp_path,
+            out,
+            cells_labels=tmp_path / "cells.tif",
+            png=png,
+            pixel_size_um=0.5,
+            stain="ssDNA",
+            sample="S1",
+            min_side=64,
+        ),
+    )
     r = read_back(out, tmp_path / "labels.tif")
-    assert (r["images"], r["labels"], r["shapes"], r["tables"]) == (["image"], ["cells", "nuclei"],
-                                                                     ["nuclei_boundaries"], ["table"])
+    assert (r["images"], r["labels"], r["shapes"], r["tables"]) == (
+        ["image"],
+        ["cells", "nuclei"],
+        ["nuclei_boundaries"],
+        ["table"],
+    )
     assert r["attrs"]["writer"] == "segrefine spatialdata" and r["attrs"]["sample"] == "S1"
     # image: the plain (strip) TIFF downsampled by 2 until the longer side is <= 64 px: 260 -> 130 -> 65 -> 32
     assert r["image_levels"] == [[1, 200, 260], [1, 100, 130], [1, 50, 65], [1, 25, 32]]
@@ -282,7 +323,8 @@ def test_outlines_are_read_from_the_stitch_layout_and_from_any_feature_collectio
     ids2, polys2 = read_outlines(tmp_path / "one_line.geojson")
     assert ids2.tolist() == ids.tolist() and all(a.equals(b) for a, b in zip(polys, polys2))
     doc["features"][1]["properties"]["measurements"]["cell_id"] = doc["features"][0]["properties"]["measurements"][
-        "cell_id"]
+        "cell_id"
+    ]
     (tmp_path / "dup.geojson").write_text(json.dumps(doc))
     with pytest.raises(SegRefineError, match="dup.geojson: cell id .* has more than one outline"):
         read_outlines(tmp_path / "dup.geojson")

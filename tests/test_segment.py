@@ -1,4 +1,5 @@
 """`segrefine segment` (segrefine.segment): plan, shards and stitch in one process."""
+
 import numpy as np
 import tifffile
 
@@ -16,5 +17,6 @@ def test_segment_by_hand_runs_in_a_model_env_without_pyarrow(slide, tmp_path):
     assert not (tmp_path / "cp" / "cells.parquet").exists() and (tmp_path / "core" / "cells.parquet").is_file()
     for name in ("cells.csv", "cells.geojson"):
         assert (tmp_path / "cp" / name).read_bytes() == (tmp_path / "core" / name).read_bytes()
-    np.testing.assert_array_equal(tifffile.imread(tmp_path / "cp" / "labels.tif"),
-                                  tifffile.imread(tmp_path / "core" / "labels.tif"))
+    np.testing.assert_array_equal(
+        tifffile.imread(tmp_path / "cp" / "labels.tif"), tifffile.imread(tmp_path / "core" / "labels.tif")
+    )

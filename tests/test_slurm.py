@@ -7,6 +7,7 @@ request, memory, start and end) is the evidence.
 Needs slurm-wlm + munge (`make setup-slurm`) and root (the cluster writes /etc/slurm/slurm.conf).
 Where they are missing the test is skipped with the reason; under CI (CI=true) it fails.
 """
+
 import json
 import os
 import shutil
@@ -59,8 +60,7 @@ def runs(cluster, tmp_path_factory):
     jobs = [j for j in cluster.jobs() if j["name"] == run]
     local, local_s = cw.run_local(local_dir)
     assert local.returncode == 0, local.stdout[-6000:]
-    return {"slurm_dir": slurm_dir, "local_dir": local_dir, "slurm": slurm, "jobs": jobs,
-            "times": (slurm_s, local_s)}
+    return {"slurm_dir": slurm_dir, "local_dir": local_dir, "slurm": slurm, "jobs": jobs, "times": (slurm_s, local_s)}
 
 
 def _expects_gpu(rule, wildcards):
@@ -71,8 +71,16 @@ def _expects_gpu(rule, wildcards):
 
 def test_every_job_went_through_slurm(runs):
     rules = {cw.job_rule(j["comment"])[0] for j in runs["jobs"]}
-    assert {"annotated_patch", "convert_annotation", "trainset", "finetune", "evaluate", "segment_shard",
-            "stitch", "evaluation_summary"} <= rules
+    assert {
+        "annotated_patch",
+        "convert_annotation",
+        "trainset",
+        "finetune",
+        "evaluate",
+        "segment_shard",
+        "stitch",
+        "evaluation_summary",
+    } <= rules
     failed = [j for j in runs["jobs"] if j["state"] != "COMPLETED"]
     assert [cw.job_rule(j["comment"])[0] for j in failed] == [OOM_RULE], failed  # only the memory kill below
 
@@ -122,8 +130,9 @@ def test_out_of_memory_job_is_reported_and_resubmitted_with_more_memory(runs):
 
 def test_outputs_equal_a_local_run(runs):
     s, loc = runs["slurm_dir"] / "results", runs["local_dir"] / "results"
-    pd.testing.assert_frame_equal(pd.read_csv(s / "evaluation" / "summary.csv"),
-                                  pd.read_csv(loc / "evaluation" / "summary.csv"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(s / "evaluation" / "summary.csv"), pd.read_csv(loc / "evaluation" / "summary.csv")
+    )
     a = tifffile.imread(s / "segmentation" / "TINY01" / "labels.tif")
     b = tifffile.imread(loc / "segmentation" / "TINY01" / "labels.tif")
     assert a.shape == (384, 384) and a.max() > 0
@@ -163,8 +172,17 @@ def _kill_driver_mid_shard(cluster, d, profile, min_fraction=0.25):
     # Snakemake touches a job's outputs once its step ends (dag.check_and_touch_output, in the SLURM
     # job): the finished shard's record has its final mtime only when its job has ended
     done_job = ("segment_shard", f"{cw.TILED_SAMPLE}_{done}")
-    _wait(lambda: not [j for j in cluster.jobs() if j["name"] == run and j["state"] in LIVE
-                       and cw.job_rule(j["comment"]) == done_job], 120, "the finished shard's job did not end")
+    _wait(
+        lambda: (
+            not [
+                j
+                for j in cluster.jobs()
+                if j["name"] == run and j["state"] in LIVE and cw.job_rule(j["comment"]) == done_job
+            ]
+        ),
+        120,
+        "the finished shard's job did not end",
+    )
     return done, cut, n_kill, run, cut_job[0]
 
 
@@ -197,8 +215,11 @@ def test_killed_driver_mid_shard_cancel_unlock_rerun(cluster, tmp_path_factory):
     _wait(lambda: len(cw.tiles_written(d) & per_shard[cut]) > n_kill, 300, "the orphan shard job wrote no tile")
 
     assert subprocess.run(["scancel", "--name", run], capture_output=True).returncode == 0
-    _wait(lambda: not [j for j in cluster.jobs() if j["name"] == run and j["state"] in LIVE], 120,
-          "the cancelled job is still alive")
+    _wait(
+        lambda: not [j for j in cluster.jobs() if j["name"] == run and j["state"] in LIVE],
+        120,
+        "the cancelled job is still alive",
+    )
     (state,) = [j["state"] for j in cluster.jobs() if j["id"] == orphan["id"]]
     assert state == "CANCELLED"
     time.sleep(2)
@@ -221,12 +242,15 @@ def test_killed_driver_mid_shard_cancel_unlock_rerun(cluster, tmp_path_factory):
     rerun_jobs = {cw.job_rule(j["comment"]) for j in cluster.jobs() if j["name"] == cw.run_id(rerun.stdout)}
     assert rerun_jobs == {("segment_shard", f"{cw.TILED_SAMPLE}_{cut}"), ("stitch", cw.TILED_SAMPLE)}, rerun_jobs
     n = len(per_shard[cut])
-    _check_rerun(d, reference, done, before, f"shard {cut}: {n} tiles, {n_before} already done, "
-                                             f"{n - n_before} to predict", cut)
+    _check_rerun(
+        d, reference, done, before, f"shard {cut}: {n} tiles, {n_before} already done, {n - n_before} to predict", cut
+    )
     stats = json.loads((d / seg / "shards" / f"{cut}.json").read_text())
     assert (stats["tiles_resumed"], stats["tiles_computed"]) == (n_before, n - n_before)
-    print(f"SLURM, cancel: shard {cut} killed at {n_kill}, cancelled at {n_before}/{n} tiles; kill, cancel and "
-          f"rerun {time.monotonic() - t0:.0f} s")
+    print(
+        f"SLURM, cancel: shard {cut} killed at {n_kill}, cancelled at {n_before}/{n} tiles; kill, cancel and "
+        f"rerun {time.monotonic() - t0:.0f} s"
+    )
 
 
 def test_killed_driver_mid_shard_rerun_while_the_orphan_job_runs(cluster, tmp_path_factory):
@@ -263,5 +287,7 @@ def test_killed_driver_mid_shard_rerun_while_the_orphan_job_runs(cluster, tmp_pa
         assert [cw.job_rule(j["comment"])[0] for j in new] == ["stitch"], new
         _check_rerun(d, reference, done, before)
         what = f"the orphan {orphan['id']} finished first; the rerun only stitched"
-    print(f"SLURM, orphan left running (killed at {n_kill}/{n} tiles): {what}; kill and rerun "
-          f"{time.monotonic() - t0:.0f} s")
+    print(
+        f"SLURM, orphan left running (killed at {n_kill}/{n} tiles): {what}; kill and rerun "
+        f"{time.monotonic() - t0:.0f} s"
+    )

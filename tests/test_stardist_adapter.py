@@ -1,5 +1,6 @@
 """The StarDist adapter, through the step commands in the tensorflow env, on real
 CellBinDB Stereo-seq crops: from scratch, fine-tune, save, load, predict."""
+
 import json
 
 import pandas as pd
@@ -12,10 +13,36 @@ PARAMS = {"n_epochs": 4, "steps_per_epoch": 5, "patch_size": 128, "batch_size": 
 
 
 def _finetune(trainset, out, seed=0):
-    run_step("tensorflow", "pretrained-card", "--framework", "stardist", "--name", "sd", "--source", "none",
-             "--params", json.dumps(PARAMS), "--out-dir", out / "pretrained")
-    run_step("tensorflow", "finetune", "--pretrained-card", out / "pretrained" / "card.json", "--trainset", trainset,
-             "--name", "sd", "--params", json.dumps(PARAMS), "--seed", seed, "--out-dir", out / "finetuned")
+    run_step(
+        "tensorflow",
+        "pretrained-card",
+        "--framework",
+        "stardist",
+        "--name",
+        "sd",
+        "--source",
+        "none",
+        "--params",
+        json.dumps(PARAMS),
+        "--out-dir",
+        out / "pretrained",
+    )
+    run_step(
+        "tensorflow",
+        "finetune",
+        "--pretrained-card",
+        out / "pretrained" / "card.json",
+        "--trainset",
+        trainset,
+        "--name",
+        "sd",
+        "--params",
+        json.dumps(PARAMS),
+        "--seed",
+        seed,
+        "--out-dir",
+        out / "finetuned",
+    )
     return json.loads((out / "finetuned" / "card.json").read_text())
 
 
@@ -43,10 +70,25 @@ def test_same_seed_same_model_and_reload_predicts_identically(trained, real_trai
     out, card = trained
     again = _finetune(real_trainset, tmp_path / "again")
     evals = []
-    for k, c in enumerate([out / "finetuned" / "card.json", out / "finetuned" / "card.json",
-                           tmp_path / "again" / "finetuned" / "card.json"]):
-        run_step("tensorflow", "evaluate", "--card", c, "--trainset", real_trainset, "--split", "test",
-                 "--out", tmp_path / f"e{k}.csv")
+    for k, c in enumerate(
+        [
+            out / "finetuned" / "card.json",
+            out / "finetuned" / "card.json",
+            tmp_path / "again" / "finetuned" / "card.json",
+        ]
+    ):
+        run_step(
+            "tensorflow",
+            "evaluate",
+            "--card",
+            c,
+            "--trainset",
+            real_trainset,
+            "--split",
+            "test",
+            "--out",
+            tmp_path / f"e{k}.csv",
+        )
         evals.append(pd.read_csv(tmp_path / f"e{k}.csv").drop(columns=["trainset_version"]))
     pd.testing.assert_frame_equal(evals[0], evals[1])
     pd.testing.assert_frame_equal(evals[0], evals[2])
@@ -54,11 +96,35 @@ def test_same_seed_same_model_and_reload_predicts_identically(trained, real_trai
 
 
 def test_patches_smaller_than_the_training_size_are_refused_before_training(real_trainset, tmp_path):
-    run_step("tensorflow", "pretrained-card", "--framework", "stardist", "--name", "sd", "--source", "none",
-             "--params", json.dumps(dict(PARAMS, patch_size=512)), "--out-dir", tmp_path / "pre")
-    proc = run_step("tensorflow", "finetune", "--pretrained-card", tmp_path / "pre" / "card.json",
-                    "--trainset", real_trainset, "--name", "sd", "--params", json.dumps(dict(PARAMS, patch_size=512)),
-                    "--out-dir", tmp_path / "ft", check=False)
+    run_step(
+        "tensorflow",
+        "pretrained-card",
+        "--framework",
+        "stardist",
+        "--name",
+        "sd",
+        "--source",
+        "none",
+        "--params",
+        json.dumps(dict(PARAMS, patch_size=512)),
+        "--out-dir",
+        tmp_path / "pre",
+    )
+    proc = run_step(
+        "tensorflow",
+        "finetune",
+        "--pretrained-card",
+        tmp_path / "pre" / "card.json",
+        "--trainset",
+        real_trainset,
+        "--name",
+        "sd",
+        "--params",
+        json.dumps(dict(PARAMS, patch_size=512)),
+        "--out-dir",
+        tmp_path / "ft",
+        check=False,
+    )
     assert proc.returncode == 1
     assert "smaller than this StarDist model's training patch size 512" in proc.stderr
     assert not (tmp_path / "ft").exists()

@@ -1,5 +1,6 @@
 """The stitch (segrefine.stitch): exact outputs from the tile results (labels, cell table, outlines, overlay,
 probability column and map), conflicts resolved, old tile formats, missing tiles."""
+
 import json
 
 import numpy as np
@@ -78,8 +79,9 @@ def test_cell_probability_column_and_map_equal_the_whole_image_means(slide, tmp_
     model = LocalClassicalWithProbability()
     done = 0
     for k in range(2):
-        stats = run_shard(tmp_path / "tiles.tsv", k, card, slide_path, tmp_path / "tiles", tmp_path / f"s{k}.json",
-                          model=model)
+        stats = run_shard(
+            tmp_path / "tiles.tsv", k, card, slide_path, tmp_path / "tiles", tmp_path / f"s{k}.json", model=model
+        )
         assert stats["tiles_resumed"] == 0
         done += stats["tiles_computed"]
     assert done == len(files) and all(not np.isnan(read_tile(f)[2]["prob"]).any() for f in files)
@@ -95,9 +97,9 @@ def _check_overlay_pixels(tmp, slide_path):
     k = next((i for i, lv in enumerate(levels) if max(lv.shape) <= 1024), len(levels) - 1)
     lab = levels[k]
     with Slide(slide_path) as s:
-        thumb, f = s.thumbnail(2 ** k)
-    ys = np.minimum((np.arange(lab.shape[0]) * 2 ** k / f).astype(int), thumb.shape[0] - 1)
-    xs = np.minimum((np.arange(lab.shape[1]) * 2 ** k / f).astype(int), thumb.shape[1] - 1)
+        thumb, f = s.thumbnail(2**k)
+    ys = np.minimum((np.arange(lab.shape[0]) * 2**k / f).astype(int), thumb.shape[0] - 1)
+    xs = np.minimum((np.arange(lab.shape[1]) * 2**k / f).astype(int), thumb.shape[1] - 1)
     g = thumb[np.ix_(ys, xs)]
     lo, hi = np.percentile(g, [1, 99.5])
     g = np.clip((g - lo) / max(hi - lo, 1e-6), 0, 1)
@@ -139,18 +141,32 @@ def test_old_format_tiles_are_recomputed_by_the_shard_and_read_correctly_by_the_
         outlines = cell_outlines(owned, meta["origin"])
         xy = np.array([p for _, r in outlines for p in r], np.float64).reshape(-1, 2)
         offsets = np.concatenate([[0], np.cumsum([len(r) for _, r in outlines])]).astype(np.int64)
-        np.savez(f, labels_zlib=np.frombuffer(zlib.compress(owned.tobytes(), 1), np.uint8),
-                 meta=np.array(json.dumps(meta)), outline_ids=np.array([i for i, _ in outlines], np.uint32),
-                 outline_offsets=offsets, outline_xy=xy)
+        np.savez(
+            f,
+            labels_zlib=np.frombuffer(zlib.compress(owned.tobytes(), 1), np.uint8),
+            meta=np.array(json.dumps(meta)),
+            outline_ids=np.array([i for i, _ in outlines], np.uint32),
+            outline_offsets=offsets,
+            outline_xy=xy,
+        )
     old = tmp_path / "from_old"
-    stitch(tmp_path / "tiles.tsv", tmp_path / "tiles", [tmp_path / "s0.json"], slide_path, old / "labels.tif",
-           old / "cells.csv", old / "cells.parquet", old / "cells.geojson")
+    stitch(
+        tmp_path / "tiles.tsv",
+        tmp_path / "tiles",
+        [tmp_path / "s0.json"],
+        slide_path,
+        old / "labels.tif",
+        old / "cells.csv",
+        old / "cells.parquet",
+        old / "cells.geojson",
+    )
     assert (tifffile.imread(old / "labels.tif") == tifffile.imread(tmp_path / "labels.tif")).all()
     for name in ("cells.csv", "cells.geojson"):
         assert (old / name).read_bytes() == (tmp_path / name).read_bytes(), name
     model = WindowDependent()
-    stats = run_shard(tmp_path / "tiles.tsv", 0, card, slide_path, tmp_path / "tiles", tmp_path / "s0.json",
-                      model=model)
+    stats = run_shard(
+        tmp_path / "tiles.tsv", 0, card, slide_path, tmp_path / "tiles", tmp_path / "s0.json", model=model
+    )
     assert stats["tiles_resumed"] == 0 and stats["tiles_computed"] == model.calls == len(files)
     assert all(read_tile(f)[1]["format"] == TILE_FORMAT for f in files)
 
@@ -163,10 +179,17 @@ def test_geojson_feature_text_is_json_dumps_of_the_feature():
     lab[2:6, 3:8], lab[7:11, 1:4], lab[8, 4] = 7, 123456, 123456
     ids, texts = outline_texts(lab, origin=(1000, 2000))
     for (cid, ring), i, text in zip(cell_outlines(lab, origin=(1000, 2000)), ids, texts):
-        feature = {"type": "Feature", "id": f"cell-{cid}", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                   "properties": {"objectType": "detection", "name": f"cell {cid}",
-                                  "classification": {"name": "Nucleus", "color": [255, 0, 0]},
-                                  "measurements": {"cell_id": cid}}}
+        feature = {
+            "type": "Feature",
+            "id": f"cell-{cid}",
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {
+                "objectType": "detection",
+                "name": f"cell {cid}",
+                "classification": {"name": "Nucleus", "color": [255, 0, 0]},
+                "measurements": {"cell_id": cid},
+            },
+        }
         assert i == cid and text == json.dumps(ring)
         assert FEATURE % {"id": cid, "ring": text} == json.dumps(feature)
 
@@ -178,8 +201,14 @@ def test_stitch_refuses_missing_tiles_and_other_plans(slide, tmp_path):
     victim = tile_file(tmp_path / "tiles", int(plan[plan["in_tissue"]]["tile_id"][0]))
     victim.unlink()
     with pytest.raises(SegRefineError, match="1 tile result\\(s\\) missing .*forcerun segment_shard"):
-        stitch(tmp_path / "tiles.tsv", tmp_path / "tiles", [tmp_path / "s0.json"], slide_path, tmp_path / "l2.tif",
-               tmp_path / "c2.csv")
+        stitch(
+            tmp_path / "tiles.tsv",
+            tmp_path / "tiles",
+            [tmp_path / "s0.json"],
+            slide_path,
+            tmp_path / "l2.tif",
+            tmp_path / "c2.csv",
+        )
     assert not (tmp_path / "l2.tif").exists() and not (tmp_path / "c2.csv").exists()
 
 

@@ -1,5 +1,6 @@
 """Whole-slide tiling (segrefine.tiling): the plan, tissue detection, ownership, grouped windows, resumable
 shards, and tiled inference equal to whole-image inference."""
+
 import json
 import re
 import shutil
@@ -23,7 +24,7 @@ def test_grid_partitions_the_slide_and_windows_add_the_margin():
     plan = grid_tiles((300, 500), 128, 20)
     cover = np.zeros((300, 500), int)
     for t in plan:
-        cover[t.y0:t.y1, t.x0:t.x1] += 1
+        cover[t.y0 : t.y1, t.x0 : t.x1] += 1
         assert (t.wx0, t.wy0) == (max(0, t.x0 - 20), max(0, t.y0 - 20))
         assert (t.wx1, t.wy1) == (min(500, t.x1 + 20), min(300, t.y1 + 20))
     assert (cover == 1).all() and len(plan) == 3 * 4
@@ -47,8 +48,17 @@ def test_tiled_equals_whole_image_exactly_with_unique_ids_and_all_outputs(slide,
     assert rep["cells"] == tiled.max() and rep["n_large_cells"] == 0
     # the cell table agrees with the label image exactly, in CSV and Parquet
     cells = pd.read_csv(tmp_path / "cells.csv")
-    assert list(cells.columns) == ["cell_id", "centroid_x", "centroid_y", "area_px", "bbox_x0", "bbox_y0",
-                                   "bbox_x1", "bbox_y1", "probability"]
+    assert list(cells.columns) == [
+        "cell_id",
+        "centroid_x",
+        "centroid_y",
+        "area_px",
+        "bbox_x0",
+        "bbox_y0",
+        "bbox_x1",
+        "bbox_y1",
+        "probability",
+    ]
     assert cells["probability"].isna().all()  # a model without probabilities: NaN
     assert rep["probability"]["cells_with_probability"] == 0 and rep["probability"]["mean"] is None
     assert cells["cell_id"].tolist() == list(range(1, rep["cells"] + 1))
@@ -61,8 +71,10 @@ def test_tiled_equals_whole_image_exactly_with_unique_ids_and_all_outputs(slide,
     pq = pd.read_parquet(tmp_path / "cells.parquet")  # the same table, and the tile that owns each cell
     pd.testing.assert_frame_equal(pq.drop(columns="tile_id"), cells, check_exact=True)
     anchors = zip(np.floor(cells["centroid_x"]).astype(int), np.floor(cells["centroid_y"]).astype(int))
-    assert pq["tile_id"].tolist() == [int(plan[(plan["x0"] <= x) & (x < plan["x1"]) & (plan["y0"] <= y)
-                                               & (y < plan["y1"])]["tile_id"][0]) for x, y in anchors]
+    assert pq["tile_id"].tolist() == [
+        int(plan[(plan["x0"] <= x) & (x < plan["x1"]) & (plan["y0"] <= y) & (y < plan["y1"])]["tile_id"][0])
+        for x, y in anchors
+    ]
     # QuPath detections, one per cell
     gj = json.loads((tmp_path / "cells.geojson").read_text())
     assert sorted(f["properties"]["measurements"]["cell_id"] for f in gj["features"]) == cells["cell_id"].tolist()
@@ -93,7 +105,7 @@ def test_shard_cell_sums_equal_the_table_of_the_owned_labels():
     labels = LocalClassical().predict(img)
     H, W = labels.shape
     for t in grid_tiles((H, W), 96, 24):
-        owned, origin, large, stats = own_cells(labels[t.wy0:t.wy1, t.wx0:t.wx1], t, (H, W), with_stats=True)
+        owned, origin, large, stats = own_cells(labels[t.wy0 : t.wy1, t.wx0 : t.wx1], t, (H, W), with_stats=True)
         assert stats.shape == (int(owned.max()) if owned.size else 0, 7)
         assert (stats == cell_stats(owned)).all()
 
@@ -104,20 +116,29 @@ def test_a_killed_shard_reruns_only_its_unfinished_tiles(slide, tmp_path):
     write_plan(plan, meta, tmp_path / "tiles.tsv", tmp_path / "tiles.json")
     n = int(plan["in_tissue"].sum())
     with pytest.raises(KeyboardInterrupt):
-        run_shard(tmp_path / "tiles.tsv", 0, card, slide_path, tmp_path / "tiles", tmp_path / "s0.json",
-                  model=LocalClassical(fail_on_call=5))
+        run_shard(
+            tmp_path / "tiles.tsv",
+            0,
+            card,
+            slide_path,
+            tmp_path / "tiles",
+            tmp_path / "s0.json",
+            model=LocalClassical(fail_on_call=5),
+        )
     done = sorted((tmp_path / "tiles").glob("tile*.npz"))
     assert 3 <= len(done) <= 4 and not list((tmp_path / "tiles").glob(".*"))  # complete files only
     assert not (tmp_path / "s0.json").exists()
     model = LocalClassical()
-    stats = run_shard(tmp_path / "tiles.tsv", 0, card, slide_path, tmp_path / "tiles", tmp_path / "s0.json",
-                      model=model)
+    stats = run_shard(
+        tmp_path / "tiles.tsv", 0, card, slide_path, tmp_path / "tiles", tmp_path / "s0.json", model=model
+    )
     assert stats["tiles_resumed"] == len(done) and stats["tiles_computed"] == model.calls == n - len(done)
     # a different model (card) invalidates every tile
     other = tmp_path / "other.json"
     other.write_text(card.read_text() + " ")
-    stats = run_shard(tmp_path / "tiles.tsv", 0, other, slide_path, tmp_path / "tiles", tmp_path / "s0.json",
-                      model=LocalClassical())
+    stats = run_shard(
+        tmp_path / "tiles.tsv", 0, other, slide_path, tmp_path / "tiles", tmp_path / "s0.json", model=LocalClassical()
+    )
     assert stats["tiles_computed"] == n
 
 
@@ -133,8 +154,15 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(slide, tmp_path, monkeypa
 
     monkeypatch.setattr(np, "savez", full)
     with pytest.raises(SegRefineError, match="tile0000..\\.npz: cannot write the tile result .*disk full"):
-        run_shard(tmp_path / "tiles.tsv", 0, card, slide_path, tmp_path / "tiles", tmp_path / "s0.json",
-                  model=LocalClassical())
+        run_shard(
+            tmp_path / "tiles.tsv",
+            0,
+            card,
+            slide_path,
+            tmp_path / "tiles",
+            tmp_path / "s0.json",
+            model=LocalClassical(),
+        )
     assert not list((tmp_path / "tiles").iterdir())
 
 
@@ -142,17 +170,17 @@ def test_ownership_keeps_each_seam_cell_in_exactly_one_tile():
     H, W = 100, 200
     labels = np.zeros((H, W), np.int32)
     labels[40:50, 95:106] = 7  # straddles the seam at x=100; centroid x = 100 -> right tile
-    labels[10:20, 90:99] = 3   # left core
+    labels[10:20, 90:99] = 3  # left core
     plan = grid_tiles((H, W), 100, 20)
     owners = []
     for t in plan:
-        win = labels[t.wy0:t.wy1, t.wx0:t.wx1]
+        win = labels[t.wy0 : t.wy1, t.wx0 : t.wx1]
         owned, origin, large = own_cells(win, t, (H, W))
         owners.append(int(owned.max()) if owned.size else 0)
         assert not large
     assert owners == [1, 1]  # each tile owns one cell: the seam cell goes to the tile holding its anchor
     t = plan[1]
-    owned, (ox, oy), _ = own_cells(labels[t.wy0:t.wy1, t.wx0:t.wx1], t, (H, W))
+    owned, (ox, oy), _ = own_cells(labels[t.wy0 : t.wy1, t.wx0 : t.wx1], t, (H, W))
     assert (ox, oy) == (95, 40) and owned.shape == (10, 11)
 
 
@@ -163,7 +191,7 @@ def test_cells_larger_than_the_halo_are_reported_with_their_location():
     plan = grid_tiles((H, W), 100, 10)
     reports = []
     for t in plan:  # each window sees a clipped part (x 60..110 and 90..140) and owns it
-        owned, origin, large = own_cells(labels[t.wy0:t.wy1, t.wx0:t.wx1], t, (H, W))
+        owned, origin, large = own_cells(labels[t.wy0 : t.wy1, t.wx0 : t.wx1], t, (H, W))
         assert owned.max() == 1 and len(large) == 1
         reports.append((large[0]["anchor_x"], large[0]["bbox_x0"], large[0]["bbox_x1"]))
     assert reports == [(84, 60, 110), (114, 90, 140)]
@@ -174,11 +202,23 @@ def test_halo_smaller_than_training_cells_fails_naming_the_mask(slide, tmp_path)
     mask = np.zeros((64, 64), np.uint16)
     mask[5:35, 10:30] = 1  # 30 px tall
     write_tiff(tmp_path / "m-mask.tif", mask)
-    pd.DataFrame({"patch": ["m"], "sn": ["S"], "image": ["x"], "mask": [str(tmp_path / "m-mask.tif")], "n_cells": [1],
-                  "split": ["train"], "image_sha256": ["-"], "mask_sha256": ["-"]}).to_csv(
-        tmp_path / "ts.tsv", sep="\t", index=False)
-    with pytest.raises(SegRefineError, match=r"halo 24 px is smaller than the largest cell in the training masks "
-                                             r"\(30 px: cell 1 of .*m-mask.tif"):
+    pd.DataFrame(
+        {
+            "patch": ["m"],
+            "sn": ["S"],
+            "image": ["x"],
+            "mask": [str(tmp_path / "m-mask.tif")],
+            "n_cells": [1],
+            "split": ["train"],
+            "image_sha256": ["-"],
+            "mask_sha256": ["-"],
+        }
+    ).to_csv(tmp_path / "ts.tsv", sep="\t", index=False)
+    with pytest.raises(
+        SegRefineError,
+        match=r"halo 24 px is smaller than the largest cell in the training masks "
+        r"\(30 px: cell 1 of .*m-mask.tif",
+    ):
         make_plan(slide_path, 96, 24, trainset=tmp_path / "ts.tsv")
     _, meta = make_plan(slide_path, 96, 30, trainset=tmp_path / "ts.tsv")
     assert meta["largest_training_cell"]["extent_px"] == 30
@@ -186,8 +226,11 @@ def test_halo_smaller_than_training_cells_fails_naming_the_mask(slide, tmp_path)
     for halo in (24, 30):
         plan, meta = make_plan(slide_path, 96, halo)
         write_plan(plan, meta, tmp_path / f"p{halo}.tsv", tmp_path / f"p{halo}.json")
-    with pytest.raises(SegRefineError, match=r"halo 24 px is smaller than the largest cell in the training masks "
-                                             r"\(30 px: cell 1 of .*m-mask.tif"):
+    with pytest.raises(
+        SegRefineError,
+        match=r"halo 24 px is smaller than the largest cell in the training masks "
+        r"\(30 px: cell 1 of .*m-mask.tif",
+    ):
         halo_check(tmp_path / "p24.json", tmp_path / "ts.tsv", tmp_path / "check24.json")
     assert not (tmp_path / "check24.json").exists()
     out = halo_check(tmp_path / "p30.json", tmp_path / "ts.tsv", tmp_path / "check30.json")
@@ -200,31 +243,93 @@ def test_unreadable_slide_is_named(tmp_path):
     bad.write_bytes(b"not a tiff at all")
     with pytest.raises(SegRefineError, match="bad.tif: not a readable TIFF slide"):
         make_plan(bad, 128, 16)
-    proc = run_step("core", "tile-plan", "--slide", bad, "--out", tmp_path / "p.tsv", "--out-json",
-                    tmp_path / "p.json", check=False)
+    proc = run_step(
+        "core", "tile-plan", "--slide", bad, "--out", tmp_path / "p.tsv", "--out-json", tmp_path / "p.json", check=False
+    )
     assert proc.returncode == 1 and "bad.tif: not a readable TIFF slide" in proc.stderr
     assert not (tmp_path / "p.tsv").exists()
 
 
 def test_cli_steps_run_the_workflow_chain(slide, tmp_path):
     slide_path, img, card = slide
-    run_step("core", "tile-plan", "--slide", slide_path, "--out", tmp_path / "tiles.tsv", "--out-json",
-             tmp_path / "tiles.json", "--tile-size", 192, "--halo", 12, "--halo-unit", "um", "--pixel-size-um", 0.5,
-             "--shards", 2, "--tissue-downsample", 4)
+    run_step(
+        "core",
+        "tile-plan",
+        "--slide",
+        slide_path,
+        "--out",
+        tmp_path / "tiles.tsv",
+        "--out-json",
+        tmp_path / "tiles.json",
+        "--tile-size",
+        192,
+        "--halo",
+        12,
+        "--halo-unit",
+        "um",
+        "--pixel-size-um",
+        0.5,
+        "--shards",
+        2,
+        "--tissue-downsample",
+        4,
+    )
     meta = json.loads((tmp_path / "tiles.json").read_text())
     assert meta["halo_px"] == 24 and meta["shards"] == 2
     for k in range(2):
-        run_step("core", "segment-shard", "--plan", tmp_path / "tiles.tsv", "--shard", k, "--card", card,
-                 "--slide", slide_path, "--tiles-dir", tmp_path / "tiles", "--out", tmp_path / f"s{k}.json")
-    proc = run_step("core", "stitch", "--plan", tmp_path / "tiles.tsv", "--tiles-dir", tmp_path / "tiles",
-                    "--shards", tmp_path / "s0.json", tmp_path / "s1.json", "--slide", slide_path,
-                    "--labels", tmp_path / "labels.tif", "--cells", tmp_path / "cells.csv")
+        run_step(
+            "core",
+            "segment-shard",
+            "--plan",
+            tmp_path / "tiles.tsv",
+            "--shard",
+            k,
+            "--card",
+            card,
+            "--slide",
+            slide_path,
+            "--tiles-dir",
+            tmp_path / "tiles",
+            "--out",
+            tmp_path / f"s{k}.json",
+        )
+    proc = run_step(
+        "core",
+        "stitch",
+        "--plan",
+        tmp_path / "tiles.tsv",
+        "--tiles-dir",
+        tmp_path / "tiles",
+        "--shards",
+        tmp_path / "s0.json",
+        tmp_path / "s1.json",
+        "--slide",
+        slide_path,
+        "--labels",
+        tmp_path / "labels.tif",
+        "--cells",
+        tmp_path / "cells.csv",
+    )
     labels = tifffile.imread(tmp_path / "labels.tif")
     assert labels.shape == img.shape and labels.max() == len(pd.read_csv(tmp_path / "cells.csv")) > 0
     assert re.search(rf"stitched {labels.max()} cells from \d+ tiles", proc.stderr), proc.stderr[-2000:]
-    proc = run_step("core", "segment-shard", "--plan", tmp_path / "tiles.tsv", "--shard", 7, "--card", card,
-                    "--slide", slide_path, "--tiles-dir", tmp_path / "tiles", "--out", tmp_path / "s7.json",
-                    check=False)
+    proc = run_step(
+        "core",
+        "segment-shard",
+        "--plan",
+        tmp_path / "tiles.tsv",
+        "--shard",
+        7,
+        "--card",
+        card,
+        "--slide",
+        slide_path,
+        "--tiles-dir",
+        tmp_path / "tiles",
+        "--out",
+        tmp_path / "s7.json",
+        check=False,
+    )
     assert proc.returncode == 1 and "shard 7 is not in the plan (0..1)" in proc.stderr
 
 
@@ -250,6 +355,7 @@ def test_real_crops_tiled_equal_whole(realdata, tmp_path, name, slide):
 class ContextModel:
     """A strictly local model (connected components above a fixed level) that declares a context: the shard
     must predict each window grown by it (clipped at the slide), at its place in the slide, and crop back."""
+
     device = "cpu"
 
     def __init__(self, context):
@@ -276,15 +382,28 @@ def test_shard_grows_windows_by_the_model_context_and_crops_back(slide, tmp_path
     model = ContextModel(20)
     plan, meta, rep = run_all(tmp_path, slide_path, card, model, shards=1)
     H, W = img.shape
-    want = sorted(((max(0, t.wx0 - 20), max(0, t.wy0 - 20)), (min(H, t.wy1 + 20) - max(0, t.wy0 - 20),
-                                                                min(W, t.wx1 + 20) - max(0, t.wx0 - 20)))
-                  for t in plan if t.in_tissue)
+    want = sorted(
+        (
+            (max(0, t.wx0 - 20), max(0, t.wy0 - 20)),
+            (min(H, t.wy1 + 20) - max(0, t.wy0 - 20), min(W, t.wx1 + 20) - max(0, t.wx0 - 20)),
+        )
+        for t in plan
+        if t.in_tissue
+    )
     assert sorted(model.seen) == want
     assert json.loads((tmp_path / "s0.json").read_text())["model_context_px"] == 20
     assert (tifffile.imread(tmp_path / "labels.tif") == tifffile.imread(plain / "labels.tif")).all()
     # the context is part of what a tile was computed from: without it the shard predicts every tile again
-    stats = run_shard(tmp_path / "tiles.tsv", 0, card, slide_path, tmp_path / "tiles", tmp_path / "s0b.json",
-                      model=ContextModel(20), model_context=False)
+    stats = run_shard(
+        tmp_path / "tiles.tsv",
+        0,
+        card,
+        slide_path,
+        tmp_path / "tiles",
+        tmp_path / "s0b.json",
+        model=ContextModel(20),
+        model_context=False,
+    )
     assert stats["tiles_computed"] == stats["tiles"] and stats["model_context_px"] == 0
 
 
@@ -293,7 +412,7 @@ def test_auto_group_keeps_the_grouped_window_within_the_target_ratio():
     # Cellpose's context bound on top of the halo: 5 x 5 tiles per window, 5760² for 5120² of cores
     assert auto_group(1024, 64 + 256) == 5 and (5760 / 5120) ** 2 <= 1.3 < (4736 / 4096) ** 2
     assert auto_group(1024, 1000) == 4  # capped: no window wider than MAX_GROUP_WINDOW_PX (6144)
-    assert auto_group(96, 24 + 100, max_window=10 ** 6) == 19  # 1 + 248 / (96 g) <= sqrt(1.3)
+    assert auto_group(96, 24 + 100, max_window=10**6) == 19  # 1 + 248 / (96 g) <= sqrt(1.3)
 
 
 def test_grouped_windows_are_tile_exact_and_the_seen_ratio_is_what_the_model_saw(slide, tmp_path):
@@ -309,8 +428,9 @@ def test_grouped_windows_are_tile_exact_and_the_seen_ratio_is_what_the_model_saw
         model = ContextModel(20)
         plan, meta, rep = run_all(tmp_path / f"g{g}", slide_path, card, model, shards=1, group=g)
         assert meta["group_tiles"] == g
-        assert (tifffile.imread(tmp_path / f"g{g}" / "labels.tif") ==
-                tifffile.imread(tmp_path / "g1" / "labels.tif")).all()
+        assert (
+            tifffile.imread(tmp_path / f"g{g}" / "labels.tif") == tifffile.imread(tmp_path / "g1" / "labels.tif")
+        ).all()
         assert rep["cells"] == rep1["cells"]
         tissue = [t for t in plan if t.in_tissue]
         # group (0, 0): cores [0, 96 g)², windows to 96 g + 24, grown by the context 20: one window from the origin
@@ -326,8 +446,13 @@ def test_grouped_windows_are_tile_exact_and_the_seen_ratio_is_what_the_model_saw
         assert stats["seen_ratio"] < single_seen / cores
         # every window holds each of its tiles' plan windows 20 px inside, wherever that is not the slide's edge
         for t in tissue:
-            assert any(ox <= max(0, t.wx0 - 20) and oy <= max(0, t.wy0 - 20) and ox + w >= min(W, t.wx1 + 20)
-                       and oy + h >= min(H, t.wy1 + 20) for (ox, oy), (h, w) in model.seen)
+            assert any(
+                ox <= max(0, t.wx0 - 20)
+                and oy <= max(0, t.wy0 - 20)
+                and ox + w >= min(W, t.wx1 + 20)
+                and oy + h >= min(H, t.wy1 + 20)
+                for (ox, oy), (h, w) in model.seen
+            )
 
 
 def test_classical_model_with_grouped_windows_equals_whole_image(slide, tmp_path):
@@ -375,7 +500,7 @@ def test_tissue_is_the_region_between_nuclei_not_the_nuclei(radius):
     node = ((yy - step // 2) ** 2 + (xx - step // 2) ** 2) <= 25
     nuclei = np.kron(rng.random((n // step + 1, n // step + 1)) < 0.85, node)[:n, :n]
     c = (np.arange(n) + 0.5) / n - 0.5
-    disc = (c[:, None] ** 2 + c[None, :] ** 2) <= radius ** 2
+    disc = (c[:, None] ** 2 + c[None, :] ** 2) <= radius**2
     img = np.clip(rng.normal(12, 6, (n, n)), 0, 255)
     img[nuclei & disc] = 200
     thumb = img.reshape(n // f, f, n // f, f).mean(axis=(1, 3)).astype(np.uint8)

@@ -42,7 +42,7 @@ def _pair(tmp_path, name, cells, shape=(32, 32)):
     img = np.random.default_rng(len(name)).integers(0, 255, shape).astype(np.uint8)
     mask = np.zeros(shape, np.uint16)
     for k in range(cells):
-        mask[2 + 6 * k: 6 + 6 * k, 2:6] = k + 1
+        mask[2 + 6 * k : 6 + 6 * k, 2:6] = k + 1
     write_tiff(tmp_path / f"{name}-img.tif", img)
     write_tiff(tmp_path / f"{name}-mask.tif", mask)
     return str(tmp_path / f"{name}-img.tif"), str(tmp_path / f"{name}-mask.tif")
@@ -66,8 +66,9 @@ def test_image_mask_size_mismatch_names_the_files(tmp_path):
     img, _ = _pair(tmp_path, "S1-x0_y0_w32_h32", 2)
     (tmp_path / "other").mkdir()
     _, mask = _pair(tmp_path / "other", "S1-x0_y0_w32_h32", 2, shape=(30, 32))
-    with pytest.raises(SegRefineError,
-                       match=r"other/S1-x0_y0_w32_h32-mask.tif: mask is 32x30 px but image .* is 32x32"):
+    with pytest.raises(
+        SegRefineError, match=r"other/S1-x0_y0_w32_h32-mask.tif: mask is 32x30 px but image .* is 32x32"
+    ):
         build_rows([img], [mask], 0, 0.0, 0.0)
 
 

@@ -1,6 +1,7 @@
 """Per-cell uncertainty (segrefine.uncertainty) on hand-built cases, its per-patch use in the annotate-next
 ranking, and the adapters' ``predict_with_probability`` (labels identical to ``predict``, each framework's
 probability), the latter in each framework's env."""
+
 import json
 import math
 import os
@@ -17,12 +18,22 @@ from segrefine import SegRefineError
 from segrefine.annotate_next import UNCERTAINTY_KEY, score_candidates
 from segrefine.envs import env_python
 from segrefine.models.classical_adapter import ClassicalAdapter
-from segrefine.uncertainty import (TRANSFORMS, best_iou, cell_probability, cell_uncertainty, combine, forward,
-                                   inverse, patch_uncertainty, predict_with_uncertainty, transforms)
+from segrefine.uncertainty import (
+    TRANSFORMS,
+    best_iou,
+    cell_probability,
+    cell_uncertainty,
+    combine,
+    forward,
+    inverse,
+    patch_uncertainty,
+    predict_with_uncertainty,
+    transforms,
+)
 
 
 def disc(img, cy, cx, r, value=200.0):
-    yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
     img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = value
     return img
 
@@ -96,8 +107,8 @@ def test_an_equivariant_prediction_agrees_exactly_and_an_oriented_one_does_not()
 
 def test_classical_model_is_sure_of_an_isolated_disc_and_unsure_of_a_merged_pair():
     img = np.full((64, 96), 20.0)
-    disc(img, 32, 14, 7)                      # isolated
-    disc(img, 32, 50, 6)                      # two discs 8 px apart with radius 6: one merged blob
+    disc(img, 32, 14, 7)  # isolated
+    disc(img, 32, 50, 6)  # two discs 8 px apart with radius 6: one merged blob
     disc(img, 32, 58, 6)
     model = ClassicalAdapter({})
     labels, cells = predict_with_uncertainty(model, img, tta=8)
@@ -127,8 +138,8 @@ def test_probability_other_iou_and_the_combined_score():
     disc(img, 10, 7, 4)
     disc(img, 10, 22, 4)
     prob = np.zeros(img.shape, np.float32)
-    prob[:, :15] = 0.9   # left cell: sure (margin 0.8)
-    prob[:, 15:] = 0.6   # right cell: near the boundary (margin 0.2)
+    prob[:, :15] = 0.9  # left cell: sure (margin 0.8)
+    prob[:, 15:] = 0.6  # right cell: near the boundary (margin 0.2)
     lab = Threshold().predict(img)
     other = np.zeros_like(lab)
     other[lab == cell_at(lab, 10, 7)] = 5  # the other stage finds the left cell as it is, not the right one
@@ -163,35 +174,93 @@ def test_uncertainty_term_in_the_ranking():
 @pytest.mark.slow
 def test_annotate_next_stores_and_ranks_by_uncertainty_by_cli(tmp_path):
     d = tmp_path
-    run_step("core", "demo-data", "--out", d / "demo", "--sn", "TN01", "--size", 192, "--patches", 1,
-             "--patch-size", 96)
+    run_step(
+        "core", "demo-data", "--out", d / "demo", "--sn", "TN01", "--size", 192, "--patches", 1, "--patch-size", 96
+    )
     for m, params in (("a", {}), ("b", {"threshold_scale": 1.6, "sigma": 2.0})):
-        run_step("core", "pretrained-card", "--framework", "classical", "--name", m, "--source", "none",
-                 "--params", json.dumps(params), "--out-dir", d / m)
-        run_step("core", "annotate-next-predict", "--card", d / m / "card.json", "--slide", d / "demo" / "TN01.tif",
-                 "--sn", "TN01", "--size", 96, "--step", 96, "--tta", 4, "--out", d / f"{m}.npz")
+        run_step(
+            "core",
+            "pretrained-card",
+            "--framework",
+            "classical",
+            "--name",
+            m,
+            "--source",
+            "none",
+            "--params",
+            json.dumps(params),
+            "--out-dir",
+            d / m,
+        )
+        run_step(
+            "core",
+            "annotate-next-predict",
+            "--card",
+            d / m / "card.json",
+            "--slide",
+            d / "demo" / "TN01.tif",
+            "--sn",
+            "TN01",
+            "--size",
+            96,
+            "--step",
+            96,
+            "--tta",
+            4,
+            "--out",
+            d / f"{m}.npz",
+        )
     with np.load(d / "a.npz") as z:
         unc = json.loads(str(z[UNCERTAINTY_KEY]))
         patches = [k for k in z.files if k != UNCERTAINTY_KEY]
     assert sorted(unc) == sorted(patches) and len(patches) == 4
     assert all(0 <= u["uncertainty"] <= 1 and not math.isnan(u["tta_agreement"]) for u in unc.values() if u["n_cells"])
-    run_step("core", "annotate-next", "--slide", d / "demo" / "TN01.tif", "--sn", "TN01", "--predictions",
-             d / "a.npz", d / "b.npz", "--names", "a/pretrained", "b/pretrained", "--top-n", 2,
-             "--complexity-weight", 0.25, "--uncertainty-weight", 0.5, "--out", d / "ranking.csv",
-             "--geojson", d / "next.geojson", "--out-dir", d / "patches")
+    run_step(
+        "core",
+        "annotate-next",
+        "--slide",
+        d / "demo" / "TN01.tif",
+        "--sn",
+        "TN01",
+        "--predictions",
+        d / "a.npz",
+        d / "b.npz",
+        "--names",
+        "a/pretrained",
+        "b/pretrained",
+        "--top-n",
+        2,
+        "--complexity-weight",
+        0.25,
+        "--uncertainty-weight",
+        0.5,
+        "--out",
+        d / "ranking.csv",
+        "--geojson",
+        d / "next.geojson",
+        "--out-dir",
+        d / "patches",
+    )
     table = pd.read_csv(d / "ranking.csv")
     with np.load(d / "b.npz") as z:
         unc_b = json.loads(str(z[UNCERTAINTY_KEY]))
     want = {p: np.nanmean([unc[p]["uncertainty"], unc_b[p]["uncertainty"]]) for p in unc}
     assert np.allclose(table["uncertainty"], [want[p] for p in table["patch"]], atol=1e-4)
-    assert np.allclose(table["score"], 0.25 * table["disagreement"] + 0.25 * table["complexity"]
-                       + 0.5 * table["uncertainty"], atol=1e-3)
+    assert np.allclose(
+        table["score"],
+        0.25 * table["disagreement"] + 0.25 * table["complexity"] + 0.5 * table["uncertainty"],
+        atol=1e-3,
+    )
 
 
 # --- the adapters, in their envs ------------------------------------------------------------------------------------
 def _run(env, code):
-    proc = subprocess.run([str(env_python(env)), "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS), TF_CPP_MIN_LOG_LEVEL="2"))
+    proc = subprocess.run(
+        [str(env_python(env)), "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS), TF_CPP_MIN_LOG_LEVEL="2"),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

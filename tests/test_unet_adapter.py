@@ -1,6 +1,7 @@
 """The U-Net (CellBin's BCDU-Net D3) adapter, through the step commands in the tensorflow env, on real
 CellBinDB Stereo-seq crops: weights in CellBin's Keras-2 .hdf5 layout, fine-tune, save, load, predict,
 and the inputs it must refuse before training."""
+
 import json
 import os
 import subprocess
@@ -17,21 +18,38 @@ from segrefine.envs import env_python
 from segrefine.models import CARD_KEYS
 
 # a small network input (the architecture is unchanged; CellBin's is 256) keeps the CPU tests fast
-PARAMS = {"n_epochs": 3, "steps_per_epoch": 2, "batch_size": 2, "patch_size": 64, "learning_rate": 1e-3,
-          "tile_overlap": 16, "max_val_tiles": 6}
+PARAMS = {
+    "n_epochs": 3,
+    "steps_per_epoch": 2,
+    "batch_size": 2,
+    "patch_size": 64,
+    "learning_rate": 1e-3,
+    "tile_overlap": 16,
+    "max_val_tiles": 6,
+}
 
 # CellBin's BCDU-Net D3 as tf.keras 2 named its layers (its published .hdf5 files hold these groups)
-CELLBIN_WEIGHTED_LAYERS = ([f"conv2d_{k}" if k else "conv2d" for k in range(20)]
-                           + ["conv2d_transpose", "conv2d_transpose_1", "conv2d_transpose_2",
-                              "batch_normalization", "batch_normalization_1", "batch_normalization_2",
-                              "conv_lst_m2d", "conv_lst_m2d_1", "conv_lst_m2d_2"])
+CELLBIN_WEIGHTED_LAYERS = [f"conv2d_{k}" if k else "conv2d" for k in range(20)] + [
+    "conv2d_transpose",
+    "conv2d_transpose_1",
+    "conv2d_transpose_2",
+    "batch_normalization",
+    "batch_normalization_1",
+    "batch_normalization_2",
+    "conv_lst_m2d",
+    "conv_lst_m2d_1",
+    "conv_lst_m2d_2",
+]
 
 
 def tf_python(code: str, *args, check=True):
     """Run a short script in the tensorflow env (library calls that have no step command)."""
-    proc = subprocess.run([str(env_python("tensorflow")), "-c", textwrap.dedent(code), *map(str, args)],
-                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS), TF_CPP_MIN_LOG_LEVEL="2"),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(env_python("tensorflow")), "-c", textwrap.dedent(code), *map(str, args)],
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS), TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True,
+        text=True,
+    )
     if check and proc.returncode:
         raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -45,10 +63,38 @@ UNetAdapter.from_pretrained(None, dict(patch_size=int(sys.argv[2]), stain=sys.ar
 
 
 def _finetune(trainset, init_weights, out, seed=0, params=PARAMS):
-    run_step("tensorflow", "pretrained-card", "--framework", "unet", "--weights", init_weights, "--name", "u",
-             "--source", "cellbin-layout-init", "--params", json.dumps(params), "--out-dir", out / "pretrained")
-    run_step("tensorflow", "finetune", "--pretrained-card", out / "pretrained" / "card.json", "--trainset", trainset,
-             "--name", "u", "--params", json.dumps(params), "--seed", seed, "--out-dir", out / "finetuned")
+    run_step(
+        "tensorflow",
+        "pretrained-card",
+        "--framework",
+        "unet",
+        "--weights",
+        init_weights,
+        "--name",
+        "u",
+        "--source",
+        "cellbin-layout-init",
+        "--params",
+        json.dumps(params),
+        "--out-dir",
+        out / "pretrained",
+    )
+    run_step(
+        "tensorflow",
+        "finetune",
+        "--pretrained-card",
+        out / "pretrained" / "card.json",
+        "--trainset",
+        trainset,
+        "--name",
+        "u",
+        "--params",
+        json.dumps(params),
+        "--seed",
+        seed,
+        "--out-dir",
+        out / "finetuned",
+    )
     return json.loads((out / "finetuned" / "card.json").read_text())
 
 
@@ -91,13 +137,24 @@ def test_same_seed_same_weights_and_reload_predicts_identically(trained, real_tr
     again = _finetune(real_trainset, init_weights, tmp_path / "again")
     assert again["weights_sha256"] == card["weights_sha256"], "same inputs and seed -> same weights"
     # inference and evaluation load the model through its card alone
-    run_step("tensorflow", "evaluate", "--card", out / "finetuned" / "card.json", "--trainset", real_trainset,
-             "--split", "test", "--out", tmp_path / "eval.csv")
+    run_step(
+        "tensorflow",
+        "evaluate",
+        "--card",
+        out / "finetuned" / "card.json",
+        "--trainset",
+        real_trainset,
+        "--split",
+        "test",
+        "--out",
+        tmp_path / "eval.csv",
+    )
     evals = pd.read_csv(tmp_path / "eval.csv")
     assert set(evals["framework"]) == {"unet"} and set(evals["stage"]) == {"finetuned"}
     assert evals["n_true"].min() > 0 and evals["f1"].between(0, 1).all()
     # save -> load in a fresh model: identical probabilities and labels on a real image of another size
-    tf_python("""
+    tf_python(
+        """
         import sys, numpy as np, tifffile
         from pathlib import Path
         from segrefine.models import load_model, write_card
@@ -114,14 +171,19 @@ def test_same_seed_same_weights_and_reload_predicts_identically(trained, real_tr
         assert la.dtype == np.uint32 and la.shape == (200, 173) and np.array_equal(la, lb)
         b.set_thresholds(prob_thresh=1.01)  # the evaluation's threshold sweep moves the foreground threshold
         assert b.predict(img).max() == 0
-    """, out / "finetuned" / "card.json", real_trainset.parent / "REAL1-x0_y0_w256_h256-img.tif", tmp_path / "resaved")
+    """,
+        out / "finetuned" / "card.json",
+        real_trainset.parent / "REAL1-x0_y0_w256_h256-img.tif",
+        tmp_path / "resaved",
+    )
 
 
 def test_cellbin_layer_names_and_keras2_hdf5_round_trip(tmp_path):
     """Weights written in the tf.keras 2 layouts (a weights file, and a whole saved model with its weights under
     model_weights, layers in another order) load by layer name into a fresh network and predict identically;
     Keras 3's own load_weights reads the same file; an H&E (3-channel) file makes an H&E model."""
-    proc = tf_python("""
+    proc = tf_python(
+        """
         import json, sys, h5py, numpy as np
         from segrefine.models.unet_adapter import (UNetAdapter, build_bcdu_net_d3, load_keras2_weights,
                                                    write_keras2_weights)
@@ -157,7 +219,9 @@ def test_cellbin_layer_names_and_keras2_hdf5_round_trip(tmp_path):
                           "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
                           "he_stain": m.params["stain"],
                           "he_first": list(m.model.get_layer("conv2d").weights[0].shape)}))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sorted(got["weighted"]) == sorted(CELLBIN_WEIGHTED_LAYERS)
     assert got["names"][0] == "input_1" and got["names"][-1] == "conv2d_19"
@@ -173,30 +237,87 @@ def test_cellbin_layer_names_and_keras2_hdf5_round_trip(tmp_path):
 def test_weights_of_other_frameworks_are_refused(tmp_path):
     torch_like = tmp_path / "cyto3.pt"
     torch_like.write_bytes(b"PK\x03\x04" + bytes(200))  # a PyTorch checkpoint is a zip archive
-    tf_python("""
+    tf_python(
+        """
         import sys
         from segrefine.models.stardist_adapter import StarDistAdapter
         StarDistAdapter.from_pretrained(None, dict(n_rays=8, patch_size=64)).save(sys.argv[1])
-    """, tmp_path / "stardist")
-    for weights, message in [(torch_like, "cyto3.pt: not an HDF5 file"),
-                             (tmp_path / "stardist" / "weights_best.h5",
-                              "weights_best.h5: its layers are not those of CellBin's BCDU-Net D3")]:
-        proc = run_step("tensorflow", "pretrained-card", "--framework", "unet", "--weights", weights, "--name", "u",
-                        "--source", str(weights), "--out-dir", tmp_path / "out", check=False)
+    """,
+        tmp_path / "stardist",
+    )
+    for weights, message in [
+        (torch_like, "cyto3.pt: not an HDF5 file"),
+        (
+            tmp_path / "stardist" / "weights_best.h5",
+            "weights_best.h5: its layers are not those of CellBin's BCDU-Net D3",
+        ),
+    ]:
+        proc = run_step(
+            "tensorflow",
+            "pretrained-card",
+            "--framework",
+            "unet",
+            "--weights",
+            weights,
+            "--name",
+            "u",
+            "--source",
+            str(weights),
+            "--out-dir",
+            tmp_path / "out",
+            check=False,
+        )
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
         assert not (tmp_path / "out" / "card.json").exists()
 
 
 def test_patch_sizes_the_network_cannot_take_are_refused(real_trainset, init_weights, tmp_path):
-    proc = run_step("tensorflow", "pretrained-card", "--framework", "unet", "--name", "u", "--source", "none",
-                    "--params", json.dumps(dict(PARAMS, patch_size=60)), "--out-dir", tmp_path / "p60", check=False)
+    proc = run_step(
+        "tensorflow",
+        "pretrained-card",
+        "--framework",
+        "unet",
+        "--name",
+        "u",
+        "--source",
+        "none",
+        "--params",
+        json.dumps(dict(PARAMS, patch_size=60)),
+        "--out-dir",
+        tmp_path / "p60",
+        check=False,
+    )
     assert proc.returncode == 1 and "multiple of 8" in proc.stderr and "patch_size 60" in proc.stderr
     big = dict(PARAMS, patch_size=512)
-    run_step("tensorflow", "pretrained-card", "--framework", "unet", "--name", "u", "--source", "none",
-             "--params", json.dumps(big), "--out-dir", tmp_path / "pre")
-    proc = run_step("tensorflow", "finetune", "--pretrained-card", tmp_path / "pre" / "card.json",
-                    "--trainset", real_trainset, "--name", "u", "--params", json.dumps(big),
-                    "--out-dir", tmp_path / "ft", check=False)
+    run_step(
+        "tensorflow",
+        "pretrained-card",
+        "--framework",
+        "unet",
+        "--name",
+        "u",
+        "--source",
+        "none",
+        "--params",
+        json.dumps(big),
+        "--out-dir",
+        tmp_path / "pre",
+    )
+    proc = run_step(
+        "tensorflow",
+        "finetune",
+        "--pretrained-card",
+        tmp_path / "pre" / "card.json",
+        "--trainset",
+        real_trainset,
+        "--name",
+        "u",
+        "--params",
+        json.dumps(big),
+        "--out-dir",
+        tmp_path / "ft",
+        check=False,
+    )
     assert proc.returncode == 1 and "smaller than this U-Net's input patch_size 512" in proc.stderr
     assert not (tmp_path / "ft").exists()
 
@@ -213,13 +334,51 @@ def test_semantic_masks_are_refused_before_training(real_trainset, init_weights,
         tifffile.imwrite(mask, (tifffile.imread(r.mask) > 0).astype(np.uint8) * 255)
         images.append(img)
         masks.append(mask)
-    run_step("core", "trainset", "--images", *images, "--masks", *masks, "--out", d / "trainset.tsv",
-             "--val-fraction", "0.25", "--test-fraction", "0.25")
-    run_step("tensorflow", "pretrained-card", "--framework", "unet", "--weights", init_weights, "--name", "u",
-             "--source", "init", "--params", json.dumps(PARAMS), "--out-dir", tmp_path / "pre")
-    proc = run_step("tensorflow", "finetune", "--pretrained-card", tmp_path / "pre" / "card.json",
-                    "--trainset", d / "trainset.tsv", "--name", "u", "--params", json.dumps(PARAMS),
-                    "--out-dir", tmp_path / "ft", check=False)
+    run_step(
+        "core",
+        "trainset",
+        "--images",
+        *images,
+        "--masks",
+        *masks,
+        "--out",
+        d / "trainset.tsv",
+        "--val-fraction",
+        "0.25",
+        "--test-fraction",
+        "0.25",
+    )
+    run_step(
+        "tensorflow",
+        "pretrained-card",
+        "--framework",
+        "unet",
+        "--weights",
+        init_weights,
+        "--name",
+        "u",
+        "--source",
+        "init",
+        "--params",
+        json.dumps(PARAMS),
+        "--out-dir",
+        tmp_path / "pre",
+    )
+    proc = run_step(
+        "tensorflow",
+        "finetune",
+        "--pretrained-card",
+        tmp_path / "pre" / "card.json",
+        "--trainset",
+        d / "trainset.tsv",
+        "--name",
+        "u",
+        "--params",
+        json.dumps(PARAMS),
+        "--out-dir",
+        tmp_path / "ft",
+        check=False,
+    )
     assert proc.returncode == 1 and "mask is binary/semantic" in proc.stderr and "not an instance mask" in proc.stderr
     assert not (tmp_path / "ft").exists()
 

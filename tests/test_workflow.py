@@ -1,5 +1,6 @@
 """The real Snakemake workflow on the tiny test config (config/test): full run,
 the exact rerun plan after adding an annotation, lint, and config errors."""
+
 import json
 import os
 import re
@@ -17,11 +18,29 @@ from segrefine.envs import env_python
 
 
 def snakemake(workdir, *args, config="config.yaml"):
-    cmd = [str(env_python("core")), "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", config,
-           "--cores", "2", "--resources", "gpu=1", *args]
+    cmd = [
+        str(env_python("core")),
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--configfile",
+        config,
+        "--cores",
+        "2",
+        "--resources",
+        "gpu=1",
+        *args,
+    ]
     # Snakemake prints its errors on stdout: merge the streams
-    return subprocess.run(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(SCRIPTS)))
+    return subprocess.run(
+        cmd,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS)),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +48,18 @@ def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("workflow")
     for f in (REPO / "config" / "test").iterdir():
         shutil.copy(f, d / f.name)
-    run_step("core", "demo-data", "--out", d / "demo", "--sn", "TINY01", "--size", 384, "--patches", 6,
-             "--patch-size", 96)
+    run_step(
+        "core", "demo-data", "--out", d / "demo", "--sn", "TINY01", "--size", 384, "--patches", 6, "--patch-size", 96
+    )
     return d
 
 
 def planned_jobs(proc):
     """{rule: count} from the job-stats table of a dry run."""
     table = proc.stdout.split("Job stats:")[-1]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)
-            if m.group(1) != "total"}
+    return {
+        m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M) if m.group(1) != "total"
+    }
 
 
 def test_lint_is_clean(workdir):
@@ -66,12 +87,18 @@ def test_full_run(workdir):
     assert seg["tiles"] == 4 and seg["shards"] == 2 and seg["cells"] == len(cells) == labels.max()
     assert len(list((res / "candidates" / "TINY01" / "patches").glob("*-img.tif"))) == 9
     # the AnnData, read back with anndata in the stereopy env: every cell maps to a cell of the label image
-    check = ("import anndata, sys; a = anndata.read_h5ad(sys.argv[1]); "
-             "print(a.n_obs, a.n_vars, list(a.obs['label_id']), a.obsm['spatial'].shape)")
-    out = subprocess.run([str(env_python("stereopy")), "-c", check, str(res / "expression" / "TINY01" / "cells.h5ad")],
-                         capture_output=True, text=True, check=True).stdout.split("\n")[-2]
+    check = (
+        "import anndata, sys; a = anndata.read_h5ad(sys.argv[1]); "
+        "print(a.n_obs, a.n_vars, list(a.obs['label_id']), a.obsm['spatial'].shape)"
+    )
+    out = subprocess.run(
+        [str(env_python("stereopy")), "-c", check, str(res / "expression" / "TINY01" / "cells.h5ad")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")[-2]
     n_obs, n_vars = map(int, out.split()[:2])
-    label_ids = json.loads(out[out.index("["): out.index("]") + 1])
+    label_ids = json.loads(out[out.index("[") : out.index("]") + 1])
     assert n_vars == 20 and n_obs > 0
     assert set(label_ids) <= set(cells["cell_id"]) and 0 not in label_ids
     # before/after QC (docs/expression.md): the slide also segmented with tiny's pretrained stage on the same tile
@@ -80,8 +107,10 @@ def test_full_run(workdir):
     assert tifffile.imread(pre / "labels.tif").shape == (384, 384)
     assert json.loads((pre / "segmentation.json").read_text())["tiles"] == 4
     assert sorted(p.name for p in (pre / "shards").iterdir()) == ["0.json", "1.json"]
-    cellmaps = {"finetuned": pd.read_csv(res / "expression" / "TINY01" / "cellmap.csv"),
-                "pretrained": pd.read_csv(res / "expression" / "TINY01" / "pretrained" / "cellmap.csv")}
+    cellmaps = {
+        "finetuned": pd.read_csv(res / "expression" / "TINY01" / "cellmap.csv"),
+        "pretrained": pd.read_csv(res / "expression" / "TINY01" / "pretrained" / "cellmap.csv"),
+    }
     # every cell table has its h5ad: the cluster check (rules/purity.smk) clusters each of them
     assert (res / "expression" / "TINY01" / "pretrained" / "cells.h5ad").is_file()
     qc = res / "expression" / "qc"
@@ -97,9 +126,12 @@ def test_full_run(workdir):
         assert set(cellmaps[f"{stage_res}_cells"]["label_id"]) <= set(np.unique(nuclei)) - {0}
     assert (res / "expression" / "TINY01" / "expanded" / "cells.h5ad").is_file()
     summary = pd.read_csv(qc / "summary.csv")
-    assert summary[["sample", "stage"]].values.tolist() == [["TINY01", "pretrained"], ["TINY01", "finetuned"],
-                                                            ["TINY01", "pretrained_cells"],
-                                                            ["TINY01", "finetuned_cells"]]
+    assert summary[["sample", "stage"]].values.tolist() == [
+        ["TINY01", "pretrained"],
+        ["TINY01", "finetuned"],
+        ["TINY01", "pretrained_cells"],
+        ["TINY01", "finetuned_cells"],
+    ]
     assert summary.set_index("stage")["cells"].to_dict() == {k: len(v) for k, v in cellmaps.items()}
     # purity of every cell table against the demo's truth, MECR of the configured markers, Leiden ARI
     purity = pd.read_csv(qc / "purity.csv")
@@ -117,10 +149,20 @@ def test_full_run(workdir):
     assert (qc / "distributions.png").read_bytes()[:4] == b"\x89PNG"
     # the SpatialData store (docs/spatialdata.md), read back with spatialdata in its own env: both labels, the
     # outlines, one table row per cell of the AnnData, linked to the nuclei labels; its spatialdata-plot figure
-    check = ("import spatialdata, sys; s = spatialdata.read_zarr(sys.argv[1]); t = s.tables['table']; "
-             "print(sorted(s.labels), sorted(s.shapes), t.n_obs, t.uns['spatialdata_attrs']['region'])")
-    out = subprocess.run([str(env_python("spatialdata")), "-c", check, str(res / "spatialdata" / "TINY01.zarr")],
-                         capture_output=True, text=True, check=True).stdout.strip().split("\n")[-1]
+    check = (
+        "import spatialdata, sys; s = spatialdata.read_zarr(sys.argv[1]); t = s.tables['table']; "
+        "print(sorted(s.labels), sorted(s.shapes), t.n_obs, t.uns['spatialdata_attrs']['region'])"
+    )
+    out = (
+        subprocess.run(
+            [str(env_python("spatialdata")), "-c", check, str(res / "spatialdata" / "TINY01.zarr")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .split("\n")[-1]
+    )
     assert out == f"['cells', 'nuclei'] ['nuclei_boundaries'] {n_obs} nuclei"
     assert (res / "spatialdata" / "TINY01.png").read_bytes()[:4] == b"\x89PNG"
     # nothing is left to do
@@ -133,10 +175,22 @@ def test_html_report(workdir):
     proc = snakemake(workdir, "--report", "report.html")
     assert proc.returncode == 0, proc.stdout[-3000:]
     html = (workdir / "report.html").read_text(errors="replace")
-    for name in ("summary.csv", "metrics_long.csv", "boxplots.png", "wilcoxon.csv", "loss_curves.png",
-                 "complexity_vs_accuracy.csv", "ranking.csv", "Overlays", "overlay.png",
-                 # expression QC, before vs after fine-tuning
-                 "Expression QC", "before_after.csv", "distributions.png", "extreme_area.csv"):
+    for name in (
+        "summary.csv",
+        "metrics_long.csv",
+        "boxplots.png",
+        "wilcoxon.csv",
+        "loss_curves.png",
+        "complexity_vs_accuracy.csv",
+        "ranking.csv",
+        "Overlays",
+        "overlay.png",
+        # expression QC, before vs after fine-tuning
+        "Expression QC",
+        "before_after.csv",
+        "distributions.png",
+        "extreme_area.csv",
+    ):
         assert name in html, name
 
 
@@ -146,30 +200,50 @@ def test_adding_an_annotation_reruns_exactly_what_depends_on_it(workdir):
     x, y, w = 288, 288, 96
     new = workdir / "demo" / "annotations" / f"TINY01-x{x}_y{y}_w{w}_h{w}.geojson"
     assert not new.exists()
-    new.write_text(dump_geojson(labels_to_geojson(relabel_sequential(truth[y:y + w, x:x + w].astype(np.int64)))))
+    new.write_text(dump_geojson(labels_to_geojson(relabel_sequential(truth[y : y + w, x : x + w].astype(np.int64)))))
     try:
         plan = planned_jobs(snakemake(workdir, "-n"))
     finally:
         new.unlink()
-    assert plan == {"annotated_patch": 1, "convert_annotation": 1, "trainset": 1, "finetune": 4, "evaluate": 8,
-                    "evaluation_summary": 1,
-                    # the fine-tuned stage's whole slide: the halo against the new training cells, then its shards;
-                    # the tile plan (slide and configuration only) and the pretrained stage's whole slide for the
-                    # before/after QC (segment_shard_qc, stitch_qc, cgef_qc) are NOT redone: neither depends on the
-                    # training set
-                    "halo_check": 1, "segment_shard": 2, "stitch": 1, "cgef": 1, "h5ad": 1, "expression_qc": 1,
-                    "all": 1,
-                    # the fine-tuned stage's nuclei grown into cells, and their matrix (rules/cells.smk)
-                    "cells": 1, "cgef_cells": 1, "h5ad_cells": 1,
-                    # evaluation figures and decisions (docs/evaluation.md): overlays per model and stage, threshold
-                    # sweeps of the cellpose, stardist and U-Net models, zero-shot screening of the 4 pretrained models
-                    "evaluation_boxplots": 1, "evaluation_overlays": 8, "loss_curves": 1, "complexity": 1,
-                    "threshold_sweep": 6, "screen_pretrained": 4, "screening_ranking": 1,
-                    # the sample's purity and cluster check (one job each over all its cell tables, the fine-tuned
-                    # ones among them) and the purity table (rules/purity.smk)
-                    "purity": 1, "cluster_check": 1, "purity_table": 1,
-                    # the sample's SpatialData store holds the fine-tuned stage's labels and table
-                    "spatialdata": 1}
+    assert plan == {
+        "annotated_patch": 1,
+        "convert_annotation": 1,
+        "trainset": 1,
+        "finetune": 4,
+        "evaluate": 8,
+        "evaluation_summary": 1,
+        # the fine-tuned stage's whole slide: the halo against the new training cells, then its shards;
+        # the tile plan (slide and configuration only) and the pretrained stage's whole slide for the
+        # before/after QC (segment_shard_qc, stitch_qc, cgef_qc) are NOT redone: neither depends on the
+        # training set
+        "halo_check": 1,
+        "segment_shard": 2,
+        "stitch": 1,
+        "cgef": 1,
+        "h5ad": 1,
+        "expression_qc": 1,
+        "all": 1,
+        # the fine-tuned stage's nuclei grown into cells, and their matrix (rules/cells.smk)
+        "cells": 1,
+        "cgef_cells": 1,
+        "h5ad_cells": 1,
+        # evaluation figures and decisions (docs/evaluation.md): overlays per model and stage, threshold
+        # sweeps of the cellpose, stardist and U-Net models, zero-shot screening of the 4 pretrained models
+        "evaluation_boxplots": 1,
+        "evaluation_overlays": 8,
+        "loss_curves": 1,
+        "complexity": 1,
+        "threshold_sweep": 6,
+        "screen_pretrained": 4,
+        "screening_ranking": 1,
+        # the sample's purity and cluster check (one job each over all its cell tables, the fine-tuned
+        # ones among them) and the purity table (rules/purity.smk)
+        "purity": 1,
+        "cluster_check": 1,
+        "purity_table": 1,
+        # the sample's SpatialData store holds the fine-tuned stage's labels and table
+        "spatialdata": 1,
+    }
 
 
 def _broken_config(workdir, old, new, name="broken.yaml"):
@@ -189,8 +263,10 @@ def test_config_typo_fails_before_any_job_naming_the_key(workdir):
     cfg = _broken_config(workdir, "model_cache: model_cache", "model_cach: model_cache", "top.yaml")
     proc = snakemake(workdir, "-n", config=cfg)
     assert proc.returncode != 0
-    assert "SegRefine configuration: config: Additional properties are not allowed ('model_cach' was unexpected)" \
+    assert (
+        "SegRefine configuration: config: Additional properties are not allowed ('model_cach' was unexpected)"
         in proc.stdout
+    )
     assert len(proc.stdout.strip().splitlines()) <= 8, proc.stdout
 
 
@@ -198,8 +274,9 @@ def test_unconfigured_segmentation_model_is_named(workdir):
     cfg = _broken_config(workdir, "  model: tiny\n", "  model: tinyy\n", "segmodel.yaml")
     proc = snakemake(workdir, "-n", config=cfg)
     assert proc.returncode != 0
-    assert ("segmentation.model 'tinyy' is not a configured model (models: baseline, sd, tiny, unet_tiny)"
-            in proc.stdout), proc.stdout
+    assert (
+        "segmentation.model 'tinyy' is not a configured model (models: baseline, sd, tiny, unet_tiny)" in proc.stdout
+    ), proc.stdout
 
 
 def test_a_users_configfile_replaces_the_demo_config(workdir):
@@ -268,13 +345,25 @@ def test_a_saw_outs_folder_is_a_sample_and_saws_cells_join_the_qc(workdir, tmp_p
     with gzip.open(workdir / "demo" / "TINY01.gem.gz", "rt") as fh:
         body = [line for line in fh if not line.startswith("#")]
     gem.write_text("#FileFormat=GEMv0.1\n#BinSize=1\n#OffsetX=0\n#OffsetY=0\n" + "".join(body))
-    proc = subprocess.run([str(env_python("gef")), "-c", MAKE_SAW_GEFS, gem,
-                           outs / "feature_expression" / "TINY01.tissue.gef",
-                           workdir / "demo" / "TINY01-truth.tif", outs / "feature_expression" / "TINY01.cellbin.gef",
-                           tmp_path / "mask.tif"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            str(env_python("gef")),
+            "-c",
+            MAKE_SAW_GEFS,
+            gem,
+            outs / "feature_expression" / "TINY01.tissue.gef",
+            workdir / "demo" / "TINY01-truth.tif",
+            outs / "feature_expression" / "TINY01.cellbin.gef",
+            tmp_path / "mask.tif",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (workdir / "saw.tsv").write_text("sample\timage\tstain\tpixel_size_um\texpression\tannotations\tsaw_outs\n"
-                                     "TINY01\t\tssDNA\t0.5\t\tdemo/annotations\tsaw/outs\n")
+    (workdir / "saw.tsv").write_text(
+        "sample\timage\tstain\tpixel_size_um\texpression\tannotations\tsaw_outs\n"
+        "TINY01\t\tssDNA\t0.5\t\tdemo/annotations\tsaw/outs\n"
+    )
     cfg = _broken_config(workdir, "samples: samples.tsv", "samples: saw.tsv", "saw.yaml")
     proc = snakemake(workdir, "-n", "-p", config=cfg)
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -286,8 +375,14 @@ def test_a_saw_outs_folder_is_a_sample_and_saws_cells_join_the_qc(workdir, tmp_p
     assert "--stages pretrained finetuned pretrained_cells finetuned_cells saw_nuclei" in proc.stdout
     assert "saw_comparison.csv" in proc.stdout
     # SAW's table itself, as the rule makes it
-    run_step("gef", "saw-cells", "--cellbin", outs / "feature_expression" / "TINY01.cellbin.gef", "--out",
-             tmp_path / "saw.csv")
+    run_step(
+        "gef",
+        "saw-cells",
+        "--cellbin",
+        outs / "feature_expression" / "TINY01.cellbin.gef",
+        "--out",
+        tmp_path / "saw.csv",
+    )
     saw = pd.read_csv(tmp_path / "saw.csv")
     truth = tifffile.imread(workdir / "demo" / "TINY01-truth.tif")
     assert 0 < len(saw) <= len(np.unique(truth)) - 1 and saw["total_counts"].sum() > 0

@@ -6,6 +6,7 @@ rules call is also a subcommand of ``segrefine`` (``python -m segrefine``).
 Modules must import on Python 3.8 (the stereopy env), so they use
 ``from __future__ import annotations`` and import heavy frameworks lazily.
 """
+
 __version__ = "0.1.0"
 
 

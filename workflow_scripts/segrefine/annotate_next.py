@@ -22,6 +22,7 @@ the top N go out as a QuPath-importable GeoJSON of rectangles (annotation object
 ``{SN}-x{X}_y{Y}_w{W}_h{H}`` in slide pixel coordinates) and as ``{name}-img.tif`` patches, so
 an annotation saved under the patch name is picked up by the workflow as it is.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,16 @@ def _gray(img: np.ndarray, bright_field: bool) -> np.ndarray:
     return g
 
 
-def candidate_boxes(slide_path, sn: str, size: int, step: int, annotated: Sequence[str] = (),
-                    min_tissue: float = 0.02, bright_field: bool = False, channel: Optional[int] = None):
+def candidate_boxes(
+    slide_path,
+    sn: str,
+    size: int,
+    step: int,
+    annotated: Sequence[str] = (),
+    min_tissue: float = 0.02,
+    bright_field: bool = False,
+    channel: Optional[int] = None,
+):
     """Grid boxes of the slide that overlap no annotated patch and hold tissue: [(box, image)]."""
     from skimage.filters import threshold_otsu
 
@@ -62,9 +71,11 @@ def candidate_boxes(slide_path, sn: str, size: int, step: int, annotated: Sequen
     taken = [parse_patch_name(n) for n in annotated]
     taken = [b for b in taken if b.sn == sn]
     with Slide(slide_path, channel=channel) as slide:
-        boxes = [b for b in grid_boxes(sn, slide.shape, size, step)
-                 if not any(b.x < t.x + t.w and t.x < b.x + b.w and b.y < t.y + t.h and t.y < b.y + b.h
-                            for t in taken)]
+        boxes = [
+            b
+            for b in grid_boxes(sn, slide.shape, size, step)
+            if not any(b.x < t.x + t.w and t.x < b.x + b.w and b.y < t.y + t.h and t.y < b.y + b.h for t in taken)
+        ]
         if not boxes:
             raise SegRefineError(f"{slide_path}: no {size} px grid patch left that overlaps no annotated patch")
         images = [slide.read(b.x, b.y, b.w, b.h) for b in boxes]
@@ -78,9 +89,19 @@ def candidate_boxes(slide_path, sn: str, size: int, step: int, annotated: Sequen
     return keep
 
 
-def predict_candidates(card_path, slide_path, sn: str, size: int, step: int, annotated: Sequence[str], out_npz,
-                       min_tissue: float = 0.02, bright_field: bool = False, channel: Optional[int] = None,
-                       tta: int = 0) -> int:
+def predict_candidates(
+    card_path,
+    slide_path,
+    sn: str,
+    size: int,
+    step: int,
+    annotated: Sequence[str],
+    out_npz,
+    min_tissue: float = 0.02,
+    bright_field: bool = False,
+    channel: Optional[int] = None,
+    tta: int = 0,
+) -> int:
     """The model's labels of every candidate patch, one array per patch name (.npz), and under the key
     ``UNCERTAINTY_KEY`` the JSON of each patch's ``segrefine.uncertainty.patch_uncertainty`` (cell probability
     and, with ``tta`` 4 or 8, test-time augmentation: ``tta`` - 1 more predictions per patch)."""
@@ -112,9 +133,13 @@ def agreement_f1(a: np.ndarray, b: np.ndarray) -> float:
     return float(evaluate_pair(a, b, 0.5, mode="standard")["f1"])
 
 
-def score_candidates(predictions: Dict[str, Dict[str, np.ndarray]], images: Optional[Dict[str, np.ndarray]] = None,
-                     complexity_weight: float = 0.25, uncertainty: Optional[Dict[str, float]] = None,
-                     uncertainty_weight: float = 0.0):
+def score_candidates(
+    predictions: Dict[str, Dict[str, np.ndarray]],
+    images: Optional[Dict[str, np.ndarray]] = None,
+    complexity_weight: float = 0.25,
+    uncertainty: Optional[Dict[str, float]] = None,
+    uncertainty_weight: float = 0.0,
+):
     """A DataFrame of candidates (patch, disagreement, complexity, uncertainty, score and the complexity
     measures), best first. ``predictions`` maps a prediction's name (model/stage) to {patch: labels};
     ``uncertainty``: {patch: the models' uncertainty in [0, 1]} (NaN or missing: counted as 0 in the score)."""
@@ -125,8 +150,9 @@ def score_candidates(predictions: Dict[str, Dict[str, np.ndarray]], images: Opti
     if not 0 <= complexity_weight <= 1:
         raise SegRefineError(f"complexity_weight {complexity_weight} is not in [0, 1]")
     if not 0 <= uncertainty_weight <= 1 - complexity_weight:
-        raise SegRefineError(f"uncertainty_weight {uncertainty_weight} is not in [0, 1 - complexity_weight "
-                             f"({1 - complexity_weight:g})]")
+        raise SegRefineError(
+            f"uncertainty_weight {uncertainty_weight} is not in [0, 1 - complexity_weight ({1 - complexity_weight:g})]"
+        )
     names = list(predictions)
     if len(names) < 2:
         raise SegRefineError(f"disagreement needs at least two predictions, got {names}")
@@ -136,19 +162,26 @@ def score_candidates(predictions: Dict[str, Dict[str, np.ndarray]], images: Opti
             raise SegRefineError(f"predictions {names[0]} and {n} cover different candidate patches")
     rows = []
     for p in patches:
-        f1s = [agreement_f1(predictions[a][p], predictions[b][p])
-               for i, a in enumerate(names) for b in names[i + 1:]]
+        f1s = [agreement_f1(predictions[a][p], predictions[b][p]) for i, a in enumerate(names) for b in names[i + 1 :]]
         first = predictions[names[0]][p]
         img = images[p] if images is not None else first.astype(np.float64)
         cx = patch_complexity(first, img) if first.any() else {}
-        rows.append({"patch": p, "disagreement": float(np.mean([1 - f for f in f1s])),
-                     **{k: cx.get(k, np.nan) for k in ["n_cells", *HARD]}})
+        rows.append(
+            {
+                "patch": p,
+                "disagreement": float(np.mean([1 - f for f in f1s])),
+                **{k: cx.get(k, np.nan) for k in ["n_cells", *HARD]},
+            }
+        )
     table = pd.DataFrame(rows)
     ranks = [table[k].rank(pct=True, ascending=sign > 0).fillna(0.0) for k, sign in HARD.items()]
     table["complexity"] = np.mean(ranks, axis=0) if len(table) > 1 else 0.0
     table["uncertainty"] = [float((uncertainty or {}).get(p, np.nan)) for p in table["patch"]]
-    table["score"] = ((1 - complexity_weight - uncertainty_weight) * table["disagreement"]
-                      + complexity_weight * table["complexity"] + uncertainty_weight * table["uncertainty"].fillna(0.0))
+    table["score"] = (
+        (1 - complexity_weight - uncertainty_weight) * table["disagreement"]
+        + complexity_weight * table["complexity"]
+        + uncertainty_weight * table["uncertainty"].fillna(0.0)
+    )
     table = table.sort_values(["score", "patch"], ascending=[False, True], kind="mergesort").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table
@@ -162,18 +195,31 @@ def regions_geojson(patch_names: Sequence[str], scores: Optional[Sequence[float]
     for k, name in enumerate(patch_names):
         b = parse_patch_name(name)
         ring = [[b.x, b.y], [b.x + b.w, b.y], [b.x + b.w, b.y + b.h], [b.x, b.y + b.h], [b.x, b.y]]
-        props = {"objectType": "annotation", "name": b.name,
-                 "classification": {"name": "Region", "color": [255, 200, 0]}, "isLocked": False}
+        props = {
+            "objectType": "annotation",
+            "name": b.name,
+            "classification": {"name": "Region", "color": [255, 200, 0]},
+            "isLocked": False,
+        }
         if scores is not None:
             props["measurements"] = {"rank": k + 1, "score": round(float(scores[k]), 4)}
-        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                      "properties": props})
+        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props})
     return {"type": "FeatureCollection", "features": feats}
 
 
-def annotate_next(slide_path, sn: str, prediction_npzs: Sequence[str], names: Sequence[str], out_table, out_geojson,
-                  out_dir, top_n: int = 10, complexity_weight: float = 0.25, channel: Optional[int] = None,
-                  uncertainty_weight: float = 0.0):
+def annotate_next(
+    slide_path,
+    sn: str,
+    prediction_npzs: Sequence[str],
+    names: Sequence[str],
+    out_table,
+    out_geojson,
+    out_dir,
+    top_n: int = 10,
+    complexity_weight: float = 0.25,
+    channel: Optional[int] = None,
+    uncertainty_weight: float = 0.0,
+):
     """Rank the candidates predicted in ``prediction_npzs`` and write the table, the GeoJSON of the
     top ``top_n`` and their ``{name}-img.tif`` patches (in ``out_dir``). Returns the table."""
     from segrefine.io import Slide, atomic_path, write_text_atomic, write_tiff
@@ -193,8 +239,9 @@ def annotate_next(slide_path, sn: str, prediction_npzs: Sequence[str], names: Se
                 for p, u in json.loads(str(z[UNCERTAINTY_KEY])).items():
                     unc.setdefault(p, []).append(u.get("uncertainty", np.nan))
             elif uncertainty_weight > 0:
-                raise SegRefineError(f"{path}: no per-patch uncertainty (written by an older version); rerun "
-                                     "annotate-next-predict")
+                raise SegRefineError(
+                    f"{path}: no per-patch uncertainty (written by an older version); rerun annotate-next-predict"
+                )
     # a patch's uncertainty: the mean over the predictions that give one (json writes NaN as NaN)
     unc = {p: float(np.nanmean(v)) if np.isfinite(v).any() else np.nan for p, v in unc.items()}
     boxes = {p: parse_patch_name(p) for p in predictions[names[0]]}

@@ -28,6 +28,7 @@ Accepted annotation files, one per patch, named after the patch:
   connected piece per value, labels 1..N) are kept as they are; a mask that
   is neither is refused.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,12 +69,15 @@ def _features(doc, path: Path) -> List[dict]:
         raise SegRefineError(f"{path}: not a GeoJSON Feature, FeatureCollection or list of features")
     for i, feat in enumerate(feats):
         if not isinstance(feat, dict):
-            raise SegRefineError(f"{path}: feature {i} is not a GeoJSON object but {type(feat).__name__} "
-                                 f"{_short(feat)}")
+            raise SegRefineError(
+                f"{path}: feature {i} is not a GeoJSON object but {type(feat).__name__} {_short(feat)}"
+            )
         for key in ("properties", "geometry", "nucleusGeometry"):
             if feat.get(key) is not None and not isinstance(feat[key], dict):
-                raise SegRefineError(f"{path}: feature {i}{_feature_name(feat)}: '{key}' is not an object but "
-                                     f"{type(feat[key]).__name__} {_short(feat[key])}")
+                raise SegRefineError(
+                    f"{path}: feature {i}{_feature_name(feat)}: '{key}' is not an object but "
+                    f"{type(feat[key]).__name__} {_short(feat[key])}"
+                )
     return feats
 
 
@@ -99,8 +103,10 @@ def _check_coordinates(coords, path: Path, i: int, feat: dict) -> None:
         if isinstance(c, (list, tuple)):
             stack.extend(c)
         elif isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
-            raise SegRefineError(f"{path}: feature {i}{_feature_name(feat)} has an invalid coordinate {c!r}: "
-                                 f"every vertex must be a pair of finite numbers")
+            raise SegRefineError(
+                f"{path}: feature {i}{_feature_name(feat)} has an invalid coordinate {c!r}: "
+                f"every vertex must be a pair of finite numbers"
+            )
 
 
 def _polygonal_members(geom: dict, path: Path, i: int, feat: dict) -> Optional[dict]:
@@ -108,14 +114,22 @@ def _polygonal_members(geom: dict, path: Path, i: int, feat: dict) -> Optional[d
     warning), or None when it has no polygon."""
     members = geom.get("geometries")
     if not isinstance(members, list):
-        raise SegRefineError(f"{path}: feature {i}{_feature_name(feat)}: a GeometryCollection's 'geometries' must be "
-                             f"a list, got {type(members).__name__} {_short(members)}")
+        raise SegRefineError(
+            f"{path}: feature {i}{_feature_name(feat)}: a GeometryCollection's 'geometries' must be "
+            f"a list, got {type(members).__name__} {_short(members)}"
+        )
     polys = [g for g in members if isinstance(g, dict) and g.get("type") in ("Polygon", "MultiPolygon")]
     if not polys:
         return None
     if len(polys) < len(members):
-        log.warning("%s: feature %d%s: %d of the %d members of its GeometryCollection are not polygons: left out",
-                    path, i, _feature_name(feat), len(members) - len(polys), len(members))
+        log.warning(
+            "%s: feature %d%s: %d of the %d members of its GeometryCollection are not polygons: left out",
+            path,
+            i,
+            _feature_name(feat),
+            len(members) - len(polys),
+            len(members),
+        )
     coords = []
     for g in polys:
         c = g.get("coordinates")
@@ -150,9 +164,14 @@ def _class_name(props: dict) -> Optional[str]:
 
 # QuPath 0.2 wrote the object's Java class as its "id" (QuPathTypeAdapters.LEGACY_TYPE_IDS), 0.3 the type as
 # "object_type", 0.4 and later as "objectType" with a UUID "id"
-LEGACY_TYPE_IDS = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection",
-                   "PathCellObject": "cell", "PathTileObject": "tile", "TMACoreObject": "tmaCore",
-                   "PathRootObject": "root"}
+LEGACY_TYPE_IDS = {
+    "PathAnnotationObject": "annotation",
+    "PathDetectionObject": "detection",
+    "PathCellObject": "cell",
+    "PathTileObject": "tile",
+    "TMACoreObject": "tmaCore",
+    "PathRootObject": "root",
+}
 
 
 def _object_type_and_id(feat: dict, props: dict) -> Tuple[str, Optional[str]]:
@@ -167,6 +186,7 @@ def _object_type_and_id(feat: dict, props: dict) -> Tuple[str, Optional[str]]:
 class CellObject(NamedTuple):
     """One cell object of a QuPath GeoJSON file: its feature index, QuPath id (a UUID string, or None), object type,
     class name, measurements ({name: float}) and geometry (shapely, in the patch's pixel frame)."""
+
     index: int
     id: Optional[str]
     object_type: str
@@ -215,9 +235,13 @@ def _outside(geom, w: int, h: int, dx: float = 0.0, dy: float = 0.0) -> bool:
     return minx - dx < -t or miny - dy < -t or maxx - dx > w + t or maxy - dy > h + t
 
 
-def read_cell_objects(path, exclude_classes: Sequence[str] = ("Region",), use_nucleus: bool = False,
-                      shape: Optional[Tuple[int, int]] = None,
-                      origin: Optional[Tuple[int, int]] = None) -> List[CellObject]:
+def read_cell_objects(
+    path,
+    exclude_classes: Sequence[str] = ("Region",),
+    use_nucleus: bool = False,
+    shape: Optional[Tuple[int, int]] = None,
+    origin: Optional[Tuple[int, int]] = None,
+) -> List[CellObject]:
     """The cell objects of a QuPath GeoJSON file (``CellObject``), in file order.
 
     ``shape``: the patch's (height, width). With it, an unclassified rectangle annotation covering (almost) all of
@@ -253,39 +277,67 @@ def read_cell_objects(path, exclude_classes: Sequence[str] = ("Region",), use_nu
         try:
             cell = shapely.geometry.shape(geom)
         except Exception as exc:
-            raise SegRefineError(f"{path}: feature {i}{_feature_name(feat)} has a malformed {geom.get('type')} "
-                                 f"({exc})") from exc
+            raise SegRefineError(
+                f"{path}: feature {i}{_feature_name(feat)} has a malformed {geom.get('type')} ({exc})"
+            ) from exc
         if not cell.is_valid:  # self-intersecting or self-touching outlines drawn by hand: keep every lobe
             reason = shapely.is_valid_reason(cell)
             fixed = shapely.make_valid(cell, method="structure", keep_collapsed=False)
             parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type in ("Polygon", "MultiPolygon")]
             fixed = shapely.union_all(parts) if parts else shapely.Polygon()
-            log.warning("%s: feature %d%s: invalid outline (%s) repaired keeping all its area: %.1f px^2 in %d "
-                        "part(s)", path, i, _feature_name(feat), reason, fixed.area,
-                        len(getattr(fixed, "geoms", [fixed])))
+            log.warning(
+                "%s: feature %d%s: invalid outline (%s) repaired keeping all its area: %.1f px^2 in %d part(s)",
+                path,
+                i,
+                _feature_name(feat),
+                reason,
+                fixed.area,
+                len(getattr(fixed, "geoms", [fixed])),
+            )
             cell = fixed
         if cell.is_empty:
             continue
         if shape is not None and _is_roi(props, cell, shape):
-            log.warning("%s: feature %d%s: an unclassified rectangle covering %.0f%% of the %dx%d px patch is a "
-                        "region of interest, not a cell: ignored", path, i, _feature_name(feat),
-                        100.0 * cell.area / (shape[0] * shape[1]), shape[1], shape[0])
+            log.warning(
+                "%s: feature %d%s: an unclassified rectangle covering %.0f%% of the %dx%d px patch is a "
+                "region of interest, not a cell: ignored",
+                path,
+                i,
+                _feature_name(feat),
+                100.0 * cell.area / (shape[0] * shape[1]),
+                shape[1],
+                shape[0],
+            )
             continue
-        objects.append(CellObject(i, fid, otype, _class_name(props),
-                                  read_measurements(props.get("measurements"), f"{path}: feature {i}"), cell))
+        objects.append(
+            CellObject(
+                i,
+                fid,
+                otype,
+                _class_name(props),
+                read_measurements(props.get("measurements"), f"{path}: feature {i}"),
+                cell,
+            )
+        )
     if shape is not None:
         objects = _into_patch(objects, path, shape, origin)
     _warn_detections(objects, path)
     ids = [o.id for o in objects if o.id is not None]
     dups = sorted({x for x in ids if ids.count(x) > 1})
     if dups:
-        log.warning("%s: %d id(s) used by more than one object (e.g. %s: objects imported twice into QuPath?); every "
-                    "object's outline is used", path, len(dups), dups[0])
+        log.warning(
+            "%s: %d id(s) used by more than one object (e.g. %s: objects imported twice into QuPath?); every "
+            "object's outline is used",
+            path,
+            len(dups),
+            dups[0],
+        )
     return objects
 
 
-def _into_patch(objects: List[CellObject], path: Path, shape: Tuple[int, int],
-                origin: Optional[Tuple[int, int]]) -> List[CellObject]:
+def _into_patch(
+    objects: List[CellObject], path: Path, shape: Tuple[int, int], origin: Optional[Tuple[int, int]]
+) -> List[CellObject]:
     """Objects in the patch frame: a whole file in slide coordinates moved, objects mostly inside clipped."""
     import shapely
     import shapely.affinity
@@ -293,10 +345,21 @@ def _into_patch(objects: List[CellObject], path: Path, shape: Tuple[int, int],
     h, w = shape
     if not any(_outside(o.geometry, w, h) for o in objects):
         return objects
-    if origin is not None and (origin[0] or origin[1]) and not any(
-            _outside(o.geometry, w, h, origin[0], origin[1]) for o in objects):
-        log.warning("%s: all %d objects lie inside the patch's box in slide coordinates (x %d..%d, y %d..%d): moved "
-                    "into the patch frame", path, len(objects), origin[0], origin[0] + w, origin[1], origin[1] + h)
+    if (
+        origin is not None
+        and (origin[0] or origin[1])
+        and not any(_outside(o.geometry, w, h, origin[0], origin[1]) for o in objects)
+    ):
+        log.warning(
+            "%s: all %d objects lie inside the patch's box in slide coordinates (x %d..%d, y %d..%d): moved "
+            "into the patch frame",
+            path,
+            len(objects),
+            origin[0],
+            origin[0] + w,
+            origin[1],
+            origin[1] + h,
+        )
         return [o._replace(geometry=shapely.affinity.translate(o.geometry, -origin[0], -origin[1])) for o in objects]
     box = shapely.box(0, 0, w, h)
     out = []
@@ -308,15 +371,29 @@ def _into_patch(objects: List[CellObject], path: Path, shape: Tuple[int, int],
         inside = o.geometry.intersection(box)
         name = f"feature {o.index}" + (f" (id {o.id!r})" if o.id else "")
         if inside.area < 0.5 * o.geometry.area:
-            slide = (f" (or, for a file drawn on the whole slide, every object inside the patch's box x {origin[0]}.."
-                     f"{origin[0] + w}, y {origin[1]}..{origin[1] + h}: export only this patch's objects)"
-                     if origin is not None and (origin[0] or origin[1]) else "")
+            slide = (
+                f" (or, for a file drawn on the whole slide, every object inside the patch's box x {origin[0]}.."
+                f"{origin[0] + w}, y {origin[1]}..{origin[1] + h}: export only this patch's objects)"
+                if origin is not None and (origin[0] or origin[1])
+                else ""
+            )
             raise SegRefineError(
                 f"{path}: {name} (bounds x {minx:.1f}..{maxx:.1f}, y {miny:.1f}..{maxy:.1f}) lies outside its {w}x{h} "
-                f"px patch; coordinates must be in the patch's pixel frame{slide}")
-        log.warning("%s: %s (bounds x %.1f..%.1f, y %.1f..%.1f) reaches outside its %dx%d px patch: clipped to the "
-                    "patch (%.0f%% of its area kept)", path, name, minx, maxx, miny, maxy, w, h,
-                    100.0 * inside.area / o.geometry.area)
+                f"px patch; coordinates must be in the patch's pixel frame{slide}"
+            )
+        log.warning(
+            "%s: %s (bounds x %.1f..%.1f, y %.1f..%.1f) reaches outside its %dx%d px patch: clipped to the "
+            "patch (%.0f%% of its area kept)",
+            path,
+            name,
+            minx,
+            maxx,
+            miny,
+            maxy,
+            w,
+            h,
+            100.0 * inside.area / o.geometry.area,
+        )
         out.append(o._replace(geometry=inside))
     return out
 
@@ -325,14 +402,26 @@ def _warn_detections(objects: List[CellObject], path: Path) -> None:
     det = [o for o in objects if o.object_type != "annotation"]
     if det:
         first = det[0]
-        log.warning("%s: %d of %d cell objects are QuPath %ss, not annotations (e.g. feature %d%s): used as cells; "
-                    "QuPath cannot edit detections, so correct pre-annotations as annotation objects (docs/annotation"
-                    ".md)", path, len(det), len(objects), first.object_type, first.index,
-                    f" id {first.id!r}" if first.id else "")
+        log.warning(
+            "%s: %d of %d cell objects are QuPath %ss, not annotations (e.g. feature %d%s): used as cells; "
+            "QuPath cannot edit detections, so correct pre-annotations as annotation objects (docs/annotation"
+            ".md)",
+            path,
+            len(det),
+            len(objects),
+            first.object_type,
+            first.index,
+            f" id {first.id!r}" if first.id else "",
+        )
 
 
-def cell_polygons(path, exclude_classes: Sequence[str] = ("Region",), use_nucleus: bool = False,
-                  shape: Optional[Tuple[int, int]] = None, origin: Optional[Tuple[int, int]] = None):
+def cell_polygons(
+    path,
+    exclude_classes: Sequence[str] = ("Region",),
+    use_nucleus: bool = False,
+    shape: Optional[Tuple[int, int]] = None,
+    origin: Optional[Tuple[int, int]] = None,
+):
     """The cell geometries of a QuPath GeoJSON file as (feature index, shapely (Multi)Polygon)
     (``read_cell_objects``, which says how ``shape`` and ``origin`` are used)."""
     return [(o.index, o.geometry) for o in read_cell_objects(path, exclude_classes, use_nucleus, shape, origin)]
@@ -347,11 +436,16 @@ def rasterize_polygons(geoms, shape: Tuple[int, int], source: str = "annotation"
     n = 0
     for i, geom in geoms:
         minx, miny, maxx, maxy = geom.bounds
-        if (minx < -OUTSIDE_TOLERANCE_PX or miny < -OUTSIDE_TOLERANCE_PX
-                or maxx > w + OUTSIDE_TOLERANCE_PX or maxy > h + OUTSIDE_TOLERANCE_PX):
+        if (
+            minx < -OUTSIDE_TOLERANCE_PX
+            or miny < -OUTSIDE_TOLERANCE_PX
+            or maxx > w + OUTSIDE_TOLERANCE_PX
+            or maxy > h + OUTSIDE_TOLERANCE_PX
+        ):
             raise SegRefineError(
                 f"{source}: feature {i} (bounds x {minx:.1f}..{maxx:.1f}, y {miny:.1f}..{maxy:.1f}) lies outside "
-                f"its {w}x{h} px patch; coordinates must be in the patch's pixel frame")
+                f"its {w}x{h} px patch; coordinates must be in the patch's pixel frame"
+            )
         c0, c1 = max(int(np.floor(minx)), 0), min(int(np.ceil(maxx)), w)
         r0, r1 = max(int(np.floor(miny)), 0), min(int(np.ceil(maxy)), h)
         if c1 <= c0 or r1 <= r0:
@@ -425,7 +519,8 @@ def mask_to_instances(mask: np.ndarray, source: str = "mask") -> np.ndarray:
         raise SegRefineError(
             f"{source}: cannot tell whether this is an instance mask or a semantic mask: {why}; an instance mask "
             f"has one connected piece per label (labels 1..N), a binary or semantic mask a few values in many "
-            f"pieces: save it as one or the other (e.g. 0/255 for a binary mask)")
+            f"pieces: save it as one or the other (e.g. 0/255 for a binary mask)"
+        )
     if kind == "instance":
         log.info("%s: instance mask (%s): labels kept", source, why)
         cells = relabel_sequential(mask.astype(np.int64))
@@ -433,7 +528,11 @@ def mask_to_instances(mask: np.ndarray, source: str = "mask") -> np.ndarray:
         cells = relabel_sequential(label(mask > 0, connectivity=1))
         (log.warning if kind == "semantic" else log.info)(
             "%s: %s mask (%s): split into %d cells by 4-connected components of the foreground (nonzero) pixels",
-            source, kind, why, int(cells.max()))
+            source,
+            kind,
+            why,
+            int(cells.max()),
+        )
     areas = np.bincount(cells.ravel())[1:]
     if areas.size and areas.max() > MAX_CELL_PATCH_FRACTION * cells.size:
         h, w = cells.shape
@@ -441,12 +540,14 @@ def mask_to_instances(mask: np.ndarray, source: str = "mask") -> np.ndarray:
             f"{source}: read as {'an' if kind == 'instance' else 'a'} {kind} mask ({why}), one cell covers "
             f"{100.0 * areas.max() / cells.size:.0f}% of "
             f"the {w}x{h} px patch: a class or tissue region, not a cell; save the cells as a binary (0/255) or "
-            f"instance mask (labels 1..N)")
+            f"instance mask (labels 1..N)"
+        )
     return cells
 
 
-def _refuse_regions(objects: List[CellObject], path: Path, shape: Tuple[int, int],
-                    exclude_classes: Sequence[str]) -> None:
+def _refuse_regions(
+    objects: List[CellObject], path: Path, shape: Tuple[int, int], exclude_classes: Sequence[str]
+) -> None:
     """An object covering more than ``MAX_CELL_PATCH_FRACTION`` of its patch is a region (tissue, a classified or
     detection region of interest), not a cell: refused naming it, as a mask region that large is
     (``mask_to_instances``), rather than trained on as one giant cell."""
@@ -457,16 +558,24 @@ def _refuse_regions(objects: List[CellObject], path: Path, shape: Tuple[int, int
     for o in objects:
         cover = o.geometry.intersection(box).area / float(w * h)
         if cover > MAX_CELL_PATCH_FRACTION:
-            what = ", ".join([f"id {o.id!r}"] * bool(o.id) + [o.object_type, f"class {o.class_name!r}"
-                                                                if o.class_name else "no class"])
+            what = ", ".join(
+                [f"id {o.id!r}"] * bool(o.id)
+                + [o.object_type, f"class {o.class_name!r}" if o.class_name else "no class"]
+            )
             raise SegRefineError(
                 f"{path}: feature {o.index} ({what}) covers {100.0 * cover:.0f}% of the {w}x{h} px patch: a region, "
                 f"not a cell; delete it or give it a class in annotations.exclude_classes (now "
-                f"{list(exclude_classes)})")
+                f"{list(exclude_classes)})"
+            )
 
 
-def convert_annotation(path, shape: Tuple[int, int], exclude_classes: Sequence[str] = ("Region",),
-                       use_nucleus: bool = False, origin: Optional[Tuple[int, int]] = None) -> np.ndarray:
+def convert_annotation(
+    path,
+    shape: Tuple[int, int],
+    exclude_classes: Sequence[str] = ("Region",),
+    use_nucleus: bool = False,
+    origin: Optional[Tuple[int, int]] = None,
+) -> np.ndarray:
     """Any accepted annotation file -> instance mask of ``shape``; errors name the file. ``origin``: the patch's
     top-left slide pixel, to recognise a GeoJSON drawn on the whole slide (``read_cell_objects``)."""
     from segrefine.io import read_tiff
@@ -476,13 +585,16 @@ def convert_annotation(path, shape: Tuple[int, int], exclude_classes: Sequence[s
     if suffix in (".geojson", ".json"):
         objects = read_cell_objects(path, exclude_classes, use_nucleus, shape=shape, origin=origin)
         if not objects:
-            raise SegRefineError(f"{path}: no cell polygons found (empty annotation, or only points/lines/"
-                                 f"excluded classes {list(exclude_classes)}/a region-of-interest rectangle)")
+            raise SegRefineError(
+                f"{path}: no cell polygons found (empty annotation, or only points/lines/"
+                f"excluded classes {list(exclude_classes)}/a region-of-interest rectangle)"
+            )
         _refuse_regions(objects, path, shape, exclude_classes)
         labels = rasterize_polygons([(o.index, o.geometry) for o in objects], shape, source=str(path))
     elif suffix in (".tif", ".tiff", ".png"):
         if suffix == ".png":
             import skimage.io
+
             try:
                 mask = skimage.io.imread(path)
             except Exception as exc:
@@ -493,11 +605,14 @@ def convert_annotation(path, shape: Tuple[int, int], exclude_classes: Sequence[s
         while mask.ndim > 2 and mask.shape[0] == 1:  # a single plane saved with a leading axis of 1
             mask = mask[0]
         if mask.ndim > 3 or (mask.ndim == 3 and mask.shape[-1] not in (3, 4)):
-            raise SegRefineError(f"{path}: a mask must be one 2-D image (or gray RGB), got an array of shape "
-                                 f"{mask.shape} (a stack of {mask.shape[0]} images?): save this patch's mask alone")
+            raise SegRefineError(
+                f"{path}: a mask must be one 2-D image (or gray RGB), got an array of shape "
+                f"{mask.shape} (a stack of {mask.shape[0]} images?): save this patch's mask alone"
+            )
         if mask.shape[:2] != tuple(shape):
-            raise SegRefineError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} px but its patch is "
-                                 f"{shape[1]}x{shape[0]} px")
+            raise SegRefineError(
+                f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} px but its patch is {shape[1]}x{shape[0]} px"
+            )
         labels = mask_to_instances(mask, source=str(path))
     else:
         raise SegRefineError(f"{path}: unknown annotation type {suffix!r} (use .geojson, .tif or .png)")
@@ -529,20 +644,29 @@ def label_outlines(labels: np.ndarray, offset: Tuple[float, float] = (0.0, 0.0))
     return out
 
 
-def labels_to_geojson(labels: np.ndarray, object_type: str = "annotation", class_name: str = "Nucleus",
-                      offset: Tuple[float, float] = (0.0, 0.0)) -> dict:
+def labels_to_geojson(
+    labels: np.ndarray,
+    object_type: str = "annotation",
+    class_name: str = "Nucleus",
+    offset: Tuple[float, float] = (0.0, 0.0),
+) -> dict:
     """A QuPath-importable FeatureCollection of the label image's cells."""
     import shapely.geometry
 
     features = []
     for lab, geom in label_outlines(labels, offset):
-        features.append({
-            "type": "Feature",
-            "id": f"cell-{lab}",
-            "geometry": shapely.geometry.mapping(geom),
-            "properties": {"objectType": object_type, "classification": {"name": class_name, "color": [255, 0, 0]},
-                           "label": int(lab)},
-        })
+        features.append(
+            {
+                "type": "Feature",
+                "id": f"cell-{lab}",
+                "geometry": shapely.geometry.mapping(geom),
+                "properties": {
+                    "objectType": object_type,
+                    "classification": {"name": class_name, "color": [255, 0, 0]},
+                    "label": int(lab),
+                },
+            }
+        )
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -555,4 +679,5 @@ def dump_geojson(doc: dict) -> str:
         if isinstance(o, float) and o.is_integer():
             return int(o)
         return o
+
     return json.dumps(_lists(doc))

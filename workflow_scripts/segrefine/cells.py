@@ -49,6 +49,7 @@ A user's own cell mask (``use_mask``)
 Outputs: a pyramidal OME-TIFF like labels.tif (level 0 uint32, written by
 ``segrefine.io.write_pyramid_ome_tiff``) and a JSON report.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,10 +79,12 @@ def _touching_pairs(lab: np.ndarray, fg: np.ndarray) -> np.ndarray:
     """(k, 2) array of the distinct pairs (a < b) of different nonzero labels that are 8-neighbours (``fg``:
     ``lab > 0``)."""
     out = []
-    for sa, sb in (((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
-                   ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
-                   ((slice(None, -1), slice(None, -1)), (slice(1, None), slice(1, None))),
-                   ((slice(None, -1), slice(1, None)), (slice(1, None), slice(None, -1)))):
+    for sa, sb in (
+        ((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
+        ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
+        ((slice(None, -1), slice(None, -1)), (slice(1, None), slice(1, None))),
+        ((slice(None, -1), slice(1, None)), (slice(1, None), slice(None, -1))),
+    ):
         a, b = lab[sa], lab[sb]
         m = a != b
         m &= fg[sa]
@@ -104,7 +107,7 @@ def _colours(n: int, pairs: np.ndarray) -> np.ndarray:
     starts = np.searchsorted(both[:, 0], np.arange(n + 2))
     nbrs = both[:, 1].tolist()
     for c in np.unique(both[:, 0]).tolist():
-        used = {int(colour[d]) for d in nbrs[starts[c]:starts[c + 1]] if d < c}
+        used = {int(colour[d]) for d in nbrs[starts[c] : starts[c + 1]] if d < c}
         k = 0
         while k in used:
             k += 1
@@ -163,8 +166,11 @@ def largest_component(labels: np.ndarray) -> Tuple[np.ndarray, dict]:
     out = labels.copy()
     ids = np.unique(labels[frag])
     out[frag] = 0
-    return out, {"fragment_cells": int(len(ids)), "fragment_pixels": int(frag.sum()),
-                 "fragment_cell_ids": [int(i) for i in ids]}
+    return out, {
+        "fragment_cells": int(len(ids)),
+        "fragment_pixels": int(frag.sum()),
+        "fragment_cell_ids": [int(i) for i in ids],
+    }
 
 
 # --- distances --------------------------------------------------------------------------------------------------------
@@ -178,12 +184,15 @@ def distance_px(distance: float, unit: str = "px", um_per_px: Optional[float] = 
     if unit not in ("px", "um"):
         raise SegRefineError(f"{pre}expansion distance unit {unit!r}: px or um")
     if not math.isfinite(d) or d <= 0:
-        raise SegRefineError(f"{pre}expansion distance {distance} {unit} must be > 0 "
-                             "(expression.cells.mode: nuclei builds the nuclei matrix only)")
+        raise SegRefineError(
+            f"{pre}expansion distance {distance} {unit} must be > 0 "
+            "(expression.cells.mode: nuclei builds the nuclei matrix only)"
+        )
     if unit == "um":
         if um_per_px is None or not math.isfinite(float(um_per_px)) or float(um_per_px) <= 0:
-            raise SegRefineError(f"{pre}expansion distance in µm needs the slide's µm per pixel (> 0), "
-                                 f"got {um_per_px!r}")
+            raise SegRefineError(
+                f"{pre}expansion distance in µm needs the slide's µm per pixel (> 0), got {um_per_px!r}"
+            )
         if d > MAX_DISTANCE_UM:
             raise SegRefineError(f"{pre}expansion distance {d:g} µm is absurd (at most {MAX_DISTANCE_UM:g} µm)")
         d = d / float(um_per_px)
@@ -195,7 +204,7 @@ def distance_px(distance: float, unit: str = "px", um_per_px: Optional[float] = 
 def _offsets_by_d2(r2: int) -> Dict[int, np.ndarray]:
     """{D: (k, 2) array of the offsets (dy, dx) with dy^2 + dx^2 = D}, for 1 <= D <= r2."""
     r = int(math.isqrt(r2))
-    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
     d2 = (dy * dy + dx * dx).ravel()
     keep = (d2 >= 1) & (d2 <= r2)
     dy, dx, d2 = dy.ravel()[keep], dx.ravel()[keep], d2[keep]
@@ -250,8 +259,10 @@ def expand_labels(labels: np.ndarray, distance: float, _offsets: Optional[Dict[i
             lab[ok] = flat[qy[ok] * W + qx[ok]]
             np.minimum(best, np.where(lab > 0, lab, big), out=best)
         if (best == big).any():  # the distance transform promised a nucleus pixel at exactly this distance
-            raise RuntimeError(f"expand_labels: no nucleus at squared distance {k} of {int((best == big).sum())} "
-                               "pixel(s) (inexact distance transform)")
+            raise RuntimeError(
+                f"expand_labels: no nucleus at squared distance {k} of {int((best == big).sum())} "
+                "pixel(s) (inexact distance transform)"
+            )
         result[p] = best.astype(np.uint32)
     return out
 
@@ -266,8 +277,9 @@ def _band_windows(H: int, W: int, band_rows: int, block_cols: int, halo: int):
             yield y0, y1, x0, x1, max(0, y0 - halo), min(H, y1 + halo), max(0, x0 - halo), min(W, x1 + halo)
 
 
-def expand_array_banded(labels: np.ndarray, distance: float, band_rows: int = BAND_ROWS,
-                        block_cols: int = BLOCK_COLS) -> np.ndarray:
+def expand_array_banded(
+    labels: np.ndarray, distance: float, band_rows: int = BAND_ROWS, block_cols: int = BLOCK_COLS
+) -> np.ndarray:
     """``expand_labels`` of an in-memory image computed block by block with a halo (the whole-slide scheme on an
     array; used by the tests to show bands change nothing)."""
     H, W = labels.shape
@@ -277,7 +289,7 @@ def expand_array_banded(labels: np.ndarray, distance: float, band_rows: int = BA
     out = np.zeros((H, W), np.uint32)
     for y0, y1, x0, x1, ry0, ry1, rx0, rx1 in _band_windows(H, W, band_rows, block_cols, halo):
         grown = expand_labels(labels[ry0:ry1, rx0:rx1], distance, offsets)
-        out[y0:y1, x0:x1] = grown[y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
+        out[y0:y1, x0:x1] = grown[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0]
     return out
 
 
@@ -295,7 +307,7 @@ class _IdSet:
         top = int(ids[-1])
         if top >= len(self.seen):
             grown = np.zeros(max(top + 1, 2 * len(self.seen)), bool)
-            grown[:len(self.seen)] = self.seen
+            grown[: len(self.seen)] = self.seen
             self.seen = grown
         self.seen[ids] = True
 
@@ -303,10 +315,20 @@ class _IdSet:
         return int(self.seen.sum())
 
 
-def expand_label_image(labels_path, out_tif, report_out=None, mode: str = "expand",
-                       distance: float = DEFAULT_DISTANCE_PX, unit: str = "px", um_per_px: Optional[float] = None,
-                       mask_path=None, band_rows: int = BAND_ROWS, block_cols: int = BLOCK_COLS,
-                       pixel_size_um: Optional[float] = None, work_dir=None) -> dict:
+def expand_label_image(
+    labels_path,
+    out_tif,
+    report_out=None,
+    mode: str = "expand",
+    distance: float = DEFAULT_DISTANCE_PX,
+    unit: str = "px",
+    um_per_px: Optional[float] = None,
+    mask_path=None,
+    band_rows: int = BAND_ROWS,
+    block_cols: int = BLOCK_COLS,
+    pixel_size_um: Optional[float] = None,
+    work_dir=None,
+) -> dict:
     """Whole-slide nuclei labels -> cell labels (``mode`` expand: grown by ``distance`` ``unit``; mask: the user's
     ``mask_path``), as a pyramidal OME-TIFF; returns the report (also written to ``report_out``). Everything is
     checked before anything is written; the outputs appear together or not at all."""
@@ -331,17 +353,27 @@ def expand_label_image(labels_path, out_tif, report_out=None, mode: str = "expan
         if mode == "mask":
             mask = LabelImage(mask_path)
             if mask.shape != nuclei.shape:
-                raise SegRefineError(f"cell mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} px (width x height) "
-                                     f"but the nuclei labels {labels_path} are {W}x{H} px: the mask must be in the "
-                                     "labels' frame (same size, same origin)")
-        report = {"labels": str(labels_path), "mode": mode, "height": H, "width": W,
-                  "mask": str(mask_path) if mode == "mask" else None, "distance_px": d_px,
-                  "distance_given": None if mode == "mask" else {"value": float(distance), "unit": unit},
-                  "um_per_px": um_per_px, "tie_rule": "nearest nucleus pixel (Euclidean); equal distances: lowest id",
-                  "band_rows": band_rows, "block_cols": block_cols,
-                  "halo_px": int(math.ceil(d_px)) if d_px else 0}
+                raise SegRefineError(
+                    f"cell mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} px (width x height) "
+                    f"but the nuclei labels {labels_path} are {W}x{H} px: the mask must be in the "
+                    "labels' frame (same size, same origin)"
+                )
+        report = {
+            "labels": str(labels_path),
+            "mode": mode,
+            "height": H,
+            "width": W,
+            "mask": str(mask_path) if mode == "mask" else None,
+            "distance_px": d_px,
+            "distance_given": None if mode == "mask" else {"value": float(distance), "unit": unit},
+            "um_per_px": um_per_px,
+            "tie_rule": "nearest nucleus pixel (Euclidean); equal distances: lowest id",
+            "band_rows": band_rows,
+            "block_cols": block_cols,
+            "halo_px": int(math.ceil(d_px)) if d_px else 0,
+        }
         halo = report["halo_px"]
-        r2 = int(math.floor(d_px ** 2 + 1e-9)) if d_px else 0
+        r2 = int(math.floor(d_px**2 + 1e-9)) if d_px else 0
         offsets = _offsets_by_d2(r2) if r2 >= 1 else {}
         out_tif.parent.mkdir(parents=True, exist_ok=True)
         work_parent = Path(work_dir or out_tif.parent)
@@ -355,28 +387,30 @@ def expand_label_image(labels_path, out_tif, report_out=None, mode: str = "expan
                 for y0, y1, x0, x1, ry0, ry1, rx0, rx1 in _band_windows(H, W, band_rows, block_cols, halo):
                     if band_y != (ry0, ry1):  # one read per band of rows (with its halo), full width
                         band, band_y = nuclei.rows(ry0, ry1), (ry0, ry1)
-                    core = band[y0 - ry0:y1 - ry0, x0:x1]
+                    core = band[y0 - ry0 : y1 - ry0, x0:x1]
                     nuclei_ids.add(core)
                     px_nuclei += int(np.count_nonzero(core))
                     if mode == "mask":
                         cells = mask.rows(y0, y1, x0, x1).astype(np.uint32)
                     else:
                         grown = expand_labels(band[:, rx0:rx1], d_px, offsets)
-                        cells = grown[y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
+                        cells = grown[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0]
                     if cells.any():
                         cell_ids.add(cells)
                         px_cells += int(np.count_nonzero(cells))
                         store[y0:y1, x0:x1] = cells
                 band = None
-                report.update(nuclei=nuclei_ids.count(), cells=cell_ids.count(), nuclei_pixels=px_nuclei,
-                              cell_pixels=px_cells)
+                report.update(
+                    nuclei=nuclei_ids.count(), cells=cell_ids.count(), nuclei_pixels=px_nuclei, cell_pixels=px_cells
+                )
                 if mode == "expand":
                     report["mean_area_gain"] = px_cells / px_nuclei if px_nuclei else None
                 t1 = time.monotonic()
                 levels = label_pyramid_levels(store, work)
                 try:
-                    write_pyramid_ome_tiff(out_tif, levels, pixel_size_um=pixel_size_um or um_per_px,
-                                           name="cells", zlib_level=3)
+                    write_pyramid_ome_tiff(
+                        out_tif, levels, pixel_size_um=pixel_size_um or um_per_px, name="cells", zlib_level=3
+                    )
                 finally:
                     for lv in levels[1:]:
                         lv.close()
@@ -385,8 +419,10 @@ def expand_label_image(labels_path, out_tif, report_out=None, mode: str = "expan
             finally:
                 store.close()
         except OSError as exc:
-            raise SegRefineError(f"{out_tif}: cannot write the cell labels ({exc}; is the disk full?); nothing was "
-                                 "published, rerun when there is space") from exc
+            raise SegRefineError(
+                f"{out_tif}: cannot write the cell labels ({exc}; is the disk full?); nothing was "
+                "published, rerun when there is space"
+            ) from exc
         finally:
             shutil.rmtree(work, ignore_errors=True)
     finally:
@@ -400,8 +436,13 @@ def expand_label_image(labels_path, out_tif, report_out=None, mode: str = "expan
         except BaseException:
             out_tif.unlink(missing_ok=True)  # the two outputs together or not at all
             raise
-    log.info("%s: %d nuclei -> %d cells (%s) -> %s (%.1f s)", labels_path, report["nuclei"], report["cells"],
-             f"grown by {d_px:g} px" if mode == "expand" else f"mask {mask_path}", out_tif,
-             report["timings_s"]["total"])
+    log.info(
+        "%s: %d nuclei -> %d cells (%s) -> %s (%.1f s)",
+        labels_path,
+        report["nuclei"],
+        report["cells"],
+        f"grown by {d_px:g} px" if mode == "expand" else f"mask {mask_path}",
+        out_tif,
+        report["timings_s"]["total"],
+    )
     return report
-

@@ -25,6 +25,7 @@ row to a temporary folder, labels read in bands, (cell, gene) partial sums
 spilled per band and merged by buckets of cells, then of genes; memory follows
 the band and bucket sizes and the number of cells and genes, not the records.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,24 +41,36 @@ BORDER_POINTS = 32
 BORDER_PAD = 32767
 GEF_VERSION = 2
 GEFTOOL_VERSION = (1, 3, 3)  # the gefpy release whose layout this file reproduces
-BAND_RECORDS = 1 << 20       # at most this many records (or cell-gene partials) per band / bucket
-BAND_ROWS = 512              # at most this many label rows per band
-BAND_PIXELS = 1 << 22        # and, by default, at most this many label pixels
-BORDER_ROWS = 1 << 16        # cell outlines written (and their extent taken) by this many cells at a time
+BAND_RECORDS = 1 << 20  # at most this many records (or cell-gene partials) per band / bucket
+BAND_ROWS = 512  # at most this many label rows per band
+BAND_PIXELS = 1 << 22  # and, by default, at most this many label pixels
+BORDER_ROWS = 1 << 16  # cell outlines written (and their extent taken) by this many cells at a time
 UINT32_MAX = (1 << 32) - 1
 
-CELL_DTYPE = np.dtype([("id", "<u4"), ("x", "<i4"), ("y", "<i4"), ("offset", "<u4"), ("geneCount", "<u4"),
-                       ("expCount", "<u4"), ("dnbCount", "<u4"), ("area", "<u4"), ("cellTypeID", "<u2"),
-                       ("clusterID", "<u2")])
-GENE_DTYPE = np.dtype([("geneName", "S64"), ("offset", "<u4"), ("cellCount", "<u4"), ("expCount", "<u4"),
-                       ("maxMIDcount", "<u2")])
+CELL_DTYPE = np.dtype(
+    [
+        ("id", "<u4"),
+        ("x", "<i4"),
+        ("y", "<i4"),
+        ("offset", "<u4"),
+        ("geneCount", "<u4"),
+        ("expCount", "<u4"),
+        ("dnbCount", "<u4"),
+        ("area", "<u4"),
+        ("cellTypeID", "<u2"),
+        ("clusterID", "<u2"),
+    ]
+)
+GENE_DTYPE = np.dtype(
+    [("geneName", "S64"), ("offset", "<u4"), ("cellCount", "<u4"), ("expCount", "<u4"), ("maxMIDcount", "<u2")]
+)
 CELL_EXP_DTYPE = np.dtype([("geneID", "<u4"), ("count", "<u2")])
 GENE_EXP_DTYPE = np.dtype([("cellID", "<u4"), ("count", "<u2")])
 # spilled to the temporary folder, each run sorted by its key "k"
-RECORD_DTYPE = np.dtype([("k", "<u4"), ("x", "<u4"), ("gene", "<u4"), ("count", "<u4")])   # k = label row
-PARTIAL_DTYPE = np.dtype([("k", "<u4"), ("gene", "<u4"), ("count", "<u8")])                # k = cell row
-BY_GENE_DTYPE = np.dtype([("k", "<u4"), ("cellID", "<u4"), ("count", "<u2")])              # k = gene
-BORDER_RUN_DTYPE = np.dtype([("k", "<u4"), ("border", "<i2", (BORDER_POINTS, 2))])          # k = cell row
+RECORD_DTYPE = np.dtype([("k", "<u4"), ("x", "<u4"), ("gene", "<u4"), ("count", "<u4")])  # k = label row
+PARTIAL_DTYPE = np.dtype([("k", "<u4"), ("gene", "<u4"), ("count", "<u8")])  # k = cell row
+BY_GENE_DTYPE = np.dtype([("k", "<u4"), ("cellID", "<u4"), ("count", "<u2")])  # k = gene
+BORDER_RUN_DTYPE = np.dtype([("k", "<u4"), ("border", "<i2", (BORDER_POINTS, 2))])  # k = cell row
 
 
 class ArrayBands:
@@ -172,12 +185,17 @@ def cell_centres(labels, ids: np.ndarray, band_rows: int = BAND_ROWS) -> Dict[st
     with np.errstate(invalid="ignore", divide="ignore"):
         cy = np.floor(sum_r / area + 0.5)
         cx = np.floor(sum_c / area + 0.5)
-    return {"area": area, "cy": np.nan_to_num(cy).astype(np.int64), "cx": np.nan_to_num(cx).astype(np.int64),
-            "last": last}
+    return {
+        "area": area,
+        "cy": np.nan_to_num(cy).astype(np.int64),
+        "cx": np.nan_to_num(cx).astype(np.int64),
+        "last": last,
+    }
 
 
-def cell_borders(labels, ids: np.ndarray, cy: np.ndarray, cx: np.ndarray, last: np.ndarray, emit,
-                 band_rows: int = BAND_ROWS) -> bool:
+def cell_borders(
+    labels, ids: np.ndarray, cy: np.ndarray, cx: np.ndarray, last: np.ndarray, emit, band_rows: int = BAND_ROWS
+) -> bool:
     """The star outlines of the cells ``ids`` (sorted; centres and ``last`` from ``cell_centres`` with the same
     ``band_rows``), handed to ``emit(cells, border)`` band by band as the cells end, so that memory follows the
     cells a band crosses, not all cells.
@@ -198,11 +216,11 @@ def cell_borders(labels, ids: np.ndarray, cy: np.ndarray, cx: np.ndarray, last: 
     for y0, y1 in _bands(0, H, band_rows):
         a, b = max(0, y0 - 1), min(H, y1 + 1)
         block = np.pad(labels.rows(a, b), 1, mode="constant", constant_values=0)  # outside the image: background
-        core = block[1 + (y0 - a):1 + (y0 - a) + (y1 - y0), 1:-1]
-        up = block[(y0 - a):(y0 - a) + (y1 - y0), 1:-1]
-        down = block[2 + (y0 - a):2 + (y0 - a) + (y1 - y0), 1:-1]
-        left = block[1 + (y0 - a):1 + (y0 - a) + (y1 - y0), :-2]
-        right = block[1 + (y0 - a):1 + (y0 - a) + (y1 - y0), 2:]
+        core = block[1 + (y0 - a) : 1 + (y0 - a) + (y1 - y0), 1:-1]
+        up = block[(y0 - a) : (y0 - a) + (y1 - y0), 1:-1]
+        down = block[2 + (y0 - a) : 2 + (y0 - a) + (y1 - y0), 1:-1]
+        left = block[1 + (y0 - a) : 1 + (y0 - a) + (y1 - y0), :-2]
+        right = block[1 + (y0 - a) : 1 + (y0 - a) + (y1 - y0), 2:]
         edge = (core > 0) & ((up != core) | (down != core) | (left != core) | (right != core))
         rows, cols = np.nonzero(edge)
         idx = index(core[rows, cols])
@@ -312,8 +330,16 @@ def _stats(ds, name: str, values: np.ndarray, dtype) -> None:
     ds.attrs[f"min{name}"] = np.array([v.min() if len(v) else 0], dtype)
 
 
-def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int = BAND_RECORDS,
-                   band_rows: int = BAND_ROWS, resolution: int = 500, source: str = "GEM") -> Dict[str, np.ndarray]:
+def exact_cell_bin(
+    spill: RecordSpill,
+    labels,
+    work,
+    out_path,
+    band_records: int = BAND_RECORDS,
+    band_rows: int = BAND_ROWS,
+    resolution: int = 500,
+    source: str = "GEM",
+) -> Dict[str, np.ndarray]:
     """The exact cell x gene aggregation of the spilled records, written as a cgef at ``out_path``.
 
     ``labels``: a band reader (``rows(y0, y1, x0, x1)``, ``shape``) of instance labels whose
@@ -372,7 +398,7 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
     per_cell = np.zeros(n_cells, np.int64)  # partials per cell row, to size the merge buckets
     dnb_count = cell["dnbCount"]
     W = int(x1 - x0 + 1)
-    for a, b in _buckets(spill.per_row[y0:y1 + 1], band_records, band_rows):
+    for a, b in _buckets(spill.per_row[y0 : y1 + 1], band_records, band_rows):
         a, b = a + y0, b + y0
         rec = spill.band(a, b)
         if not len(rec):
@@ -428,8 +454,10 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
         c_row, c_gene = ukey // n_genes, ukey % n_genes
         if len(summed) and summed.max() > 65535:
             i = int(np.argmax(summed))
-            raise SegRefineError(f"{source}: cell {ids[c_row[i]]} has {summed[i]} UMIs of gene {genes[c_gene[i]]}; "
-                                 "the cgef layout stores at most 65,535 per cell and gene")
+            raise SegRefineError(
+                f"{source}: cell {ids[c_row[i]]} has {summed[i]} UMIs of gene {genes[c_gene[i]]}; "
+                "the cgef layout stores at most 65,535 per cell and gene"
+            )
         gene_count[c0:c1] = np.bincount(c_row - c0, minlength=c1 - c0)
         umis = np.bincount(c_row - c0, weights=summed, minlength=c1 - c0).astype(np.int64)
         n_exp, max_exp = n_exp + len(summed), max(max_exp, int(umis.max()) if len(umis) else 0)
@@ -457,9 +485,17 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
     gene["geneName"] = [str(g).encode() for g in genes]
     gene["offset"] = np.concatenate([[0], np.cumsum(cell_count)[:-1]]) if n_genes else []
     gene["cellCount"], gene["expCount"], gene["maxMIDcount"] = cell_count, gene_umis, gene_max
-    tables = {"label_id": ids, "cell": cell, "gene": gene,
-              "block_index": block_index, "block_size": np.array([BLOCK, BLOCK, nbx, nby], np.uint32),
-              "max_x": max_x, "max_y": max_y, "max_count": max_count, "n_exp": n_exp}
+    tables = {
+        "label_id": ids,
+        "cell": cell,
+        "gene": gene,
+        "block_index": block_index,
+        "block_size": np.array([BLOCK, BLOCK, nbx, nby], np.uint32),
+        "max_x": max_x,
+        "max_y": max_y,
+        "max_count": max_count,
+        "n_exp": n_exp,
+    }
     gene_offset = gene["offset"].astype(np.int64)
 
     def fill_cell_exp(ds):
@@ -467,7 +503,7 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
         for path in merged:
             exp = np.load(path)
             if len(exp):
-                ds[at:at + len(exp)] = exp
+                ds[at : at + len(exp)] = exp
             at += len(exp)
             os.remove(path)
 
@@ -479,7 +515,7 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
             run = run[np.lexsort((run["cellID"], run["k"]))]
             exp = np.empty(len(run), GENE_EXP_DTYPE)
             exp["cellID"], exp["count"] = run["cellID"], run["count"]
-            ds[gene_offset[g0]:gene_offset[g0] + len(exp)] = exp
+            ds[gene_offset[g0] : gene_offset[g0] + len(exp)] = exp
 
     def fill_border(ds):
         for c0, c1 in _bands(0, n_cells, BORDER_ROWS):
@@ -492,8 +528,9 @@ def exact_cell_bin(spill: RecordSpill, labels, work, out_path, band_records: int
     return tables
 
 
-def write_cgef(tables: Dict[str, np.ndarray], path, fill_cell_exp, fill_gene_exp, fill_border,
-               resolution: int = 500) -> None:
+def write_cgef(
+    tables: Dict[str, np.ndarray], path, fill_cell_exp, fill_gene_exp, fill_border, resolution: int = 500
+) -> None:
     """Write the tables of ``exact_cell_bin`` as a cgef; cellBorder, cellExp and geneExp are created whole and
     filled by slices (``fill_*(dataset)``)."""
     import h5py
@@ -515,8 +552,12 @@ def write_cgef(tables: Dict[str, np.ndarray], path, fill_cell_exp, fill_gene_exp
         g.create_dataset("blockIndex", data=tables["block_index"])
         g.create_dataset("blockSize", data=tables["block_size"])
         d = g.create_dataset("cell", data=cell)
-        for name, fld in (("Area", "area"), ("DnbCount", "dnbCount"), ("ExpCount", "expCount"),
-                          ("GeneCount", "geneCount")):
+        for name, fld in (
+            ("Area", "area"),
+            ("DnbCount", "dnbCount"),
+            ("ExpCount", "expCount"),
+            ("GeneCount", "geneCount"),
+        ):
             _stats(d, name, cell[fld], u32)
         for name, fld in (("X", "x"), ("Y", "y")):
             v = cell[fld]

@@ -3,6 +3,7 @@
 Each subcommand imports only what it needs, so the package works in every env
 (the stereopy env is Python 3.8 with no torch; the gef env has no scikit-image).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,10 @@ def _json(text: str) -> dict:
     return value
 
 
-CHANNEL_HELP = ("the slide's channel to segment (0-based), read as a grayscale slide; needed for 2-channel and "
-                "multi-channel fluorescence (the sample sheet's 'channel' column)")
+CHANNEL_HELP = (
+    "the slide's channel to segment (0-based), read as a grayscale slide; needed for 2-channel and "
+    "multi-channel fluorescence (the sample sheet's 'channel' column)"
+)
 
 
 # --- steps ------------------------------------------------------------------------------------------------------------
@@ -56,8 +59,9 @@ def cmd_patches(a):
             img = slide.read(box.x, box.y, box.w, box.h)
             if a.pad_to:
                 img = reflect_pad(img, a.pad_to)
-            write_tiff(Path(a.out_dir) / f"{box.name}-img.tif", img,
-                       photometric="rgb" if img.ndim == 3 else "minisblack")
+            write_tiff(
+                Path(a.out_dir) / f"{box.name}-img.tif", img, photometric="rgb" if img.ndim == 3 else "minisblack"
+            )
     logging.info("%d patches -> %s", len(boxes), a.out_dir)
 
 
@@ -67,8 +71,9 @@ def cmd_convert_annotation(a):
     from segrefine.patches import parse_patch_name
 
     box = parse_patch_name(Path(a.annotation).stem)
-    labels = convert_annotation(a.annotation, (box.h, box.w), exclude_classes=a.exclude_class,
-                                use_nucleus=a.use_nucleus, origin=(box.x, box.y))
+    labels = convert_annotation(
+        a.annotation, (box.h, box.w), exclude_classes=a.exclude_class, use_nucleus=a.use_nucleus, origin=(box.x, box.y)
+    )
     if a.pad_to:
         from segrefine.patches import reflect_pad_labels
 
@@ -80,10 +85,12 @@ def cmd_convert_annotation(a):
 def cmd_trainset(a):
     from segrefine.trainset import build_rows, write_trainset
 
-    rows = build_rows(images=a.images, masks=a.masks, seed=a.seed, val_fraction=a.val_fraction,
-                      test_fraction=a.test_fraction)
-    version = write_trainset(path=a.out, rows=rows, seed=a.seed, val_fraction=a.val_fraction,
-                             test_fraction=a.test_fraction)
+    rows = build_rows(
+        images=a.images, masks=a.masks, seed=a.seed, val_fraction=a.val_fraction, test_fraction=a.test_fraction
+    )
+    version = write_trainset(
+        path=a.out, rows=rows, seed=a.seed, val_fraction=a.val_fraction, test_fraction=a.test_fraction
+    )
     logging.info("training set %s: %d patches -> %s", version, len(rows), a.out)
 
 
@@ -96,29 +103,51 @@ def cmd_fetch_pretrained(a):
 def cmd_pretrained_card(a):
     from segrefine.finetune import pretrained_card
 
-    pretrained_card(framework=a.framework, weights=a.weights, name=a.name, params=a.params, out_dir=a.out_dir,
-                    source=a.source)
+    pretrained_card(
+        framework=a.framework, weights=a.weights, name=a.name, params=a.params, out_dir=a.out_dir, source=a.source
+    )
 
 
 def cmd_train_base(a):
     from segrefine.finetune import train_base
 
-    train_base(framework=a.framework, name=a.name, params=a.params, n_images=a.n_images, size=a.size, seed=a.seed,
-               out_dir=a.out_dir)
+    train_base(
+        framework=a.framework,
+        name=a.name,
+        params=a.params,
+        n_images=a.n_images,
+        size=a.size,
+        seed=a.seed,
+        out_dir=a.out_dir,
+    )
 
 
 def cmd_finetune(a):
     from segrefine.finetune import fine_tune
 
-    fine_tune(pretrained_card_path=a.pretrained_card, trainset_path=a.trainset, name=a.name, params=a.params,
-              seed=a.seed, out_dir=a.out_dir)
+    fine_tune(
+        pretrained_card_path=a.pretrained_card,
+        trainset_path=a.trainset,
+        name=a.name,
+        params=a.params,
+        seed=a.seed,
+        out_dir=a.out_dir,
+    )
 
 
 def cmd_evaluate(a):
     from segrefine.evaluate import evaluate_model
 
-    evaluate_model(card_path=a.card, trainset_path=a.trainset, split=a.split, out_csv=a.out,
-                   predictions_npz=a.predictions, iou_threshold=a.iou_threshold, modes=a.modes, min_size=a.min_size)
+    evaluate_model(
+        card_path=a.card,
+        trainset_path=a.trainset,
+        split=a.split,
+        out_csv=a.out,
+        predictions_npz=a.predictions,
+        iou_threshold=a.iou_threshold,
+        modes=a.modes,
+        min_size=a.min_size,
+    )
 
 
 def cmd_summarize(a):
@@ -131,9 +160,17 @@ def cmd_threshold_sweep(a):
     from segrefine.evaluate import threshold_sweep
 
     grid = {k: [float(v) for v in vals] for k, vals in (a.grid or {}).items()}
-    print(threshold_sweep(card_path=a.card, trainset_path=a.trainset, split=a.split, out_csv=a.out, grid=grid or None,
-                          iou_threshold=a.iou_threshold, min_size=a.min_size)
-          .to_string(index=False))
+    print(
+        threshold_sweep(
+            card_path=a.card,
+            trainset_path=a.trainset,
+            split=a.split,
+            out_csv=a.out,
+            grid=grid or None,
+            iou_threshold=a.iou_threshold,
+            min_size=a.min_size,
+        ).to_string(index=False)
+    )
 
 
 def cmd_rank_candidates(a):
@@ -151,8 +188,13 @@ def cmd_plot_evaluation(a):
 def cmd_overlays(a):
     from segrefine.evaluation_plots import overlays
 
-    overlays(predictions_npz=a.predictions, trainset_path=a.trainset, out_dir=a.out_dir, title=a.title,
-             threshold=a.iou_threshold)
+    overlays(
+        predictions_npz=a.predictions,
+        trainset_path=a.trainset,
+        out_dir=a.out_dir,
+        title=a.title,
+        threshold=a.iou_threshold,
+    )
 
 
 def cmd_loss_curves(a):
@@ -182,8 +224,11 @@ def cmd_learning_curve_subset(a):
 def cmd_learning_curve(a):
     from segrefine.learning_curve import learning_curve_table
 
-    print(learning_curve_table(evaluations=a.evaluations, subsets=a.subsets, out_csv=a.out, png=a.png,
-                               pretrained=a.pretrained or ()).to_string(index=False))
+    print(
+        learning_curve_table(
+            evaluations=a.evaluations, subsets=a.subsets, out_csv=a.out, png=a.png, pretrained=a.pretrained or ()
+        ).to_string(index=False)
+    )
 
 
 def _annotated_names(a):
@@ -198,19 +243,40 @@ def _annotated_names(a):
 def cmd_annotate_next_predict(a):
     from segrefine.annotate_next import predict_candidates
 
-    predict_candidates(card_path=a.card, slide_path=a.slide, sn=a.sn, size=a.size, step=a.step,
-                       annotated=_annotated_names(a), out_npz=a.out, min_tissue=a.min_tissue,
-                       bright_field=a.bright_field, channel=a.channel, tta=a.tta)
+    predict_candidates(
+        card_path=a.card,
+        slide_path=a.slide,
+        sn=a.sn,
+        size=a.size,
+        step=a.step,
+        annotated=_annotated_names(a),
+        out_npz=a.out,
+        min_tissue=a.min_tissue,
+        bright_field=a.bright_field,
+        channel=a.channel,
+        tta=a.tta,
+    )
 
 
 def cmd_annotate_next(a):
     from segrefine.annotate_next import annotate_next
 
-    top = annotate_next(slide_path=a.slide, sn=a.sn, prediction_npzs=a.predictions, names=a.names, out_table=a.out,
-                        out_geojson=a.geojson, out_dir=a.out_dir, top_n=a.top_n, complexity_weight=a.complexity_weight,
-                        channel=a.channel, uncertainty_weight=a.uncertainty_weight).head(a.top_n)
-    print(top[["rank", "patch", "score", "disagreement", "complexity", "uncertainty", "n_cells"]].to_string(
-        index=False))
+    top = annotate_next(
+        slide_path=a.slide,
+        sn=a.sn,
+        prediction_npzs=a.predictions,
+        names=a.names,
+        out_table=a.out,
+        out_geojson=a.geojson,
+        out_dir=a.out_dir,
+        top_n=a.top_n,
+        complexity_weight=a.complexity_weight,
+        channel=a.channel,
+        uncertainty_weight=a.uncertainty_weight,
+    ).head(a.top_n)
+    print(
+        top[["rank", "patch", "score", "disagreement", "complexity", "uncertainty", "n_cells"]].to_string(index=False)
+    )
 
 
 def cmd_preannotate(a):
@@ -219,30 +285,60 @@ def cmd_preannotate(a):
     names = patches_to_preannotate(a.sn, a.ranking, a.top_n, a.patches or ())
     if not names:
         raise SegRefineError(f"no patch of chip {a.sn} to pre-annotate (give --ranking with --top-n, or --patches)")
-    write_preannotations(card_path=a.card, pretrained_card_path=a.pretrained_card, slide_path=a.slide, sn=a.sn,
-                         patches=names, out_dir=a.out_dir, archive_dir=a.archive, summary_csv=a.summary,
-                         channel=a.channel, tta=a.tta)
+    write_preannotations(
+        card_path=a.card,
+        pretrained_card_path=a.pretrained_card,
+        slide_path=a.slide,
+        sn=a.sn,
+        patches=names,
+        out_dir=a.out_dir,
+        archive_dir=a.archive,
+        summary_csv=a.summary,
+        channel=a.channel,
+        tta=a.tta,
+    )
     print("\n".join(names))
 
 
 def cmd_corrections(a):
     from segrefine.corrections import corrections
 
-    per_round = corrections(annotation_files=a.annotations, archive_dir=a.archive, out_dir=a.out_dir,
-                            summary_csv=a.summary, model=a.model, exclude_classes=a.exclude_class,
-                            use_nucleus=a.use_nucleus, scratch_minutes=a.scratch_minutes, edit_fraction=a.edit_fraction,
-                            delete_fraction=a.delete_fraction, review_fraction=a.review_fraction)
+    per_round = corrections(
+        annotation_files=a.annotations,
+        archive_dir=a.archive,
+        out_dir=a.out_dir,
+        summary_csv=a.summary,
+        model=a.model,
+        exclude_classes=a.exclude_class,
+        use_nucleus=a.use_nucleus,
+        scratch_minutes=a.scratch_minutes,
+        edit_fraction=a.edit_fraction,
+        delete_fraction=a.delete_fraction,
+        review_fraction=a.review_fraction,
+    )
     print(per_round.to_string(index=False))
 
 
 def cmd_segment(a):
     from segrefine.segment import segment_slide
 
-    segment_slide(card_path=a.card, slide_path=a.slide, out_dir=a.out_dir, tile_size=a.tile_size, halo_px=a.halo,
-                  context_px=a.context, shards=a.shards, tissue=not a.no_tissue,
-                  tissue_level=_tissue_level(a.tissue_level), tissue_downsample=a.tissue_downsample,
-                  bright_field=a.bright_field, trainset=a.trainset, pixel_size_um=a.pixel_size_um,
-                  model_context=not a.no_model_context, channel=a.channel)
+    segment_slide(
+        card_path=a.card,
+        slide_path=a.slide,
+        out_dir=a.out_dir,
+        tile_size=a.tile_size,
+        halo_px=a.halo,
+        context_px=a.context,
+        shards=a.shards,
+        tissue=not a.no_tissue,
+        tissue_level=_tissue_level(a.tissue_level),
+        tissue_downsample=a.tissue_downsample,
+        bright_field=a.bright_field,
+        trainset=a.trainset,
+        pixel_size_um=a.pixel_size_um,
+        model_context=not a.no_model_context,
+        channel=a.channel,
+    )
 
 
 def cmd_tile_plan(a):
@@ -254,10 +350,21 @@ def cmd_tile_plan(a):
             raise SegRefineError("--halo-unit um needs --pixel-size-um")
         halo = a.halo / a.pixel_size_um
     group = a.group if a.group == "auto" else _positive_int(a.group, "--group")
-    plan, meta = make_plan(slide_path=a.slide, tile_size=a.tile_size, halo_px=int(round(halo)), context_px=a.context,
-                           shards=a.shards, tissue=not a.no_tissue, tissue_level=_tissue_level(a.tissue_level),
-                           tissue_downsample=a.tissue_downsample, bright_field=a.bright_field, trainset=a.trainset,
-                           group=group, context_bound_px=a.context_bound, channel=a.channel)
+    plan, meta = make_plan(
+        slide_path=a.slide,
+        tile_size=a.tile_size,
+        halo_px=int(round(halo)),
+        context_px=a.context,
+        shards=a.shards,
+        tissue=not a.no_tissue,
+        tissue_level=_tissue_level(a.tissue_level),
+        tissue_downsample=a.tissue_downsample,
+        bright_field=a.bright_field,
+        trainset=a.trainset,
+        group=group,
+        context_bound_px=a.context_bound,
+        channel=a.channel,
+    )
     write_plan(plan, meta, a.out, a.out_json)
 
 
@@ -280,34 +387,74 @@ def cmd_halo_check(a):
 def cmd_segment_shard(a):
     from segrefine.tiling import run_shard
 
-    run_shard(plan_tsv=a.plan, shard=a.shard, card_path=a.card, slide_path=a.slide, tiles_dir=a.tiles_dir,
-              out_json=a.out, gpus=a.gpus, prefetch=a.prefetch, model_context=not a.no_model_context)
+    run_shard(
+        plan_tsv=a.plan,
+        shard=a.shard,
+        card_path=a.card,
+        slide_path=a.slide,
+        tiles_dir=a.tiles_dir,
+        out_json=a.out,
+        gpus=a.gpus,
+        prefetch=a.prefetch,
+        model_context=not a.no_model_context,
+    )
 
 
 def cmd_stitch(a):
     from segrefine.stitch import stitch
 
-    stitch(plan_tsv=a.plan, tiles_dir=a.tiles_dir, shard_jsons=a.shards, slide_path=a.slide, labels_out=a.labels,
-           cells_csv=a.cells, cells_parquet=a.parquet, geojson_out=a.geojson, overlay_out=a.overlay,
-           report_out=a.report, pixel_size_um=a.pixel_size_um, probability_map_out=a.probability_map,
-           probability_bin_px=a.probability_bin_px)
+    stitch(
+        plan_tsv=a.plan,
+        tiles_dir=a.tiles_dir,
+        shard_jsons=a.shards,
+        slide_path=a.slide,
+        labels_out=a.labels,
+        cells_csv=a.cells,
+        cells_parquet=a.parquet,
+        geojson_out=a.geojson,
+        overlay_out=a.overlay,
+        report_out=a.report,
+        pixel_size_um=a.pixel_size_um,
+        probability_map_out=a.probability_map,
+        probability_bin_px=a.probability_bin_px,
+    )
 
 
 def cmd_cells(a):
     from segrefine.cells import expand_label_image
 
     mode = "mask" if a.mask else "expand"
-    expand_label_image(labels_path=a.labels, out_tif=a.out, report_out=a.report, mode=mode, distance=a.distance,
-                       unit=a.unit, um_per_px=a.um_per_px, mask_path=a.mask, band_rows=a.band_rows,
-                       block_cols=a.block_cols, pixel_size_um=a.pixel_size_um)
+    expand_label_image(
+        labels_path=a.labels,
+        out_tif=a.out,
+        report_out=a.report,
+        mode=mode,
+        distance=a.distance,
+        unit=a.unit,
+        um_per_px=a.um_per_px,
+        mask_path=a.mask,
+        band_rows=a.band_rows,
+        block_cols=a.block_cols,
+        pixel_size_um=a.pixel_size_um,
+    )
 
 
 def cmd_cgef(a):
     from segrefine.expression import make_cgef
 
-    n = make_cgef(gem_path=a.gem, labels_path=a.labels, cgef_out=a.cgef, cellmap_out=a.cellmap, threads=a.threads,
-                  writer=a.writer, origin=a.origin, chunk=a.chunk, band_records=a.band_records, band_rows=a.band_rows,
-                  report_out=a.report)
+    n = make_cgef(
+        gem_path=a.gem,
+        labels_path=a.labels,
+        cgef_out=a.cgef,
+        cellmap_out=a.cellmap,
+        threads=a.threads,
+        writer=a.writer,
+        origin=a.origin,
+        chunk=a.chunk,
+        band_records=a.band_records,
+        band_rows=a.band_rows,
+        report_out=a.report,
+    )
     logging.info("%d cells -> %s (%s writer)", n, a.cgef, a.writer)
 
 
@@ -321,8 +468,9 @@ def cmd_h5ad(a):
 def cmd_expression_qc(a):
     from segrefine.qc import expression_qc
 
-    expression_qc(cellmaps=a.cellmaps, samples=a.samples, out_dir=a.out_dir, k=a.extreme_iqr, stages=a.stages,
-                  reports=a.reports)
+    expression_qc(
+        cellmaps=a.cellmaps, samples=a.samples, out_dir=a.out_dir, k=a.extreme_iqr, stages=a.stages, reports=a.reports
+    )
 
 
 def cmd_saw_cells(a):
@@ -335,24 +483,51 @@ def cmd_saw_cells(a):
 def cmd_purity(a):
     from segrefine.purity import purity_step, read_markers
 
-    purity_step(stages=a.stages, cgefs=a.cgefs, labels=a.labels, out_dir=a.out_dir, expression=a.expression,
-                truth=a.truth, truth_types=a.truth_types, markers=read_markers(a.markers) if a.markers else None,
-                mixed_fraction=a.mixed_fraction, origin=a.origin, sample=a.sample)
+    purity_step(
+        stages=a.stages,
+        cgefs=a.cgefs,
+        labels=a.labels,
+        out_dir=a.out_dir,
+        expression=a.expression,
+        truth=a.truth,
+        truth_types=a.truth_types,
+        markers=read_markers(a.markers) if a.markers else None,
+        mixed_fraction=a.mixed_fraction,
+        origin=a.origin,
+        sample=a.sample,
+    )
 
 
 def cmd_cluster_check(a):
     from segrefine.clusters import cluster_check
 
-    cluster_check(stages=a.stages, h5ads=a.h5ads, out_json=a.out, cells=a.cells, sample=a.sample,
-                  resolution=a.resolution, seed=a.seed)
+    cluster_check(
+        stages=a.stages,
+        h5ads=a.h5ads,
+        out_json=a.out,
+        cells=a.cells,
+        sample=a.sample,
+        resolution=a.resolution,
+        seed=a.seed,
+    )
 
 
 def cmd_spatialdata(a):
     from segrefine.sdata import render_png, write_spatialdata
 
-    summary = write_spatialdata(slide=a.slide, labels=a.labels, outlines=a.outlines, h5ad=a.h5ad,
-                                cell_table=a.cell_table, out_zarr=a.out, cells_labels=a.cells_labels,
-                                pixel_size_um=a.pixel_size_um, stain=a.stain, sample=a.sample, min_side=a.min_side)
+    summary = write_spatialdata(
+        slide=a.slide,
+        labels=a.labels,
+        outlines=a.outlines,
+        h5ad=a.h5ad,
+        cell_table=a.cell_table,
+        out_zarr=a.out,
+        cells_labels=a.cells_labels,
+        pixel_size_um=a.pixel_size_um,
+        stain=a.stain,
+        sample=a.sample,
+        min_side=a.min_side,
+    )
     if a.png:
         summary.update(render_png(a.out, a.png, a.close_up, a.sample))
     logging.getLogger("segrefine").info("SpatialData -> %s: %s", a.out, json.dumps(summary))
@@ -379,8 +554,11 @@ def _step(sub, name: str, func, help: str) -> argparse.ArgumentParser:
 
 
 def _model_context_arg(p) -> None:
-    p.add_argument("--no-model-context", action="store_true",
-                   help="do not grow the windows by the margin the model declares for tile-exact prediction")
+    p.add_argument(
+        "--no-model-context",
+        action="store_true",
+        help="do not grow the windows by the margin the model declares for tile-exact prediction",
+    )
 
 
 def _tiling_args(p) -> None:
@@ -408,8 +586,9 @@ def _add_data_steps(sub) -> None:
     p.add_argument("--patch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=7)
 
-    p = step("patches", cmd_patches,
-             "cut patches from a whole slide (named patches, or a grid), reading only their regions")
+    p = step(
+        "patches", cmd_patches, "cut patches from a whole slide (named patches, or a grid), reading only their regions"
+    )
     p.add_argument("--slide", required=True)
     p.add_argument("--out-dir", required=True)
     g = p.add_mutually_exclusive_group(required=True)
@@ -421,8 +600,9 @@ def _add_data_steps(sub) -> None:
     p.add_argument("--channel", type=int, help=CHANNEL_HELP)
 
     p = step("convert-annotation", cmd_convert_annotation, "QuPath GeoJSON / binary / instance mask -> instance mask")
-    p.add_argument("--annotation", required=True,
-                   help="file named after its patch: {SN}-x.._y.._w.._h..[-img|-mask].ext")
+    p.add_argument(
+        "--annotation", required=True, help="file named after its patch: {SN}-x.._y.._w.._h..[-img|-mask].ext"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--exclude-class", nargs="*", default=["Region"], help="QuPath classes that are not cells")
     p.add_argument("--use-nucleus", action="store_true", help="take the nucleus of QuPath cell objects")
@@ -440,8 +620,11 @@ def _add_data_steps(sub) -> None:
 def _add_model_steps(sub) -> None:
     """Pretrained weights and their cards, the offline base model, fine-tuning."""
     step = functools.partial(_step, sub)
-    p = step("fetch-pretrained", cmd_fetch_pretrained,
-             "download official pretrained weights into the model cache (needs network)")
+    p = step(
+        "fetch-pretrained",
+        cmd_fetch_pretrained,
+        "download official pretrained weights into the model cache (needs network)",
+    )
     p.add_argument("--framework", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--out", required=True)
@@ -534,8 +717,11 @@ def _add_analysis_steps(sub) -> None:
     p.add_argument("--joined", help="output of the joined table (with --long)")
     p.add_argument("--grid", type=int, default=4, help="blocks per side for the local densities")
 
-    p = step("learning-curve-subset", cmd_learning_curve_subset,
-             "a nested, seeded subset of the training split as a training-set table (f<fraction> or c<cells>)")
+    p = step(
+        "learning-curve-subset",
+        cmd_learning_curve_subset,
+        "a nested, seeded subset of the training split as a training-set table (f<fraction> or c<cells>)",
+    )
     p.add_argument("--trainset", required=True)
     p.add_argument("--subset", required=True, help="f0.25: a fraction of the training patches; c300: >= 300 cells")
     p.add_argument("--seed", type=int, default=0)
@@ -552,8 +738,11 @@ def _add_analysis_steps(sub) -> None:
 def _add_annotation_ranking_steps(sub) -> None:
     """The annotation loop, first half: candidate patches of a slide predicted and ranked for annotation."""
     step = functools.partial(_step, sub)
-    p = step("annotate-next-predict", cmd_annotate_next_predict,
-             "a model's labels of every candidate patch of a slide (clear of annotations, with tissue)")
+    p = step(
+        "annotate-next-predict",
+        cmd_annotate_next_predict,
+        "a model's labels of every candidate patch of a slide (clear of annotations, with tissue)",
+    )
     p.add_argument("--card", required=True)
     p.add_argument("--slide", required=True)
     p.add_argument("--sn", required=True)
@@ -565,19 +754,31 @@ def _add_annotation_ranking_steps(sub) -> None:
     p.add_argument("--bright-field", action="store_true", help="dark tissue on a bright background (H&E)")
     p.add_argument("--out", required=True, help=".npz, one label array per candidate patch")
     p.add_argument("--channel", type=int, help=CHANNEL_HELP)
-    p.add_argument("--tta", type=int, choices=[0, 4, 8], default=0,
-                   help="test-time augmentations for the per-patch uncertainty (0: cell probability only)")
+    p.add_argument(
+        "--tta",
+        type=int,
+        choices=[0, 4, 8],
+        default=0,
+        help="test-time augmentations for the per-patch uncertainty (0: cell probability only)",
+    )
 
-    p = step("annotate-next", cmd_annotate_next,
-             "rank candidate patches by model disagreement and complexity: table, QuPath GeoJSON, patch images")
+    p = step(
+        "annotate-next",
+        cmd_annotate_next,
+        "rank candidate patches by model disagreement and complexity: table, QuPath GeoJSON, patch images",
+    )
     p.add_argument("--slide", required=True)
     p.add_argument("--sn", required=True)
     p.add_argument("--predictions", nargs="+", required=True, help="from annotate-next-predict, two or more")
     p.add_argument("--names", nargs="+", required=True, help="a name per predictions file (model/stage)")
     p.add_argument("--top-n", type=int, default=10)
     p.add_argument("--complexity-weight", type=float, default=0.25)
-    p.add_argument("--uncertainty-weight", type=float, default=0.0,
-                   help="weight of the models' per-patch uncertainty in the score (at most 1 - complexity weight)")
+    p.add_argument(
+        "--uncertainty-weight",
+        type=float,
+        default=0.0,
+        help="weight of the models' per-patch uncertainty in the score (at most 1 - complexity weight)",
+    )
     p.add_argument("--out", required=True, help="ranking of every candidate (.csv)")
     p.add_argument("--geojson", required=True, help="the top N as QuPath annotation rectangles")
     p.add_argument("--out-dir", required=True, help="the top N patches as {name}-img.tif")
@@ -587,9 +788,12 @@ def _add_annotation_ranking_steps(sub) -> None:
 def _add_preannotation_steps(sub) -> None:
     """The annotation loop, second half: patches pre-annotated, their corrections measured."""
     step = functools.partial(_step, sub)
-    p = step("preannotate", cmd_preannotate,
-             "the best model's cells of suggested/listed patches as QuPath annotation objects to correct "
-             "({patch}.geojson + {patch}-img.tif)")
+    p = step(
+        "preannotate",
+        cmd_preannotate,
+        "the best model's cells of suggested/listed patches as QuPath annotation objects to correct "
+        "({patch}.geojson + {patch}-img.tif)",
+    )
     p.add_argument("--card", required=True, help="model card of the model that pre-annotates (the fine-tuned stage)")
     p.add_argument("--pretrained-card", help="model card of its pretrained stage (the cells' other_iou)")
     p.add_argument("--slide", required=True)
@@ -598,33 +802,65 @@ def _add_preannotation_steps(sub) -> None:
     p.add_argument("--top-n", type=int, default=10, help="how many ranked patches to pre-annotate [%(default)s]")
     p.add_argument("--patches", nargs="*", help="further patch names to pre-annotate (those of chip --sn)")
     p.add_argument("--summary", help="evaluation summary.csv: the model's test F1 goes into the files' record")
-    p.add_argument("--tta", type=int, default=4, choices=[0, 4, 8],
-                   help="test-time augmentations for the cells' tta_agreement [%(default)s]")
+    p.add_argument(
+        "--tta",
+        type=int,
+        default=4,
+        choices=[0, 4, 8],
+        help="test-time augmentations for the cells' tta_agreement [%(default)s]",
+    )
     p.add_argument("--out-dir", required=True, help="output folder: {patch}.geojson and {patch}-img.tif per patch")
-    p.add_argument("--archive", required=True,
-                   help="archive folder: every pre-annotation is also kept as {patch}/{card sha[:12]}.geojson")
+    p.add_argument(
+        "--archive",
+        required=True,
+        help="archive folder: every pre-annotation is also kept as {patch}/{card sha[:12]}.geojson",
+    )
     p.add_argument("--channel", type=int, help=CHANNEL_HELP)
 
-    p = step("corrections", cmd_corrections,
-             "corrected annotation files against their pre-annotations: cells accepted/edited/deleted/added, minutes "
-             "saved, F1 per round (tables and plot)")
-    p.add_argument("--annotations", nargs="+", required=True,
-                   help="annotation files named after their patches (GeoJSON ones are compared)")
+    p = step(
+        "corrections",
+        cmd_corrections,
+        "corrected annotation files against their pre-annotations: cells accepted/edited/deleted/added, minutes "
+        "saved, F1 per round (tables and plot)",
+    )
+    p.add_argument(
+        "--annotations",
+        nargs="+",
+        required=True,
+        help="annotation files named after their patches (GeoJSON ones are compared)",
+    )
     p.add_argument("--archive", required=True, help="the pre-annotation archive folder (see `preannotate`)")
     p.add_argument("--summary", help="evaluation summary.csv: the current fine-tuned model's F1 (last round)")
     p.add_argument("--model", help="the model of the pre-annotations (segmentation.model), to read --summary")
     p.add_argument("--exclude-class", nargs="*", default=["Region"], help="QuPath classes that are not cells")
     p.add_argument("--use-nucleus", action="store_true", help="take the nucleus of QuPath cell objects")
-    p.add_argument("--scratch-minutes", type=float, default=15.0,
-                   help="minutes to draw a 256x256 px patch from scratch (scaled by area) [%(default)s]")
-    p.add_argument("--edit-fraction", type=float, default=0.5,
-                   help="cost of editing a cell, as a fraction of drawing it [%(default)s]")
-    p.add_argument("--delete-fraction", type=float, default=0.05,
-                   help="cost of deleting a cell, as a fraction of drawing it [%(default)s]")
-    p.add_argument("--review-fraction", type=float, default=0.05,
-                   help="cost of looking at a cell and accepting it, as a fraction of drawing it [%(default)s]")
-    p.add_argument("--out-dir", required=True,
-                   help="output folder: per_cell.csv, per_patch.csv, per_round.csv, corrections.png")
+    p.add_argument(
+        "--scratch-minutes",
+        type=float,
+        default=15.0,
+        help="minutes to draw a 256x256 px patch from scratch (scaled by area) [%(default)s]",
+    )
+    p.add_argument(
+        "--edit-fraction",
+        type=float,
+        default=0.5,
+        help="cost of editing a cell, as a fraction of drawing it [%(default)s]",
+    )
+    p.add_argument(
+        "--delete-fraction",
+        type=float,
+        default=0.05,
+        help="cost of deleting a cell, as a fraction of drawing it [%(default)s]",
+    )
+    p.add_argument(
+        "--review-fraction",
+        type=float,
+        default=0.05,
+        help="cost of looking at a cell and accepting it, as a fraction of drawing it [%(default)s]",
+    )
+    p.add_argument(
+        "--out-dir", required=True, help="output folder: per_cell.csv, per_patch.csv, per_round.csv, corrections.png"
+    )
 
 
 def _add_segmentation_steps(sub) -> None:
@@ -642,10 +878,12 @@ def _add_segmentation_steps(sub) -> None:
     p.add_argument("--out", required=True, help="plan table (TSV)")
     p.add_argument("--out-json", required=True, help="plan metadata (JSON)")
     p.add_argument("--halo-unit", choices=["px", "um"], default="px")
-    p.add_argument("--group", default="1",
-                   help="tiles per side a shard predicts in one window, or auto (sized from the margin)")
-    p.add_argument("--context-bound", type=int, default=0,
-                   help="upper bound (px) of the model's own context, to size auto groups")
+    p.add_argument(
+        "--group", default="1", help="tiles per side a shard predicts in one window, or auto (sized from the margin)"
+    )
+    p.add_argument(
+        "--context-bound", type=int, default=0, help="upper bound (px) of the model's own context, to size auto groups"
+    )
     _tiling_args(p)
 
     p = step("halo-check", cmd_halo_check, "refuse a tile plan whose halo is smaller than the largest training cell")
@@ -675,8 +913,12 @@ def _add_segmentation_steps(sub) -> None:
     p.add_argument("--geojson", help="cell outlines (QuPath GeoJSON)")
     p.add_argument("--overlay", help="downsampled overlay (PNG)")
     p.add_argument("--probability-map", help="heat map of the mean cell probability over the slide (PNG)")
-    p.add_argument("--probability-bin-px", type=int, default=64,
-                   help="bin size (px) of the probability map: cells averaged by their centroid's bin")
+    p.add_argument(
+        "--probability-bin-px",
+        type=int,
+        default=64,
+        help="bin size (px) of the probability map: cells averaged by their centroid's bin",
+    )
     p.add_argument("--report", help="counts, large cells, timings (JSON)")
     p.add_argument("--pixel-size-um", type=float)
 
@@ -684,24 +926,35 @@ def _add_segmentation_steps(sub) -> None:
 def _add_expression_steps(sub) -> None:
     """Whole-slide labels to cells, cell-bin GEF and AnnData."""
     step = functools.partial(_step, sub)
-    p = step("cells", cmd_cells,
-             "whole-slide nuclei labels -> cell labels: each nucleus grown by a distance (nearest nucleus within "
-             "it, ties to the lowest id, never two cells), or a user's cell mask; pyramidal OME-TIFF like labels.tif")
+    p = step(
+        "cells",
+        cmd_cells,
+        "whole-slide nuclei labels -> cell labels: each nucleus grown by a distance (nearest nucleus within "
+        "it, ties to the lowest id, never two cells), or a user's cell mask; pyramidal OME-TIFF like labels.tif",
+    )
     p.add_argument("--labels", required=True, help="nuclei labels (uint32 OME-TIFF from `stitch`)")
-    p.add_argument("--out", required=True, help="cell labels (pyramidal OME-TIFF, level 0 uint32; ids = nuclei ids "
-                                                "when grown)")
+    p.add_argument(
+        "--out", required=True, help="cell labels (pyramidal OME-TIFF, level 0 uint32; ids = nuclei ids when grown)"
+    )
     p.add_argument("--report", help="counts, distance, timings (JSON)")
-    p.add_argument("--distance", type=float, default=10.0,
-                   help="expansion distance (> 0; at most 200 px or 100 µm) [%(default)s, cellbin2's correct_r]")
+    p.add_argument(
+        "--distance",
+        type=float,
+        default=10.0,
+        help="expansion distance (> 0; at most 200 px or 100 µm) [%(default)s, cellbin2's correct_r]",
+    )
     p.add_argument("--unit", choices=["px", "um"], default="px", help="unit of --distance [%(default)s]")
     p.add_argument("--um-per-px", type=float, help="the slide's µm per pixel (needed with --unit um)")
-    p.add_argument("--mask", help="a user's cell label image in the labels' frame (same size), used instead of "
-                                  "growing the nuclei")
+    p.add_argument(
+        "--mask", help="a user's cell label image in the labels' frame (same size), used instead of growing the nuclei"
+    )
     p.add_argument("--band-rows", type=int, default=1024, help="label rows computed at a time [%(default)s]")
-    p.add_argument("--block-cols", type=int, default=4096,
-                   help="label columns computed at a time within a band [%(default)s]")
-    p.add_argument("--pixel-size-um", type=float, help="physical pixel size written in the OME metadata "
-                                                       "(default --um-per-px)")
+    p.add_argument(
+        "--block-cols", type=int, default=4096, help="label columns computed at a time within a band [%(default)s]"
+    )
+    p.add_argument(
+        "--pixel-size-um", type=float, help="physical pixel size written in the OME metadata (default --um-per-px)"
+    )
 
     p = step("cgef", cmd_cgef, "GEM/bgef + whole-slide labels -> cell-bin GEF (exact writer or gefpy)")
     p.add_argument("--gem", required=True, help="expression: GEM, GEM.gz or bin GEF (.bgef/.gef)")
@@ -710,69 +963,113 @@ def _add_expression_steps(sub) -> None:
     p.add_argument("--labels", required=True)
     p.add_argument("--cgef", required=True)
     p.add_argument("--cellmap", required=True, help="output table: cgef cell -> label id")
-    p.add_argument("--report", help="output JSON: UMIs in cells and the alignment check (the shift of the matrix "
-                                    "that would put more UMIs in cells)")
+    p.add_argument(
+        "--report",
+        help="output JSON: UMIs in cells and the alignment check (the shift of the matrix "
+        "that would put more UMIs in cells)",
+    )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--chunk", type=int,
-                   help="expression records read at a time (default 2,097,152; a GEM in blocks of about as many lines)")
-    p.add_argument("--band-records", type=int,
-                   help="at most this many records per band of label rows and per merge bucket (default 1,048,576)")
-    p.add_argument("--band-rows", type=int, help="at most this many label rows read at a time (default: 512, "
-                   "or fewer so that a band holds at most 4,194,304 pixels)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        help="expression records read at a time (default 2,097,152; a GEM in blocks of about as many lines)",
+    )
+    p.add_argument(
+        "--band-records",
+        type=int,
+        help="at most this many records per band of label rows and per merge bucket (default 1,048,576)",
+    )
+    p.add_argument(
+        "--band-rows",
+        type=int,
+        help="at most this many label rows read at a time (default: 512, "
+        "or fewer so that a band holds at most 4,194,304 pixels)",
+    )
 
     p = step("h5ad", cmd_h5ad, "cgef -> AnnData (.h5ad): streamed from the cgef (direct) or with stereopy")
     p.add_argument("--cgef", required=True)
     p.add_argument("--cellmap", required=True)
-    p.add_argument("--writer", default="direct", choices=["direct", "stereopy"],
-                   help="direct: X streamed from the cgef in bounded memory; stereopy: stereopy's read_gef and "
-                        "stereo_to_anndata (memory grows with the matrix) [%(default)s]")
-    p.add_argument("--chunk", type=int, default=1 << 22,
-                   help="direct writer: matrix entries copied at a time [%(default)s]")
+    p.add_argument(
+        "--writer",
+        default="direct",
+        choices=["direct", "stereopy"],
+        help="direct: X streamed from the cgef in bounded memory; stereopy: stereopy's read_gef and "
+        "stereo_to_anndata (memory grows with the matrix) [%(default)s]",
+    )
+    p.add_argument(
+        "--chunk", type=int, default=1 << 22, help="direct writer: matrix entries copied at a time [%(default)s]"
+    )
     p.add_argument("--out", required=True)
 
 
 def _add_expression_qc_steps(sub) -> None:
     """Expression QC and purity of the cells, SAW's cells beside ours, cluster checks."""
     step = functools.partial(_step, sub)
-    p = step("expression-qc", cmd_expression_qc,
-             "per-cell QC (UMIs, genes, area) of the cell tables of the cgefs, before vs after fine-tuning")
+    p = step(
+        "expression-qc",
+        cmd_expression_qc,
+        "per-cell QC (UMIs, genes, area) of the cell tables of the cgefs, before vs after fine-tuning",
+    )
     p.add_argument("--cellmaps", nargs="+", required=True)
     p.add_argument("--samples", nargs="+", required=True, help="the sample of each cell table")
-    p.add_argument("--stages", nargs="+",
-                   help="the segmentation stage of each cell table (or one for all); with two stages the first is "
-                        "'before', the second 'after': before_after.csv and overlaid distributions")
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        help="the segmentation stage of each cell table (or one for all); with two stages the first is "
+        "'before', the second 'after': before_after.csv and overlaid distributions",
+    )
     p.add_argument("--extreme-iqr", type=float, default=3.0, help="area outlier fence in IQRs beyond the quartiles")
-    p.add_argument("--reports", nargs="*", help="the alignment reports (`cgef --report`) of the first cell tables, "
-                                                "in their order: UMIs in cells and the alignment check in summary.csv")
+    p.add_argument(
+        "--reports",
+        nargs="*",
+        help="the alignment reports (`cgef --report`) of the first cell tables, "
+        "in their order: UMIs in cells and the alignment check in summary.csv",
+    )
     p.add_argument("--out-dir", required=True)
 
-    p = step("saw-cells", cmd_saw_cells,
-             "SAW's cell-bin GEF (cellbin.gef, adjusted.cellbin.gef) -> a per-cell table like `cgef`'s cellmap.csv, "
-             "so the expression QC puts SAW's cells beside ours")
+    p = step(
+        "saw-cells",
+        cmd_saw_cells,
+        "SAW's cell-bin GEF (cellbin.gef, adjusted.cellbin.gef) -> a per-cell table like `cgef`'s cellmap.csv, "
+        "so the expression QC puts SAW's cells beside ours",
+    )
     p.add_argument("--cellbin", required=True, help="SAW's (or gefpy's) cell-bin GEF")
     p.add_argument("--out", required=True, help="per-cell table (CSV, the columns of cellmap.csv)")
 
-    p = step("purity", cmd_purity,
-             "how pure each cell's expression is, per stage of one sample: the mutually exclusive co-expression "
-             "rate (MECR) of marker pairs from the cgef, and, with ground-truth labels, the share of each cell's "
-             "UMIs from its dominant true cell and of its marker UMIs from its own type (docs/expression.md)")
+    p = step(
+        "purity",
+        cmd_purity,
+        "how pure each cell's expression is, per stage of one sample: the mutually exclusive co-expression "
+        "rate (MECR) of marker pairs from the cgef, and, with ground-truth labels, the share of each cell's "
+        "UMIs from its dominant true cell and of its marker UMIs from its own type (docs/expression.md)",
+    )
     p.add_argument("--stages", nargs="+", required=True, help="the stage name of each cell table (pretrained, ...)")
     p.add_argument("--cgefs", nargs="+", required=True, help="each stage's cell-bin GEF (for the MECR)")
     p.add_argument("--labels", nargs="+", required=True, help="each stage's whole-slide label image")
-    p.add_argument("--out-dir", required=True,
-                   help="folder for summary.json, mecr_pairs.csv (rows with markers), cells.csv (rows with truth)")
+    p.add_argument(
+        "--out-dir",
+        required=True,
+        help="folder for summary.json, mecr_pairs.csv (rows with markers), cells.csv (rows with truth)",
+    )
     p.add_argument("--expression", help="the sample's GEM or bgef (needed with --truth)")
     p.add_argument("--truth", help="ground-truth instance labels, same size and frame as --labels")
     p.add_argument("--truth-types", help="CSV 'label,type': the cell type of every truth label (marker purity)")
     p.add_argument("--markers", help="marker genes per cell type: a JSON object {type: [genes]} or a JSON file")
-    p.add_argument("--mixed-fraction", type=float, default=0.10,
-                   help="a cell is mixed when UMIs from true cells other than its dominant one reach this fraction")
+    p.add_argument(
+        "--mixed-fraction",
+        type=float,
+        default=0.10,
+        help="a cell is mixed when UMIs from true cells other than its dominant one reach this fraction",
+    )
     p.add_argument("--origin", default="auto", help="GEM coordinate of label pixel (0, 0): 'auto' or 'x,y'")
     p.add_argument("--sample", default="", help="the sample id written into the summary")
 
-    p = step("cluster-check", cmd_cluster_check,
-             "open each stage's h5ad with current anndata and run scanpy's normalize/log1p/PCA/neighbours/Leiden; "
-             "with purity cell tables, the adjusted Rand index of the clusters against the true cell types")
+    p = step(
+        "cluster-check",
+        cmd_cluster_check,
+        "open each stage's h5ad with current anndata and run scanpy's normalize/log1p/PCA/neighbours/Leiden; "
+        "with purity cell tables, the adjusted Rand index of the clusters against the true cell types",
+    )
     p.add_argument("--stages", nargs="+", required=True, help="the stage name of each h5ad")
     p.add_argument("--h5ads", nargs="+", required=True, help="each stage's AnnData (.h5ad)")
     p.add_argument("--cells", help="cells.csv of `segrefine purity --truth` (each cell's true type, per stage)")
@@ -785,33 +1082,52 @@ def _add_expression_qc_steps(sub) -> None:
 def _add_report_steps(sub) -> None:
     """The sample's SpatialData store and the report's purity table."""
     step = functools.partial(_step, sub)
-    p = step("spatialdata", cmd_spatialdata,
-             "one sample's SpatialData store (.zarr; scverse): the slide (multiscale), the nuclei (and cell) labels "
-             "(multiscale), the outlines as shapes and the AnnData linked to the labels; runs in the spatialdata env "
-             "(docs/spatialdata.md)")
+    p = step(
+        "spatialdata",
+        cmd_spatialdata,
+        "one sample's SpatialData store (.zarr; scverse): the slide (multiscale), the nuclei (and cell) labels "
+        "(multiscale), the outlines as shapes and the AnnData linked to the labels; runs in the spatialdata env "
+        "(docs/spatialdata.md)",
+    )
     p.add_argument("--slide", required=True, help="the slide TIFF (read lazily; its own pyramid is kept)")
     p.add_argument("--labels", required=True, help="nuclei labels: the pyramidal labels.tif of `segrefine stitch`")
-    p.add_argument("--cells-labels", help="cell labels (nuclei grown into cells: `segrefine cells`), same frame; "
-                                          "written as labels 'cells'")
+    p.add_argument(
+        "--cells-labels",
+        help="cell labels (nuclei grown into cells: `segrefine cells`), same frame; written as labels 'cells'",
+    )
     p.add_argument("--outlines", required=True, help="cell outlines: cells.geojson of `segrefine stitch`")
-    p.add_argument("--cell-table", required=True,
-                   help="cells.parquet or cells.csv of `segrefine stitch` (the cells' centres)")
+    p.add_argument(
+        "--cell-table", required=True, help="cells.parquet or cells.csv of `segrefine stitch` (the cells' centres)"
+    )
     p.add_argument("--h5ad", required=True, help="AnnData of `segrefine h5ad` (obs 'label_id' = id in --labels)")
-    p.add_argument("--out", required=True, help="the SpatialData store to write (a folder ending in .zarr); an "
-                                                "existing one is replaced only if segrefine wrote it")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="the SpatialData store to write (a folder ending in .zarr); an "
+        "existing one is replaced only if segrefine wrote it",
+    )
     p.add_argument("--png", help="also render the store with spatialdata-plot into this PNG")
-    p.add_argument("--pixel-size-um", type=float,
-                   help="µm per slide pixel: adds the 'micron' coordinate system (omit if unknown)")
+    p.add_argument(
+        "--pixel-size-um", type=float, help="µm per slide pixel: adds the 'micron' coordinate system (omit if unknown)"
+    )
     p.add_argument("--stain", help="the channel name of a grayscale slide (e.g. ssDNA, DAPI)")
     p.add_argument("--sample", help="sample id (the PNG's title and the store's 'segrefine' attributes)")
-    p.add_argument("--min-side", type=int, default=1024,
-                   help="a slide without its own pyramid is downsampled by 2 until its longer side is at most this "
-                        "(px) [%(default)s]")
-    p.add_argument("--close-up", type=int, default=256,
-                   help="side (px) of the PNG's close-up around the median cell [%(default)s]")
+    p.add_argument(
+        "--min-side",
+        type=int,
+        default=1024,
+        help="a slide without its own pyramid is downsampled by 2 until its longer side is at most this "
+        "(px) [%(default)s]",
+    )
+    p.add_argument(
+        "--close-up", type=int, default=256, help="side (px) of the PNG's close-up around the median cell [%(default)s]"
+    )
 
-    p = step("purity-table", cmd_purity_table,
-             "one row per sample and stage of the purity summaries and cluster checks (the report's table)")
+    p = step(
+        "purity-table",
+        cmd_purity_table,
+        "one row per sample and stage of the purity summaries and cluster checks (the report's table)",
+    )
     p.add_argument("--summaries", nargs="*", help="summary.json files of `segrefine purity`")
     p.add_argument("--clusters", nargs="*", help="JSON files of `segrefine cluster-check`")
     p.add_argument("--out", required=True, help="CSV table")
@@ -847,7 +1163,7 @@ STEP_OPTION_HELP = {
     ("convert-annotation", "--out"): "instance mask (TIFF, uint16/uint32 labels)",
     ("trainset", "--images"): "patch images, named {SN}-x.._y.._w.._h..-img.tif",
     ("trainset", "--masks"): "instance masks, named {SN}-x.._y.._w.._h..-mask.tif; "
-                             "paired with the images by patch name",
+    "paired with the images by patch name",
     ("trainset", "--out"): "training-set table (TSV; its summary JSON is written beside it)",
     ("trainset", "--seed"): "seed of the split assignment [%(default)s]",
     ("fetch-pretrained", "--name"): "official model name (e.g. cyto3, 2D_versatile_fluo)",
@@ -887,7 +1203,9 @@ STEP_OPTION_HELP = {
     ("expression-qc", "--out-dir"): "output folder: cells.csv, summary.csv, extreme_area.csv, distributions.png",
 }
 OPTION_HELP = {
-    "--out": "output file", "--out-dir": "output folder", "--seed": "random seed [%(default)s]",
+    "--out": "output file",
+    "--out-dir": "output folder",
+    "--seed": "random seed [%(default)s]",
     "--slide": "whole-slide image (TIFF/OME-TIFF/NDPI/SVS; read region by region)",
     "--sn": "chip serial number (prefix of the patch names)",
     "--card": "model card (card.json) of a saved model",
@@ -1010,13 +1328,18 @@ def os_error_message(exc: BaseException, args) -> Optional[str]:
         problem = _PROBLEMS.get(code) or os.strerror(code)
         if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             free = _free_space(name or (outputs or ["."])[0])
-            return (f"{where}: cannot write: {problem}" + (f" ({free})" if free else "")
-                    + "; no partial file is left under a final name: free space and rerun")
+            return (
+                f"{where}: cannot write: {problem}"
+                + (f" ({free})" if free else "")
+                + "; no partial file is left under a final name: free space and rerun"
+            )
         if code == errno.EROFS:
             return f"{where}: cannot write: {problem}; choose an output folder on a writable file system and rerun"
         if code in (errno.EACCES, errno.EPERM):
-            return (f"{where}: {problem}; make it readable (an input) or its folder writable (an output) for this "
-                    "user and rerun")
+            return (
+                f"{where}: {problem}; make it readable (an input) or its folder writable (an output) for this "
+                "user and rerun"
+            )
         return f"{where}: {problem}"
     return None
 

@@ -12,6 +12,7 @@ flavour, 2 iterations, seeded). With each cell's true type (``truth_type`` of
 it scores the clusters by the adjusted Rand index (ARI, scikit-learn) over the
 cells that have a true type: 1 is a perfect recovery, 0 what chance gives.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,14 +39,18 @@ def cluster_stage(h5ad, truth_types=None, resolution: float = 0.5, seed: int = 0
     try:
         adata = anndata.read_h5ad(path)
     except Exception as exc:
-        raise SegRefineError(f"{path}: this anndata cannot read it ({type(exc).__name__}: {exc})"
-                             ) from None
+        raise SegRefineError(f"{path}: this anndata cannot read it ({type(exc).__name__}: {exc})") from None
     if "label_id" not in adata.obs:
         raise SegRefineError(f"{path}: obs has no 'label_id' column (not written by `segrefine h5ad`)")
     from importlib.metadata import version
 
-    out = {"h5ad": str(path), "cells": int(adata.n_obs), "genes": int(adata.n_vars),
-           "anndata": version("anndata"), "scanpy": version("scanpy")}
+    out = {
+        "h5ad": str(path),
+        "cells": int(adata.n_obs),
+        "genes": int(adata.n_vars),
+        "anndata": version("anndata"),
+        "scanpy": version("scanpy"),
+    }
     sc.pp.filter_cells(adata, min_counts=min_umis)
     out["cells_clustered"] = int(adata.n_obs)
     if adata.n_obs < 3:
@@ -68,10 +73,12 @@ def cluster_stage(h5ad, truth_types=None, resolution: float = 0.5, seed: int = 0
         out["cells_with_true_type"] = int(known.sum())
         if known.sum() >= 2:
             out["ari"] = float(adjusted_rand_score(true[known], clusters.to_numpy()[known]))
-            table = pd.crosstab(pd.Series(true[known], name="type"), pd.Series(clusters.to_numpy()[known],
-                                                                               name="cluster"))
-            out["types_by_cluster"] = {str(c): {str(t): int(table.loc[t, c]) for t in table.index if table.loc[t, c]}
-                                       for c in table.columns}
+            table = pd.crosstab(
+                pd.Series(true[known], name="type"), pd.Series(clusters.to_numpy()[known], name="cluster")
+            )
+            out["types_by_cluster"] = {
+                str(c): {str(t): int(table.loc[t, c]) for t in table.index if table.loc[t, c]} for c in table.columns
+            }
     return out
 
 
@@ -80,16 +87,24 @@ def read_true_types(cells_csv) -> Dict[str, Dict[int, str]]:
     import pandas as pd
 
     try:
-        table = pd.read_csv(cells_csv, usecols=["stage", "label_id", "truth_type"], dtype={"truth_type": str,
-                                                                                        "stage": str})
+        table = pd.read_csv(
+            cells_csv, usecols=["stage", "label_id", "truth_type"], dtype={"truth_type": str, "stage": str}
+        )
     except (OSError, ValueError) as exc:
         raise SegRefineError(f"{cells_csv}: not a cell table of `segrefine purity` ({exc})") from None
     table = table[table["truth_type"].fillna("") != ""]
     return {stage: dict(zip(g["label_id"].astype(np.int64), g["truth_type"])) for stage, g in table.groupby("stage")}
 
 
-def cluster_check(stages: Sequence[str], h5ads: Sequence, out_json, cells=None, sample: str = "",
-                  resolution: float = 0.5, seed: int = 0) -> dict:
+def cluster_check(
+    stages: Sequence[str],
+    h5ads: Sequence,
+    out_json,
+    cells=None,
+    sample: str = "",
+    resolution: float = 0.5,
+    seed: int = 0,
+) -> dict:
     """``cluster_stage`` of each stage's h5ad, scored against the true types of ``cells`` (`segrefine purity`'s
     cells.csv) when given, written to ``out_json``."""
     from segrefine.io import write_text_atomic

@@ -13,6 +13,7 @@ From the patch's true instance labels (and its image for the edge contrast):
   percentiles) on the cells' boundary pixels (low = faint or blurred borders).
 Measures that need two cells (nn_distance, compactness) are NaN with fewer.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Sequence
@@ -56,7 +57,7 @@ def patch_complexity(labels: np.ndarray, image: np.ndarray, grid: int = 4) -> Di
     for y, x in centroids:
         counts[min(int(y * grid / h), grid - 1), min(int(x * grid / w), grid - 1)] += 1
     out["distribution"] = float(counts.std() / counts.mean()) if n else float("nan")
-    shapes = [p.perimeter ** 2 / (4 * np.pi * p.area) for p in props if p.perimeter > 0]
+    shapes = [p.perimeter**2 / (4 * np.pi * p.area) for p in props if p.perimeter > 0]
     out["shape_complexity"] = float(np.mean(shapes)) if shapes else float("nan")
     img = _gray01(image)
     if img.shape != labels.shape:
@@ -66,8 +67,14 @@ def patch_complexity(labels: np.ndarray, image: np.ndarray, grid: int = 4) -> Di
     return {k: out[k] for k in COLUMNS}
 
 
-def trainset_complexity(trainset_path, out_csv, long_csv=None, out_joined=None, grid: int = 4,
-                        accuracy_metrics: Sequence[str] = ("f1", "ap_mean")):
+def trainset_complexity(
+    trainset_path,
+    out_csv,
+    long_csv=None,
+    out_joined=None,
+    grid: int = 4,
+    accuracy_metrics: Sequence[str] = ("f1", "ap_mean"),
+):
     """Complexity of every patch of the training set (with its split); optionally joined with the
     test patches' accuracy from the long evaluation table (standard mode), one row per patch,
     model and stage."""
@@ -78,16 +85,22 @@ def trainset_complexity(trainset_path, out_csv, long_csv=None, out_joined=None, 
 
     rows = []
     for r in read_trainset(trainset_path):
-        rows.append({"image": r["patch"], "split": r["split"],
-                     **patch_complexity(read_tiff(r["mask"]), read_tiff(r["image"]), grid)})
+        rows.append(
+            {
+                "image": r["patch"],
+                "split": r["split"],
+                **patch_complexity(read_tiff(r["mask"]), read_tiff(r["image"]), grid),
+            }
+        )
     table = pd.DataFrame(rows, columns=["image", "split"] + COLUMNS)
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.5g")
     if long_csv and out_joined:
         long = pd.read_csv(long_csv)
         acc = long[(long["mode"] == "standard") & long["metric"].isin(accuracy_metrics)]
-        acc = acc.pivot_table(index=["model", "stage", "image"], columns="metric", values="value",
-                              aggfunc="first").reset_index()
+        acc = acc.pivot_table(
+            index=["model", "stage", "image"], columns="metric", values="value", aggfunc="first"
+        ).reset_index()
         joined = acc.merge(table.drop(columns=["split"]), on="image", how="left")
         with atomic_path(out_joined) as tmp:
             joined.to_csv(tmp, index=False, float_format="%.5g")

@@ -28,6 +28,7 @@ first written. Accuracy per round: the test F1 of the model that pre-annotated (
 evaluation summary was given) and of the next model: the next round's, or the current fine-tuned model's
 (the evaluation summary) for the last round; the held-out patches can differ between rounds (docs/annotation.md).
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,8 +63,9 @@ def diff_cells(pre: Sequence, post: Sequence, source: str = "") -> List[dict]:
     claimed, seen, rows, left = set(), set(), [], []
     for o in post:
         if o.id is not None and o.id in seen:
-            log.warning("%s: feature %d: id %r is used by an earlier object too: compared by IoU only", source,
-                        o.index, o.id)
+            log.warning(
+                "%s: feature %d: id %r is used by an earlier object too: compared by IoU only", source, o.index, o.id
+            )
         if o.id in pre_by_id and o.id not in claimed:
             p = pre_by_id[o.id]
             claimed.add(o.id)
@@ -97,25 +99,40 @@ def _row(p, o, match: str) -> dict:
         status = "accepted" if iou >= ACCEPT_IOU else "edited"
     else:
         iou, status = math.nan, ("added" if p is None else "deleted")
-    row = {"status": status, "match": match, "iou": iou,
-           "pre_id": p.id if p is not None else "", "post_id": (o.id or "") if o is not None else "",
-           "pre_index": p.index if p is not None else -1, "post_index": o.index if o is not None else -1,
-           "pre_area": p.geometry.area if p is not None else math.nan,
-           "post_area": o.geometry.area if o is not None else math.nan}
+    row = {
+        "status": status,
+        "match": match,
+        "iou": iou,
+        "pre_id": p.id if p is not None else "",
+        "post_id": (o.id or "") if o is not None else "",
+        "pre_index": p.index if p is not None else -1,
+        "post_index": o.index if o is not None else -1,
+        "pre_area": p.geometry.area if p is not None else math.nan,
+        "post_area": o.geometry.area if o is not None else math.nan,
+    }
     for k, v in (p.measurements if p is not None else {}).items():
         row[f"pre_{k}"] = v
     return row
 
 
-def minutes(counts: Dict[str, int], patch_area_px: int, scratch_minutes: float = SCRATCH_MINUTES,
-            edit_fraction: float = EDIT_FRACTION, delete_fraction: float = DELETE_FRACTION,
-            review_fraction: float = REVIEW_FRACTION) -> Tuple[float, float, float]:
+def minutes(
+    counts: Dict[str, int],
+    patch_area_px: int,
+    scratch_minutes: float = SCRATCH_MINUTES,
+    edit_fraction: float = EDIT_FRACTION,
+    delete_fraction: float = DELETE_FRACTION,
+    review_fraction: float = REVIEW_FRACTION,
+) -> Tuple[float, float, float]:
     """(minutes from scratch, minutes correcting, minutes saved) of one patch (the module's model)."""
     scratch = scratch_minutes * patch_area_px / (256 * 256)
     n_cells = counts["accepted"] + counts["edited"] + counts["added"] or counts["deleted"]
     per_cell = scratch / max(n_cells, 1)
-    correcting = per_cell * (counts["added"] + edit_fraction * counts["edited"]
-                             + delete_fraction * counts["deleted"] + review_fraction * counts["accepted"])
+    correcting = per_cell * (
+        counts["added"]
+        + edit_fraction * counts["edited"]
+        + delete_fraction * counts["deleted"]
+        + review_fraction * counts["accepted"]
+    )
     return scratch, correcting, scratch - correcting
 
 
@@ -139,8 +156,13 @@ def _pick(versions: List[dict], post_ids: set, shape, origin, exclude, use_nucle
     return best[1], best[2]
 
 
-def count_corrections(annotation_files: Sequence[str], archive_dir, exclude_classes: Sequence[str] = ("Region",),
-                      use_nucleus: bool = False, **time_model):
+def count_corrections(
+    annotation_files: Sequence[str],
+    archive_dir,
+    exclude_classes: Sequence[str] = ("Region",),
+    use_nucleus: bool = False,
+    **time_model,
+):
     """(per-cell DataFrame, per-patch DataFrame) of the corrected GeoJSON files against their pre-annotations."""
     import pandas as pd
 
@@ -167,14 +189,26 @@ def count_corrections(annotation_files: Sequence[str], archive_dir, exclude_clas
         sha = version.get("card_sha256", "")
         for r in cells:
             cell_rows.append({"patch": box.name, "model_sha": sha[:12], **r})
-        patch_rows.append({
-            "sample": box.sn, "patch": box.name, "annotation": str(f), "preannotation": version.get("path", ""),
-            "model": version.get("model", ""), "model_sha": sha[:12], "written": version.get("written", ""),
-            "f1_model": version.get("f1_finetuned", math.nan),
-            "n_pre": len(pre), "n_post": len(post), **counts,
-            "touched": counts["edited"] + counts["deleted"] + counts["added"],
-            "minutes_scratch": round(scratch, 2), "minutes_correcting": round(correcting, 2),
-            "minutes_saved": round(saved, 2), "note": note})
+        patch_rows.append(
+            {
+                "sample": box.sn,
+                "patch": box.name,
+                "annotation": str(f),
+                "preannotation": version.get("path", ""),
+                "model": version.get("model", ""),
+                "model_sha": sha[:12],
+                "written": version.get("written", ""),
+                "f1_model": version.get("f1_finetuned", math.nan),
+                "n_pre": len(pre),
+                "n_post": len(post),
+                **counts,
+                "touched": counts["edited"] + counts["deleted"] + counts["added"],
+                "minutes_scratch": round(scratch, 2),
+                "minutes_correcting": round(correcting, 2),
+                "minutes_saved": round(saved, 2),
+                "note": note,
+            }
+        )
         log.info("%s: %s", f, ", ".join(f"{counts[s]} {s}" for s in STATUSES) + (f" ({note})" if note else ""))
     return pd.DataFrame(cell_rows), pd.DataFrame(patch_rows)
 
@@ -204,18 +238,40 @@ def round_table(per_patch, archive_dir, current_f1: Optional[float] = None):
         f1_before = first[sha]["f1"] if sha in first else math.nan
         f1_after = first[nxt]["f1"] if nxt else (current_f1 if current_f1 is not None and k else math.nan)
         n_cells = int(g["n_pre"].sum())
-        rows.append({"round": k, "model_sha": sha, "model": g["model"].iloc[0], "patches": len(g),
-                     "cells_pre": n_cells, **{s: int(g[s].sum()) for s in STATUSES},
-                     "touched": int(g["touched"].sum()),
-                     "touched_fraction": round(float(g["touched"].sum()) / n_cells, 4) if n_cells else math.nan,
-                     "minutes_scratch": round(float(g["minutes_scratch"].sum()), 2),
-                     "minutes_correcting": round(float(g["minutes_correcting"].sum()), 2),
-                     "minutes_saved": round(float(g["minutes_saved"].sum()), 2),
-                     "f1_before": f1_before, "f1_after": f1_after,
-                     "f1_gain": (f1_after - f1_before) if not (math.isnan(f1_before) or math.isnan(f1_after))
-                     else math.nan})
-    cols = ["round", "model_sha", "model", "patches", "cells_pre", *STATUSES, "touched", "touched_fraction",
-            "minutes_scratch", "minutes_correcting", "minutes_saved", "f1_before", "f1_after", "f1_gain"]
+        rows.append(
+            {
+                "round": k,
+                "model_sha": sha,
+                "model": g["model"].iloc[0],
+                "patches": len(g),
+                "cells_pre": n_cells,
+                **{s: int(g[s].sum()) for s in STATUSES},
+                "touched": int(g["touched"].sum()),
+                "touched_fraction": round(float(g["touched"].sum()) / n_cells, 4) if n_cells else math.nan,
+                "minutes_scratch": round(float(g["minutes_scratch"].sum()), 2),
+                "minutes_correcting": round(float(g["minutes_correcting"].sum()), 2),
+                "minutes_saved": round(float(g["minutes_saved"].sum()), 2),
+                "f1_before": f1_before,
+                "f1_after": f1_after,
+                "f1_gain": (f1_after - f1_before) if not (math.isnan(f1_before) or math.isnan(f1_after)) else math.nan,
+            }
+        )
+    cols = [
+        "round",
+        "model_sha",
+        "model",
+        "patches",
+        "cells_pre",
+        *STATUSES,
+        "touched",
+        "touched_fraction",
+        "minutes_scratch",
+        "minutes_correcting",
+        "minutes_saved",
+        "f1_before",
+        "f1_after",
+        "f1_gain",
+    ]
     return pd.DataFrame(rows, columns=cols).sort_values("round", kind="mergesort").reset_index(drop=True)
 
 
@@ -232,8 +288,7 @@ def plot_corrections(per_patch, per_round, out_png) -> None:
 
     colours = {"accepted": "#4caf50", "edited": "#ffb300", "deleted": "#e53935", "added": "#1e88e5"}
     n = max(len(per_patch), 1)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, max(3.0, 0.28 * n + 1.5)),
-                                 gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, max(3.0, 0.28 * n + 1.5)), gridspec_kw={"width_ratios": [3, 2]})
     left = np.zeros(len(per_patch))
     for s in STATUSES:
         v = per_patch[s].to_numpy(dtype=float) if len(per_patch) else np.zeros(0)
@@ -265,15 +320,25 @@ def plot_corrections(per_patch, per_round, out_png) -> None:
     plt.close(fig)
 
 
-def corrections(annotation_files: Sequence[str], archive_dir, out_dir, summary_csv=None, model: Optional[str] = None,
-                exclude_classes: Sequence[str] = ("Region",), use_nucleus: bool = False, **time_model):
+def corrections(
+    annotation_files: Sequence[str],
+    archive_dir,
+    out_dir,
+    summary_csv=None,
+    model: Optional[str] = None,
+    exclude_classes: Sequence[str] = ("Region",),
+    use_nucleus: bool = False,
+    **time_model,
+):
     """Write per_cell.csv, per_patch.csv, per_round.csv and corrections.png into ``out_dir``; returns per_round."""
     from segrefine.io import atomic_path
 
     files = [f for f in annotation_files if Path(f).suffix.lower() in (".geojson", ".json")]
     if not files:
-        raise SegRefineError(f"no GeoJSON annotation files among {list(map(str, annotation_files))}: nothing to "
-                             f"compare with the pre-annotations")
+        raise SegRefineError(
+            f"no GeoJSON annotation files among {list(map(str, annotation_files))}: nothing to "
+            f"compare with the pre-annotations"
+        )
     for k, v in time_model.items():
         if v is None or not math.isfinite(v) or v < 0:
             raise SegRefineError(f"{k} must be a number >= 0, got {v}")

@@ -19,6 +19,7 @@ that the workflow trains its offline base model on, so that "before and after
 fine-tuning" means something without a model hub.
 Everything is a pure function of the seed.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -29,14 +30,15 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 BAND_MARKERS = ["Prox1", "Neurod1", "C1ql2", "Calb2", "Dsp"]  # dentate-gyrus-like type
-SPARSE_MARKERS = ["Mbp", "Plp1", "Gfap", "Aqp4", "Olig2"]    # glia-like type
+SPARSE_MARKERS = ["Mbp", "Plp1", "Gfap", "Aqp4", "Olig2"]  # glia-like type
 HOUSEKEEPING = ["Actb", "Gapdh", "Malat1", "Rpl13", "Rps3", "Tubb5", "Eef1a1", "Ppia", "Hsp90ab1", "Ubb"]
 GENES = BAND_MARKERS + SPARSE_MARKERS + HOUSEKEEPING
 DEMO_TYPES = {"dentate": BAND_MARKERS, "glia": SPARSE_MARKERS}  # type -> its markers (config expression.markers)
 
 
-def _paint_nuclei(labels: np.ndarray, centers: np.ndarray, rng: np.random.Generator,
-                  radius: Tuple[float, float], start: int) -> int:
+def _paint_nuclei(
+    labels: np.ndarray, centers: np.ndarray, rng: np.random.Generator, radius: Tuple[float, float], start: int
+) -> int:
     """Paint ellipses at ``centers`` where no cell is yet; returns the next free label."""
     H, W = labels.shape
     lab = start
@@ -73,8 +75,9 @@ def _poisson_disc(rng: np.random.Generator, n_try: int, min_dist: float, accept)
     return np.asarray(pts).reshape(-1, 2)
 
 
-def _render(labels: np.ndarray, rng: np.random.Generator, tissue: np.ndarray, blur_map: np.ndarray,
-            contrast: np.ndarray) -> np.ndarray:
+def _render(
+    labels: np.ndarray, rng: np.random.Generator, tissue: np.ndarray, blur_map: np.ndarray, contrast: np.ndarray
+) -> np.ndarray:
     """ssDNA-like rendering: textured bright nuclei on dim tissue, spatially varying blur, noise."""
     from scipy import ndimage
 
@@ -112,6 +115,7 @@ def make_slide(size: int, seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray
             p = r.uniform(0, 1, (n, 2)) * [H, W]
             keep = region[p[:, 0].astype(int), p[:, 1].astype(int)]
             return p[keep]
+
         return sample
 
     labels = np.zeros((H, W), np.uint32)
@@ -196,28 +200,39 @@ def write_truth_types(path: Path, labels: np.ndarray, band: np.ndarray) -> None:
 def write_gem(path: Path, gem: Dict[str, np.ndarray], sn: str) -> None:
     from segrefine.io import atomic_path
 
-    lines = ["#FileFormat=GEMv0.1", "#SortedBy=None", "#BinSize=1", "#Omics=Transcriptomics",
-             f"#Stereo-seqChip={sn}", "#OffsetX=0", "#OffsetY=0", "geneID\tx\ty\tMIDCount"]
+    lines = [
+        "#FileFormat=GEMv0.1",
+        "#SortedBy=None",
+        "#BinSize=1",
+        "#Omics=Transcriptomics",
+        f"#Stereo-seqChip={sn}",
+        "#OffsetX=0",
+        "#OffsetY=0",
+        "geneID\tx\ty\tMIDCount",
+    ]
     names = np.asarray(GENES)[gem["gene"]]
     body = "\n".join(f"{a}\t{b}\t{c}\t{d}" for a, b, c, d in zip(names, gem["x"], gem["y"], gem["count"]))
     with atomic_path(path, suffix=".gem.gz") as tmp:
         # no timestamp and no (temporary) file name in the gzip header: the same seed gives the same bytes
-        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6,
-                                                   mtime=0) as fh:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as fh:
             fh.write(("\n".join(lines) + "\n" + body + "\n").encode())
 
 
-def choose_patches(band: np.ndarray, tissue: np.ndarray, n: int, size: int, seed: int,
-                   band_fraction: float = 0.6) -> List[Tuple[int, int]]:
+def choose_patches(
+    band: np.ndarray, tissue: np.ndarray, n: int, size: int, seed: int, band_fraction: float = 0.6
+) -> List[Tuple[int, int]]:
     """Top-left corners of ``n`` non-overlapping patches: most in the dense band, the rest in tissue."""
     rng = np.random.default_rng(seed + 2)
     H, W = band.shape
     grid = [(x, y) for y in range(0, H - size + 1, size // 2) for x in range(0, W - size + 1, size // 2)]
+
     def frac(m, x, y):
-        return m[y:y + size, x:x + size].mean()
+        return m[y : y + size, x : x + size].mean()
+
     in_band = [p for p in grid if frac(band, *p) > 0.25]
     elsewhere = [p for p in grid if frac(tissue, *p) > 0.9 and frac(band, *p) == 0]
     chosen: List[Tuple[int, int]] = []
+
     def take(pool, k):
         pool = [pool[i] for i in rng.permutation(len(pool))]
         for p in pool:
@@ -226,14 +241,16 @@ def choose_patches(band: np.ndarray, tissue: np.ndarray, n: int, size: int, seed
             if all(abs(p[0] - q[0]) >= size or abs(p[1] - q[1]) >= size for q in chosen):
                 chosen.append(p)
                 k -= 1
+
     take(in_band, int(round(n * band_fraction)))
     take(elsewhere, n - len(chosen))
     take(in_band + elsewhere, n - len(chosen))
     return sorted(chosen, key=lambda p: (p[1], p[0]))
 
 
-def make_demo(out_dir, sn: str = "DEMO01", size: int = 2048, n_patches: int = 20, patch_size: int = 256,
-              seed: int = 7) -> dict:
+def make_demo(
+    out_dir, sn: str = "DEMO01", size: int = 2048, n_patches: int = 20, patch_size: int = 256, seed: int = 7
+) -> dict:
     """Write the demo chip (slide, truth, GEM, QuPath annotations) into ``out_dir``."""
     from segrefine.annotations import dump_geojson, labels_to_geojson, relabel_sequential
     from segrefine.io import write_text_atomic, write_tiff
@@ -250,12 +267,18 @@ def make_demo(out_dir, sn: str = "DEMO01", size: int = 2048, n_patches: int = 20
     corners = choose_patches(band, tissue, n_patches, patch_size, seed)
     for x, y in corners:
         box = PatchBox(sn, x, y, patch_size, patch_size)
-        crop = labels[y:y + patch_size, x:x + patch_size]
+        crop = labels[y : y + patch_size, x : x + patch_size]
         doc = labels_to_geojson(relabel_sequential(crop.astype(np.int64)))
         write_text_atomic(ann_dir / f"{box.name}.geojson", dump_geojson(doc))
-    info = {"sn": sn, "size": size, "seed": seed, "cells": int(labels.max()),
-            "band_cells": int(len(np.unique(labels[band])) - 1),
-            "patches": len(corners), "patch_size": patch_size}
+    info = {
+        "sn": sn,
+        "size": size,
+        "seed": seed,
+        "cells": int(labels.max()),
+        "band_cells": int(len(np.unique(labels[band])) - 1),
+        "patches": len(corners),
+        "patch_size": patch_size,
+    }
     write_text_atomic(out / "demo.json", json.dumps(info, indent=2) + "\n")
     return info
 
@@ -266,8 +289,10 @@ def generic_nuclei(n_images: int, size: int, seed: int) -> Tuple[List[np.ndarray
     images, masks = [], []
     for _ in range(n_images):
         labels = np.zeros((size, size), np.uint32)
+
         def sample(r, k):
             return r.uniform(0, size, (k, 2))
+
         centers = _poisson_disc(rng, int(size * size / 500), 26.0, sample)
         _paint_nuclei(labels, centers, rng, (5.0, 9.0), 1)
         flat = np.ones((size, size), np.float32)

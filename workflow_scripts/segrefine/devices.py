@@ -12,6 +12,7 @@ this job its own device).
 Standard library only: it runs in every framework's env before the framework
 is imported.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,9 @@ def visible_gpus() -> List[str]:
 
 
 def lock_dir() -> Path:
-    d = (os.environ.get("SEGREFINE_GPU_LOCK_DIR")
-         or str(Path(tempfile.gettempdir()) / f"segrefine-gpu-locks-{os.getuid()}"))
+    d = os.environ.get("SEGREFINE_GPU_LOCK_DIR") or str(
+        Path(tempfile.gettempdir()) / f"segrefine-gpu-locks-{os.getuid()}"
+    )
     Path(d).mkdir(parents=True, exist_ok=True)
     return Path(d)
 
@@ -59,8 +61,11 @@ def gpu_device(count: int, timeout_s: Optional[float] = None, poll_s: float = 1.
         yield None
         return
     if os.environ.get("SLURM_JOB_ID") and os.environ.get("CUDA_VISIBLE_DEVICES"):
-        log.info("SLURM job %s: using the allocation's device(s) CUDA_VISIBLE_DEVICES=%s",
-                 os.environ["SLURM_JOB_ID"], os.environ["CUDA_VISIBLE_DEVICES"])
+        log.info(
+            "SLURM job %s: using the allocation's device(s) CUDA_VISIBLE_DEVICES=%s",
+            os.environ["SLURM_JOB_ID"],
+            os.environ["CUDA_VISIBLE_DEVICES"],
+        )
         yield os.environ["CUDA_VISIBLE_DEVICES"]
         return
     devices = visible_gpus()
@@ -96,8 +101,10 @@ def gpu_device(count: int, timeout_s: Optional[float] = None, poll_s: float = 1.
             return
         waited = time.monotonic() - start
         if timeout_s is not None and waited > timeout_s:
-            raise SegRefineError(f"no free GPU among {devices} after {waited:.0f} s (locks in {lock_dir()}): "
-                                 "more concurrent GPU jobs than devices; lower the `gpu` resource")
+            raise SegRefineError(
+                f"no free GPU among {devices} after {waited:.0f} s (locks in {lock_dir()}): "
+                "more concurrent GPU jobs than devices; lower the `gpu` resource"
+            )
         if waited - last_note >= 30:
             log.info("all GPUs %s are held by other jobs; waiting", devices)
             last_note = waited

@@ -9,6 +9,7 @@ seconds.
 
 Only the standard library is used here: this runs before any env exists.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -126,18 +127,25 @@ def find_python(version: str) -> str:
     exe = shutil.which(f"python{version}")
     candidates = [exe] if exe else []
     pyenv_root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
-    candidates += sorted(glob.glob(os.path.join(pyenv_root, "versions", f"{version}.*", "bin", f"python{version}")),
-                         reverse=True)
+    candidates += sorted(
+        glob.glob(os.path.join(pyenv_root, "versions", f"{version}.*", "bin", f"python{version}")), reverse=True
+    )
     for cand in candidates:
         try:
-            out = subprocess.run([cand, "-c", "import sys, venv; print('%d.%d' % sys.version_info[:2])"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
+            out = subprocess.run(
+                [cand, "-c", "import sys, venv; print('%d.%d' % sys.version_info[:2])"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             continue
         if out == version:
             return cand
-    raise EnvError(f"no Python {version} interpreter found (looked on PATH and in {pyenv_root}/versions); "
-                   f"install Python {version} or use conda (snakemake --sdm conda)")
+    raise EnvError(
+        f"no Python {version} interpreter found (looked on PATH and in {pyenv_root}/versions); "
+        f"install Python {version} or use conda (snakemake --sdm conda)"
+    )
 
 
 def constraints_of(pip: List[str]) -> List[str]:
@@ -158,8 +166,10 @@ def env_python(name: str, envs_dir: Path = ENVS_DIR) -> Path:
         raise EnvError(f"{path}: env file not found")
     d = env_dir(path)
     if not (d / COMPLETE_MARKER).is_file():
-        raise EnvError(f"the '{name}' env ({path}) is not built at {d}: run `make setup` "
-                       f"(or `python {Path(__file__).relative_to(REPO_ROOT)} build {name}`)")
+        raise EnvError(
+            f"the '{name}' env ({path}) is not built at {d}: run `make setup` "
+            f"(or `python {Path(__file__).relative_to(REPO_ROOT)} build {name}`)"
+        )
     return d / "bin" / "python"
 
 
@@ -187,8 +197,10 @@ def build(path: Path, quiet: bool = False) -> Path:
         interpreter = find_python(spec.python)
         log_path = Path(str(target) + ".log")
         if not quiet:
-            print(f"[segrefine-env] building '{spec.name}' (Python {spec.python}) at {target}; log: {log_path}",
-                  flush=True)
+            print(
+                f"[segrefine-env] building '{spec.name}' (Python {spec.python}) at {target}; log: {log_path}",
+                flush=True,
+            )
         with open(log_path, "w") as log:
             _run([interpreter, "-m", "venv", str(target)], log)
             py = str(target / "bin" / "python")
@@ -221,8 +233,7 @@ def install_project(name: str = "core") -> None:
     if any(editable_points_to(m.read_text(errors="ignore"), here) for m in marks if m.is_file()):
         return
     with open(str(target) + ".log", "a") as log:
-        _run([str(target / "bin" / "python"), "-m", "pip", "install", "--no-deps",
-              "-e", here], log)
+        _run([str(target / "bin" / "python"), "-m", "pip", "install", "--no-deps", "-e", here], log)
 
 
 PTH_NAME = "segrefine-workflow-scripts.pth"

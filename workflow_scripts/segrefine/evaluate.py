@@ -5,6 +5,7 @@ Per image, model, stage (pretrained / finetuned) and mode (``standard``, ``parti
 model, stage and mode), a long-format table (model, stage, image, mode, metric, value)
 as CSV and .xlsx with a sheet of definitions.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,18 +20,24 @@ METRICS = ["precision", "recall", "f1", "jaccard", "dice", "ap", "ap_mean", "mea
 ID_COLUMNS = ["model", "stage", "framework", "trainset_version", "image", "mode", "iou_threshold", "min_size"]
 
 DEFINITIONS = [
-    ("mode", "standard: stardist.matching / cellpose.metrics definitions (binary masks split by 4-connectivity, "
-             "optimal one-to-one matching, IoU >= threshold); partial: only annotated cells scored, each by its "
-             "best-matching prediction, unmatched predictions not penalized; paper: the CSRefiner paper's evaluator "
-             "(STOmics cs-benchmark / DeepCell): 8-connectivity relabel, IoU > 0.45, a many-to-many "
-             "'catastrophe' group counts as one correct detection"),
+    (
+        "mode",
+        "standard: stardist.matching / cellpose.metrics definitions (binary masks split by 4-connectivity, "
+        "optimal one-to-one matching, IoU >= threshold); partial: only annotated cells scored, each by its "
+        "best-matching prediction, unmatched predictions not penalized; paper: the CSRefiner paper's evaluator "
+        "(STOmics cs-benchmark / DeepCell): 8-connectivity relabel, IoU > 0.45, a many-to-many "
+        "'catastrophe' group counts as one correct detection",
+    ),
     ("precision", "correct detections / predicted objects"),
     ("recall", "correct detections / true objects"),
     ("f1", "harmonic mean of precision and recall"),
     ("jaccard", "pixel level: |truth foreground & prediction foreground| / |union| (1 when both are empty)"),
     ("dice", "pixel level: 2 |intersection| / (|truth foreground| + |prediction foreground|)"),
-    ("ap", "TP / (TP + FP + FN) at the IoU threshold: the Cellpose/StarDist 'AP' (stardist's 'accuracy'), "
-           "NOT the area under a precision-recall curve"),
+    (
+        "ap",
+        "TP / (TP + FP + FN) at the IoU threshold: the Cellpose/StarDist 'AP' (stardist's 'accuracy'), "
+        "NOT the area under a precision-recall curve",
+    ),
     ("ap_50 ... ap_95", "the same at IoU 0.50, 0.55, ..., 0.95 (standard and partial modes)"),
     ("ap_mean", "mean of ap_50 ... ap_95"),
     ("mean_matched_iou", "mean IoU of the matched pairs"),
@@ -40,8 +47,16 @@ DEFINITIONS = [
 ]
 
 
-def evaluate_model(card_path, trainset_path, split: str, out_csv, predictions_npz=None, iou_threshold: float = 0.5,
-                   modes: Sequence[str] = ("standard",), min_size: int = 0) -> None:
+def evaluate_model(
+    card_path,
+    trainset_path,
+    split: str,
+    out_csv,
+    predictions_npz=None,
+    iou_threshold: float = 0.5,
+    modes: Sequence[str] = ("standard",),
+    min_size: int = 0,
+) -> None:
     """Predict every patch of ``split`` ("all": every annotated patch) with the model of ``card_path``
     and score it in each mode.
 
@@ -69,11 +84,26 @@ def evaluate_model(card_path, trainset_path, split: str, out_csv, predictions_np
         truth = read_tiff(r["mask"])
         preds[r["patch"]] = pred.astype(np.uint32)
         for mode in modes:
-            m = evaluate_pair(truth, pred, iou_threshold, mode=mode, min_size=min_size,
-                              source=f"{r['mask']} vs the prediction of {card['name']} ({card['stage']})")
-            out.append({"model": card["name"], "stage": card["stage"], "framework": card["framework"],
-                        "trainset_version": card.get("trainset_version") or "", "image": r["patch"],
-                        "iou_threshold": iou_threshold, "min_size": min_size, **m})
+            m = evaluate_pair(
+                truth,
+                pred,
+                iou_threshold,
+                mode=mode,
+                min_size=min_size,
+                source=f"{r['mask']} vs the prediction of {card['name']} ({card['stage']})",
+            )
+            out.append(
+                {
+                    "model": card["name"],
+                    "stage": card["stage"],
+                    "framework": card["framework"],
+                    "trainset_version": card.get("trainset_version") or "",
+                    "image": r["patch"],
+                    "iou_threshold": iou_threshold,
+                    "min_size": min_size,
+                    **m,
+                }
+            )
             log.info("%s %s %s [%s]: F1 %.3f", card["name"], card["stage"], r["patch"], mode, m["f1"])
     if predictions_npz:
         with atomic_path(predictions_npz, suffix=".npz") as tmp:
@@ -102,10 +132,14 @@ def _read_per_image(csvs: Sequence[str]):
 
 def long_table(per_image):
     """(model, stage, image, mode, metric, value), one row per number; metrics a mode does not define are left out."""
-    metric_cols = [c for c in per_image.columns if c not in ID_COLUMNS and c != "notes"
-                   and np.issubdtype(per_image[c].dtype, np.number)]
-    long = per_image.melt(id_vars=["model", "stage", "image", "mode"], value_vars=metric_cols,
-                          var_name="metric", value_name="value")
+    metric_cols = [
+        c
+        for c in per_image.columns
+        if c not in ID_COLUMNS and c != "notes" and np.issubdtype(per_image[c].dtype, np.number)
+    ]
+    long = per_image.melt(
+        id_vars=["model", "stage", "image", "mode"], value_vars=metric_cols, var_name="metric", value_name="value"
+    )
     return long.dropna(subset=["value"]).reset_index(drop=True)
 
 
@@ -135,8 +169,9 @@ def summarize(csvs: Sequence[str], out_csv, long_csv: Optional[str] = None, xlsx
             with pd.ExcelWriter(tmp, engine="openpyxl") as xw:
                 summary.to_excel(xw, sheet_name="summary", index=False)
                 long.to_excel(xw, sheet_name="per_image", index=False)
-                pd.DataFrame(DEFINITIONS, columns=["term", "definition"]).to_excel(xw, sheet_name="definitions",
-                                                                                   index=False)
+                pd.DataFrame(DEFINITIONS, columns=["term", "definition"]).to_excel(
+                    xw, sheet_name="definitions", index=False
+                )
     return summary
 
 
@@ -164,8 +199,15 @@ def rank_candidates(csvs: Sequence[str], out_csv, metric: str = "f1", mode: str 
     return ranking
 
 
-def threshold_sweep(card_path, trainset_path, split: str, out_csv, grid: Optional[dict] = None,
-                    iou_threshold: float = 0.5, min_size: int = 0):
+def threshold_sweep(
+    card_path,
+    trainset_path,
+    split: str,
+    out_csv,
+    grid: Optional[dict] = None,
+    iou_threshold: float = 0.5,
+    min_size: int = 0,
+):
     """Mean precision, recall, F1 and AP (standard mode) of a model on the ``split`` patches for
     every combination of its inference thresholds; the best F1 (first in grid order on ties) is
     marked ``best``, the model's own thresholds ``current``. ``grid`` {threshold: [values]} defaults to the
@@ -194,12 +236,22 @@ def threshold_sweep(card_path, trainset_path, split: str, out_csv, grid: Optiona
     for values in itertools.product(*(grid[k] for k in keys)):
         setting = dict(zip(keys, map(float, values)))
         model.set_thresholds(**setting)
-        ms = [evaluate_pair(truth, model.predict(image), iou_threshold, min_size=min_size, source=mask)
-              for mask, image, truth in pairs]
-        out.append({"model": card["name"], "stage": card["stage"], "framework": card["framework"], "split": split,
-                    "n_images": len(pairs), **setting,
-                    **{m: float(np.mean([x[m] for x in ms])) for m in ("precision", "recall", "f1", "ap_mean")},
-                    "current": all(current[k] is not None and abs(current[k] - setting[k]) < 1e-9 for k in keys)})
+        ms = [
+            evaluate_pair(truth, model.predict(image), iou_threshold, min_size=min_size, source=mask)
+            for mask, image, truth in pairs
+        ]
+        out.append(
+            {
+                "model": card["name"],
+                "stage": card["stage"],
+                "framework": card["framework"],
+                "split": split,
+                "n_images": len(pairs),
+                **setting,
+                **{m: float(np.mean([x[m] for x in ms])) for m in ("precision", "recall", "f1", "ap_mean")},
+                "current": all(current[k] is not None and abs(current[k] - setting[k]) < 1e-9 for k in keys),
+            }
+        )
         log.info("%s %s: F1 %.3f", card["name"], setting, out[-1]["f1"])
     table = pd.DataFrame(out)
     table["best"] = False

@@ -1,5 +1,6 @@
 """The figures of the evaluation: before/after box plots with paired Wilcoxon tests,
 per-patch overlays (TP / FP / FN), and the loss curves of every fine-tuning run."""
+
 from __future__ import annotations
 
 import json
@@ -50,11 +51,31 @@ def paired_tests(long, mode: str = "standard", metrics: Sequence[str] = BOX_METR
         p = float("nan")
         if (diff != 0).sum() >= 1:
             p = float(wilcoxon(wide["finetuned"], wide["pretrained"], zero_method="wilcox").pvalue)
-        rows.append({"model": model, "mode": mode, "metric": metric, "n_images": len(wide),
-                     "pretrained_mean": wide["pretrained"].mean(), "finetuned_mean": wide["finetuned"].mean(),
-                     "mean_difference": diff.mean(), "wilcoxon_p": p})
-    return pd.DataFrame(rows, columns=["model", "mode", "metric", "n_images", "pretrained_mean", "finetuned_mean",
-                                       "mean_difference", "wilcoxon_p"])
+        rows.append(
+            {
+                "model": model,
+                "mode": mode,
+                "metric": metric,
+                "n_images": len(wide),
+                "pretrained_mean": wide["pretrained"].mean(),
+                "finetuned_mean": wide["finetuned"].mean(),
+                "mean_difference": diff.mean(),
+                "wilcoxon_p": p,
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "model",
+            "mode",
+            "metric",
+            "n_images",
+            "pretrained_mean",
+            "finetuned_mean",
+            "mean_difference",
+            "wilcoxon_p",
+        ],
+    )
 
 
 def boxplots(long_csv, out_png, out_stats_csv, mode: str = "standard") -> None:
@@ -75,8 +96,9 @@ def boxplots(long_csv, out_png, out_stats_csv, mode: str = "standard") -> None:
     models = sorted(d["model"].unique())
     metrics = [m for m in BOX_METRICS if m in set(d["metric"])]
     plt = _pyplot()
-    fig, axes = plt.subplots(len(models), len(metrics), figsize=(1.9 * len(metrics) + 0.6, 2.5 * len(models)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(models), len(metrics), figsize=(1.9 * len(metrics) + 0.6, 2.5 * len(models)), squeeze=False
+    )
     for i, model in enumerate(models):
         for j, metric in enumerate(metrics):
             ax = axes[i][j]
@@ -84,8 +106,9 @@ def boxplots(long_csv, out_png, out_stats_csv, mode: str = "standard") -> None:
             wide = g.pivot_table(index="image", columns="stage", values="value", aggfunc="first")
             stages = [s for s in ("pretrained", "finetuned") if s in wide]
             ax.boxplot([wide[s].dropna().values for s in stages], widths=0.5)
-            ax.set_xticks(range(1, len(stages) + 1), ["before" if s == "pretrained" else "after" for s in stages],
-                          fontsize=8)
+            ax.set_xticks(
+                range(1, len(stages) + 1), ["before" if s == "pretrained" else "after" for s in stages], fontsize=8
+            )
             if len(stages) == 2:
                 for _, r in wide.dropna().iterrows():
                     ax.plot([1, 2], [r["pretrained"], r["finetuned"]], color="0.6", lw=0.6, zorder=0)
@@ -96,8 +119,7 @@ def boxplots(long_csv, out_png, out_stats_csv, mode: str = "standard") -> None:
             ax.tick_params(labelsize=7)
             if j == 0:
                 ax.set_ylabel(model, fontsize=9)
-    fig.suptitle(f"before vs after fine-tuning, per test patch ({mode} mode; paired Wilcoxon signed-rank)",
-                 fontsize=9)
+    fig.suptitle(f"before vs after fine-tuning, per test patch ({mode} mode; paired Wilcoxon signed-rank)", fontsize=9)
     fig.tight_layout()
     _save(fig, out_png)
 
@@ -161,20 +183,29 @@ def overlays(predictions_npz, trainset_path, out_dir, title: str, threshold: flo
                 truth = read_tiff(r["mask"])
                 pred = preds[name]
                 if truth.shape != pred.shape:
-                    raise SegRefineError(f"{r['mask']}: ground truth {truth.shape} and prediction {pred.shape} "
-                                         f"differ in shape")
+                    raise SegRefineError(
+                        f"{r['mask']}: ground truth {truth.shape} and prediction {pred.shape} differ in shape"
+                    )
                 rgb, n = overlay_rgb(read_tiff(r["image"]), truth, pred, threshold)
                 h, w = rgb.shape[:2]
                 fig, ax = plt.subplots(figsize=(max(3.4, w / 90), max(3.4, h / 90) + 1.0))
                 ax.imshow(rgb, interpolation="nearest")
                 ax.set_axis_off()
-                ax.set_title(f"{title}\n{name}\nTP {n['tp']}  FP {n['fp']}  FN {n['fn']} (IoU >= {threshold})",
-                             fontsize=7)
-                handles = [Patch(facecolor=np.array(COLOURS[k]) / 255, edgecolor="0.3", label=lab) for k, lab in
-                           (("tp", "TP prediction"), ("fp", "FP prediction"), ("fn", "FN (missed) truth"),
-                            ("truth", "matched truth"))]
-                ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=6,
-                          frameon=False)
+                ax.set_title(
+                    f"{title}\n{name}\nTP {n['tp']}  FP {n['fp']}  FN {n['fn']} (IoU >= {threshold})", fontsize=7
+                )
+                handles = [
+                    Patch(facecolor=np.array(COLOURS[k]) / 255, edgecolor="0.3", label=lab)
+                    for k, lab in (
+                        ("tp", "TP prediction"),
+                        ("fp", "FP prediction"),
+                        ("fn", "FN (missed) truth"),
+                        ("truth", "matched truth"),
+                    )
+                ]
+                ax.legend(
+                    handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=6, frameon=False
+                )
                 fig.tight_layout()
                 fig.savefig(work / f"{name}.png", dpi=110, format="png")
                 plt.close(fig)
@@ -209,8 +240,13 @@ def loss_curves(losses: Dict[str, str], out_png) -> None:
         tr = curve.get("train_loss") or []
         ax.plot(np.arange(len(tr)), tr, label="train")
         if curve.get("val_loss"):
-            ax.plot(curve.get("val_epoch") or np.arange(len(curve["val_loss"])), curve["val_loss"], "o-",
-                    ms=3, label="validation")
+            ax.plot(
+                curve.get("val_epoch") or np.arange(len(curve["val_loss"])),
+                curve["val_loss"],
+                "o-",
+                ms=3,
+                label="validation",
+            )
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("loss", fontsize=8)

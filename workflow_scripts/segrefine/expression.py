@@ -24,6 +24,7 @@ transcript at GEM (x, y) lies on label pixel (x - origin_x, y - origin_y).
 transcript at (x, y) lying at image (x + OffsetX, y + OffsetY); 0 when absent).
 A matrix that does not fit inside the label image in that frame is refused.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,6 +44,8 @@ log = logging.getLogger("segrefine.expression")
 
 WRITERS = ("exact", "gefpy")
 CELLMAP_COLUMNS = ("cgef_cell", "label_id", "x", "y", "area", "total_counts", "n_genes")
+
+
 def separate_touching(labels: np.ndarray) -> np.ndarray:
     """Foreground mask in which no two differently labelled pixels are 8-adjacent."""
     labels = np.asarray(labels)
@@ -53,7 +56,7 @@ def separate_touching(labels: np.ndarray) -> np.ndarray:
         for dx in (-1, 0, 1):
             if dy == 0 and dx == 0:
                 continue
-            nb = padded[1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
+            nb = padded[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W]
             keep &= ~(nb > labels)  # a higher-labelled neighbour (never background: 0 is lowest)
     return keep
 
@@ -108,8 +111,9 @@ def parse_origin(spec: Union[str, Tuple[int, int], None]) -> Optional[Tuple[int,
         parts = spec.split(",") if isinstance(spec, str) else list(spec)
         x, y = (int(str(v).strip()) for v in parts)
     except (ValueError, TypeError):
-        raise SegRefineError(f"origin {spec!r}: expected 'auto' or two integers 'x,y' "
-                             "(the GEM coordinate of label pixel (0, 0))") from None
+        raise SegRefineError(
+            f"origin {spec!r}: expected 'auto' or two integers 'x,y' (the GEM coordinate of label pixel (0, 0))"
+        ) from None
     return x, y
 
 
@@ -151,8 +155,13 @@ class LabelImage:
         self.shape = (int(page.imagelength), int(page.imagewidth))
         self._memmap, self._cache = None, {}
         if page.is_contiguous and (not page.is_tiled or page.tilewidth == page.imagewidth):
-            self._memmap = np.memmap(self.path, dtype=dtype.newbyteorder(self._tif.byteorder), mode="r",
-                                     offset=int(page.dataoffsets[0]), shape=self.shape)
+            self._memmap = np.memmap(
+                self.path,
+                dtype=dtype.newbyteorder(self._tif.byteorder),
+                mode="r",
+                offset=int(page.dataoffsets[0]),
+                shape=self.shape,
+            )
 
     def rows(self, y0: int, y1: int, x0: int = 0, x1: Optional[int] = None) -> np.ndarray:
         """Label rows y0..y1-1, columns x0..x1-1, as a native-endian 2-D array."""
@@ -168,13 +177,17 @@ class LabelImage:
         except SegRefineError:
             raise
         except Exception as exc:
-            raise SegRefineError(f"{self.path}: cannot read label rows {y0}..{y1} "
-                                 f"(truncated or corrupt file? {type(exc).__name__}: {exc})") from exc
+            raise SegRefineError(
+                f"{self.path}: cannot read label rows {y0}..{y1} "
+                f"(truncated or corrupt file? {type(exc).__name__}: {exc})"
+            ) from exc
         if self.dtype.kind == "i" and out.size and out.min() < 0:
             raise SegRefineError(f"{self.path}: negative label ids")
         if self.dtype.itemsize > 4 and out.size and int(out.max()) > (1 << 32) - 1:
-            raise SegRefineError(f"{self.path}: label id {int(out.max())} does not fit in uint32 "
-                                 "(the cgef layout numbers at most 4,294,967,295 cells)")
+            raise SegRefineError(
+                f"{self.path}: label id {int(out.max())} does not fit in uint32 "
+                "(the cgef layout numbers at most 4,294,967,295 cells)"
+            )
         return out
 
     def _segments(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -186,8 +199,11 @@ class LabelImage:
         if page.is_tiled:
             th, tw = int(page.tilelength), int(page.tilewidth)
             ntx = -(-W // tw)
-            index = [ty * ntx + tx for ty in range(y0 // th, (y1 - 1) // th + 1)
-                     for tx in range(x0 // tw, (x1 - 1) // tw + 1)]
+            index = [
+                ty * ntx + tx
+                for ty in range(y0 // th, (y1 - 1) // th + 1)
+                for tx in range(x0 // tw, (x1 - 1) // tw + 1)
+            ]
         else:
             rps = max(1, min(int(page.rowsperstrip or H), H))
             index = list(range(y0 // rps, (y1 - 1) // rps + 1))
@@ -214,7 +230,7 @@ class LabelImage:
             ay, by = max(sy, y0), min(sy + seg.shape[0], y1, H)
             ax, bx = max(sx, x0), min(sx + seg.shape[1], x1, W)
             if by > ay and bx > ax:
-                out[ay - y0:by - y0, ax - x0:bx - x0] = seg[ay - sy:by - sy, ax - sx:bx - sx]
+                out[ay - y0 : by - y0, ax - x0 : bx - x0] = seg[ay - sy : by - sy, ax - sx : bx - sx]
         self._cache = cache
         return out
 
@@ -249,12 +265,23 @@ def check_frame(gem, labels_shape, origin, how: str, gem_path, labels_path) -> N
             f"{gem_path}: transcripts span x {x0}..{x1}, y {y0}..{y1}, i.e. label pixels x {x0 - ox}..{x1 - ox}, "
             f"y {y0 - oy}..{y1 - oy} with origin ({ox}, {oy}) [{how}], but the label image {labels_path} is "
             f"{W}x{H} px: the matrix and the image are not in the same coordinate frame "
-            "(set expression.origin to the GEM coordinate of label pixel (0, 0), or check the files)")
+            "(set expression.origin to the GEM coordinate of label pixel (0, 0), or check the files)"
+        )
 
 
-def make_cgef(gem_path, labels_path, cgef_out, cellmap_out, threads: int = 2, writer: str = "exact",
-              origin=None, chunk: Optional[int] = None, band_records: Optional[int] = None,
-              band_rows: Optional[int] = None, report_out=None) -> int:
+def make_cgef(
+    gem_path,
+    labels_path,
+    cgef_out,
+    cellmap_out,
+    threads: int = 2,
+    writer: str = "exact",
+    origin=None,
+    chunk: Optional[int] = None,
+    band_records: Optional[int] = None,
+    band_rows: Optional[int] = None,
+    report_out=None,
+) -> int:
     """Expression (GEM/bgef) + whole-slide labels -> cgef and the per-cell table (cellmap.csv), streaming.
 
     Pass 1 reads the expression in chunks of ``chunk`` records and spills them, sorted by
@@ -292,13 +319,33 @@ def make_cgef(gem_path, labels_path, cgef_out, cellmap_out, threads: int = 2, wr
     try:
         spill = RecordSpill(reader, org, labels.shape, work)
         check_frame(spill, labels.shape, org, how, gem_path, labels_path)
-        log.info("%s: %d records, %d UMIs, %d genes; origin %s [%s]; labels %s %dx%d", gem_path, spill.n_records,
-                 spill.umis, len(spill.genes), org, how, labels_path, labels.shape[1], labels.shape[0])
+        log.info(
+            "%s: %d records, %d UMIs, %d genes; origin %s [%s]; labels %s %dx%d",
+            gem_path,
+            spill.n_records,
+            spill.umis,
+            len(spill.genes),
+            org,
+            how,
+            labels_path,
+            labels.shape[1],
+            labels.shape[0],
+        )
         if writer == "exact":
             n, in_cells = _make_exact(spill, gem_path, labels, work, cgef_out, cellmap_out, band_records, band_rows)
         else:
-            n, in_cells = _make_gefpy(spill, gem_path, reader.__class__.__name__ == "BgefReader", labels, org, work,
-                                      cgef_out, cellmap_out, threads, band_rows)
+            n, in_cells = _make_gefpy(
+                spill,
+                gem_path,
+                reader.__class__.__name__ == "BgefReader",
+                labels,
+                org,
+                work,
+                cgef_out,
+                cellmap_out,
+                threads,
+                band_rows,
+            )
         report = alignment_report(spill, labels, org, in_cells, gem_path, labels_path, n)
         if report_out:
             from segrefine.io import write_text_atomic
@@ -319,8 +366,16 @@ def _make_exact(spill, gem_path, labels, work, cgef_out, cellmap_out, band_recor
     with atomic_path(cgef_out, suffix=".cgef") as tmp:
         tables = exact_cell_bin(spill, labels, work, tmp, band_records, band_rows, source=str(gem_path))
         cell = tables["cell"]
-        in_cells = write_cellmap(cellmap_out, cell["id"], tables["label_id"], cell["x"], cell["y"], cell["area"],
-                                  cell["expCount"], cell["geneCount"])
+        in_cells = write_cellmap(
+            cellmap_out,
+            cell["id"],
+            tables["label_id"],
+            cell["x"],
+            cell["y"],
+            cell["area"],
+            cell["expCount"],
+            cell["geneCount"],
+        )
     return len(cell), in_cells
 
 
@@ -333,7 +388,7 @@ def write_gem_v01(spill, path, rows: int = 1 << 16) -> None:
         for i in range(len(spill.runs.sizes)):
             run = np.load(spill.runs.folder / f"{spill.runs.name}.{i}.npy", mmap_mode="r")
             for s in range(0, len(run), rows):
-                part = np.array(run[s:s + rows])
+                part = np.array(run[s : s + rows])
                 g = names[spill.code[part["gene"]]]
                 x, y = part["x"].astype(np.int64) + ox, part["k"].astype(np.int64) + oy
                 fh.write("".join(f"{a}\t{b}\t{c}\t{d}\n" for a, b, c, d in zip(g, x, y, part["count"])))
@@ -353,8 +408,8 @@ def _mask_strips(labels, origin, height: int, width: int, rows: int):
         a, b = max(m0 - oy, 0), min(m1 - oy, H)  # label rows of this strip
         if b > a and xs.stop > xs.start:
             ha, hb = max(a - 1, 0), min(b + 1, H)  # one row of context each side for 8-contacts
-            keep = separate_touching(labels.rows(ha, hb))[a - ha:b - ha]
-            strip[a + oy - m0:b + oy - m0, xs] = keep[:, xs.start - ox:xs.stop - ox] * np.uint8(255)
+            keep = separate_touching(labels.rows(ha, hb))[a - ha : b - ha]
+            strip[a + oy - m0 : b + oy - m0, xs] = keep[:, xs.start - ox : xs.stop - ox] * np.uint8(255)
         yield strip, zlib.compress(strip.tobytes())
 
 
@@ -382,8 +437,9 @@ def _make_gefpy(spill, gem_path, given_bgef, labels, origin, work, cgef_out, cel
             yield data
 
     mask_path = work / "mask.tif"
-    tifffile.imwrite(mask_path, data=strips(), shape=(y1 + 1, x1 + 1), dtype=np.uint8, rowsperstrip=band_rows,
-                     compression="zlib")
+    tifffile.imwrite(
+        mask_path, data=strips(), shape=(y1 + 1, x1 + 1), dtype=np.uint8, rowsperstrip=band_rows, compression="zlib"
+    )
     if not any_cell:
         raise SegRefineError(f"no cell of the label image lies inside the expression matrix of {gem_path}")
     cgef_tmp = work / "out.cgef"
@@ -396,8 +452,16 @@ def _make_gefpy(spill, gem_path, given_bgef, labels, origin, work, cgef_out, cel
     ly = np.clip(cells["y"].astype(np.int64) - oy, 0, labels.shape[0] - 1)
     with atomic_path(cgef_out, suffix=".cgef") as tmp:
         shutil.move(str(cgef_tmp), str(tmp))
-        in_cells = write_cellmap(cellmap_out, cells["id"], labels_at(labels, lx, ly, band_rows), cells["x"],
-                                  cells["y"], cells["area"], cells["expCount"], cells["geneCount"])
+        in_cells = write_cellmap(
+            cellmap_out,
+            cells["id"],
+            labels_at(labels, lx, ly, band_rows),
+            cells["x"],
+            cells["y"],
+            cells["area"],
+            cells["expCount"],
+            cells["geneCount"],
+        )
     return len(cells), in_cells
 
 
@@ -415,12 +479,25 @@ def alignment_report(spill, labels, origin, umis_in_cells: int, gem_path, labels
 
     windows = sample_windows(records_in_rows, labels.rows, (y0 - oy, y1 - oy), labels.shape[0])
     scan = shift_scan(windows)
-    report = {"matrix": str(gem_path), "labels": str(labels_path), "origin": [int(ox), int(oy)], "cells": int(n_cells),
-              "umis": int(spill.umis), "umis_in_cells": int(umis_in_cells),
-              "fraction_umis_in_cells": umis_in_cells / spill.umis if spill.umis else 0.0, "alignment": scan}
+    report = {
+        "matrix": str(gem_path),
+        "labels": str(labels_path),
+        "origin": [int(ox), int(oy)],
+        "cells": int(n_cells),
+        "umis": int(spill.umis),
+        "umis_in_cells": int(umis_in_cells),
+        "fraction_umis_in_cells": umis_in_cells / spill.umis if spill.umis else 0.0,
+        "alignment": scan,
+    }
     message = describe(scan, gem_path, labels_path, origin)
-    log.info("%s: %d of %d UMIs (%.1f %%) fell in %d cells", gem_path, umis_in_cells, spill.umis,
-             100 * report["fraction_umis_in_cells"], n_cells)
+    log.info(
+        "%s: %d of %d UMIs (%.1f %%) fell in %d cells",
+        gem_path,
+        umis_in_cells,
+        spill.umis,
+        100 * report["fraction_umis_in_cells"],
+        n_cells,
+    )
     (log.warning if scan["misaligned"] else log.info)(("ALIGNMENT: " if scan["misaligned"] else "") + message)
     return report
 
@@ -435,7 +512,7 @@ def write_cellmap(path, cgef_cell, label_id, x, y, area, total, n_genes, rows: i
         with open(tmp, "w") as fh:
             fh.write(",".join(CELLMAP_COLUMNS) + "\n")
             for s in range(0, len(columns[0]), rows):
-                block = np.column_stack([c[s:s + rows].astype(np.int64) for c in columns])
+                block = np.column_stack([c[s : s + rows].astype(np.int64) for c in columns])
                 np.savetxt(fh, block, fmt="%d", delimiter=",")
                 umis += int(block[:, 5].sum())
     return umis
@@ -507,18 +584,28 @@ def cgef_to_h5ad_direct(cgef, cellmap_csv, out_h5ad, chunk: int = 1 << 22) -> in
         genes = np.array([g.decode() for g in f["cellBin/gene"]["geneName"]], dtype=object)
         border = f["cellBin/cellBorder"][:] if "cellBin/cellBorder" in f else np.zeros((len(cell), 0, 2), np.int16)
         resolution = int(np.asarray(f.attrs["resolution"]).ravel()[0]) if "resolution" in f.attrs else 500
-        if len(cellmap) != len(cell) or not (np.array_equal(cellmap["x"].to_numpy(), cell["x"])
-                                             and np.array_equal(cellmap["y"].to_numpy(), cell["y"])
-                                             and np.array_equal(cellmap["total_counts"].to_numpy(), cell["expCount"])
-                                             and np.array_equal(cellmap["n_genes"].to_numpy(), cell["geneCount"])):
+        if len(cellmap) != len(cell) or not (
+            np.array_equal(cellmap["x"].to_numpy(), cell["x"])
+            and np.array_equal(cellmap["y"].to_numpy(), cell["y"])
+            and np.array_equal(cellmap["total_counts"].to_numpy(), cell["expCount"])
+            and np.array_equal(cellmap["n_genes"].to_numpy(), cell["geneCount"])
+        ):
             raise SegRefineError(f"{cgef}: its cells do not line up with {cellmap_csv} (rerun `segrefine cgef`)")
-        obs = pd.DataFrame({
-            "label_id": cellmap["label_id"].to_numpy(np.int64), "cgef_cell": cellmap["cgef_cell"].to_numpy(np.int64),
-            "centroid_x": cell["x"].astype(np.int64), "centroid_y": cell["y"].astype(np.int64),
-            "x": cell["x"].astype(np.int64), "y": cell["y"].astype(np.int64), "area": cell["area"].astype(np.int64),
-            "dnbCount": cell["dnbCount"].astype(np.int64), "total_counts": cell["expCount"].astype(np.int64),
-            "n_genes": cell["geneCount"].astype(np.int64)},
-            index=pd.Index(cellmap["label_id"].astype(str).to_numpy(), dtype=object))
+        obs = pd.DataFrame(
+            {
+                "label_id": cellmap["label_id"].to_numpy(np.int64),
+                "cgef_cell": cellmap["cgef_cell"].to_numpy(np.int64),
+                "centroid_x": cell["x"].astype(np.int64),
+                "centroid_y": cell["y"].astype(np.int64),
+                "x": cell["x"].astype(np.int64),
+                "y": cell["y"].astype(np.int64),
+                "area": cell["area"].astype(np.int64),
+                "dnbCount": cell["dnbCount"].astype(np.int64),
+                "total_counts": cell["expCount"].astype(np.int64),
+                "n_genes": cell["geneCount"].astype(np.int64),
+            },
+            index=pd.Index(cellmap["label_id"].astype(str).to_numpy(), dtype=object),
+        )
         adata = anndata.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=object)))
         adata.obsm["spatial"] = np.column_stack([cell["x"], cell["y"]]).astype(np.int64)
         adata.obsm["cell_border"] = border.astype(np.int16)
@@ -527,8 +614,10 @@ def cgef_to_h5ad_direct(cgef, cellmap_csv, out_h5ad, chunk: int = 1 << 22) -> in
         exp = f["cellBin/cellExp"]
         nnz = int(exp.shape[0])
         if int(cell["geneCount"].astype(np.int64).sum()) != nnz:
-            raise SegRefineError(f"{cgef}: cellExp holds {nnz} entries but the cells' geneCount sum to "
-                                 f"{int(cell['geneCount'].astype(np.int64).sum())} (damaged file)")
+            raise SegRefineError(
+                f"{cgef}: cellExp holds {nnz} entries but the cells' geneCount sum to "
+                f"{int(cell['geneCount'].astype(np.int64).sum())} (damaged file)"
+            )
         with _quiet_hdf5_teardown(), atomic_path(out_h5ad, suffix=".h5ad") as tmp:
             adata.write_h5ad(tmp)
             with h5py.File(tmp, "a") as out:
@@ -542,12 +631,12 @@ def cgef_to_h5ad_direct(cgef, cellmap_csv, out_h5ad, chunk: int = 1 << 22) -> in
                 np.cumsum(cell["geneCount"].astype(np.int64), out=indptr[1:])
                 X.create_dataset("indptr", data=indptr)
                 data = X.create_dataset("data", shape=(nnz,), dtype=np.uint32)
-                index_dtype = np.int32 if len(genes) < 2 ** 31 else np.int64
+                index_dtype = np.int32 if len(genes) < 2**31 else np.int64
                 indices = X.create_dataset("indices", shape=(nnz,), dtype=index_dtype)
                 for s in range(0, nnz, chunk):
-                    part = exp[s:s + chunk]
-                    data[s:s + len(part)] = part["count"]
-                    indices[s:s + len(part)] = part["geneID"]
+                    part = exp[s : s + chunk]
+                    data[s : s + len(part)] = part["count"]
+                    indices[s : s + len(part)] = part["geneID"]
     if not len(cell):
         log.warning("%s holds no cell: wrote an AnnData of 0 cells x %d genes to %s", cgef, len(genes), out_h5ad)
     log.info("%s: %d cells x %d genes, %d entries -> %s (direct writer)", cgef, len(cell), len(genes), nnz, out_h5ad)
@@ -561,8 +650,11 @@ def remove_stereopy_leftovers(folder) -> None:
 
     for d in Path(folder).glob("tmp*"):
         with contextlib.suppress(OSError):
-            if (re.fullmatch(r"tmp[a-z0-9_]{8}", d.name) and d.is_dir()
-                    and {f.name for f in d.iterdir()} <= {"stereopy.h5ad"}):
+            if (
+                re.fullmatch(r"tmp[a-z0-9_]{8}", d.name)
+                and d.is_dir()
+                and {f.name for f in d.iterdir()} <= {"stereopy.h5ad"}
+            ):
                 shutil.rmtree(d)
 
 
@@ -603,8 +695,11 @@ def cgef_to_h5ad_stereopy(cgef, cellmap_csv, out_h5ad) -> int:
             st.io.stereo_to_anndata(data, flavor="scanpy", output=str(raw))
             adata = anndata.read_h5ad(raw)
     # stereopy keeps the cgef's cell order; its obs names encode the centre, which we check
-    same = (len(cellmap) == adata.n_obs and np.array_equal(cellmap["x"].to_numpy(), adata.obs["x"].to_numpy())
-            and np.array_equal(cellmap["y"].to_numpy(), adata.obs["y"].to_numpy()))
+    same = (
+        len(cellmap) == adata.n_obs
+        and np.array_equal(cellmap["x"].to_numpy(), adata.obs["x"].to_numpy())
+        and np.array_equal(cellmap["y"].to_numpy(), adata.obs["y"].to_numpy())
+    )
     if not same:
         raise SegRefineError(f"{cgef}: stereopy's cells do not line up with {cellmap_csv} (cell order changed)")
     adata.obs["cgef_cell"] = cellmap["cgef_cell"].to_numpy()
@@ -632,17 +727,34 @@ def _empty_cell_bin_anndata(genes, resolution: int, sn: str):
     import pandas as pd
     import scipy.sparse as sp
 
-    obs = pd.DataFrame({
-        "dnbCount": np.zeros(0, np.uint32), "area": np.zeros(0, np.int64),
-        "orig.ident": pd.Categorical([], categories=["sample"]),
-        "x": np.zeros(0, np.uint32), "y": np.zeros(0, np.uint32),
-        **{c: np.zeros(0, np.int64) for c in ("cgef_cell", "label_id", "centroid_x", "centroid_y", "total_counts",
-                                              "n_genes")},
-    }, index=pd.Index([], dtype=str))
-    adata = anndata.AnnData(X=sp.csr_matrix((0, len(genes)), dtype=np.uint32), obs=obs,
-                            var=pd.DataFrame(index=pd.Index([str(g) for g in genes], dtype=str)))
+    obs = pd.DataFrame(
+        {
+            "dnbCount": np.zeros(0, np.uint32),
+            "area": np.zeros(0, np.int64),
+            "orig.ident": pd.Categorical([], categories=["sample"]),
+            "x": np.zeros(0, np.uint32),
+            "y": np.zeros(0, np.uint32),
+            **{
+                c: np.zeros(0, np.int64)
+                for c in ("cgef_cell", "label_id", "centroid_x", "centroid_y", "total_counts", "n_genes")
+            },
+        },
+        index=pd.Index([], dtype=str),
+    )
+    adata = anndata.AnnData(
+        X=sp.csr_matrix((0, len(genes)), dtype=np.uint32),
+        obs=obs,
+        var=pd.DataFrame(index=pd.Index([str(g) for g in genes], dtype=str)),
+    )
     adata.obsm["spatial"] = np.zeros((0, 2), np.uint32)
     adata.obsm["cell_border"] = np.zeros((0, 32, 2), np.int64)
-    adata.uns.update({"bin_size": 1, "bin_type": "cell_bins", "merged": False, "resolution": resolution,
-                      "sn": pd.DataFrame({"batch": [-1], "sn": [sn]})})
+    adata.uns.update(
+        {
+            "bin_size": 1,
+            "bin_type": "cell_bins",
+            "merged": False,
+            "resolution": resolution,
+            "sn": pd.DataFrame({"batch": [-1], "sn": [sn]}),
+        }
+    )
     return adata

@@ -4,6 +4,7 @@ Fine-tuning always starts from the card of the ORIGINAL pretrained weights
 (never from an earlier fine-tuned checkpoint), so refitting after new
 annotations cannot inherit an earlier fit's forgetting.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,7 @@ def _keep_version(model_dir: Path, version: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def pretrained_card(framework: str, weights: Optional[str], name: str, params: dict, out_dir,
-                    source: str) -> Path:
+def pretrained_card(framework: str, weights: Optional[str], name: str, params: dict, out_dir, source: str) -> Path:
     """A card for existing pretrained weights (checked to load), without copying them."""
     cls = adapter_class(framework)
     w = Path(weights).resolve() if weights else None
@@ -64,10 +64,18 @@ def pretrained_card(framework: str, weights: Optional[str], name: str, params: d
             raise SegRefineError(f"{w}: a {base['framework']} model cannot be the pretrained {framework} model")
         w = weights_path(w, base).resolve()
     adapter = cls.from_pretrained(w, params)  # fails early on a wrong or missing file
-    card = {"name": name, "framework": framework, "stage": "pretrained",
-            "weights": str(w) if w else None, "weights_sha256": sha256_file(w) if w else None,
-            "source": {"pretrained": source, "weights_sha256": sha256_file(w) if w else None},
-            "trainset_version": None, "metrics": {}, "device": adapter.device, **adapter.card_fields()}
+    card = {
+        "name": name,
+        "framework": framework,
+        "stage": "pretrained",
+        "weights": str(w) if w else None,
+        "weights_sha256": sha256_file(w) if w else None,
+        "source": {"pretrained": source, "weights_sha256": sha256_file(w) if w else None},
+        "trainset_version": None,
+        "metrics": {},
+        "device": adapter.device,
+        **adapter.card_fields(),
+    }
     return write_card(out_dir, card)
 
 
@@ -105,12 +113,20 @@ def _train_and_save(adapter, train, val, params: dict, seed: int, out_dir, card:
         weights = adapter.save(work)
         (work / "losses.json").write_text(json.dumps(losses) + "\n")
         plot_losses(losses, f"{card['name']} ({card['stage']})", work / "loss.png")
-        card = dict(card, weights=weights.name, weights_sha256=sha256_file(weights), device=adapter.device,
-                    metrics={"final_train_loss": losses["train_loss"][-1] if losses["train_loss"] else None,
-                             "final_val_loss": losses["val_loss"][-1] if losses.get("val_loss") else None,
-                             "train_seconds": round(seconds, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
-                             "epochs": len(losses["train_loss"])},
-                    **adapter.card_fields())
+        card = dict(
+            card,
+            weights=weights.name,
+            weights_sha256=sha256_file(weights),
+            device=adapter.device,
+            metrics={
+                "final_train_loss": losses["train_loss"][-1] if losses["train_loss"] else None,
+                "final_val_loss": losses["val_loss"][-1] if losses.get("val_loss") else None,
+                "train_seconds": round(seconds, 1),
+                "peak_rss_mb": round(_peak_rss_mb(), 1),
+                "epochs": len(losses["train_loss"]),
+            },
+            **adapter.card_fields(),
+        )
         write_card(work, card)
         _publish(work, out_dir)
         if card.get("trainset_version"):
@@ -128,10 +144,17 @@ def train_base(framework: str, name: str, params: dict, n_images: int, size: int
 
     images, masks = generic_nuclei(n_images, size, seed)
     adapter = adapter_class(framework).from_pretrained(None, dict(params, seed=seed))
-    card = {"name": name, "framework": framework, "stage": "base",
-            "source": {"pretrained": None, "weights_sha256": None,
-                       "data": f"segrefine.demo.generic_nuclei(n_images={n_images}, size={size}, seed={seed})"},
-            "trainset_version": None}
+    card = {
+        "name": name,
+        "framework": framework,
+        "stage": "base",
+        "source": {
+            "pretrained": None,
+            "weights_sha256": None,
+            "data": f"segrefine.demo.generic_nuclei(n_images={n_images}, size={size}, seed={seed})",
+        },
+        "trainset_version": None,
+    }
     return _train_and_save(adapter, list(zip(images, masks)), [], params, seed, out_dir, card)
 
 
@@ -141,8 +164,10 @@ def fine_tune(pretrained_card_path, trainset_path, name: str, params: dict, seed
 
     src = read_card(pretrained_card_path)
     if src["stage"] == "finetuned":
-        raise SegRefineError(f"{pretrained_card_path}: fine-tuning must start from original pretrained weights, "
-                             "not from a fine-tuned model")
+        raise SegRefineError(
+            f"{pretrained_card_path}: fine-tuning must start from original pretrained weights, "
+            "not from a fine-tuned model"
+        )
     rows = read_trainset(trainset_path)
     version = json.loads(Path(trainset_path).with_suffix(".json").read_text())["version"]
     train, val = load_pairs(rows, "train"), load_pairs(rows, "val")
@@ -153,8 +178,15 @@ def fine_tune(pretrained_card_path, trainset_path, name: str, params: dict, seed
     merged.update(params)
     adapter = cls.from_pretrained(weights_path(pretrained_card_path, src), merged)
     log.info("fine-tuning %s (%s) from %s on %s", name, src["framework"], pretrained_card_path, adapter.device)
-    card = {"name": name, "framework": src["framework"], "stage": "finetuned",
-            "source": {"pretrained": src["source"].get("pretrained") or src["name"], "card": str(pretrained_card_path),
-                       "weights_sha256": src["weights_sha256"]},
-            "trainset_version": version}
+    card = {
+        "name": name,
+        "framework": src["framework"],
+        "stage": "finetuned",
+        "source": {
+            "pretrained": src["source"].get("pretrained") or src["name"],
+            "card": str(pretrained_card_path),
+            "weights_sha256": src["weights_sha256"],
+        },
+        "trainset_version": version,
+    }
     return _train_and_save(adapter, train, val, merged, seed, out_dir, card)

@@ -15,6 +15,7 @@ rows of a few bands spread over the matrix (8 bands of 256 rows by default,
 each with ``max_shift`` rows of margin, kept as a boolean in-cell mask) and at
 most 8,192 of each band's records.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,10 +33,17 @@ def _hits(mask: np.ndarray, row0: int, x: np.ndarray, y: np.ndarray, count: np.n
     return int(count[ok][mask[ys[ok], xs[ok]]].sum())
 
 
-def sample_windows(records_in_rows: Callable[[int, int], Tuple[np.ndarray, np.ndarray, np.ndarray]],
-                   read_rows: Callable[[int, int], np.ndarray], y_range: Tuple[int, int], height: int,
-                   n_windows: int = 8, window_rows: int = 256, max_shift: int = 48,
-                   max_records: int = 8192, seed: int = 0) -> List[tuple]:
+def sample_windows(
+    records_in_rows: Callable[[int, int], Tuple[np.ndarray, np.ndarray, np.ndarray]],
+    read_rows: Callable[[int, int], np.ndarray],
+    y_range: Tuple[int, int],
+    height: int,
+    n_windows: int = 8,
+    window_rows: int = 256,
+    max_shift: int = 48,
+    max_records: int = 8192,
+    seed: int = 0,
+) -> List[tuple]:
     """``n_windows`` bands of ``window_rows`` label rows spread evenly over ``y_range`` (the matrix's rows):
     each (in-cell mask of its rows +- ``max_shift``, first row, x, y, count of at most ``max_records`` of its
     records, drawn with a seeded generator). Only these rows of the labels and these records are read."""
@@ -57,13 +65,26 @@ def sample_windows(records_in_rows: Callable[[int, int], Tuple[np.ndarray, np.nd
             pick = np.sort(rng.choice(len(x), max_records, replace=False))
             x, y, count = np.asarray(x)[pick], np.asarray(y)[pick], np.asarray(count)[pick]
         r0, r1 = max(0, y0 - max_shift), min(height, y1 + max_shift)
-        windows.append((np.asarray(read_rows(r0, r1)) > 0, r0, np.asarray(x, np.int64), np.asarray(y, np.int64),
-                        np.asarray(count, np.int64)))
+        windows.append(
+            (
+                np.asarray(read_rows(r0, r1)) > 0,
+                r0,
+                np.asarray(x, np.int64),
+                np.asarray(y, np.int64),
+                np.asarray(count, np.int64),
+            )
+        )
     return windows
 
 
-def shift_scan(windows: List[tuple], max_shift: int = 48, coarse: int = 4, min_gain: float = 0.10,
-               min_ratio: float = 1.5, min_umis: int = 1000) -> Dict[str, object]:
+def shift_scan(
+    windows: List[tuple],
+    max_shift: int = 48,
+    coarse: int = 4,
+    min_gain: float = 0.10,
+    min_ratio: float = 1.5,
+    min_umis: int = 1000,
+) -> Dict[str, object]:
     """In-cell UMI fraction of the windows' records at shift 0 and at the best shift within ``max_shift`` px
     (``sample_windows``; records in label pixel coordinates). Returns {fraction_in_cells, best_shift (dx, dy),
     fraction_in_cells_at_best_shift, misaligned, ...}; with fewer than ``min_umis`` UMIs, or no cell in the windows,
@@ -72,26 +93,42 @@ def shift_scan(windows: List[tuple], max_shift: int = 48, coarse: int = 4, min_g
     has_cells = any(bool(w[0].any()) for w in windows)  # no cell in the sampled bands: nothing to align to
 
     def score(shifts) -> Dict[Tuple[int, int], float]:
-        return {s: (sum(_hits(m, r0, x, y, c, *s) for m, r0, x, y, c in windows) / total if total else 0.0)
-                for s in shifts}
+        return {
+            s: (sum(_hits(m, r0, x, y, c, *s) for m, r0, x, y, c in windows) / total if total else 0.0) for s in shifts
+        }
 
     scores = score([(0, 0)])
     best = (0, 0)
     if total >= min_umis and has_cells:
-        coarse_shifts = [(dx, dy) for dy in range(-max_shift, max_shift + 1, coarse)
-                         for dx in range(-max_shift, max_shift + 1, coarse)]
+        coarse_shifts = [
+            (dx, dy)
+            for dy in range(-max_shift, max_shift + 1, coarse)
+            for dx in range(-max_shift, max_shift + 1, coarse)
+        ]
         scores.update(score([s for s in coarse_shifts if s not in scores]))
         cx, cy = max(coarse_shifts, key=lambda s: (scores[s], -abs(s[0]) - abs(s[1])))
-        fine = [(dx, dy) for dy in range(cy - coarse + 1, cy + coarse) for dx in range(cx - coarse + 1, cx + coarse)
-                if abs(dx) <= max_shift and abs(dy) <= max_shift and (dx, dy) not in scores]
+        fine = [
+            (dx, dy)
+            for dy in range(cy - coarse + 1, cy + coarse)
+            for dx in range(cx - coarse + 1, cx + coarse)
+            if abs(dx) <= max_shift and abs(dy) <= max_shift and (dx, dy) not in scores
+        ]
         scores.update(score(fine))
         best = max(scores, key=lambda s: (scores[s], -abs(s[0]) - abs(s[1])))  # ties: the smallest shift
     at0, at_best = scores[(0, 0)], scores[best]
     misaligned = best != (0, 0) and at_best - at0 >= min_gain and at_best >= min_ratio * max(at0, 1e-9)
-    return {"windows": len(windows), "records_sampled": int(sum(len(w[2]) for w in windows)), "umis_sampled": total,
-            "fraction_in_cells": at0, "best_shift": [int(best[0]), int(best[1])],
-            "fraction_in_cells_at_best_shift": at_best, "max_shift_px": int(max_shift),
-            "cells_sampled": has_cells, "checked": total >= min_umis and has_cells, "misaligned": bool(misaligned)}
+    return {
+        "windows": len(windows),
+        "records_sampled": int(sum(len(w[2]) for w in windows)),
+        "umis_sampled": total,
+        "fraction_in_cells": at0,
+        "best_shift": [int(best[0]), int(best[1])],
+        "fraction_in_cells_at_best_shift": at_best,
+        "max_shift_px": int(max_shift),
+        "cells_sampled": has_cells,
+        "checked": total >= min_umis and has_cells,
+        "misaligned": bool(misaligned),
+    }
 
 
 def describe(result: Dict[str, object], matrix, labels, origin) -> str:
@@ -101,11 +138,15 @@ def describe(result: Dict[str, object], matrix, labels, origin) -> str:
     if not result["checked"]:
         if not result.get("cells_sampled", True):
             return f"{matrix}: alignment not checked: no cell of {labels} in the sampled bands"
-        return (f"{matrix}: alignment not checked: only {result['umis_sampled']} UMIs in the sampled bands")
+        return f"{matrix}: alignment not checked: only {result['umis_sampled']} UMIs in the sampled bands"
     if not result["misaligned"]:
-        return (f"{matrix}: {f0:.1%} of the sampled UMIs fall in cells of {labels}; no shift within "
-                f"{result['max_shift_px']} px raises that (frame looks right)")
+        return (
+            f"{matrix}: {f0:.1%} of the sampled UMIs fall in cells of {labels}; no shift within "
+            f"{result['max_shift_px']} px raises that (frame looks right)"
+        )
     ox, oy = origin
-    return (f"{matrix}: only {f0:.1%} of the sampled UMIs fall in cells of {labels}, but {fb:.1%} would if the "
-            f"matrix were shifted by ({dx:+d}, {dy:+d}) px: the matrix and the image are probably not aligned. "
-            f"Check the registration, or set expression.origin to '{ox - dx},{oy - dy}' (now '{ox},{oy}')")
+    return (
+        f"{matrix}: only {f0:.1%} of the sampled UMIs fall in cells of {labels}, but {fb:.1%} would if the "
+        f"matrix were shifted by ({dx:+d}, {dy:+d}) px: the matrix and the image are probably not aligned. "
+        f"Check the registration, or set expression.origin to '{ox - dx},{oy - dy}' (now '{ox},{oy}')"
+    )

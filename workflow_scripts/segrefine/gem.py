@@ -21,6 +21,7 @@ memory: for tests, benchmarks and small matrices only. The exact aggregation
 ``aggregate_by_labels`` is the in-memory reference the cgef is checked against:
 every transcript at DNB (x, y) belongs to the cell whose label covers that pixel.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -41,11 +42,11 @@ CHUNK_RECORDS = 1 << 21  # records per chunk (bgef table rows; GEM: about as man
 
 @dataclass
 class Gem:
-    genes: np.ndarray          # gene names (str), index = gene code
-    gene: np.ndarray           # per record: gene code (int64)
-    x: np.ndarray              # per record: DNB x (int64)
-    y: np.ndarray              # per record: DNB y (int64)
-    count: np.ndarray          # per record: UMI count (int64, > 0)
+    genes: np.ndarray  # gene names (str), index = gene code
+    gene: np.ndarray  # per record: gene code (int64)
+    x: np.ndarray  # per record: DNB x (int64)
+    y: np.ndarray  # per record: DNB y (int64)
+    count: np.ndarray  # per record: UMI count (int64, > 0)
     header: Dict[str, str] = field(default_factory=dict)
 
     @property
@@ -62,10 +63,10 @@ class Gem:
 
 @dataclass
 class Chunk:
-    gene: np.ndarray           # provisional gene code (int64)
-    x: np.ndarray              # int64
-    y: np.ndarray              # int64
-    count: np.ndarray          # int64, > 0
+    gene: np.ndarray  # provisional gene code (int64)
+    x: np.ndarray  # int64
+    y: np.ndarray  # int64
+    count: np.ndarray  # int64, > 0
 
 
 def is_hdf5(path) -> bool:
@@ -103,8 +104,9 @@ class BgefReader(_Reader):
         try:
             with h5py.File(self.path, "r") as f:
                 if "cellBin" in f and "geneExp" not in f:
-                    raise SegRefineError(f"{self.path}: a cell-bin GEF (cgef) is not an expression input; "
-                                         "give the GEM or bgef")
+                    raise SegRefineError(
+                        f"{self.path}: a cell-bin GEF (cgef) is not an expression input; give the GEM or bgef"
+                    )
                 if "geneExp/bin1/expression" not in f or "geneExp/bin1/gene" not in f:
                     raise SegRefineError(f"{self.path}: no geneExp/bin1 expression and gene tables (not a bin GEF)")
                 genes = f["geneExp/bin1/gene"][:]  # one row per gene: small
@@ -120,7 +122,8 @@ class BgefReader(_Reader):
         n_rec = genes["count"].astype(np.int64)
         self.ends = np.cumsum(n_rec)
         if int(n_rec.sum()) != self.n_records or np.any(
-                genes["offset"].astype(np.int64) != np.concatenate([[0], self.ends[:-1]])):
+            genes["offset"].astype(np.int64) != np.concatenate([[0], self.ends[:-1]])
+        ):
             raise SegRefineError(f"{self.path}: the gene table's offsets/counts do not tile the expression table")
 
     def chunks(self) -> Iterator[Chunk]:
@@ -135,8 +138,12 @@ class BgefReader(_Reader):
                     gene = np.searchsorted(self.ends, np.arange(s, e), side="right").astype(np.int64)
                     count = part["count"].astype(np.int64)
                     keep = count > 0
-                    yield Chunk(gene=gene[keep], x=part["x"].astype(np.int64)[keep],
-                                y=part["y"].astype(np.int64)[keep], count=count[keep])
+                    yield Chunk(
+                        gene=gene[keep],
+                        x=part["x"].astype(np.int64)[keep],
+                        y=part["y"].astype(np.int64)[keep],
+                        count=count[keep],
+                    )
         except OSError as exc:
             raise SegRefineError(f"{self.path}: cannot read as HDF5 ({exc}); truncated?") from exc
 
@@ -169,8 +176,10 @@ class GemReader(_Reader):
         self.count_col = next((c for c in COUNT_COLUMNS if c in self.columns), None)
         missing = [c for c in ("geneID", "x", "y") if c not in self.columns] + ([] if self.count_col else ["MIDCount"])
         if missing:
-            raise SegRefineError(f"{self.path}: missing column(s) {missing}; found {self.columns} "
-                                 f"(a count column is one of {list(COUNT_COLUMNS)})")
+            raise SegRefineError(
+                f"{self.path}: missing column(s) {missing}; found {self.columns} "
+                f"(a count column is one of {list(COUNT_COLUMNS)})"
+            )
         self.names: List[str] = []
         self._code: Dict[str, int] = {}
 
@@ -187,6 +196,7 @@ class GemReader(_Reader):
                 raise SegRefineError(f"{path}: the gzip stream is damaged or ends early ({exc})") from exc
             except UnicodeDecodeError as exc:
                 raise SegRefineError(f"{path}: not a text GEM file ({exc})") from exc
+
         return guard()
 
     def chunks(self) -> Iterator[Chunk]:
@@ -212,11 +222,13 @@ class GemReader(_Reader):
                         if cut < 0:
                             rest = text
                             continue
-                        text, rest = text[:cut + 1], text[cut + 1:]
-                    fields = text[:text.find("\n")].rstrip("\r").count("\t") + 1
+                        text, rest = text[: cut + 1], text[cut + 1 :]
+                    fields = text[: text.find("\n")].rstrip("\r").count("\t") + 1
                     if fields > len(self.columns):  # pandas would take the extra fields of a chunk's first line
-                        raise SegRefineError(f"{self.path}:{first}: malformed GEM line: {fields} fields, "  # as index
-                                             f"the header names {len(self.columns)}")
+                        raise SegRefineError(
+                            f"{self.path}:{first}: malformed GEM line: {fields} fields, "  # as index
+                            f"the header names {len(self.columns)}"
+                        )
                     yield self._parse(text, first)
                     first += text.count("\n")
                     del text
@@ -229,16 +241,23 @@ class GemReader(_Reader):
         body = self.column_line + "\n" + text
         try:
             try:
-                table = pd.read_csv(io.StringIO(body), sep="\t", keep_default_na=False, na_filter=False,
-                                    dtype={"geneID": "category", "x": np.int64, "y": np.int64, col: np.int64})
+                table = pd.read_csv(
+                    io.StringIO(body),
+                    sep="\t",
+                    keep_default_na=False,
+                    na_filter=False,
+                    dtype={"geneID": "category", "x": np.int64, "y": np.int64, col: np.int64},
+                )
             except (ValueError, TypeError, pd.errors.ParserError):
                 # some value is not an integer or a line is malformed: every field as text, for an exact message
                 table = pd.read_csv(io.StringIO(body), sep="\t", dtype=str, keep_default_na=False)
         except pd.errors.ParserError as exc:
             m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
             if m:  # pandas counts lines from the column line (1)
-                raise SegRefineError(f"{path}:{first - 2 + int(m.group(2))}: malformed GEM line: {m.group(3)} "
-                                     f"fields, the header names {m.group(1)}") from exc
+                raise SegRefineError(
+                    f"{path}:{first - 2 + int(m.group(2))}: malformed GEM line: {m.group(3)} "
+                    f"fields, the header names {m.group(1)}"
+                ) from exc
             raise SegRefineError(f"{path}: malformed GEM table near line {first} ({str(exc).strip()})") from exc
 
         def integers(name: str, minimum: int) -> np.ndarray:
@@ -247,20 +266,24 @@ class GemReader(_Reader):
                 bad = values < minimum
                 if bad.any():
                     i = int(np.argmax(bad))
-                    raise SegRefineError(f"{path}:{first + i}: column {name} must be an integer >= {minimum}, "
-                                         f"got {str(values[i])!r}")
+                    raise SegRefineError(
+                        f"{path}:{first + i}: column {name} must be an integer >= {minimum}, got {str(values[i])!r}"
+                    )
                 return values.astype(np.int64)
             empty = (table[name] == "").to_numpy()
             if empty.any():
                 i = int(np.argmax(empty))
-                raise SegRefineError(f"{path}:{first + i}: malformed GEM line: no value in column {name} "
-                                     f"(fewer fields than the header's {len(table.columns)})")
+                raise SegRefineError(
+                    f"{path}:{first + i}: malformed GEM line: no value in column {name} "
+                    f"(fewer fields than the header's {len(table.columns)})"
+                )
             values = pd.to_numeric(table[name], errors="coerce")
             bad = values.isna() | (values != values.round()) | (values < minimum)
             if bad.any():
                 i = int(np.argmax(bad.to_numpy()))
-                raise SegRefineError(f"{path}:{first + i}: column {name} must be an integer >= {minimum}, "
-                                     f"got {table[name].iloc[i]!r}")
+                raise SegRefineError(
+                    f"{path}:{first + i}: column {name} must be an integer >= {minimum}, got {table[name].iloc[i]!r}"
+                )
             return values.to_numpy().astype(np.int64)
 
         x, y = integers("x", 0), integers("y", 0)
@@ -296,8 +319,9 @@ def _whole(reader) -> Gem:
     def cat(name):
         return np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros(0, np.int64)
 
-    return Gem(genes=genes, gene=code[cat("gene")], x=cat("x"), y=cat("y"), count=cat("count"),
-               header=dict(reader.header))
+    return Gem(
+        genes=genes, gene=code[cat("gene")], x=cat("x"), y=cat("y"), count=cat("count"), header=dict(reader.header)
+    )
 
 
 def read_gem(path, chunk: int = CHUNK_RECORDS) -> Gem:
@@ -330,14 +354,22 @@ def aggregate_by_labels(gem: Gem, labels: np.ndarray, origin: Tuple[int, int] = 
     cell[inside] = labels[ly[inside], lx[inside]]
     in_cell = cell > 0
     ids, rows = np.unique(cell[in_cell], return_inverse=True)
-    matrix = sparse.coo_matrix((gem.count[in_cell], (rows, gem.gene[in_cell])),
-                               shape=(len(ids), len(gem.genes))).tocsr()
+    matrix = sparse.coo_matrix(
+        (gem.count[in_cell], (rows, gem.gene[in_cell])), shape=(len(ids), len(gem.genes))
+    ).tocsr()
     matrix.sum_duplicates()
     return ids, matrix, int(gem.count[~in_cell].sum())
 
 
-def density_labels(gem: Gem, origin: Tuple[int, int], shape: Tuple[int, int], sigma: float = 3.0,
-                   min_distance: int = 5, radius: int = 5, min_rel: float = 0.2) -> np.ndarray:
+def density_labels(
+    gem: Gem,
+    origin: Tuple[int, int],
+    shape: Tuple[int, int],
+    sigma: float = 3.0,
+    min_distance: int = 5,
+    radius: int = 5,
+    min_rel: float = 0.2,
+) -> np.ndarray:
     """Nucleus-like instance labels from the GEM's own UMI density (a mask for a GEM that has no image).
 
     The UMI density on the DNB grid is smoothed with a Gaussian (``sigma`` DNB);

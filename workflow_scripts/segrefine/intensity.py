@@ -21,6 +21,7 @@ A slide is read through ``segrefine.io.Slide``, so the reference describes
 exactly the image every model window gets: alpha dropped, the chosen channel
 of a multi-channel slide, finite values only.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
@@ -100,7 +101,7 @@ def tissue_pixels(tissue, x: int, y: int, w: int, h: int) -> np.ndarray:
     return mask[np.ix_(rows, cols)]
 
 
-def intensity_reference(source, block: int = 2048, max_sample: int = 2 ** 22, seed: int = 0, tissue=None) -> dict:
+def intensity_reference(source, block: int = 2048, max_sample: int = 2**22, seed: int = 0, tissue=None) -> dict:
     """The whole image's intensity statistics; ``source`` is an array or a ``segrefine.io.Slide`` (read by blocks).
 
     ``tissue``: (low-resolution tissue mask, level-0 px per mask px), from the
@@ -120,12 +121,13 @@ def intensity_reference(source, block: int = 2048, max_sample: int = 2 ** 22, se
         shape, dtype, C = arr.shape[:2], arr.dtype, arr.shape[2]
 
         def read(x, y, w, h):
-            return arr[y:y + h, x:x + w]
+            return arr[y : y + h, x : x + w]
     else:
         shape, dtype, C = tuple(source.shape), np.dtype(source.dtype), int(source.channels)
 
         def read(x, y, w, h):
             return _as_hwc(source.read(x, y, w, h))
+
     n_all = int(shape[0]) * int(shape[1])
     if n_all == 0:
         raise SegRefineError("intensity reference of an empty image")
@@ -182,10 +184,17 @@ def intensity_reference(source, block: int = 2048, max_sample: int = 2 ** 22, se
         counts, edges = np.histogram(g, bins=256)
         otsu = otsu_from_histogram(counts, (edges[:-1] + edges[1:]) / 2) if g.max() > g.min() else float(g.min())
         method = f"sample of {len(s)} pixels (seed {seed})"
-    return {"method": method, "dtype": str(np.dtype(dtype)), "channels": int(C), "n_pixels": int(n),
-            "pixels": "all" if tissue is None else "tissue",
-            "percentiles": pct, "min": pct[_key(0.0)], "max": pct[_key(100.0)],
-            "gray": {"percentiles": gpct, "min": gpct[_key(0.0)], "max": gpct[_key(100.0)], "otsu": otsu}}
+    return {
+        "method": method,
+        "dtype": str(np.dtype(dtype)),
+        "channels": int(C),
+        "n_pixels": int(n),
+        "pixels": "all" if tissue is None else "tissue",
+        "percentiles": pct,
+        "min": pct[_key(0.0)],
+        "max": pct[_key(100.0)],
+        "gray": {"percentiles": gpct, "min": gpct[_key(0.0)], "max": gpct[_key(100.0)], "otsu": otsu},
+    }
 
 
 def _key(q: float) -> str:
@@ -199,9 +208,11 @@ def percentile(ref: dict, q: float, channel: Optional[int] = None):
     try:
         v = table[_key(q)]
     except KeyError:
-        raise SegRefineError(f"the intensity reference has no {q}th percentile (it has {sorted(map(float, table))}: "
-                             f"use one of these, or add it to segrefine.intensity.PERCENTILES and rerun "
-                             f"tile-plan)") from None
+        raise SegRefineError(
+            f"the intensity reference has no {q}th percentile (it has {sorted(map(float, table))}: "
+            f"use one of these, or add it to segrefine.intensity.PERCENTILES and rerun "
+            f"tile-plan)"
+        ) from None
     return v if channel in (None, "gray") else v[int(channel)]
 
 

@@ -14,6 +14,7 @@ tuned from the ORIGINAL pretrained card by the ordinary ``finetune`` step and
 scored by the ordinary ``evaluate`` step; ``learning_curve_table`` gathers the
 per-image tables into one row per (model, subset, mode).
 """
+
 from __future__ import annotations
 
 import json
@@ -93,16 +94,23 @@ def write_subset(trainset_path, label: str, seed: int, out) -> dict:
     chosen = {r["patch"] for r in select_subset(rows, label, seed)}
     keep = [r for r in rows if r["split"] != "train" or r["patch"] in chosen]
     if sum(r["n_cells"] for r in keep if r["split"] == "train") == 0:
-        raise SegRefineError(f"{trainset_path}: learning-curve subset {label} holds no annotated cells "
-                             "(choose a larger fraction or cell count)")
+        raise SegRefineError(
+            f"{trainset_path}: learning-curve subset {label} holds no annotated cells "
+            "(choose a larger fraction or cell count)"
+        )
     write_trainset(out, keep, meta["seed"], meta["val_fraction"], meta["test_fraction"])
     summary = json.loads(Path(out).with_suffix(".json").read_text())
     log.info("subset %s: %d training patches, %d cells", label, summary["patches"]["train"], summary["cells"]["train"])
     return summary
 
 
-def learning_curve_table(evaluations: Sequence[str], subsets: Sequence[str], out_csv, png: Optional[str] = None,
-                         pretrained: Sequence[str] = ()):
+def learning_curve_table(
+    evaluations: Sequence[str],
+    subsets: Sequence[str],
+    out_csv,
+    png: Optional[str] = None,
+    pretrained: Sequence[str] = (),
+):
     """One row per (model, subset, mode): n_patches, n_cells of the subset's training split and the mean
     F1 / precision / recall over the test patches. ``evaluations[i]`` is the per-image table of the model
     fine-tuned on ``subsets[i]`` (a subset table); ``pretrained`` per-image tables are added at 0 cells."""
@@ -120,8 +128,17 @@ def learning_curve_table(evaluations: Sequence[str], subsets: Sequence[str], out
             raise SegRefineError(f"{csv}: evaluation table not found")
         df = _read_per_image([csv])
         for (model, mode), g in df.groupby(["model", "mode"], sort=True):
-            out.append({"model": model, "subset": subset, "n_patches": n_patches, "n_cells": n_cells,
-                        "n_test_images": len(g), **{m: float(g[m].mean()) for m in METRICS}, "mode": mode})
+            out.append(
+                {
+                    "model": model,
+                    "subset": subset,
+                    "n_patches": n_patches,
+                    "n_cells": n_cells,
+                    "n_test_images": len(g),
+                    **{m: float(g[m].mean()) for m in METRICS},
+                    "mode": mode,
+                }
+            )
 
     for csv in pretrained:
         add(csv, 0, 0, "pretrained")

@@ -28,6 +28,7 @@ Three modes; every output row says which one produced it (column ``mode``):
     detection. Without the evaluator's two defects: labels >= 256 are kept (it wraps
     them around in uint8) and PQ uses the right matched pairs (it reads them off by one).
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,7 +43,7 @@ log = logging.getLogger("segrefine.metrics")
 MODES = ("standard", "partial", "paper")
 AP_THRESHOLDS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))  # 0.50 ... 0.95
 PAPER_COST_UNMATCHED = 0.55  # cs-benchmark's cutoff1: pairs match when IoU > 1 - 0.55
-PAPER_EVENT_IOU = 0.1        # DeepCell's cutoff2: overlap that links unmatched objects in the error graph
+PAPER_EVENT_IOU = 0.1  # DeepCell's cutoff2: overlap that links unmatched objects in the error graph
 
 
 def _check(truth: np.ndarray, pred: np.ndarray) -> None:
@@ -57,8 +58,9 @@ def _where(source: Optional[str], what: str) -> str:
     return f"{source}: {what}" if source else what
 
 
-def to_instances(arr, what: str = "mask", source: Optional[str] = None,
-                 connectivity: int = 1) -> Tuple[np.ndarray, Optional[str]]:
+def to_instances(
+    arr, what: str = "mask", source: Optional[str] = None, connectivity: int = 1
+) -> Tuple[np.ndarray, Optional[str]]:
     """A validated int64 instance label image, and a note when the input was changed.
 
     Refuses (SegRefineError naming ``source``) empty arrays, images that are not 2-D,
@@ -89,8 +91,10 @@ def to_instances(arr, what: str = "mask", source: Optional[str] = None,
     if len(values) == 1:
         labelled, n = label(a > 0, connectivity=connectivity, return_num=True)
         if n > 1:
-            note = (f"{what} looks binary (one foreground value, {n} separate objects): "
-                    f"labelled by {4 if connectivity == 1 else 8}-connectivity")
+            note = (
+                f"{what} looks binary (one foreground value, {n} separate objects): "
+                f"labelled by {4 if connectivity == 1 else 8}-connectivity"
+            )
             log.warning("%s", _where(source, note))
             return labelled.astype(np.int64), note
     return a, None
@@ -178,8 +182,14 @@ def _scores(n_true, n_pred, tp, matched):
     denom = tp + fp + fn
     pq_denom = tp + fp / 2 + fn / 2
     return {
-        "n_true": n_true, "n_pred": n_pred, "tp": tp, "fp": fp, "fn": fn,
-        "precision": precision, "recall": recall, "f1": f1,
+        "n_true": n_true,
+        "n_pred": n_pred,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
         "ap": tp / denom if denom else 1.0,
         "mean_matched_iou": float(np.mean(matched)) if tp else 0.0,
         "pq": float(np.sum(matched)) / pq_denom if pq_denom else 1.0,
@@ -304,9 +314,19 @@ def _paper(overlap, area_t, area_p):
     good = matched[matched >= 0.5]
     rq_denom = len(good) + events["gained"] / 2 + events["missed"] / 2
     pq = (float(good.mean()) if len(good) else 0.0) * (len(good) / rq_denom if rq_denom else 0.0)
-    return {"n_true": n_true, "n_pred": n_pred, "tp": correct, "fp": n_pred - correct, "fn": n_true - correct,
-            "precision": precision, "recall": recall, "f1": f1,
-            "mean_matched_iou": float(matched.mean()) if len(rows) else 0.0, "pq": pq, **events}
+    return {
+        "n_true": n_true,
+        "n_pred": n_pred,
+        "tp": correct,
+        "fp": n_pred - correct,
+        "fn": n_true - correct,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "mean_matched_iou": float(matched.mean()) if len(rows) else 0.0,
+        "pq": pq,
+        **events,
+    }
 
 
 def pixel_metrics(truth: np.ndarray, pred: np.ndarray) -> Dict[str, float]:
@@ -318,8 +338,14 @@ def pixel_metrics(truth: np.ndarray, pred: np.ndarray) -> Dict[str, float]:
     return {"jaccard": inter / union if union else 1.0, "dice": 2 * inter / total if total else 1.0}
 
 
-def evaluate_pair(truth: np.ndarray, pred: np.ndarray, threshold: float = 0.5, mode: str = "standard",
-                  min_size: int = 0, source: Optional[str] = None) -> Dict[str, object]:
+def evaluate_pair(
+    truth: np.ndarray,
+    pred: np.ndarray,
+    threshold: float = 0.5,
+    mode: str = "standard",
+    min_size: int = 0,
+    source: Optional[str] = None,
+) -> Dict[str, object]:
     """Every metric of one (ground truth, prediction) pair in one mode.
 
     ``source`` names the pair in errors and warnings (e.g. the patch's mask file).

@@ -7,6 +7,7 @@ cells it trims (``segrefine.stitch``).
 
 Only numpy, scipy and scikit-image are imported here: the shard runner runs in every model framework's env.
 """
+
 from __future__ import annotations
 
 import json
@@ -120,9 +121,22 @@ def outline_texts(labels: np.ndarray, origin=(0, 0)) -> Tuple[np.ndarray, List[s
 # square (corners ul=1, ur=2, ll=4, lr=8 inside the cell) up to two segments (from, to), on the middle of the
 # square's top, bottom, left or right side, in doubled coordinates relative to the square's top-left pixel
 _T, _B, _L, _R = (0, 1), (2, 1), (1, 0), (1, 2)
-_MS_CASES = {1: [(_T, _L)], 2: [(_R, _T)], 3: [(_R, _L)], 4: [(_L, _B)], 5: [(_T, _B)], 6: [(_R, _T), (_L, _B)],
-             7: [(_R, _B)], 8: [(_B, _R)], 9: [(_T, _L), (_B, _R)], 10: [(_B, _T)], 11: [(_B, _L)],
-             12: [(_L, _R)], 13: [(_T, _R)], 14: [(_L, _T)]}
+_MS_CASES = {
+    1: [(_T, _L)],
+    2: [(_R, _T)],
+    3: [(_R, _L)],
+    4: [(_L, _B)],
+    5: [(_T, _B)],
+    6: [(_R, _T), (_L, _B)],
+    7: [(_R, _B)],
+    8: [(_B, _R)],
+    9: [(_T, _L), (_B, _R)],
+    10: [(_B, _T)],
+    11: [(_B, _L)],
+    12: [(_L, _R)],
+    13: [(_T, _R)],
+    14: [(_L, _T)],
+}
 _MS_SEG = np.zeros((16, 2, 2, 2), np.int64)  # case, segment, from / to, (row, col)
 _MS_NSEG = np.zeros(16, np.int64)
 for _case, _segs in _MS_CASES.items():
@@ -162,8 +176,12 @@ def _marching_rings(dense: np.ndarray, origin):
     lab = np.concatenate(lab).astype(np.int64)
     if not len(sq):
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), []
-    case = ((corners[0][sq] == lab) * 1 + (corners[1][sq] == lab) * 2 + (corners[2][sq] == lab) * 4
-            + (corners[3][sq] == lab) * 8)
+    case = (
+        (corners[0][sq] == lab) * 1
+        + (corners[1][sq] == lab) * 2
+        + (corners[2][sq] == lab) * 4
+        + (corners[3][sq] == lab) * 8
+    )
     two = _MS_NSEG[case] == 2
     sq = np.concatenate([sq, sq[two]])
     k = np.concatenate([np.zeros(len(case), np.int64), np.ones(int(two.sum()), np.int64)])

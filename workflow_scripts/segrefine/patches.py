@@ -4,6 +4,7 @@ A patch is named ``{SN}-x{X}_y{Y}_w{W}_h{H}``; its image file adds ``-img.tif``
 and its instance mask ``-mask.tif``. The name alone says where the patch lies
 on the slide, so an annotation file names the patch it belongs to.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,7 +37,8 @@ def parse_patch_name(stem: str) -> PatchBox:
     if not m:
         raise SegRefineError(
             f"{stem!r} is not a patch name: expected '{{SN}}-x{{X}}_y{{Y}}_w{{W}}_h{{H}}' "
-            "(optionally ending in -img or -mask)")
+            "(optionally ending in -img or -mask)"
+        )
     box = PatchBox(m["sn"], int(m["x"]), int(m["y"]), int(m["w"]), int(m["h"]))
     if box.w == 0 or box.h == 0:
         raise SegRefineError(f"{stem!r}: patch width and height must be positive")
@@ -46,9 +48,7 @@ def parse_patch_name(stem: str) -> PatchBox:
 def grid_boxes(sn: str, slide_shape: Tuple[int, int], size: int, step: int) -> List[PatchBox]:
     """Patches of ``size`` px every ``step`` px that lie wholly inside the slide."""
     H, W = slide_shape
-    return [PatchBox(sn, x, y, size, size)
-            for y in range(0, H - size + 1, step)
-            for x in range(0, W - size + 1, step)]
+    return [PatchBox(sn, x, y, size, size) for y in range(0, H - size + 1, step) for x in range(0, W - size + 1, step)]
 
 
 def reflect_pad(img: np.ndarray, size: int) -> np.ndarray:

@@ -29,6 +29,7 @@ whole slide instead of the patch image. Every patch-frame file written is also k
 ``{archive}/{patch}/{card sha256[:12]}.geojson``, that no later round overwrites or removes: the record
 ``segrefine.corrections`` compares a corrected file with.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -81,9 +82,14 @@ def _qupath_number(v: float):
     return round(v, 4)
 
 
-def preannotation_geojson(patch: str, labels: np.ndarray, card_sha: str,
-                          measurements: Optional[Dict[int, Dict[str, float]]] = None,
-                          meta: Optional[dict] = None, offset=(0, 0)) -> dict:
+def preannotation_geojson(
+    patch: str,
+    labels: np.ndarray,
+    card_sha: str,
+    measurements: Optional[Dict[int, Dict[str, float]]] = None,
+    meta: Optional[dict] = None,
+    offset=(0, 0),
+) -> dict:
     """The QuPath FeatureCollection of the cells of ``labels`` (one annotation object per label, see the module);
     ``offset``: added to every coordinate ((x, y) of the patch in the slide: the slide-frame copy)."""
     import shapely.geometry
@@ -96,11 +102,22 @@ def preannotation_geojson(patch: str, labels: np.ndarray, card_sha: str,
         m = (measurements or {}).get(int(lab))
         if m:
             props["measurements"] = {k: _qupath_number(v) for k, v in m.items()}
-        features.append({"type": "Feature", "id": cell_uuid(patch, lab, card_sha),
-                         "geometry": shapely.geometry.mapping(geom), "properties": props})
+        features.append(
+            {
+                "type": "Feature",
+                "id": cell_uuid(patch, lab, card_sha),
+                "geometry": shapely.geometry.mapping(geom),
+                "properties": props,
+            }
+        )
     doc = {"type": "FeatureCollection", "features": features}
-    doc["segrefine"] = {"patch": patch, "card_sha256": card_sha, "n_cells": len(features),
-                        "measurements": MEASUREMENTS, **(meta or {})}
+    doc["segrefine"] = {
+        "patch": patch,
+        "card_sha256": card_sha,
+        "n_cells": len(features),
+        "measurements": MEASUREMENTS,
+        **(meta or {}),
+    }
     return doc
 
 
@@ -145,8 +162,18 @@ def cell_measurements(model, image: np.ndarray, pretrained_labels: Optional[np.n
     return labels, {lab: {**m, "area_px": float(area[lab])} for lab, m in cells.items()}
 
 
-def write_preannotations(card_path, pretrained_card_path, slide_path, sn: str, patches: Sequence[str], out_dir,
-                         archive_dir, summary_csv=None, channel: Optional[int] = None, tta: int = 4) -> List[str]:
+def write_preannotations(
+    card_path,
+    pretrained_card_path,
+    slide_path,
+    sn: str,
+    patches: Sequence[str],
+    out_dir,
+    archive_dir,
+    summary_csv=None,
+    channel: Optional[int] = None,
+    tta: int = 4,
+) -> List[str]:
     """Predict each patch with the model of ``card_path`` (and of ``pretrained_card_path``, for ``other_iou``;
     ``tta``: test-time augmentations for ``tta_agreement``, 8, 4 or 0) and write ``{patch}.geojson`` +
     ``{patch}-img.tif`` into ``out_dir`` (published whole with a rename; ``slide_frame/{patch}.geojson``: the same
@@ -164,8 +191,13 @@ def write_preannotations(card_path, pretrained_card_path, slide_path, sn: str, p
     model, card = load_model(card_path)
     pre_model, _ = load_model(pretrained_card_path) if pretrained_card_path else (None, None)
     sha = card_sha256(card_path)
-    meta = {"model": card["name"], "stage": card.get("stage"), "framework": card.get("framework"), "tta": tta,
-            "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    meta = {
+        "model": card["name"],
+        "stage": card.get("stage"),
+        "framework": card.get("framework"),
+        "tta": tta,
+        "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
     if summary_csv:
         meta.update(model_f1(summary_csv, card["name"]))
     out_dir = Path(out_dir)
@@ -179,15 +211,15 @@ def write_preannotations(card_path, pretrained_card_path, slide_path, sn: str, p
                 doc = preannotation_geojson(b.name, labels, sha, measurements, meta)
                 text = dump_geojson(doc) + "\n"
                 write_text_atomic(work / f"{b.name}.geojson", text)
-                slide_doc = preannotation_geojson(b.name, labels, sha, measurements, {**meta, "frame": "slide"},
-                                                  offset=(b.x, b.y))
+                slide_doc = preannotation_geojson(
+                    b.name, labels, sha, measurements, {**meta, "frame": "slide"}, offset=(b.x, b.y)
+                )
                 write_text_atomic(work / SLIDE_FRAME / f"{b.name}.geojson", dump_geojson(slide_doc) + "\n")
                 write_tiff(work / f"{b.name}-img.tif", img, photometric="rgb" if img.ndim == 3 else "minisblack")
                 kept = Path(archive_dir) / b.name / f"{sha[:12]}.geojson"
                 if not kept.exists():
                     write_text_atomic(kept, text)
-                log.info("%s: %d cells pre-annotated by %s (%s)", b.name, len(doc["features"]), card["name"],
-                         sha[:12])
+                log.info("%s: %d cells pre-annotated by %s (%s)", b.name, len(doc["features"]), card["name"], sha[:12])
         if out_dir.exists():
             shutil.rmtree(out_dir)
         work.rename(out_dir)

@@ -5,6 +5,7 @@ resolve to ``{model_cache}/{framework}/{file}``; the workflow's local
 ``fetch_pretrained`` rule fills that file where a network is there (an HPC
 login node). Offline (or with SEGREFINE_OFFLINE set), the error says which file to put where.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,10 @@ from segrefine.models import adapter_class
 def official_path(framework: str, name: str, cache_dir) -> Path:
     cls = adapter_class(framework)
     if name not in cls.official_weights:
-        raise SegRefineError(f"unknown pretrained {framework} model {name!r}; official names: "
-                             f"{sorted(cls.official_weights)} (or give a path to a weights file)")
+        raise SegRefineError(
+            f"unknown pretrained {framework} model {name!r}; official names: "
+            f"{sorted(cls.official_weights)} (or give a path to a weights file)"
+        )
     return Path(cache_dir) / framework / cls.official_weights[name]
 
 
@@ -33,15 +36,18 @@ def fetch_official(framework: str, name: str, out) -> Path:
     if name not in cls.official_weights:
         raise SegRefineError(f"unknown pretrained {framework} model {name!r}; official: {sorted(cls.official_weights)}")
     if os.environ.get("SEGREFINE_OFFLINE"):
-        raise SegRefineError(f"SEGREFINE_OFFLINE is set, so the official {framework} weights {name!r} are not "
-                             f"downloaded: put the file at {out} (copy it from a machine that has it)")
+        raise SegRefineError(
+            f"SEGREFINE_OFFLINE is set, so the official {framework} weights {name!r} are not "
+            f"downloaded: put the file at {out} (copy it from a machine that has it)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         try:
             got = cls.download_official(name, Path(tmp))
         except Exception as exc:
             raise SegRefineError(
                 f"could not download the official {framework} weights {name!r} ({type(exc).__name__}: {exc}). "
-                f"Without network, put the file at {out} by hand (copy it from a machine that has it)") from exc
+                f"Without network, put the file at {out} by hand (copy it from a machine that has it)"
+            ) from exc
         # a model may be several files (StarDist: config.json, thresholds.json beside the weights)
         for extra in got.parent.iterdir():
             if extra != got and extra.is_file():

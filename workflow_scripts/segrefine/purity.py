@@ -29,6 +29,7 @@ reads the segmentation and the truth labels band by band
 the number of (cell, true cell, marker type) triples. ``mecr`` reads only the
 marker genes' slices of the cgef's ``cellBin/geneExp``.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,19 @@ from segrefine import SegRefineError
 log = logging.getLogger("segrefine.purity")
 
 MIXED_FRACTION = 0.10
-CELL_COLUMNS = ("label_id", "umis", "dominant_truth", "truth_type", "purity", "second_fraction",
-                "other_fraction", "background_fraction", "mixed", "marker_umis", "marker_purity")
+CELL_COLUMNS = (
+    "label_id",
+    "umis",
+    "dominant_truth",
+    "truth_type",
+    "purity",
+    "second_fraction",
+    "other_fraction",
+    "background_fraction",
+    "mixed",
+    "marker_umis",
+    "marker_purity",
+)
 PAIR_COLUMNS = ("sample", "stage", "gene_a", "type_a", "gene_b", "type_b", "cells_a", "cells_b", "cells_both", "mecr")
 _TRIPLE = np.dtype([("seg", "<u8"), ("tru", "<u8"), ("kind", "<i8"), ("umis", "<i8")])
 
@@ -62,12 +74,15 @@ def check_markers(markers) -> Dict[str, List[str]]:
     owner: Dict[str, str] = {}
     for kind, genes in markers.items():
         if isinstance(genes, str) or not genes or not all(isinstance(g, str) and g for g in genes):
-            raise SegRefineError(f"markers of cell type {kind!r}: expected a non-empty list of gene names, "
-                                 f"got {genes!r}")
+            raise SegRefineError(
+                f"markers of cell type {kind!r}: expected a non-empty list of gene names, got {genes!r}"
+            )
         for g in genes:
             if g in owner and owner[g] != str(kind):
-                raise SegRefineError(f"marker gene {g!r} is given for two cell types ({owner[g]!r}, {kind!r}); "
-                                     "the markers of different types must be mutually exclusive")
+                raise SegRefineError(
+                    f"marker gene {g!r} is given for two cell types ({owner[g]!r}, {kind!r}); "
+                    "the markers of different types must be mutually exclusive"
+                )
             owner[g] = str(kind)
         out[str(kind)] = list(dict.fromkeys(genes))
     return out
@@ -152,8 +167,9 @@ def triples(spill, labels, truth, gene_kind: np.ndarray, band_rows: int, limit: 
     return _reduce(parts) if parts else np.empty(0, _TRIPLE)
 
 
-def cell_purity(t: np.ndarray, truth_types: Optional[Dict[int, str]], kinds: Sequence[str],
-                mixed_fraction: float = MIXED_FRACTION):
+def cell_purity(
+    t: np.ndarray, truth_types: Optional[Dict[int, str]], kinds: Sequence[str], mixed_fraction: float = MIXED_FRACTION
+):
     """Per-cell table (``CELL_COLUMNS``) from the (seg, tru, kind, umis) triples."""
     import pandas as pd
 
@@ -179,8 +195,9 @@ def cell_purity(t: np.ndarray, truth_types: Optional[Dict[int, str]], kinds: Seq
     is_second = np.zeros(len(p_cell), bool)
     is_second[1:] = start[:-1] & ~start[1:]
     second[p_cell[is_second]] = p_umis[is_second]
-    table = pd.DataFrame({"label_id": cells.astype(np.int64), "umis": umis.astype(np.int64),
-                          "dominant_truth": dominant})
+    table = pd.DataFrame(
+        {"label_id": cells.astype(np.int64), "umis": umis.astype(np.int64), "dominant_truth": dominant}
+    )
     table["truth_type"] = [truth_types.get(int(d), "") if (truth_types and d) else "" for d in dominant]
     table["purity"] = dom_umis / umis
     table["second_fraction"] = second / umis
@@ -210,20 +227,34 @@ def summarize_purity(table, mixed_fraction: float = MIXED_FRACTION) -> dict:
     def num(v):
         return float(v) if v == v else None  # NaN -> null in JSON
 
-    return {"cells": int(n), "mixed_fraction_threshold": float(mixed_fraction),
-            "cells_without_true_cell": int((table["dominant_truth"] == 0).sum()),
-            "mean_purity": num(table["purity"].mean()) if n else None,
-            "median_purity": num(table["purity"].median()) if n else None,
-            "fraction_mixed": float(table["mixed"].mean()) if n else None,
-            "mean_background_fraction": num(table["background_fraction"].mean()) if n else None,
-            "cells_with_markers": int(len(mp)),
-            "mean_marker_purity": float(mp.mean()) if len(mp) else None,
-            "median_marker_purity": float(mp.median()) if len(mp) else None}
+    return {
+        "cells": int(n),
+        "mixed_fraction_threshold": float(mixed_fraction),
+        "cells_without_true_cell": int((table["dominant_truth"] == 0).sum()),
+        "mean_purity": num(table["purity"].mean()) if n else None,
+        "median_purity": num(table["purity"].median()) if n else None,
+        "fraction_mixed": float(table["mixed"].mean()) if n else None,
+        "mean_background_fraction": num(table["background_fraction"].mean()) if n else None,
+        "cells_with_markers": int(len(mp)),
+        "mean_marker_purity": float(mp.mean()) if len(mp) else None,
+        "median_marker_purity": float(mp.median()) if len(mp) else None,
+    }
 
 
-def truth_purity(expression, labels_path, truth_path, truth_types_path=None, markers=None,
-                 mixed_fraction: float = MIXED_FRACTION, origin=None, out_cells=None, out_summary=None,
-                 chunk: Optional[int] = None, band_rows: Optional[int] = None, work_dir=None):
+def truth_purity(
+    expression,
+    labels_path,
+    truth_path,
+    truth_types_path=None,
+    markers=None,
+    mixed_fraction: float = MIXED_FRACTION,
+    origin=None,
+    out_cells=None,
+    out_summary=None,
+    chunk: Optional[int] = None,
+    band_rows: Optional[int] = None,
+    work_dir=None,
+):
     """Per-cell purity of a segmentation against the truth labels (module docstring); returns (table, summary).
 
     ``expression``: GEM or bgef; ``labels_path``, ``truth_path``: label images of the same size, pixel (0, 0) at
@@ -252,9 +283,11 @@ def truth_purity(expression, labels_path, truth_path, truth_types_path=None, mar
         previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if truth.shape != labels.shape:
-            raise SegRefineError(f"{truth_path}: the truth labels are {truth.shape[1]}x{truth.shape[0]} px but the "
-                                 f"segmentation {labels_path} is {labels.shape[1]}x{labels.shape[0]}: "
-                                 "not the same frame")
+            raise SegRefineError(
+                f"{truth_path}: the truth labels are {truth.shape[1]}x{truth.shape[0]} px but the "
+                f"segmentation {labels_path} is {labels.shape[1]}x{labels.shape[0]}: "
+                "not the same frame"
+            )
         band_rows = band_rows or max(1, min(BAND_ROWS, BAND_PIXELS // max(1, labels.shape[1])))
         org, how = resolve_origin(reader, origin)
         if work_dir or out_cells or out_summary:
@@ -269,8 +302,10 @@ def truth_purity(expression, labels_path, truth_path, truth_types_path=None, mar
         for i, kind in enumerate(kinds):
             found = [index[g] for g in markers[kind] if g in index]
             if not found:
-                raise SegRefineError(f"{expression}: none of the markers of cell type {kind!r} "
-                                     f"({', '.join(markers[kind])}) is a gene of the matrix")
+                raise SegRefineError(
+                    f"{expression}: none of the markers of cell type {kind!r} "
+                    f"({', '.join(markers[kind])}) is a gene of the matrix"
+                )
             gene_kind[found] = i + 1
         t = triples(spill, labels, truth, gene_kind, band_rows)
     finally:
@@ -283,14 +318,22 @@ def truth_purity(expression, labels_path, truth_path, truth_types_path=None, mar
     table = cell_purity(t, types, kinds if types else [], mixed_fraction)
     summary = summarize_purity(table, mixed_fraction)
     if types:
-        summary["cells_per_type"] = {k: int(v) for k, v in table["truth_type"].replace("", "none").value_counts()
-                                     .sort_index().items()}
+        summary["cells_per_type"] = {
+            k: int(v) for k, v in table["truth_type"].replace("", "none").value_counts().sort_index().items()
+        }
     if out_cells:
         write_text_atomic(out_cells, table.to_csv(index=False, float_format="%.6g"))
     if out_summary:
         write_text_atomic(out_summary, json.dumps(summary, indent=2) + "\n")
-    log.info("%s vs %s: %d cells, mean purity %s, %s mixed, mean marker purity %s", labels_path, truth_path,
-             summary["cells"], summary["mean_purity"], summary["fraction_mixed"], summary["mean_marker_purity"])
+    log.info(
+        "%s vs %s: %d cells, mean purity %s, %s mixed, mean marker purity %s",
+        labels_path,
+        truth_path,
+        summary["cells"],
+        summary["mean_purity"],
+        summary["fraction_mixed"],
+        summary["mean_marker_purity"],
+    )
     return table, summary
 
 
@@ -309,7 +352,7 @@ def marker_cells(cgef, genes: Sequence[str]) -> Tuple[int, Dict[str, np.ndarray]
         for row, name in zip(table, names):
             if name in wanted:
                 s, c = int(row["offset"]), int(row["cellCount"])
-                part = exp[s:s + c]
+                part = exp[s : s + c]
                 out[name] = np.unique(part["cellID"][part["count"] > 0].astype(np.int64))
     return n, out
 
@@ -332,9 +375,18 @@ def mecr_of_sets(n: int, present: Dict[str, np.ndarray], markers: Dict[str, List
                     continue
                 both = len(np.intersect1d(present[a], present[b], assume_unique=True))
                 either = len(present[a]) + len(present[b]) - both
-                pairs.append({"gene_a": a, "type_a": ta, "gene_b": b, "type_b": tb, "cells_a": len(present[a]),
-                              "cells_b": len(present[b]), "cells_both": both,
-                              "mecr": both / either if either else None})
+                pairs.append(
+                    {
+                        "gene_a": a,
+                        "type_a": ta,
+                        "gene_b": b,
+                        "type_b": tb,
+                        "cells_a": len(present[a]),
+                        "cells_b": len(present[b]),
+                        "cells_both": both,
+                        "mecr": both / either if either else None,
+                    }
+                )
     values = [p["mecr"] for p in pairs if p["mecr"] is not None]
     has_type = np.zeros((len(markers), n), bool)
     for i, genes in enumerate(markers.values()):
@@ -343,19 +395,33 @@ def mecr_of_sets(n: int, present: Dict[str, np.ndarray], markers: Dict[str, List
                 has_type[i, present[g]] = True
     k = has_type.sum(axis=0)
     expressing = int((k > 0).sum())
-    summary = {"cells": n, "pairs": len(pairs), "pairs_defined": len(values),
-               "mecr": float(np.mean(values)) if values else None,
-               "median_pair_mecr": float(np.median(values)) if values else None,
-               "cells_with_markers": expressing,
-               "fraction_coexpressing": float((k >= 2).sum() / expressing) if expressing else None,
-               "markers_missing": missing}
+    summary = {
+        "cells": n,
+        "pairs": len(pairs),
+        "pairs_defined": len(values),
+        "mecr": float(np.mean(values)) if values else None,
+        "median_pair_mecr": float(np.median(values)) if values else None,
+        "cells_with_markers": expressing,
+        "fraction_coexpressing": float((k >= 2).sum() / expressing) if expressing else None,
+        "markers_missing": missing,
+    }
     return summary, pairs
 
 
 # --- the step: all stages of a sample ---------------------------------------------------------------------------------
-def purity_step(stages: Sequence[str], cgefs: Sequence, labels: Sequence, out_dir, expression=None,
-                truth=None, truth_types=None, markers=None, mixed_fraction: float = MIXED_FRACTION,
-                origin=None, sample: str = "") -> dict:
+def purity_step(
+    stages: Sequence[str],
+    cgefs: Sequence,
+    labels: Sequence,
+    out_dir,
+    expression=None,
+    truth=None,
+    truth_types=None,
+    markers=None,
+    mixed_fraction: float = MIXED_FRACTION,
+    origin=None,
+    sample: str = "",
+) -> dict:
     """MECR (with markers) and the truth-based purity (with truth) of each stage of one sample, written to
     ``out_dir``: ``summary.json`` (per stage), ``mecr_pairs.csv`` (one row per stage and marker pair; only the
     header without markers) and ``cells.csv`` (one row per stage and cell, ``stage`` + ``CELL_COLUMNS``; only the
@@ -365,8 +431,9 @@ def purity_step(stages: Sequence[str], cgefs: Sequence, labels: Sequence, out_di
     from segrefine.io import write_text_atomic
 
     if not (len(stages) == len(cgefs) == len(labels)):
-        raise SegRefineError(f"{len(stages)} stages, {len(cgefs)} cgefs and {len(labels)} label images: "
-                             "give one of each per stage")
+        raise SegRefineError(
+            f"{len(stages)} stages, {len(cgefs)} cgefs and {len(labels)} label images: give one of each per stage"
+        )
     if len(set(stages)) != len(stages):
         raise SegRefineError(f"stages {list(stages)}: each stage once")
     if not markers and not truth:
@@ -375,8 +442,13 @@ def purity_step(stages: Sequence[str], cgefs: Sequence, labels: Sequence, out_di
         raise SegRefineError("the truth-based purity needs the expression matrix (--expression)")
     markers = check_markers(markers) if markers else None
     out = Path(out_dir)
-    result = {"sample": sample, "mixed_fraction_threshold": float(mixed_fraction), "markers": markers,
-              "truth": str(truth) if truth else None, "stages": {}}
+    result = {
+        "sample": sample,
+        "mixed_fraction_threshold": float(mixed_fraction),
+        "markers": markers,
+        "truth": str(truth) if truth else None,
+        "stages": {},
+    }
     pair_rows, tables = [], []
     for stage, cgef, lab in zip(stages, cgefs, labels):
         entry: dict = {}
@@ -384,14 +456,17 @@ def purity_step(stages: Sequence[str], cgefs: Sequence, labels: Sequence, out_di
             entry["mecr"], pairs = mecr(cgef, markers)
             pair_rows += [{"sample": sample, "stage": stage, **p} for p in pairs]
         if truth:
-            table, entry["truth"] = truth_purity(expression, lab, truth, truth_types, markers, mixed_fraction,
-                                                 origin, work_dir=out)
+            table, entry["truth"] = truth_purity(
+                expression, lab, truth, truth_types, markers, mixed_fraction, origin, work_dir=out
+            )
             tables.append(table.assign(stage=stage)[["stage", *CELL_COLUMNS]])
         result["stages"][stage] = entry
     cells = pd.concat(tables) if tables else pd.DataFrame(columns=["stage", *CELL_COLUMNS])
     write_text_atomic(out / "cells.csv", cells.to_csv(index=False, float_format="%.6g"))
-    write_text_atomic(out / "mecr_pairs.csv", pd.DataFrame(pair_rows, columns=list(PAIR_COLUMNS)).to_csv(
-        index=False, float_format="%.6g"))
+    write_text_atomic(
+        out / "mecr_pairs.csv",
+        pd.DataFrame(pair_rows, columns=list(PAIR_COLUMNS)).to_csv(index=False, float_format="%.6g"),
+    )
     write_text_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
     return result
 
@@ -412,25 +487,45 @@ def purity_table(summaries: Sequence, clusters: Sequence = ()):
         for stage, e in doc["stages"].items():
             r = row(doc["sample"], stage)
             m, t = e.get("mecr", {}), e.get("truth", {})
-            r.update(cells=m.get("cells", t.get("cells")), mecr=m.get("mecr"),
-                     fraction_coexpressing=m.get("fraction_coexpressing"), mean_purity=t.get("mean_purity"),
-                     median_purity=t.get("median_purity"), fraction_mixed=t.get("fraction_mixed"),
-                     mean_marker_purity=t.get("mean_marker_purity"))
+            r.update(
+                cells=m.get("cells", t.get("cells")),
+                mecr=m.get("mecr"),
+                fraction_coexpressing=m.get("fraction_coexpressing"),
+                mean_purity=t.get("mean_purity"),
+                median_purity=t.get("median_purity"),
+                fraction_mixed=t.get("fraction_mixed"),
+                mean_marker_purity=t.get("mean_marker_purity"),
+            )
     for path in clusters:
         doc = json.loads(Path(path).read_text())
         for stage, e in doc["stages"].items():
             r = row(doc["sample"], stage)
             r.setdefault("cells", e.get("cells"))
             r.update(leiden_clusters=e.get("clusters"), ari_true_type=e.get("ari"))
-    columns = ["sample", "stage", "cells", "mecr", "fraction_coexpressing", "mean_purity", "median_purity",
-               "fraction_mixed", "mean_marker_purity", "leiden_clusters", "ari_true_type"]
+    columns = [
+        "sample",
+        "stage",
+        "cells",
+        "mecr",
+        "fraction_coexpressing",
+        "mean_purity",
+        "median_purity",
+        "fraction_mixed",
+        "mean_marker_purity",
+        "leiden_clusters",
+        "ari_true_type",
+    ]
     return pd.DataFrame(list(rows.values()), columns=columns)
 
 
-PLOT_METRICS = (("mean_purity", "mean purity (truth)"), ("fraction_mixed", "fraction of mixed cells (truth)"),
-                ("mean_marker_purity", "mean marker purity (truth)"), ("mecr", "MECR (lower is better)"),
-                ("fraction_coexpressing", "cells co-expressing two types' markers"),
-                ("ari_true_type", "ARI of Leiden clusters vs true types"))
+PLOT_METRICS = (
+    ("mean_purity", "mean purity (truth)"),
+    ("fraction_mixed", "fraction of mixed cells (truth)"),
+    ("mean_marker_purity", "mean marker purity (truth)"),
+    ("mecr", "MECR (lower is better)"),
+    ("fraction_coexpressing", "cells co-expressing two types' markers"),
+    ("ari_true_type", "ARI of Leiden clusters vs true types"),
+)
 
 
 def plot_purity_table(table, path) -> None:
@@ -450,14 +545,17 @@ def plot_purity_table(table, path) -> None:
     names = [f"{a}\n{b}" for a, b in zip(table["sample"], table["stage"])]
     for ax, (key, title) in zip(axes.ravel(), metrics):
         values = table[key].astype(float).to_numpy()
-        ax.bar(range(len(values)), np.nan_to_num(values), color=["#9e9e9e" if "pretrained" in n_ else "#1f77b4"
-                                                                 for n_ in names])
+        ax.bar(
+            range(len(values)),
+            np.nan_to_num(values),
+            color=["#9e9e9e" if "pretrained" in n_ else "#1f77b4" for n_ in names],
+        )
         for i, v in enumerate(values):
             ax.text(i, np.nan_to_num(v), "n/a" if v != v else f"{v:.3f}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(values)))
         ax.set_xticklabels(names, fontsize=7, rotation=30, ha="right")
         ax.set_title(title, fontsize=9)
-    for ax in axes.ravel()[len(metrics):]:
+    for ax in axes.ravel()[len(metrics) :]:
         ax.axis("off")
     if not metrics:
         axes[0, 0].text(0.5, 0.5, "no purity measure (no markers, no truth, no clusters)", ha="center")

@@ -34,6 +34,7 @@ pretrained and the fine-tuned model, docs/expression.md). Output folder:
   the stages: the same columns, "before" being SAW's. Reference stages also
   get their rows in ``summary.csv`` and their curves in the plot.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -102,8 +103,13 @@ def summarize_cells(cells, k: float = 3.0, tables: Optional[Sequence[Tuple[str, 
         groups = [(sm, st, have.get((sm, st), cells.iloc[:0])) for sm, st in dict.fromkeys(map(tuple, tables))]
     rows = []
     for sample, stage, df in groups:
-        row = {"sample": sample, "stage": stage, "cells": len(df), "empty_cells": int((df["total_counts"] == 0).sum()),
-               "umis_in_cells": int(df["total_counts"].sum())}
+        row = {
+            "sample": sample,
+            "stage": stage,
+            "cells": len(df),
+            "empty_cells": int((df["total_counts"] == 0).sum()),
+            "umis_in_cells": int(df["total_counts"].sum()),
+        }
         for col, _ in METRICS:
             v = df[col].to_numpy(dtype=float)
             row[f"{col}_mean"] = float(v.mean()) if len(v) else float("nan")
@@ -134,8 +140,19 @@ def extreme_area(cells, k: float = 3.0):
         sel["area_over_median"] = sel["area"] / med if med > 0 else np.nan
         sel["side"] = np.where(sel["area"] > hi, "large", "small")
         out.append(sel.sort_values("area", ascending=False, kind="stable"))
-    cols = ["sample", "stage", "label_id", "x", "y", "area", "median_area", "area_over_median", "side",
-            "total_counts", "n_genes"]
+    cols = [
+        "sample",
+        "stage",
+        "label_id",
+        "x",
+        "y",
+        "area",
+        "median_area",
+        "area_over_median",
+        "side",
+        "total_counts",
+        "n_genes",
+    ]
     out = [o for o in out if len(o)]
     res = pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
     # samples alphabetically, stages in the order given (pretrained before fine-tuned), then largest first
@@ -184,10 +201,19 @@ def compare_stages(cells, before: str, after: str):
             continue
         for col, title in METRICS:
             vb, va = b[col].to_numpy(dtype=float), a[col].to_numpy(dtype=float)
-            row = {"sample": sample, "metric": col, "description": title, "before": before, "after": after,
-                   "n_before": len(vb), "n_after": len(va), "median_before": float(np.median(vb)),
-                   "median_after": float(np.median(va)), "mean_before": float(vb.mean()),
-                   "mean_after": float(va.mean())}
+            row = {
+                "sample": sample,
+                "metric": col,
+                "description": title,
+                "before": before,
+                "after": after,
+                "n_before": len(vb),
+                "n_after": len(va),
+                "median_before": float(np.median(vb)),
+                "median_after": float(np.median(va)),
+                "mean_before": float(vb.mean()),
+                "mean_after": float(va.mean()),
+            }
             row["median_ratio"] = row["median_after"] / row["median_before"] if row["median_before"] else np.nan
             if np.ptp(np.concatenate([vb, va])) == 0:  # all values equal: no evidence either way
                 u, p = len(va) * len(vb) / 2, 1.0
@@ -196,9 +222,23 @@ def compare_stages(cells, before: str, after: str):
                 u, p = float(res.statistic), float(res.pvalue)
             row.update(mannwhitney_u=u, p_value=p, prob_after_greater=u / (len(va) * len(vb)))
             rows.append(row)
-    cols = ["sample", "metric", "description", "before", "after", "n_before", "n_after", "median_before",
-            "median_after", "median_ratio", "mean_before", "mean_after", "mannwhitney_u", "p_value",
-            "prob_after_greater"]
+    cols = [
+        "sample",
+        "metric",
+        "description",
+        "before",
+        "after",
+        "n_before",
+        "n_after",
+        "median_before",
+        "median_after",
+        "median_ratio",
+        "mean_before",
+        "mean_after",
+        "mannwhitney_u",
+        "p_value",
+        "prob_after_greater",
+    ]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -223,8 +263,15 @@ def plot_distributions(cells, path, tests=None) -> None:
     if not len(cells):  # no cell in any table: a figure that says so instead of empty axes
         fig, ax = plt.subplots(figsize=(8, 2.5))
         ax.axis("off")
-        ax.text(0.5, 0.5, "per-cell QC: no cell in any cell table (0 cells segmented under the expression matrix)",
-                ha="center", va="center", fontsize=11, wrap=True)
+        ax.text(
+            0.5,
+            0.5,
+            "per-cell QC: no cell in any cell table (0 cells segmented under the expression matrix)",
+            ha="center",
+            va="center",
+            fontsize=11,
+            wrap=True,
+        )
         with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=110)
         plt.close(fig)
@@ -240,8 +287,14 @@ def plot_distributions(cells, path, tests=None) -> None:
                 v = df[col].to_numpy(dtype=float)
                 name = st if overlay else (f"{sm} {st}" if st else sm)
                 colour = colours[st] if overlay else None
-                line = ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, histtype="step", linewidth=1.5,
-                               color=colour, label=f"{name} (n={len(v)}, median {np.median(v):g})")[2][0]
+                line = ax.hist(
+                    np.clip(v, bins[0], bins[-1]),
+                    bins=bins,
+                    histtype="step",
+                    linewidth=1.5,
+                    color=colour,
+                    label=f"{name} (n={len(v)}, median {np.median(v):g})",
+                )[2][0]
                 if overlay:
                     ax.axvline(np.median(v), color=line.get_edgecolor(), linestyle="--", linewidth=1)
             ax.set_xlabel(title)
@@ -251,18 +304,27 @@ def plot_distributions(cells, path, tests=None) -> None:
             if pair and tests is not None:
                 t = tests[(tests["sample"] == sample) & (tests["metric"] == col)]
                 if len(t):
-                    ax.set_title(f"{sample}: {pair[0]} vs {pair[1]}, Mann-Whitney p = {t['p_value'].iloc[0]:.2g}",
-                                 fontsize=9)
-    fig.suptitle("per-cell QC" + (f", before ({pair[0]}) vs after ({pair[1]})" if pair else "")
-                 + " (values above the 99.5th percentile in the last bin)")
+                    ax.set_title(
+                        f"{sample}: {pair[0]} vs {pair[1]}, Mann-Whitney p = {t['p_value'].iloc[0]:.2g}", fontsize=9
+                    )
+    fig.suptitle(
+        "per-cell QC"
+        + (f", before ({pair[0]}) vs after ({pair[1]})" if pair else "")
+        + " (values above the 99.5th percentile in the last bin)"
+    )
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
-ALIGNMENT_COLUMNS = ("umis", "fraction_umis_in_cells", "alignment_best_shift", "alignment_fraction_at_best_shift",
-                     "alignment_misaligned")
+ALIGNMENT_COLUMNS = (
+    "umis",
+    "fraction_umis_in_cells",
+    "alignment_best_shift",
+    "alignment_fraction_at_best_shift",
+    "alignment_misaligned",
+)
 
 
 def read_alignment(path) -> dict:
@@ -273,16 +335,25 @@ def read_alignment(path) -> dict:
     try:
         r = json.loads(path.read_text())
         a = r["alignment"]
-        return {"umis": r["umis"], "fraction_umis_in_cells": r["fraction_umis_in_cells"],
-                "alignment_best_shift": "{:+d},{:+d}".format(*a["best_shift"]),
-                "alignment_fraction_at_best_shift": a["fraction_in_cells_at_best_shift"],
-                "alignment_misaligned": bool(a["misaligned"])}
+        return {
+            "umis": r["umis"],
+            "fraction_umis_in_cells": r["fraction_umis_in_cells"],
+            "alignment_best_shift": "{:+d},{:+d}".format(*a["best_shift"]),
+            "alignment_fraction_at_best_shift": a["fraction_in_cells_at_best_shift"],
+            "alignment_misaligned": bool(a["misaligned"]),
+        }
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SegRefineError(f"{path}: not an alignment report of `segrefine cgef --report` ({exc})") from None
 
 
-def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0,
-                  stages: Optional[List[str]] = None, reports: Optional[List] = None) -> None:
+def expression_qc(
+    cellmaps: List,
+    samples: List[str],
+    out_dir,
+    k: float = 3.0,
+    stages: Optional[List[str]] = None,
+    reports: Optional[List] = None,
+) -> None:
     """The QC tables and plot (module docstring). ``reports``: the alignment reports of the first
     ``len(reports)`` cell tables (ours; SAW's have none): their UMIs, fraction of UMIs in cells and alignment check
     become columns of summary.csv, and a misaligned matrix is logged as a warning."""
@@ -302,8 +373,11 @@ def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0,
         if len(kind) > 2:
             raise SegRefineError(f"cell tables of {len(kind)} stages {kind}: the comparison takes two (before, after)")
     pair = (given[0], given[1]) if len(given) == 2 else None
-    empty = [f"{p} ({sm}{' ' + st if st else ''})" for p, (sm, st) in zip(cellmaps, read)
-             if not ((cells["sample"] == sm) & (cells["stage"] == st)).any()]
+    empty = [
+        f"{p} ({sm}{' ' + st if st else ''})"
+        for p, (sm, st) in zip(cellmaps, read)
+        if not ((cells["sample"] == sm) & (cells["stage"] == st)).any()
+    ]
     if empty:
         logging.getLogger(__name__).warning("no cell in %s: QC written with 0 cells there", ", ".join(empty))
     summary = summarize_cells(cells, k, read)
@@ -317,11 +391,14 @@ def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0,
             if e["alignment_misaligned"]:
                 logging.getLogger(__name__).warning(
                     "%s %s: only %.1f %% of UMIs fell in cells; shifting the matrix by (%s) px would put %.1f %% of "
-                    "the sampled ones in cells: check expression.origin (alignment report of the cgef step)", sm, st,
-                    100 * e["fraction_umis_in_cells"], e["alignment_best_shift"],
-                    100 * e["alignment_fraction_at_best_shift"])
-    tables = [("cells.csv", cells), ("summary.csv", summary),
-              ("extreme_area.csv", extreme_area(cells, k))]
+                    "the sampled ones in cells: check expression.origin (alignment report of the cgef step)",
+                    sm,
+                    st,
+                    100 * e["fraction_umis_in_cells"],
+                    e["alignment_best_shift"],
+                    100 * e["alignment_fraction_at_best_shift"],
+                )
+    tables = [("cells.csv", cells), ("summary.csv", summary), ("extreme_area.csv", extreme_area(cells, k))]
     tests = compare_stages(cells, *pair) if pair else None
     if pair:
         import pandas as pd
@@ -331,8 +408,12 @@ def expression_qc(cellmaps: List, samples: List[str], out_dir, k: float = 3.0,
     if references and given:
         import pandas as pd
 
-        tables.append(("saw_comparison.csv", pd.concat([compare_stages(cells, ref, given[-1]) for ref in references],
-                                                       ignore_index=True)))
+        tables.append(
+            (
+                "saw_comparison.csv",
+                pd.concat([compare_stages(cells, ref, given[-1]) for ref in references], ignore_index=True),
+            )
+        )
     for name, df in tables:
         with atomic_path(out / name) as tmp:
             df.to_csv(tmp, index=False)

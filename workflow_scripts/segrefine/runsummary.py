@@ -7,6 +7,7 @@ the outputs on disk whether the job finally failed or succeeded on a retry, and 
 from the last line of the job's own log (where `segrefine` prints its one-line error) or from the
 executor's message (e.g. a SLURM state such as OUT_OF_MEMORY). Standard library only.
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,13 @@ def _strip_shown_logs(lines: List[str]) -> List[str]:
     then the content between two `=====` rules): under SLURM they hold the job's own error blocks."""
     out, i = [], 0
     while i < len(lines):
-        if (lines[i].startswith("Logfile ") and lines[i].endswith(":") and i + 1 < len(lines)
-                and lines[i + 1] and set(lines[i + 1]) == {"="}):
+        if (
+            lines[i].startswith("Logfile ")
+            and lines[i].endswith(":")
+            and i + 1 < len(lines)
+            and lines[i + 1]
+            and set(lines[i + 1]) == {"="}
+        ):
             fence, i = lines[i + 1], i + 2
             while i < len(lines) and lines[i] != fence:
                 i += 1
@@ -91,12 +97,21 @@ def crash_row(log_text: str) -> Dict[str, str]:
     output in a read-only folder) before any job reported an error: the exception's last line as the reason."""
     hits = [m.group(1).strip() for m in _EXCEPTION.finditer(log_text) if not m.group(1).startswith("Error in rule")]
     reason = hits[-1][:300] if hits else "Snakemake stopped before the run finished (see the Snakemake log)"
-    return {"status": "failed", "rule": "(snakemake)", "jobid": "", "outputs": "", "log": "", "external_jobid": "",
-            "failed_attempts": "1", "reason": reason}
+    return {
+        "status": "failed",
+        "rule": "(snakemake)",
+        "jobid": "",
+        "outputs": "",
+        "log": "",
+        "external_jobid": "",
+        "failed_attempts": "1",
+        "reason": reason,
+    }
 
 
-def summarize_run(log_path: Union[None, str, List[str]], workdir: str = ".", crashed: bool = False
-                  ) -> List[Dict[str, str]]:
+def summarize_run(
+    log_path: Union[None, str, List[str]], workdir: str = ".", crashed: bool = False
+) -> List[Dict[str, str]]:
     """One row per job that failed at least once in the run logged at `log_path` (Snakemake 9 hands
     the handlers a list of log files); ``crashed``: Snakemake ended without calling its success or error handler,
     so a row of its own exception is added."""
@@ -124,12 +139,18 @@ def summarize_run(log_path: Union[None, str, List[str]], workdir: str = ".", cra
         if message:
             message = message.split("For further error details")[0].strip()
             reason = message + (f" | {reason}" if reason else "")
-        rows.append({
-            "status": "succeeded on retry" if done else "failed",
-            "rule": block["rule"], "jobid": block.get("jobid", ""), "outputs": ",".join(outputs),
-            "log": ",".join(logs), "external_jobid": ext, "failed_attempts": str(attempts[key]),
-            "reason": reason or "no log (see the Snakemake log)",
-        })
+        rows.append(
+            {
+                "status": "succeeded on retry" if done else "failed",
+                "rule": block["rule"],
+                "jobid": block.get("jobid", ""),
+                "outputs": ",".join(outputs),
+                "log": ",".join(logs),
+                "external_jobid": ext,
+                "failed_attempts": str(attempts[key]),
+                "reason": reason or "no log (see the Snakemake log)",
+            }
+        )
     if crashed:
         rows.append(crash_row(text))
     return rows
@@ -138,6 +159,7 @@ def summarize_run(log_path: Union[None, str, List[str]], workdir: str = ".", cra
 def write_summary(rows: List[Dict[str, str]], out: str, fallback: str = ".snakemake/run_summary.tsv") -> str:
     """Write the summary at ``out``; where that fails (a read-only or full results folder, often the very
     reason the run failed) write it at ``fallback`` instead. Returns the path written."""
+
     def write(path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
@@ -153,20 +175,33 @@ def write_summary(rows: List[Dict[str, str]], out: str, fallback: str = ".snakem
         if not fallback:
             raise
         written = write(fallback)
-        rows.append({"status": "failed", "rule": "(run summary)", "jobid": "", "outputs": str(out), "log": "",
-                     "external_jobid": "", "failed_attempts": "1",
-                     "reason": f"{out}: cannot write ({exc.strerror or exc}); this summary is at {written}"})
+        rows.append(
+            {
+                "status": "failed",
+                "rule": "(run summary)",
+                "jobid": "",
+                "outputs": str(out),
+                "log": "",
+                "external_jobid": "",
+                "failed_attempts": "1",
+                "reason": f"{out}: cannot write ({exc.strerror or exc}); this summary is at {written}",
+            }
+        )
         return write(fallback)
 
 
 def report(rows: List[Dict[str, str]]) -> str:
     jobs = [r for r in rows if not r["rule"].startswith("(")]  # "(snakemake)", "(run summary)": not jobs
     failed = [r for r in jobs if r["status"] == "failed"]
-    lines = [f"SegRefine run summary: {len(failed)} job(s) failed"
-             + (f", {len(jobs) - len(failed)} succeeded on retry" if len(jobs) > len(failed) else "")
-             + ("; Snakemake itself stopped" if any(r["rule"] == "(snakemake)" for r in rows) else "")]
+    lines = [
+        f"SegRefine run summary: {len(failed)} job(s) failed"
+        + (f", {len(jobs) - len(failed)} succeeded on retry" if len(jobs) > len(failed) else "")
+        + ("; Snakemake itself stopped" if any(r["rule"] == "(snakemake)" for r in rows) else "")
+    ]
     for r in rows:
-        lines.append(f"  {r['status']}: rule {r['rule']} -> {r['outputs'] or '-'} "
-                     f"(failed attempts: {r['failed_attempts']}, "
-                     f"log: {r['log'] or '-'}): {r['reason']}")
+        lines.append(
+            f"  {r['status']}: rule {r['rule']} -> {r['outputs'] or '-'} "
+            f"(failed attempts: {r['failed_attempts']}, "
+            f"log: {r['log'] or '-'}): {r['reason']}"
+        )
     return "\n".join(lines)

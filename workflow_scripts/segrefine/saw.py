@@ -15,6 +15,7 @@ folder holds, among others (SAW user manual v8, "count outputs"):
 SAW cell-bin GEF into the per-cell table our own cgef step writes
 (``cellmap.csv``), so the expression QC puts SAW's cells beside ours.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,10 @@ class SawOuts:
 
 def _one(candidates: List[Path], what: str, where: Path) -> Optional[Path]:
     if len(candidates) > 1:
-        raise SegRefineError(f"{where}: {len(candidates)} files could be the {what} "
-                             f"({', '.join(p.name for p in candidates)}); name it in the sample sheet")
+        raise SegRefineError(
+            f"{where}: {len(candidates)} files could be the {what} "
+            f"({', '.join(p.name for p in candidates)}); name it in the sample sheet"
+        )
     return candidates[0] if candidates else None
 
 
@@ -60,19 +63,28 @@ def resolve_outs(outs, sn: str, stain: str) -> SawOuts:
         if not d.is_dir():
             raise SegRefineError(f"{outs}: no {d.name}/ folder (not a SAW v8 outs folder?)")
     names = SAW_STAINS.get(stain, [stain])
-    image = _one([p for n in names for p in sorted(image_dir.glob(f"{sn}_{n}_regist.tif"))],
-                 f"registered {stain} image", image_dir)
+    image = _one(
+        [p for n in names for p in sorted(image_dir.glob(f"{sn}_{n}_regist.tif"))],
+        f"registered {stain} image",
+        image_dir,
+    )
     if image is None:
         image = _one(sorted(image_dir.glob(f"{sn}_*_regist.tif")), "registered image", image_dir)
     if image is None:
-        raise SegRefineError(f"{image_dir}: no registered image {sn}_{'|'.join(names)}_regist.tif "
-                             f"(found: {', '.join(p.name for p in sorted(image_dir.iterdir())) or 'nothing'})")
-    expression = next((expr_dir / f"{sn}.{kind}.gef" for kind in ("tissue", "raw")
-                       if (expr_dir / f"{sn}.{kind}.gef").is_file()), None)
+        raise SegRefineError(
+            f"{image_dir}: no registered image {sn}_{'|'.join(names)}_regist.tif "
+            f"(found: {', '.join(p.name for p in sorted(image_dir.iterdir())) or 'nothing'})"
+        )
+    expression = next(
+        (expr_dir / f"{sn}.{kind}.gef" for kind in ("tissue", "raw") if (expr_dir / f"{sn}.{kind}.gef").is_file()), None
+    )
     if expression is None:
         raise SegRefineError(f"{expr_dir}: no {sn}.tissue.gef or {sn}.raw.gef (SAW's bin GEFs)")
-    cellbins = {stage: str(expr_dir / f"{sn}.{suffix}") for stage, suffix in SAW_CELLBINS
-                if (expr_dir / f"{sn}.{suffix}").is_file()}
+    cellbins = {
+        stage: str(expr_dir / f"{sn}.{suffix}")
+        for stage, suffix in SAW_CELLBINS
+        if (expr_dir / f"{sn}.{suffix}").is_file()
+    }
     return SawOuts(image=str(image), expression=str(expression), cellbins=cellbins)
 
 
@@ -105,6 +117,14 @@ def cellbin_cellmap(cgef, out_csv) -> int:
     except OSError as exc:
         raise SegRefineError(f"{cgef}: cannot read as HDF5 ({exc}); truncated?") from exc
     n = len(col["x"])
-    write_cellmap(out_csv, np.arange(n), col.get("id", np.arange(n)), col["x"], col["y"], col["area"],
-                  col["expCount"], col["geneCount"])
+    write_cellmap(
+        out_csv,
+        np.arange(n),
+        col.get("id", np.arange(n)),
+        col["x"],
+        col["y"],
+        col["area"],
+        col["expCount"],
+        col["geneCount"],
+    )
     return int(n)

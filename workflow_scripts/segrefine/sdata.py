@@ -28,6 +28,7 @@ What the store holds (element names are fixed, so code and docs can name them):
 The store is built in a hidden folder beside the target and renamed onto it at the end; a target that exists and
 is not ours is refused before anything is read or written, and a rerun replaces our own previous store.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,8 +75,11 @@ def is_ours(store) -> bool:
     """Whether ``store`` is a SpatialData store written by ``write_spatialdata`` (its root attributes carry the
     ``segrefine`` marker)."""
     attrs = _root_attributes(Path(store))
-    return isinstance(attrs, dict) and isinstance(attrs.get(MARKER), dict) and \
-        attrs[MARKER].get("writer") == "segrefine spatialdata"
+    return (
+        isinstance(attrs, dict)
+        and isinstance(attrs.get(MARKER), dict)
+        and attrs[MARKER].get("writer") == "segrefine spatialdata"
+    )
 
 
 def check_target(out) -> None:
@@ -84,12 +88,16 @@ def check_target(out) -> None:
     if not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir() or out.is_symlink():
-        raise SegRefineError(f"{out}: exists and is not a SpatialData folder written by segrefine; nothing was "
-                             f"written: move or delete it, or choose another output path")
+        raise SegRefineError(
+            f"{out}: exists and is not a SpatialData folder written by segrefine; nothing was "
+            f"written: move or delete it, or choose another output path"
+        )
     if not is_ours(out):
-        raise SegRefineError(f"{out}: exists and is not a SpatialData store written by segrefine (no '{MARKER}' "
-                             f"entry in its root attributes); nothing was written: move or delete it, or choose "
-                             f"another output path")
+        raise SegRefineError(
+            f"{out}: exists and is not a SpatialData store written by segrefine (no '{MARKER}' "
+            f"entry in its root attributes); nothing was written: move or delete it, or choose "
+            f"another output path"
+        )
 
 
 def _leftovers(out: Path) -> List[Path]:
@@ -150,14 +158,18 @@ def _tiff_levels(path: Path, what: str):
             y, x, c = _yx_axes(axes, shape)
             others = [(a, n) for k, (a, n) in enumerate(zip(axes, shape)) if k not in (y, x, c) and n > 1]
             if others:
-                raise SegRefineError(f"{path}: the {what} holds more than one image (axes {axes}, shape {shape}); "
-                                     f"a SpatialData image/labels element is one 2-D plane")
+                raise SegRefineError(
+                    f"{path}: the {what} holds more than one image (axes {axes}, shape {shape}); "
+                    f"a SpatialData image/labels element is one 2-D plane"
+                )
             z = zarr.open(tif.aszarr(series=0, level=i), mode="r")
             key = level.keyframe
             strips = not key.is_tiled
             rows = BLOCK if not strips else max(BLOCK, int(key.rowsperstrip or 1))
-            chunks = tuple(rows if k == y else (shape[k] if (k == x and strips) else BLOCK) if k in (y, x)
-                           else shape[k] for k in range(len(shape)))
+            chunks = tuple(
+                rows if k == y else (shape[k] if (k == x and strips) else BLOCK) if k in (y, x) else shape[k]
+                for k in range(len(shape))
+            )
             arr = da.from_array(z, chunks=chunks, lock=True, name=f"{what}-{path.name}-{i}-{size}")
             index = tuple(slice(None) if k in (y, x, c) else 0 for k in range(len(shape)))
             arr = arr[index]
@@ -181,8 +193,7 @@ def _n_halvings(shape, min_side: int) -> int:
     return n
 
 
-def _multiscale(levels, dims: Tuple[str, ...], model, transformations: dict, c_coords=None,
-                min_side: int = MIN_SIDE):
+def _multiscale(levels, dims: Tuple[str, ...], model, transformations: dict, c_coords=None, min_side: int = MIN_SIDE):
     """A validated multiscale element (DataTree) of ``levels`` (dask arrays in ``dims`` order, full size first);
     a single level larger than ``min_side`` is downsampled by 2 per level by the model's own lazy method (images:
     block mean; labels: nearest) until its longer side is at most ``min_side``. Always a DataTree (one level for a
@@ -196,8 +207,9 @@ def _multiscale(levels, dims: Tuple[str, ...], model, transformations: dict, c_c
         kwargs = {"c_coords": c_coords} if c_coords is not None else {}
         return model.parse(levels[0], dims=dims, scale_factors=[2] * n, transformations=transformations, **kwargs)
     coords = {"c": list(c_coords)} if c_coords is not None else {}
-    tree = DataTree.from_dict({f"scale{i}": Dataset({"image": DataArray(lv, dims=list(dims), coords=coords)})
-                               for i, lv in enumerate(levels)})
+    tree = DataTree.from_dict(
+        {f"scale{i}": Dataset({"image": DataArray(lv, dims=list(dims), coords=coords)}) for i, lv in enumerate(levels)}
+    )
     set_transformation(tree, transformations, set_all=True)
     model.validate(tree)
     return tree
@@ -230,8 +242,10 @@ def _labels_element(path: Path, what: str, transformations: dict, shape):
         raise SegRefineError(f"{path}: the {what} has {levels[0].shape[2]} channels; labels are one 2-D plane")
     if tuple(levels[0].shape) != tuple(shape):
         tif.close()
-        raise SegRefineError(f"{path}: the {what} are {levels[0].shape[1]}x{levels[0].shape[0]} px but the slide is "
-                             f"{shape[1]}x{shape[0]} px; they must be the slide's labels (same height and width)")
+        raise SegRefineError(
+            f"{path}: the {what} are {levels[0].shape[1]}x{levels[0].shape[0]} px but the slide is "
+            f"{shape[1]}x{shape[0]} px; they must be the slide's labels (same height and width)"
+        )
     if levels[0].dtype.kind not in "ui":
         tif.close()
         raise SegRefineError(f"{path}: the {what} have {levels[0].dtype} pixels, not integer labels")
@@ -260,8 +274,9 @@ def read_outlines(path) -> Tuple[np.ndarray, list]:
             if ring.ndim != 2 or ring.shape[1] != 2 or len(ring) < 4:
                 raise ValueError("its outer ring is not a list of at least 4 [x, y] points")
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise SegRefineError(f"{path}: {where} is not a cell outline (a Polygon feature with "
-                                 f"properties.measurements.cell_id): {exc}") from None
+            raise SegRefineError(
+                f"{path}: {where} is not a cell outline (a Polygon feature with properties.measurements.cell_id): {exc}"
+            ) from None
         ids.append(cid)
         rings.append(ring)
 
@@ -275,8 +290,9 @@ def read_outlines(path) -> Tuple[np.ndarray, list]:
                 try:
                     add(json.loads(text), f"line {lineno}")
                 except ValueError as exc:
-                    raise SegRefineError(f"{path}: line {lineno} is not valid JSON ({exc}); the file is damaged or "
-                                         f"truncated") from None
+                    raise SegRefineError(
+                        f"{path}: line {lineno} is not valid JSON ({exc}); the file is damaged or truncated"
+                    ) from None
         else:
             fh.seek(0)
             try:
@@ -319,8 +335,11 @@ def _read_centres(cell_table: Path) -> Dict[str, np.ndarray]:
     except (ValueError, KeyError, OSError) as exc:
         raise SegRefineError(f"{cell_table}: not a cell table with columns {', '.join(cols)} ({exc})") from None
     try:
-        return {"cell_id": df["cell_id"].to_numpy(np.int64), "centroid_x": df["centroid_x"].to_numpy(np.float64),
-                "centroid_y": df["centroid_y"].to_numpy(np.float64)}
+        return {
+            "cell_id": df["cell_id"].to_numpy(np.int64),
+            "centroid_x": df["centroid_x"].to_numpy(np.float64),
+            "centroid_y": df["centroid_y"].to_numpy(np.float64),
+        }
     except (ValueError, TypeError) as exc:
         raise SegRefineError(f"{cell_table}: cell_id, centroid_x and centroid_y must be numbers ({exc})") from None
 
@@ -337,39 +356,58 @@ def _table_element(h5ad: Path, cell_table: Path, known_ids: np.ndarray):
     except Exception as exc:
         raise SegRefineError(f"{h5ad}: not a readable AnnData file ({type(exc).__name__}: {exc})") from exc
     if "label_id" not in adata.obs:
-        raise SegRefineError(f"{h5ad}: obs has no 'label_id' column (the cell's id in the labels; written by "
-                             f"`segrefine h5ad`)")
+        raise SegRefineError(
+            f"{h5ad}: obs has no 'label_id' column (the cell's id in the labels; written by `segrefine h5ad`)"
+        )
     label = adata.obs["label_id"].to_numpy().astype(np.int64)
     centres = _read_centres(cell_table)
     order = np.argsort(centres["cell_id"], kind="stable")
     sorted_ids = centres["cell_id"][order]
     pos = np.searchsorted(sorted_ids, label)
-    found = (pos < len(sorted_ids)) & (sorted_ids[np.minimum(pos, max(len(sorted_ids) - 1, 0))] == label) \
-        if len(sorted_ids) else np.zeros(len(label), bool)
+    found = (
+        (pos < len(sorted_ids)) & (sorted_ids[np.minimum(pos, max(len(sorted_ids) - 1, 0))] == label)
+        if len(sorted_ids)
+        else np.zeros(len(label), bool)
+    )
     if not found.all():
-        raise SegRefineError(f"{h5ad}: {int((~found).sum())} row(s) have a label_id that is not a cell of "
-                             f"{cell_table} (e.g. {int(label[~found][0])}): the AnnData and the labels come from "
-                             f"different segmentations")
+        raise SegRefineError(
+            f"{h5ad}: {int((~found).sum())} row(s) have a label_id that is not a cell of "
+            f"{cell_table} (e.g. {int(label[~found][0])}): the AnnData and the labels come from "
+            f"different segmentations"
+        )
     missing = np.setdiff1d(label, known_ids)
     if len(missing):
-        raise SegRefineError(f"{h5ad}: {len(missing)} row(s) have a label_id with no outline in the GeoJSON "
-                             f"(e.g. {int(missing[0])}): the AnnData and the outlines come from different runs")
+        raise SegRefineError(
+            f"{h5ad}: {len(missing)} row(s) have a label_id with no outline in the GeoJSON "
+            f"(e.g. {int(missing[0])}): the AnnData and the outlines come from different runs"
+        )
     if len(np.unique(label)) != len(label):
         raise SegRefineError(f"{h5ad}: label_id repeats: one labels cell must be one row")
     idx = order[pos]
     if "spatial" in adata.obsm:
         adata.obsm["spatial_cgef"] = np.asarray(adata.obsm["spatial"])
-    adata.obsm["spatial"] = np.column_stack([centres["centroid_x"][idx], centres["centroid_y"][idx]]).astype(
-        np.float64) + 0.5
+    adata.obsm["spatial"] = (
+        np.column_stack([centres["centroid_x"][idx], centres["centroid_y"][idx]]).astype(np.float64) + 0.5
+    )
     adata.obs["label_id"] = label
     adata.obs["region"] = pd.Categorical([NUCLEI] * adata.n_obs, categories=[NUCLEI])
     return TableModel.parse(adata, region=NUCLEI, region_key="region", instance_key="label_id")
 
 
 # --- the store --------------------------------------------------------------------------------------------------------
-def write_spatialdata(slide, labels, outlines, h5ad, cell_table, out_zarr, cells_labels=None,
-                      pixel_size_um: Optional[float] = None, stain: Optional[str] = None,
-                      sample: Optional[str] = None, min_side: int = MIN_SIDE) -> dict:
+def write_spatialdata(
+    slide,
+    labels,
+    outlines,
+    h5ad,
+    cell_table,
+    out_zarr,
+    cells_labels=None,
+    pixel_size_um: Optional[float] = None,
+    stain: Optional[str] = None,
+    sample: Optional[str] = None,
+    min_side: int = MIN_SIDE,
+) -> dict:
     """Write one sample's SpatialData store (see the module docstring); returns a summary dict.
 
     ``slide``: the slide TIFF; ``labels``: the nuclei labels (pyramidal OME-TIFF, the stitch's labels.tif);
@@ -404,22 +442,45 @@ def write_spatialdata(slide, labels, outlines, h5ad, cell_table, out_zarr, cells
             label_elements[CELLS] = cells
         shapes, ids = _shapes_element(Path(outlines), transformations)
         table = _table_element(Path(h5ad), Path(cell_table), ids)
-        attrs = {MARKER: {"writer": "segrefine spatialdata", "sample": sample,
-                          "inputs": {"slide": str(slide), "labels": str(labels),
-                                     "cells_labels": str(cells_labels) if cells_labels else None,
-                                     "outlines": str(outlines), "h5ad": str(h5ad), "cell_table": str(cell_table)},
-                          "pixel_size_um": pixel_size_um, "coordinate_systems": sorted(transformations)}}
-        sdata = SpatialData(images={IMAGE: image}, labels=label_elements, shapes={BOUNDARIES: shapes},
-                            tables={TABLE: table}, attrs=attrs)
+        attrs = {
+            MARKER: {
+                "writer": "segrefine spatialdata",
+                "sample": sample,
+                "inputs": {
+                    "slide": str(slide),
+                    "labels": str(labels),
+                    "cells_labels": str(cells_labels) if cells_labels else None,
+                    "outlines": str(outlines),
+                    "h5ad": str(h5ad),
+                    "cell_table": str(cell_table),
+                },
+                "pixel_size_um": pixel_size_um,
+                "coordinate_systems": sorted(transformations),
+            }
+        }
+        sdata = SpatialData(
+            images={IMAGE: image},
+            labels=label_elements,
+            shapes={BOUNDARIES: shapes},
+            tables={TABLE: table},
+            attrs=attrs,
+        )
         with _published_folder(out) as work, dask.config.set(scheduler="threads", num_workers=2):
             sdata.write(work, overwrite=False)
     finally:
         for f in files:
             f.close()
-    summary = {"zarr": str(out), "shape": list(shape), "image_levels": _n_levels(image),
-               "label_levels": {k: _n_levels(v) for k, v in label_elements.items()},
-               "outlines": int(len(ids)), "table_rows": int(table.n_obs), "genes": int(table.n_vars),
-               "coordinate_systems": sorted(transformations), "seconds": round(time.monotonic() - t0, 2)}
+    summary = {
+        "zarr": str(out),
+        "shape": list(shape),
+        "image_levels": _n_levels(image),
+        "label_levels": {k: _n_levels(v) for k, v in label_elements.items()},
+        "outlines": int(len(ids)),
+        "table_rows": int(table.n_obs),
+        "genes": int(table.n_vars),
+        "coordinate_systems": sorted(transformations),
+        "seconds": round(time.monotonic() - t0, 2),
+    }
     log.info("%s", json.dumps(summary))
     return summary
 
@@ -458,30 +519,49 @@ def render_png(zarr_path, png, close_up: int = 256, title: Optional[str] = None)
     logging.getLogger("ome_zarr").setLevel(logging.ERROR)  # one INFO line per array read, "no parent" warnings
     sdata = spatialdata.read_zarr(zarr_path)
     x0, y0, x1, y1 = _close_up_box(sdata, close_up)
-    crop = spatialdata.bounding_box_query(sdata, axes=("x", "y"), min_coordinate=[x0, y0], max_coordinate=[x1, y1],
-                                          target_coordinate_system="global", filter_table=True)
+    crop = spatialdata.bounding_box_query(
+        sdata,
+        axes=("x", "y"),
+        min_coordinate=[x0, y0],
+        max_coordinate=[x1, y1],
+        target_coordinate_system="global",
+        filter_table=True,
+    )
     img = sdata.images[IMAGE]
     channels = list((img["scale0"]["image"] if hasattr(img, "children") else img).coords["c"].values)
     style = {"cmap": "gray"} if len(channels) == 1 else {}
     fig, axes = plt.subplots(1, 2, figsize=(12, 6))
-    (sdata.pl.render_images(IMAGE, **style)
-     .pl.render_labels(NUCLEI, fill_alpha=0.35, outline_alpha=0.0)
-     .pl.show(ax=axes[0], coordinate_systems="global", title=f"{title or 'slide'}: image + labels '{NUCLEI}'",
-              colorbar=False))
-    axes[0].add_patch(matplotlib.patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white",
-                                                   linewidth=1.2))
+    (
+        sdata.pl.render_images(IMAGE, **style)
+        .pl.render_labels(NUCLEI, fill_alpha=0.35, outline_alpha=0.0)
+        .pl.show(
+            ax=axes[0],
+            coordinate_systems="global",
+            title=f"{title or 'slide'}: image + labels '{NUCLEI}'",
+            colorbar=False,
+        )
+    )
+    axes[0].add_patch(
+        matplotlib.patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.2)
+    )
     # the close-up fills the cells when there are any, else the nuclei; the nuclei's outlines are the shapes
     # (spatialdata-plot 0.4.3 draws label contours (outline_alpha > 0) only on part of each label's border)
     with_cells = CELLS in crop.labels
-    drawn = crop.pl.render_images(IMAGE, **style).pl.render_labels(CELLS if with_cells else NUCLEI, fill_alpha=0.3,
-                                                                   outline_alpha=0.0)
+    drawn = crop.pl.render_images(IMAGE, **style).pl.render_labels(
+        CELLS if with_cells else NUCLEI, fill_alpha=0.3, outline_alpha=0.0
+    )
     n_shapes = len(crop.shapes[BOUNDARIES]) if BOUNDARIES in crop.shapes else 0
     if n_shapes:
-        drawn = drawn.pl.render_shapes(BOUNDARIES, fill_alpha=0.0, outline_alpha=1.0, outline_color="yellow",
-                                       outline_width=1.0)
-    drawn.pl.show(ax=axes[1], coordinate_systems="global", colorbar=False,
-                  title=f"close-up (x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f} px): image + labels "
-                        f"'{CELLS if with_cells else NUCLEI}'\n+ shapes '{BOUNDARIES}' (yellow)")
+        drawn = drawn.pl.render_shapes(
+            BOUNDARIES, fill_alpha=0.0, outline_alpha=1.0, outline_color="yellow", outline_width=1.0
+        )
+    drawn.pl.show(
+        ax=axes[1],
+        coordinate_systems="global",
+        colorbar=False,
+        title=f"close-up (x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f} px): image + labels "
+        f"'{CELLS if with_cells else NUCLEI}'\n+ shapes '{BOUNDARIES}' (yellow)",
+    )
     axes[1].set_xlim(x0, x1)
     axes[1].set_ylim(y1, y0)
     fig.tight_layout()

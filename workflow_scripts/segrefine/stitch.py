@@ -31,6 +31,7 @@ uint32 labels), cells.csv and cells.parquet, cells.geojson (QuPath
 detections), overlay.png (downsampled outlines on the slide), and a JSON
 report with counts, cells larger than the halo and timings.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -52,8 +53,17 @@ from segrefine.tiling import cell_stats
 
 log = logging.getLogger("segrefine.stitch")
 
-CELL_COLUMNS = ["cell_id", "centroid_x", "centroid_y", "area_px", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
-                "probability"]
+CELL_COLUMNS = [
+    "cell_id",
+    "centroid_x",
+    "centroid_y",
+    "area_px",
+    "bbox_x0",
+    "bbox_y0",
+    "bbox_x1",
+    "bbox_y1",
+    "probability",
+]
 MAX_ID = 2**32 - 1
 
 
@@ -64,12 +74,17 @@ def _cell_rows(stats: np.ndarray, origin, first: int, prob: Optional[np.ndarray]
     None)."""
     ox, oy = origin
     area = stats[:, 0]
-    return {"cell_id": np.arange(first, first + len(stats), dtype=np.int64),
-            "centroid_x": stats[:, 1].astype(np.float64) / area + ox,
-            "centroid_y": stats[:, 2].astype(np.float64) / area + oy, "area_px": area.astype(np.int64),
-            "bbox_x0": stats[:, 3] + ox, "bbox_y0": stats[:, 4] + oy, "bbox_x1": stats[:, 5] + ox,
-            "bbox_y1": stats[:, 6] + oy,
-            "probability": np.full(len(stats), np.nan) if prob is None else np.asarray(prob, np.float64)}
+    return {
+        "cell_id": np.arange(first, first + len(stats), dtype=np.int64),
+        "centroid_x": stats[:, 1].astype(np.float64) / area + ox,
+        "centroid_y": stats[:, 2].astype(np.float64) / area + oy,
+        "area_px": area.astype(np.int64),
+        "bbox_x0": stats[:, 3] + ox,
+        "bbox_y0": stats[:, 4] + oy,
+        "bbox_x1": stats[:, 5] + ox,
+        "bbox_y1": stats[:, 6] + oy,
+        "probability": np.full(len(stats), np.nan) if prob is None else np.asarray(prob, np.float64),
+    }
 
 
 def _timed(fn, *args):
@@ -159,8 +174,10 @@ class _TableWriter:
                 import pyarrow as pa
                 import pyarrow.parquet as pq
 
-                empty = {c: np.zeros(0, np.float64 if c.startswith("centroid") or c == "probability" else np.int64)
-                         for c in CELL_COLUMNS + ["tile_id"]}
+                empty = {
+                    c: np.zeros(0, np.float64 if c.startswith("centroid") or c == "probability" else np.int64)
+                    for c in CELL_COLUMNS + ["tile_id"]
+                }
                 pq.write_table(pa.table(empty), str(self.parquet_tmp), compression="zstd")
             else:
                 self.pq_writer.close()
@@ -206,8 +223,12 @@ class _ProbabilityGrid:
 
     def summary(self) -> dict:
         n = int(self.n.sum())
-        return {"cells_with_probability": n, "cells": self.cells,
-                "mean": float(self.sum.sum() / n) if n else None, "bin_px": self.bin}
+        return {
+            "cells_with_probability": n,
+            "cells": self.cells,
+            "mean": float(self.sum.sum() / n) if n else None,
+            "bin_px": self.bin,
+        }
 
     def write_png(self, path, min_side: int = 512) -> None:
         """The grid as an RGB PNG, each bin ``k`` px square (k: the smallest that gives ``min_side`` px a side), a
@@ -223,7 +244,7 @@ class _ProbabilityGrid:
         grid = np.repeat(np.repeat(rgb, k, axis=0), k, axis=1)
         h, w = grid.shape[:2]
         bar = np.full((40, w, 3), 255, np.uint8)
-        bar[4:16, 10:w - 10] = _colours(np.linspace(0, 1, max(w - 20, 1)))[None]
+        bar[4:16, 10 : w - 10] = _colours(np.linspace(0, 1, max(w - 20, 1)))[None]
         img = Image.fromarray(np.concatenate([grid, bar]), "RGB")
         draw = ImageDraw.Draw(img)
         draw.text((10, h + 18), "0", fill=(0, 0, 0))
@@ -237,11 +258,17 @@ def _feature_template() -> str:
     """``json.dumps`` of one QuPath detection feature with ``%(id)d`` / ``%(ring)s`` holes (so that filling them
     gives exactly ``json.dumps`` of the feature)."""
     sentinel = 987654321
-    feature = {"type": "Feature", "id": f"cell-{sentinel}",
-               "geometry": {"type": "Polygon", "coordinates": ["@RING@"]},
-               "properties": {"objectType": "detection", "name": f"cell {sentinel}",
-                              "classification": {"name": "Nucleus", "color": [255, 0, 0]},
-                              "measurements": {"cell_id": sentinel}}}
+    feature = {
+        "type": "Feature",
+        "id": f"cell-{sentinel}",
+        "geometry": {"type": "Polygon", "coordinates": ["@RING@"]},
+        "properties": {
+            "objectType": "detection",
+            "name": f"cell {sentinel}",
+            "classification": {"name": "Nucleus", "color": [255, 0, 0]},
+            "measurements": {"cell_id": sentinel},
+        },
+    }
     text = json.dumps(feature)
     assert "%" not in text
     return text.replace(str(sentinel), "%(id)d").replace('"@RING@"', "%(ring)s")
@@ -322,17 +349,29 @@ def _overlay(levels: list, slide_path, out_png, max_side: int = 1024, background
 
     k = _overlay_level([lv.shape for lv in levels], max_side)
     lab = np.asarray(levels[k][:, :])
-    gray = background if background is not None else _overlay_background(slide_path, lab.shape, 2 ** k)
+    gray = background if background is not None else _overlay_background(slide_path, lab.shape, 2**k)
     rgba = np.full(gray.shape + (4,), 255, np.uint8)
     rgba[..., :3] = gray[..., None]
     rgba[inner_boundaries(lab), :3] = (np.array([1.0, 0.85, 0.0]) * 255).astype(np.uint8)  # yellow
     Image.fromarray(rgba, "RGBA").save(out_png, format="png", dpi=(100, 100))
 
 
-def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells_csv, cells_parquet=None,
-           geojson_out=None, overlay_out=None, report_out=None, pixel_size_um: Optional[float] = None,
-           probability_map_out=None, probability_bin_px: int = PROBABILITY_BIN_PX,
-           work_dir=None) -> dict:
+def stitch(
+    plan_tsv,
+    tiles_dir,
+    shard_jsons: List,
+    slide_path,
+    labels_out,
+    cells_csv,
+    cells_parquet=None,
+    geojson_out=None,
+    overlay_out=None,
+    report_out=None,
+    pixel_size_um: Optional[float] = None,
+    probability_map_out=None,
+    probability_bin_px: int = PROBABILITY_BIN_PX,
+    work_dir=None,
+) -> dict:
     """Stitch all tiles of a plan; returns the report (also written to ``report_out``)."""
     from segrefine.io import DiskArray, write_text_atomic
     from segrefine.tiling import read_plan
@@ -355,8 +394,7 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
     if overlay_out:
         shapes = _pyramid_shapes((H, W))
         k_ov = _overlay_level(shapes)
-        background = pool.submit(_timed, _overlay_background, slide_path, shapes[k_ov], 2 ** k_ov,
-                                 meta.get("channel"))
+        background = pool.submit(_timed, _overlay_background, slide_path, shapes[k_ov], 2**k_ov, meta.get("channel"))
     try:
         clock = _Clock("paste", "cell_table", "geojson")
         with contextlib.ExitStack() as stack:
@@ -365,20 +403,46 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
             table = _TableWriter(stack, cells_csv, cells_parquet)
             prob_grid = _ProbabilityGrid((H, W), probability_bin_px)
             geo = _GeoJSONWriter(stack, geojson_out) if geojson_out else None
-            n_cells = _paste_tiles(tiles=tiles, tiles_dir=tiles_dir, plan_id=meta["plan_id"], store=store,
-                                   table=table, prob_grid=prob_grid, geo=geo, clock=clock, report=report)
-            _close_cell_outputs(stack=stack, table=table, prob_grid=prob_grid, geo=geo,
-                                probability_map_out=probability_map_out, report=report)
+            n_cells = _paste_tiles(
+                tiles=tiles,
+                tiles_dir=tiles_dir,
+                plan_id=meta["plan_id"],
+                store=store,
+                table=table,
+                prob_grid=prob_grid,
+                geo=geo,
+                clock=clock,
+                report=report,
+            )
+            _close_cell_outputs(
+                stack=stack,
+                table=table,
+                prob_grid=prob_grid,
+                geo=geo,
+                probability_map_out=probability_map_out,
+                report=report,
+            )
             timings.update(clock.wall)
             report["timings_cpu_s"] = dict(clock.cpu)
             report["cells"] = n_cells
-            _write_labels_and_overlay(stack=stack, store=store, work=work, labels_out=labels_out,
-                                      pixel_size_um=pixel_size_um, overlay_out=overlay_out, background=background,
-                                      pool=pool, slide_path=slide_path, report=report)
+            _write_labels_and_overlay(
+                stack=stack,
+                store=store,
+                work=work,
+                labels_out=labels_out,
+                pixel_size_um=pixel_size_um,
+                overlay_out=overlay_out,
+                background=background,
+                pool=pool,
+                slide_path=slide_path,
+                report=report,
+            )
         # leaving the stack published every output together; any failure above removed them all
     except OSError as exc:
-        raise SegRefineError(f"{labels_out.parent}: cannot write the stitched outputs ({exc}; is the disk full?); "
-                             "nothing was published, rerun when there is space") from exc
+        raise SegRefineError(
+            f"{labels_out.parent}: cannot write the stitched outputs ({exc}; is the disk full?); "
+            "nothing was published, rerun when there is space"
+        ) from exc
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # no thread still reading the slide or writing
         shutil.rmtree(work, ignore_errors=True)
@@ -386,8 +450,7 @@ def stitch(plan_tsv, tiles_dir, shard_jsons: List, slide_path, labels_out, cells
     _add_shard_totals(report, shards, halo_px=meta["halo_px"])
     if report_out:
         write_text_atomic(report_out, json.dumps(report, indent=2, sort_keys=True) + "\n")
-    _log_summary(report, n_tiles=len(tiles), labels_out=labels_out, slide_path=slide_path,
-                 geojson_out=geojson_out)
+    _log_summary(report, n_tiles=len(tiles), labels_out=labels_out, slide_path=slide_path, geojson_out=geojson_out)
     return report
 
 
@@ -412,8 +475,10 @@ def _tiles_to_paste(plan: np.ndarray, tiles_dir) -> np.ndarray:
     tiles = tiles[np.argsort(tiles["tile_id"], kind="stable")]
     missing = [int(t) for t in tiles["tile_id"] if not tile_file(tiles_dir, t).is_file()]
     if missing:
-        raise SegRefineError(f"{tiles_dir}: {len(missing)} tile result(s) missing (tiles {missing[:10]}); "
-                             "rerun their shards (snakemake --forcerun segment_shard)")
+        raise SegRefineError(
+            f"{tiles_dir}: {len(missing)} tile result(s) missing (tiles {missing[:10]}); "
+            "rerun their shards (snakemake --forcerun segment_shard)"
+        )
     return tiles
 
 
@@ -427,19 +492,41 @@ def _new_work_dir(work_parent: Path) -> Path:
 
 def _new_report(slide_path, meta: dict, shards: list) -> dict:
     """The report before any tile is pasted: the plan's figures, zero counts, empty timings."""
-    return {"slide": str(slide_path), "height": int(meta["height"]), "width": int(meta["width"]),
-            "tiles": int(meta["tiles"]), "tiles_in_tissue": int(meta["tiles_in_tissue"]),
-            "tiles_skipped_background": int(meta["tiles_skipped_background"]), "halo_px": int(meta["halo_px"]),
-            "context_px": int(meta["context_px"]), "tile_size": int(meta["tile_size"]), "shards": len(shards),
-            "duplicates_resolved": 0, "pixels_trimmed": 0, "large_cells": [], "timings_s": {},
-            "fragment_cells": 0, "fragment_pixels": 0, "fragment_cell_ids": [],
-            "intensity_reference": meta.get("intensity_reference"),
-            # how the shards that predicted tiles normalised them ("slide" or "per window")
-            "normalization": sorted({str(s["intensity_reference"]) for s in shards if s.get("intensity_reference")})}
+    return {
+        "slide": str(slide_path),
+        "height": int(meta["height"]),
+        "width": int(meta["width"]),
+        "tiles": int(meta["tiles"]),
+        "tiles_in_tissue": int(meta["tiles_in_tissue"]),
+        "tiles_skipped_background": int(meta["tiles_skipped_background"]),
+        "halo_px": int(meta["halo_px"]),
+        "context_px": int(meta["context_px"]),
+        "tile_size": int(meta["tile_size"]),
+        "shards": len(shards),
+        "duplicates_resolved": 0,
+        "pixels_trimmed": 0,
+        "large_cells": [],
+        "timings_s": {},
+        "fragment_cells": 0,
+        "fragment_pixels": 0,
+        "fragment_cell_ids": [],
+        "intensity_reference": meta.get("intensity_reference"),
+        # how the shards that predicted tiles normalised them ("slide" or "per window")
+        "normalization": sorted({str(s["intensity_reference"]) for s in shards if s.get("intensity_reference")}),
+    }
 
 
-def _paste_tiles(tiles: np.ndarray, tiles_dir, plan_id: str, store, table: _TableWriter,
-                 prob_grid: _ProbabilityGrid, geo: Optional[_GeoJSONWriter], clock: _Clock, report: dict) -> int:
+def _paste_tiles(
+    tiles: np.ndarray,
+    tiles_dir,
+    plan_id: str,
+    store,
+    table: _TableWriter,
+    prob_grid: _ProbabilityGrid,
+    geo: Optional[_GeoJSONWriter],
+    clock: _Clock,
+    report: dict,
+) -> int:
     """Paste the tiles, in their order, into the level-0 ``store`` and stream their cells into the cell table, the
     probability grid and the outlines (``geo``, if any); returns the number of cells (ids 1..N)."""
     from segrefine.tiling import Progress, read_tile, tile_file
@@ -452,11 +539,13 @@ def _paste_tiles(tiles: np.ndarray, tiles_dir, plan_id: str, store, table: _Tabl
         pending = reader.submit(read_tile, tile_file(tiles_dir, order[0].tile_id)) if order else None
         for i, t in enumerate(order):
             owned, tmeta, cells = pending.result()
-            pending = reader.submit(read_tile, tile_file(tiles_dir, order[i + 1].tile_id)) \
-                if i + 1 < len(order) else None
+            pending = (
+                reader.submit(read_tile, tile_file(tiles_dir, order[i + 1].tile_id)) if i + 1 < len(order) else None
+            )
             if tmeta.get("fingerprint", "").split(":")[0] != plan_id:
-                raise SegRefineError(f"{tile_file(tiles_dir, t.tile_id)}: computed for another tile plan; "
-                                     "rerun its shard")
+                raise SegRefineError(
+                    f"{tile_file(tiles_dir, t.tile_id)}: computed for another tile plan; rerun its shard"
+                )
             report["large_cells"].extend(tmeta.get("large", []))
             if owned.size == 0 or owned.max() == 0:
                 progress.update(i + 1)
@@ -481,6 +570,7 @@ class _Pasted(NamedTuple):
     it was kept, ``trimmed`` whether it was kept but lost pixels (to an earlier tile's cells or as fragments), so
     that its row and outline are recomputed; ``free`` the window's pixels no earlier tile had (less this tile's
     fragments), ``new`` the global ids this tile pasted, ``first`` its first global id, ``cells`` how many."""
+
     lut: np.ndarray
     survive: np.ndarray
     trimmed: np.ndarray
@@ -496,7 +586,7 @@ def _paste_tile(store, owned: np.ndarray, origin, next_id: int, report: dict) ->
     ``report``."""
     ox, oy = origin
     h, w = owned.shape
-    existing = np.asarray(store[oy:oy + h, ox:ox + w])
+    existing = np.asarray(store[oy : oy + h, ox : ox + w])
     n = int(owned.max())
     free = existing == 0
     if free.all():  # nothing pasted here yet: no conflict, every cell is kept whole
@@ -533,7 +623,7 @@ def _paste_tile(store, owned: np.ndarray, origin, next_id: int, report: dict) ->
         report["fragment_cells"] += len(cut)
         report["fragment_pixels"] += int(frag.sum())
         report["fragment_cell_ids"] += lut[cut].tolist()
-    store[oy:oy + h, ox:ox + w] = np.where(new > 0, new, existing)
+    store[oy : oy + h, ox : ox + w] = np.where(new > 0, new, existing)
     return _Pasted(lut=lut, survive=survive, trimmed=trimmed, free=free, new=new, first=next_id, cells=k)
 
 
@@ -544,8 +634,9 @@ def _tile_rows(cells: dict, pasted: _Pasted, owned: np.ndarray, origin, tile_id:
     stats = cells["stats"][kept - 1]
     if pasted.trimmed.any():
         redo = pasted.trimmed[kept]
-        stats[redo] = cell_stats(np.where(pasted.trimmed[owned] & pasted.free, owned, 0),
-                                 len(pasted.lut) - 1)[kept[redo] - 1]
+        stats[redo] = cell_stats(np.where(pasted.trimmed[owned] & pasted.free, owned, 0), len(pasted.lut) - 1)[
+            kept[redo] - 1
+        ]
     # a trimmed cell keeps the mean probability of the pixels its tile predicted
     cols = _cell_rows(stats, origin, pasted.first, cells["prob"][kept - 1])
     cols["tile_id"] = np.full(len(cols["cell_id"]), tile_id, np.int64)
@@ -557,13 +648,19 @@ def _add_tile_outlines(geo: _GeoJSONWriter, cells: dict, pasted: _Pasted, owned:
     trimmed ones."""
     g_ids, g_off, g_text = cells["geo_ids"], cells["geo_offsets"], cells["geo_text"]
     whole = np.nonzero(pasted.survive[g_ids] & ~pasted.trimmed[g_ids])[0]
-    geo.add_texts(pasted.lut[g_ids[whole]].tolist(), [g_text[g_off[j]:g_off[j + 1]] for j in whole.tolist()])
+    geo.add_texts(pasted.lut[g_ids[whole]].tolist(), [g_text[g_off[j] : g_off[j + 1]] for j in whole.tolist()])
     if pasted.trimmed.any():
         geo.add(np.where(pasted.trimmed[owned] & (pasted.new > 0), pasted.new, 0), origin)
 
 
-def _close_cell_outputs(stack: contextlib.ExitStack, table: _TableWriter, prob_grid: _ProbabilityGrid,
-                        geo: Optional[_GeoJSONWriter], probability_map_out, report: dict) -> None:
+def _close_cell_outputs(
+    stack: contextlib.ExitStack,
+    table: _TableWriter,
+    prob_grid: _ProbabilityGrid,
+    geo: Optional[_GeoJSONWriter],
+    probability_map_out,
+    report: dict,
+) -> None:
     """Finish the cell table and the outlines, write the probability map (if asked), and put the probability
     summary in the report (published when ``stack`` closes)."""
     from segrefine.io import atomic_path
@@ -576,9 +673,18 @@ def _close_cell_outputs(stack: contextlib.ExitStack, table: _TableWriter, prob_g
         geo.close()
 
 
-def _write_labels_and_overlay(stack: contextlib.ExitStack, store, work: Path, labels_out: Path,
-                              pixel_size_um: Optional[float], overlay_out, background, pool, slide_path,
-                              report: dict) -> None:
+def _write_labels_and_overlay(
+    stack: contextlib.ExitStack,
+    store,
+    work: Path,
+    labels_out: Path,
+    pixel_size_um: Optional[float],
+    overlay_out,
+    background,
+    pool,
+    slide_path,
+    report: dict,
+) -> None:
     """labels.tif (the pyramid of the level-0 ``store``, its levels built under ``work``) and, if asked, the
     overlay, drawn on ``pool``'s thread over its slide view (``background``, a future) while labels.tif is
     compressed; both published when ``stack`` closes. Timings and the pyramid's shapes go into the report."""
@@ -594,8 +700,9 @@ def _write_labels_and_overlay(stack: contextlib.ExitStack, store, work: Path, la
         png = stack.enter_context(atomic_path(overlay_out, suffix=".png"))
         drawn = pool.submit(lambda: _timed(_overlay, levels, slide_path, png, 1024, background.result()[0]))
         stack.callback(concurrent.futures.wait, [drawn])  # on any failure: done before its file is removed
-    write_pyramid_ome_tiff(stack.enter_context(atomic_path(labels_out, suffix=".tif")), levels,
-                           pixel_size_um=pixel_size_um, zlib_level=3)
+    write_pyramid_ome_tiff(
+        stack.enter_context(atomic_path(labels_out, suffix=".tif")), levels, pixel_size_um=pixel_size_um, zlib_level=3
+    )
     timings["pyramid_write"] = time.monotonic() - t0
     report["timings_cpu_s"]["pyramid_write"] = time.thread_time() - c0  # + tifffile's encoder threads
     report["pyramid_levels"] = [list(lv.shape) for lv in levels]
@@ -612,28 +719,48 @@ def _add_shard_totals(report: dict, shards: list, halo_px: int) -> None:
         report[f"shards_{key}"] = float(sum(s.get(key, 0.0) for s in shards))
     report["n_large_cells"] = len(report["large_cells"])
     if report["large_cells"]:
-        log.warning("%d cell(s) larger than the halo (%d px) reach a tile window's edge and are clipped there; "
-                    "first at x=%d y=%d (all listed in the report): raise segmentation.tiling.halo",
-                    len(report["large_cells"]), halo_px, report["large_cells"][0]["anchor_x"],
-                    report["large_cells"][0]["anchor_y"])
+        log.warning(
+            "%d cell(s) larger than the halo (%d px) reach a tile window's edge and are clipped there; "
+            "first at x=%d y=%d (all listed in the report): raise segmentation.tiling.halo",
+            len(report["large_cells"]),
+            halo_px,
+            report["large_cells"][0]["anchor_x"],
+            report["large_cells"][0]["anchor_y"],
+        )
 
 
 def _log_summary(report: dict, n_tiles: int, labels_out: Path, slide_path, geojson_out) -> None:
     """The log lines of a finished stitch: its counts, the fragments removed, a warning when it found no cell."""
-    log.info("stitched %d cells from %d tiles (%d background tiles skipped), %d duplicates resolved, %d px trimmed, "
-             "%d large cells -> %s (%.1f s)", report["cells"], n_tiles, report["tiles_skipped_background"],
-             report["duplicates_resolved"], report["pixels_trimmed"], report["n_large_cells"], labels_out,
-             report["timings_s"]["stitch_total"])
+    log.info(
+        "stitched %d cells from %d tiles (%d background tiles skipped), %d duplicates resolved, %d px trimmed, "
+        "%d large cells -> %s (%.1f s)",
+        report["cells"],
+        n_tiles,
+        report["tiles_skipped_background"],
+        report["duplicates_resolved"],
+        report["pixels_trimmed"],
+        report["n_large_cells"],
+        labels_out,
+        report["timings_s"]["stitch_total"],
+    )
     if report["fragment_cells"]:
-        log.info("%d cell(s) had pieces not 8-connected to their largest one: %d px went to background (ids in the "
-                 "report: fragment_cell_ids)", report["fragment_cells"], report["fragment_pixels"])
+        log.info(
+            "%d cell(s) had pieces not 8-connected to their largest one: %d px went to background (ids in the "
+            "report: fragment_cell_ids)",
+            report["fragment_cells"],
+            report["fragment_pixels"],
+        )
     if report["cells"] == 0:
-        log.warning("no cell found in %s: the labels, cell table%s are written empty", slide_path,
-                    " and outlines" if geojson_out else "")
+        log.warning(
+            "no cell found in %s: the labels, cell table%s are written empty",
+            slide_path,
+            " and outlines" if geojson_out else "",
+        )
 
 
-def seam_report(reference: np.ndarray, tiled: np.ndarray, tile_size: int, near: int = 0,
-                min_share: float = 0.1) -> dict:
+def seam_report(
+    reference: np.ndarray, tiled: np.ndarray, tile_size: int, near: int = 0, min_share: float = 0.1
+) -> dict:
     """How a stitched result differs from a whole-image reference at the seams (benchmarks and tests).
 
     Seam cells: reference cells whose bounding box comes within ``near`` px of
@@ -663,6 +790,10 @@ def seam_report(reference: np.ndarray, tiled: np.ndarray, tile_size: int, near: 
     cut = [int(x) for x in split_refs if int(x) in crosses]
     inside = (shared * 2 >= til_area[t]) & seam[r]
     _, n_inside = np.unique(r[inside], return_counts=True)
-    return {"cut_at_seams": len(cut), "cells_crossing_seams": len(crosses), "seam_cells": int(seam.sum()),
-            "duplicates": int(np.maximum(n_inside - 1, 0).sum()),
-            "ids_unique_and_dense": bool(tiled.max() == len(np.unique(tiled)) - 1)}
+    return {
+        "cut_at_seams": len(cut),
+        "cells_crossing_seams": len(crosses),
+        "seam_cells": int(seam.sum()),
+        "duplicates": int(np.maximum(n_inside - 1, 0).sum()),
+        "ids_unique_and_dense": bool(tiled.max() == len(np.unique(tiled)) - 1),
+    }

@@ -24,6 +24,7 @@ window, so the result is the same as predicting the tiles one by one.
 Only numpy, scipy, scikit-image, tifffile, zarr and pandas are imported here:
 the shard runner runs in every model framework's env.
 """
+
 from __future__ import annotations
 
 import collections
@@ -62,8 +63,23 @@ def grid_tiles(shape: Tuple[int, int], tile_size: int, margin: int) -> np.recarr
     for r, y0 in enumerate(range(0, H, tile_size)):
         for c, x0 in enumerate(range(0, W, tile_size)):
             x1, y1 = min(W, x0 + tile_size), min(H, y0 + tile_size)
-            rows.append((len(rows), -1, r, c, x0, y0, x1, y1, max(0, x0 - margin), max(0, y0 - margin),
-                         min(W, x1 + margin), min(H, y1 + margin), True))
+            rows.append(
+                (
+                    len(rows),
+                    -1,
+                    r,
+                    c,
+                    x0,
+                    y0,
+                    x1,
+                    y1,
+                    max(0, x0 - margin),
+                    max(0, y0 - margin),
+                    min(W, x1 + margin),
+                    min(H, y1 + margin),
+                    True,
+                )
+            )
     return np.rec.array(rows, dtype=PLAN_DTYPE) if rows else np.recarray(0, dtype=PLAN_DTYPE)
 
 
@@ -91,8 +107,7 @@ def background_level(g: np.ndarray) -> Tuple[float, float]:
     return level, max(sigma, 0.0)
 
 
-def detect_tissue(thumb: np.ndarray, bright_field: bool = False,
-                  downsample: float = 1.0) -> Tuple[np.ndarray, float]:
+def detect_tissue(thumb: np.ndarray, bright_field: bool = False, downsample: float = 1.0) -> Tuple[np.ndarray, float]:
     """Tissue mask of a low-resolution grayscale view (``downsample`` level-0 px per view px), and the threshold.
 
     The background's level and noise come from ``background_level`` (the view inverted for bright-field
@@ -148,13 +163,15 @@ TARGET_SEEN_RATIO = 1.3
 MAX_GROUP_WINDOW_PX = 6144
 
 
-def auto_group(tile_size: int, margin_px: int, target: float = TARGET_SEEN_RATIO,
-               max_window: int = MAX_GROUP_WINDOW_PX) -> int:
+def auto_group(
+    tile_size: int, margin_px: int, target: float = TARGET_SEEN_RATIO, max_window: int = MAX_GROUP_WINDOW_PX
+) -> int:
     """Tiles per side of a prediction group: the smallest g whose window (g x tile_size + 2 x margin) has at most
     ``target`` times the pixels of its g x g cores, or the largest g whose window fits ``max_window``."""
     g = 1
-    while ((g * tile_size + 2 * margin_px) / (g * tile_size)) ** 2 > target \
-            and (g + 1) * tile_size + 2 * margin_px <= max_window:
+    while ((g * tile_size + 2 * margin_px) / (g * tile_size)) ** 2 > target and (
+        g + 1
+    ) * tile_size + 2 * margin_px <= max_window:
         g += 1
     return g
 
@@ -173,8 +190,12 @@ def prediction_windows(tiles, group: int, extra: int, shape: Tuple[int, int]):
     group = max(1, int(group))
 
     def box(ts):
-        return (max(0, min(int(t.wx0) for t in ts) - extra), max(0, min(int(t.wy0) for t in ts) - extra),
-                min(W, max(int(t.wx1) for t in ts) + extra), min(H, max(int(t.wy1) for t in ts) + extra))
+        return (
+            max(0, min(int(t.wx0) for t in ts) - extra),
+            max(0, min(int(t.wy0) for t in ts) - extra),
+            min(W, max(int(t.wx1) for t in ts) + extra),
+            min(H, max(int(t.wy1) for t in ts) + extra),
+        )
 
     def area(b):
         return (b[2] - b[0]) * (b[3] - b[1])
@@ -255,7 +276,8 @@ def check_halo(halo_px: int, trainset) -> dict:
         raise SegRefineError(
             f"halo {halo_px} px is smaller than the largest cell in the training masks ({diam} px: cell {lab} of "
             f"{mask}, from {trainset}); cells that large would be cut at tile seams: set "
-            f"segmentation.tiling.halo to at least {diam} px")
+            f"segmentation.tiling.halo to at least {diam} px"
+        )
     return {"extent_px": diam, "mask": mask, "label": lab}
 
 
@@ -272,17 +294,38 @@ def halo_check(plan_json, trainset, out_json) -> dict:
     if "halo_px" not in meta:
         raise SegRefineError(f"{plan_json}: not a tile plan's metadata (no halo_px)")
     cell = check_halo(int(meta["halo_px"]), trainset)
-    out = {"halo_px": int(meta["halo_px"]), "largest_training_cell": cell, "plan_id": meta.get("plan_id"),
-           "trainset": str(trainset)}
+    out = {
+        "halo_px": int(meta["halo_px"]),
+        "largest_training_cell": cell,
+        "plan_id": meta.get("plan_id"),
+        "trainset": str(trainset),
+    }
     write_text_atomic(out_json, json.dumps(out, indent=2, sort_keys=True) + "\n")
-    log.info("halo %d px covers the largest training cell (%d px: cell %d of %s)", out["halo_px"], cell["extent_px"],
-             cell["label"], cell["mask"])
+    log.info(
+        "halo %d px covers the largest training cell (%d px: cell %d of %s)",
+        out["halo_px"],
+        cell["extent_px"],
+        cell["label"],
+        cell["mask"],
+    )
     return out
 
 
-def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, shards: int = 1, tissue: bool = True,
-              tissue_level: Optional[int] = None, tissue_downsample: int = 16, bright_field: bool = False,
-              trainset=None, group=1, context_bound_px: int = 0, channel: Optional[int] = None):
+def make_plan(
+    slide_path,
+    tile_size: int,
+    halo_px: int,
+    context_px: int = 0,
+    shards: int = 1,
+    tissue: bool = True,
+    tissue_level: Optional[int] = None,
+    tissue_downsample: int = 16,
+    bright_field: bool = False,
+    trainset=None,
+    group=1,
+    context_bound_px: int = 0,
+    channel: Optional[int] = None,
+):
     """(plan table, plan metadata) of a slide. Checks the halo against the largest training cell when given a
     training set (``segrefine segment``; the workflow checks it in its own rule, ``halo_check``).
 
@@ -299,9 +342,14 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
         raise SegRefineError(f"model context bound {context_bound_px} px is negative")
     if group != "auto" and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
         raise SegRefineError(f"group must be a positive number of tiles or 'auto', got {group!r}")
-    meta: Dict[str, object] = {"tile_size": int(tile_size), "halo_px": int(halo_px), "context_px": int(context_px),
-                               "margin_px": int(halo_px) + int(context_px), "shards": int(shards),
-                               "context_bound_px": int(context_bound_px)}
+    meta: Dict[str, object] = {
+        "tile_size": int(tile_size),
+        "halo_px": int(halo_px),
+        "context_px": int(context_px),
+        "margin_px": int(halo_px) + int(context_px),
+        "shards": int(shards),
+        "context_bound_px": int(context_bound_px),
+    }
     if trainset is not None:
         meta["largest_training_cell"] = check_halo(halo_px, trainset)
     slide_path = Path(slide_path)
@@ -310,8 +358,7 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
         meta["channel"] = slide.channel  # every later read of the slide (shards, stitch) reads the same channel
         H, W = slide.shape
         plan = grid_tiles(slide.shape, tile_size, halo_px + context_px)
-        meta.update(slide=str(slide_path), slide_stamp=_slide_stamp(slide_path), height=H, width=W,
-                    levels=slide.levels)
+        meta.update(slide=str(slide_path), slide_stamp=_slide_stamp(slide_path), height=H, width=W, levels=slide.levels)
         mask = None
         if tissue:
             mask, thr, f = slide_tissue(slide, tissue_downsample, tissue_level, bright_field)
@@ -321,11 +368,15 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
             for t in plan:
                 ty0, ty1 = int(t.y0 // fy), min(h, int(np.ceil(t.y1 / fy)) + 1)
                 tx0, tx1 = int(t.x0 // fx), min(w, int(np.ceil(t.x1 / fx)) + 1)
-                flags.append(bool(mask[max(0, ty0 - 1):ty1, max(0, tx0 - 1):tx1].any()))
+                flags.append(bool(mask[max(0, ty0 - 1) : ty1, max(0, tx0 - 1) : tx1].any()))
             plan["in_tissue"] = flags
-            meta["tissue"] = {"activate": True, "downsample": round(float(f), 3), "threshold": float(thr),
-                              "level": tissue_level if tissue_level is not None else "auto",
-                              "tissue_fraction": float(mask.mean())}
+            meta["tissue"] = {
+                "activate": True,
+                "downsample": round(float(f), 3),
+                "threshold": float(thr),
+                "level": tissue_level if tissue_level is not None else "auto",
+                "tissue_fraction": float(mask.mean()),
+            }
         else:
             meta["tissue"] = {"activate": False}
         # the intensity statistics of the slide's tissue, so every window is normalised like the whole slide
@@ -347,25 +398,41 @@ def make_plan(slide_path, tile_size: int, halo_px: int, context_px: int = 0, sha
     gid, n_groups = group_ids(g)
     # round robin over the groups in raster order: each shard gets a share of every region, a group in one shard
     plan["shard"][inside] = gid % shards
-    meta.update(tiles=int(len(plan)), tiles_in_tissue=int(len(inside)),
-                tiles_skipped_background=int(len(plan) - len(inside)),
-                group_tiles=int(g), group="auto" if group == "auto" else int(group), groups=int(n_groups))
+    meta.update(
+        tiles=int(len(plan)),
+        tiles_in_tissue=int(len(inside)),
+        tiles_skipped_background=int(len(plan) - len(inside)),
+        group_tiles=int(g),
+        group="auto" if group == "auto" else int(group),
+        groups=int(n_groups),
+    )
     # what the model will see, per pixel of the cores it predicts: the plan's windows, and the shards' windows if the
     # model's context is the bound (the shards report the real figure: seen_ratio in shards/K.json)
     tissue_tiles = plan[inside]
     cores = core_pixels(tissue_tiles)
     H, W = int(meta["height"]), int(meta["width"])
-    est = sum(seen_pixels(prediction_windows([t for t in tissue_tiles if t.shard == k], g, int(context_bound_px),
-                                             (H, W))) for k in range(shards))
-    pixels = {"slide": H * W, "cores_in_tissue": cores,
-              "windows_planned": seen_pixels(prediction_windows(tissue_tiles, 1, 0, (H, W))),
-              "seen_at_context_bound": int(est)}
+    est = sum(
+        seen_pixels(prediction_windows([t for t in tissue_tiles if t.shard == k], g, int(context_bound_px), (H, W)))
+        for k in range(shards)
+    )
+    pixels = {
+        "slide": H * W,
+        "cores_in_tissue": cores,
+        "windows_planned": seen_pixels(prediction_windows(tissue_tiles, 1, 0, (H, W))),
+        "seen_at_context_bound": int(est),
+    }
     if mask is not None:
         pixels["tissue"] = int(round(float(mask.sum()) * (H / mask.shape[0]) * (W / mask.shape[1])))
     meta["pixels"] = pixels
     meta["seen_ratio_at_context_bound"] = est / cores if cores else None
-    key = json.dumps({k: meta[k] for k in ("tile_size", "margin_px", "height", "width", "slide_stamp", "group_tiles")
-                      + (("channel",) if meta["channel"] is not None else ())}, sort_keys=True)
+    key = json.dumps(
+        {
+            k: meta[k]
+            for k in ("tile_size", "margin_px", "height", "width", "slide_stamp", "group_tiles")
+            + (("channel",) if meta["channel"] is not None else ())
+        },
+        sort_keys=True,
+    )
     meta["plan_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
     return plan, meta
 
@@ -388,9 +455,16 @@ def write_plan(plan, meta: dict, out_tsv, out_json) -> None:
             out.writerow(PLAN_COLUMNS)
             out.writerows(plan.tolist())  # python ints and bools: True/False as pandas wrote them
     write_text_atomic(out_json, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    log.info("plan: %d tiles of %d px (margin %d px), %d in tissue, %d background tiles skipped, %d shard(s) -> %s",
-             meta["tiles"], meta["tile_size"], meta["margin_px"], meta["tiles_in_tissue"],
-             meta["tiles_skipped_background"], meta["shards"], out_tsv)
+    log.info(
+        "plan: %d tiles of %d px (margin %d px), %d in tissue, %d background tiles skipped, %d shard(s) -> %s",
+        meta["tiles"],
+        meta["tile_size"],
+        meta["margin_px"],
+        meta["tiles_in_tissue"],
+        meta["tiles_skipped_background"],
+        meta["shards"],
+        out_tsv,
+    )
 
 
 def read_plan(plan_tsv, plan_json=None):
@@ -408,8 +482,9 @@ def read_plan(plan_tsv, plan_json=None):
         raise SegRefineError(f"{plan_tsv}: not a tile plan (columns {missing} missing)")
     idx = [header.index(c) for c in PLAN_COLUMNS]
     try:
-        records = [tuple(int(r[i]) for i in idx[:-1]) + ({"True": True, "False": False}[r[idx[-1]]],)
-                   for r in rows[1:] if r]
+        records = [
+            tuple(int(r[i]) for i in idx[:-1]) + ({"True": True, "False": False}[r[idx[-1]]],) for r in rows[1:] if r
+        ]
     except (ValueError, KeyError, IndexError) as exc:
         raise SegRefineError(f"{plan_tsv}: not a tile plan (a row does not parse: {exc!r})") from None
     plan = np.rec.array(records, dtype=PLAN_DTYPE) if records else np.recarray(0, dtype=PLAN_DTYPE)
@@ -439,8 +514,9 @@ def own_cells(labels: np.ndarray, tile, slide_shape: Tuple[int, int], with_stats
         ids, inv = np.unique(labels, return_inverse=True)
         seq = inv.reshape(labels.shape).astype(np.int32) + (0 if ids[0] == 0 else 1)
     n = int(seq.max()) if seq.size else 0
-    empty = (np.zeros((0, 0), np.uint32), (int(tile.wx0), int(tile.wy0)), []) + \
-        ((np.zeros((0, len(STAT_COLUMNS)), np.int64),) if with_stats else ())
+    empty = (np.zeros((0, 0), np.uint32), (int(tile.wx0), int(tile.wy0)), []) + (
+        (np.zeros((0, len(STAT_COLUMNS)), np.int64),) if with_stats else ()
+    )
     if n == 0:
         return empty
     flat = seq.ravel()
@@ -465,13 +541,25 @@ def own_cells(labels: np.ndarray, tile, slide_shape: Tuple[int, int], with_stats
         sl = objects[i - 1]
         if sl is None:
             continue
-        touches = ((sl[0].start == 0 and tile.wy0 > 0) or (sl[0].stop == h and tile.wy1 < H)
-                   or (sl[1].start == 0 and tile.wx0 > 0) or (sl[1].stop == w and tile.wx1 < W))
+        touches = (
+            (sl[0].start == 0 and tile.wy0 > 0)
+            or (sl[0].stop == h and tile.wy1 < H)
+            or (sl[1].start == 0 and tile.wx0 > 0)
+            or (sl[1].stop == w and tile.wx1 < W)
+        )
         if touches:
-            large.append({"tile_id": int(tile.tile_id), "anchor_x": int(ax[i]), "anchor_y": int(ay[i]),
-                          "bbox_x0": int(sl[1].start + tile.wx0), "bbox_y0": int(sl[0].start + tile.wy0),
-                          "bbox_x1": int(sl[1].stop + tile.wx0), "bbox_y1": int(sl[0].stop + tile.wy0),
-                          "area_px_in_window": int(area[i])})
+            large.append(
+                {
+                    "tile_id": int(tile.tile_id),
+                    "anchor_x": int(ax[i]),
+                    "anchor_y": int(ay[i]),
+                    "bbox_x0": int(sl[1].start + tile.wx0),
+                    "bbox_y0": int(sl[0].start + tile.wy0),
+                    "bbox_x1": int(sl[1].stop + tile.wx0),
+                    "bbox_y1": int(sl[0].stop + tile.wy0),
+                    "area_px_in_window": int(area[i]),
+                }
+            )
     order = kept_ids[np.lexsort((ax[kept_ids], ay[kept_ids]))]
     lut = np.zeros(n + 1, np.uint32)
     lut[order] = np.arange(1, len(order) + 1, dtype=np.uint32)
@@ -482,8 +570,13 @@ def own_cells(labels: np.ndarray, tile, slide_shape: Tuple[int, int], with_stats
     if not with_stats:
         return result
     # the cell table's sums in crop coordinates (integers: exact in float64), bounding boxes from find_objects
-    boxes = np.array([[objects[i - 1][1].start, objects[i - 1][0].start, objects[i - 1][1].stop,
-                       objects[i - 1][0].stop] for i in order], np.int64).reshape(-1, 4) - [x0, y0, x0, y0]
+    boxes = np.array(
+        [
+            [objects[i - 1][1].start, objects[i - 1][0].start, objects[i - 1][1].stop, objects[i - 1][0].stop]
+            for i in order
+        ],
+        np.int64,
+    ).reshape(-1, 4) - [x0, y0, x0, y0]
     a = area[order]
     stats = np.column_stack([a, sum_x[order] - a * x0, sum_y[order] - a * y0]).round().astype(np.int64)
     return result + (np.concatenate([stats, boxes], axis=1),)
@@ -504,10 +597,13 @@ def cell_stats(labels: np.ndarray, n: Optional[int] = None) -> np.ndarray:
         return out
     h, w = labels.shape
     flat = labels.ravel().astype(np.intp, copy=False)
-    out[:, 0] = np.bincount(flat, minlength=n + 1)[1:n + 1]
-    out[:, 1] = np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), h), minlength=n + 1)[1:n + 1].round()
-    out[:, 2] = np.bincount(flat, weights=np.repeat(np.arange(h, dtype=np.float64), w),
-                            minlength=n + 1)[1:n + 1].round()
+    out[:, 0] = np.bincount(flat, minlength=n + 1)[1 : n + 1]
+    out[:, 1] = np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), h), minlength=n + 1)[
+        1 : n + 1
+    ].round()
+    out[:, 2] = np.bincount(flat, weights=np.repeat(np.arange(h, dtype=np.float64), w), minlength=n + 1)[
+        1 : n + 1
+    ].round()
     for k, sl in enumerate(ndimage.find_objects(labels.astype(np.int32, copy=False), max_label=n)):
         if sl is not None:
             out[k, 3:] = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
@@ -524,8 +620,10 @@ def tile_fingerprint(meta: dict, card_sha: str, tile, model_context: bool = True
     window, and whether the window was grown by the model's own context (the card fixes how much)."""
     ref = meta.get("intensity_reference")
     norm = hashlib.sha256(json.dumps(ref, sort_keys=True).encode()).hexdigest()[:8] if ref is not None else "none"
-    return (f"{meta['plan_id']}:{card_sha[:16]}:{norm}:{int(tile.tile_id)}:"
-            f"{int(tile.wx0)},{int(tile.wy0)},{int(tile.wx1)},{int(tile.wy1)}" + (":mc" if model_context else ""))
+    return (
+        f"{meta['plan_id']}:{card_sha[:16]}:{norm}:{int(tile.tile_id)}:"
+        f"{int(tile.wx0)},{int(tile.wy0)},{int(tile.wx1)},{int(tile.wy1)}" + (":mc" if model_context else "")
+    )
 
 
 #: 3: + each cell's mean model probability (``cell_prob``); 2: + per-cell table sums and GeoJSON ring text;
@@ -548,8 +646,12 @@ def read_tile(path):
             raw = zlib.decompress(d["labels_zlib"].tobytes())
             owned = np.frombuffer(raw, np.uint32).reshape(meta["shape"]).copy()
             if meta.get("format", 1) >= 2:
-                cells = {"stats": d["cell_stats"].reshape(-1, len(STAT_COLUMNS)), "geo_ids": d["geo_ids"],
-                         "geo_offsets": d["geo_offsets"], "geo_text": zlib.decompress(d["geo_zlib"].tobytes()).decode()}
+                cells = {
+                    "stats": d["cell_stats"].reshape(-1, len(STAT_COLUMNS)),
+                    "geo_ids": d["geo_ids"],
+                    "geo_offsets": d["geo_offsets"],
+                    "geo_text": zlib.decompress(d["geo_zlib"].tobytes()).decode(),
+                }
                 if "cell_prob" in d.files:
                     cells["prob"] = np.asarray(d["cell_prob"], np.float64)
             else:
@@ -560,16 +662,21 @@ def read_tile(path):
             cells["prob"] = np.full(len(cells["stats"]), np.nan)
         return owned, meta, cells
     except Exception as exc:
-        raise SegRefineError(f"{path}: unreadable tile result ({type(exc).__name__}: {exc}); delete it and rerun "
-                             "its shard") from exc
+        raise SegRefineError(
+            f"{path}: unreadable tile result ({type(exc).__name__}: {exc}); delete it and rerun its shard"
+        ) from exc
 
 
 def _tile_cells(owned: np.ndarray, origin, stats: Optional[np.ndarray] = None) -> dict:
     ids, texts = outline_texts(owned, origin)
     offsets = np.zeros(len(texts) + 1, np.int64)
     np.cumsum([len(t) for t in texts], out=offsets[1:])
-    return {"stats": cell_stats(owned) if stats is None else stats, "geo_ids": ids, "geo_offsets": offsets,
-            "geo_text": "".join(texts)}
+    return {
+        "stats": cell_stats(owned) if stats is None else stats,
+        "geo_ids": ids,
+        "geo_offsets": offsets,
+        "geo_text": "".join(texts),
+    }
 
 
 def tile_done(path, fingerprint: str) -> bool:
@@ -580,15 +687,27 @@ def tile_done(path, fingerprint: str) -> bool:
     try:
         with np.load(path, allow_pickle=False) as d:
             meta = json.loads(str(d["meta"]))
-            return ("labels_zlib" in d.files and "geo_zlib" in d.files and "cell_stats" in d.files
-                    and "cell_prob" in d.files
-                    and meta.get("format") == TILE_FORMAT and meta.get("fingerprint") == fingerprint)
+            return (
+                "labels_zlib" in d.files
+                and "geo_zlib" in d.files
+                and "cell_stats" in d.files
+                and "cell_prob" in d.files
+                and meta.get("format") == TILE_FORMAT
+                and meta.get("fingerprint") == fingerprint
+            )
     except Exception:
         return False  # unreadable: recompute it (it is replaced atomically)
 
 
-def write_tile(path, owned: np.ndarray, origin, large: list, meta: dict, stats: Optional[np.ndarray] = None,
-               prob: Optional[np.ndarray] = None) -> None:
+def write_tile(
+    path,
+    owned: np.ndarray,
+    origin,
+    large: list,
+    meta: dict,
+    stats: Optional[np.ndarray] = None,
+    prob: Optional[np.ndarray] = None,
+) -> None:
     """One tile's owned cells (zlib), their table sums (``cell_stats``), mean model probabilities (``prob``, one
     per cell; NaN when None) and GeoJSON outline text (see ``segrefine.outlines``; computed here, on the shard's writer
     thread while the model predicts the next tile, so the stitcher only fills in the global ids) and metadata,
@@ -598,8 +717,14 @@ def write_tile(path, owned: np.ndarray, origin, large: list, meta: dict, stats: 
     import zlib
 
     owned = np.ascontiguousarray(owned, dtype=np.uint32)
-    meta = dict(meta, origin=list(origin), large=large, n_cells=int(owned.max()) if owned.size else 0,
-                shape=list(owned.shape), format=TILE_FORMAT)
+    meta = dict(
+        meta,
+        origin=list(origin),
+        large=large,
+        n_cells=int(owned.max()) if owned.size else 0,
+        shape=list(owned.shape),
+        format=TILE_FORMAT,
+    )
     packed = np.frombuffer(zlib.compress(owned.tobytes(), 1), np.uint8)  # level 1: fast, label images shrink ~20x
     cells = _tile_cells(owned, origin, stats)
     n = len(cells["stats"])
@@ -610,9 +735,16 @@ def write_tile(path, owned: np.ndarray, origin, large: list, meta: dict, stats: 
     try:
         with atomic_path(path, suffix=".npz") as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, labels_zlib=packed, meta=np.array(json.dumps(meta)),
-                         cell_stats=np.asarray(cells["stats"], np.int64), cell_prob=prob, geo_ids=cells["geo_ids"],
-                         geo_offsets=cells["geo_offsets"], geo_zlib=geo)
+                np.savez(
+                    fh,
+                    labels_zlib=packed,
+                    meta=np.array(json.dumps(meta)),
+                    cell_stats=np.asarray(cells["stats"], np.int64),
+                    cell_prob=prob,
+                    geo_ids=cells["geo_ids"],
+                    geo_offsets=cells["geo_offsets"],
+                    geo_zlib=geo,
+                )
     except OSError as exc:
         raise SegRefineError(f"{path}: cannot write the tile result ({exc}; is the disk full?)") from exc
 
@@ -632,8 +764,15 @@ class Progress:
         self.last = now
         rate = done / max(now - self.start, 1e-9)
         left = (self.total - done) / rate if rate > 0 else float("nan")
-        log.info("%s: %d/%d tiles (%.0f%%), %.2f tiles/s, %.0f s left", self.what, done, self.total,
-                 100.0 * done / max(self.total, 1), rate, left)
+        log.info(
+            "%s: %d/%d tiles (%.0f%%), %.2f tiles/s, %.0f s left",
+            self.what,
+            done,
+            self.total,
+            100.0 * done / max(self.total, 1),
+            rate,
+            left,
+        )
 
 
 def window_predictor(model):
@@ -661,8 +800,18 @@ def model_context_px(model) -> int:
     return max(0, int(f())) if f is not None else 0
 
 
-def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, gpus: int = 0,
-              prefetch: int = 2, model=None, model_context: bool = True) -> dict:
+def run_shard(
+    plan_tsv,
+    shard: int,
+    card_path,
+    slide_path,
+    tiles_dir,
+    out_json,
+    gpus: int = 0,
+    prefetch: int = 2,
+    model=None,
+    model_context: bool = True,
+) -> dict:
     """Predict every tile of one shard not already done; write each tile's owned cells atomically.
 
     The model is loaded once; a reader thread reads the next ``prefetch``
@@ -689,19 +838,40 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
     slide_path = Path(slide_path)
     if Path(slide_path).is_file() and _slide_stamp(slide_path) != meta["slide_stamp"]:
         raise SegRefineError(
-            f"{slide_path}: the slide changed since the tile plan {plan_tsv} was made; rerun tile-plan")
+            f"{slide_path}: the slide changed since the tile plan {plan_tsv} was made; rerun tile-plan"
+        )
     card_sha = sha256_file(card_path)
     tiles = [t for t in plan if t.shard == shard]
     Path(tiles_dir).mkdir(parents=True, exist_ok=True)
-    todo = [t for t in tiles
-            if not tile_done(tile_file(tiles_dir, t.tile_id), tile_fingerprint(meta, card_sha, t, model_context))]
-    stats = {"shard": shard, "tiles": len(tiles), "tiles_resumed": len(tiles) - len(todo), "tiles_computed": len(todo),
-             "card_sha256": card_sha, "plan_id": meta["plan_id"], "read_s": 0.0, "predict_s": 0.0, "predict_cpu_s": 0.0,
-             "wait_read_s": 0.0, "wait_write_s": 0.0,
-             "own_write_s": 0.0, "cells": 0, "large_cells": 0, "device": None,
-             "group_tiles": int(meta.get("group_tiles", 1)), "windows": 0, "max_window_px": [0, 0],
-             "pixels_seen": 0, "pixels_cores": 0, "seen_ratio": None,
-             "intensity_reference": None}  # "slide" or "per window" once the model is loaded (None: all resumed)
+    todo = [
+        t
+        for t in tiles
+        if not tile_done(tile_file(tiles_dir, t.tile_id), tile_fingerprint(meta, card_sha, t, model_context))
+    ]
+    stats = {
+        "shard": shard,
+        "tiles": len(tiles),
+        "tiles_resumed": len(tiles) - len(todo),
+        "tiles_computed": len(todo),
+        "card_sha256": card_sha,
+        "plan_id": meta["plan_id"],
+        "read_s": 0.0,
+        "predict_s": 0.0,
+        "predict_cpu_s": 0.0,
+        "wait_read_s": 0.0,
+        "wait_write_s": 0.0,
+        "own_write_s": 0.0,
+        "cells": 0,
+        "large_cells": 0,
+        "device": None,
+        "group_tiles": int(meta.get("group_tiles", 1)),
+        "windows": 0,
+        "max_window_px": [0, 0],
+        "pixels_seen": 0,
+        "pixels_cores": 0,
+        "seen_ratio": None,
+        "intensity_reference": None,
+    }  # "slide" or "per window" once the model is loaded (None: all resumed)
     log.info("shard %d: %d tiles, %d already done, %d to predict", shard, len(tiles), len(tiles) - len(todo), len(todo))
     if todo:
         with gpu_device(gpus) as dev, Slide(slide_path, channel=meta.get("channel")) as slide:
@@ -716,19 +886,31 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
             applied = bool(setter(ref)) if ref is not None and setter is not None else False
             stats["intensity_reference"] = "slide" if applied else "per window"
             if not applied:
-                log.warning("shard %d: %s; each window is normalised by its own statistics, so tiles may differ "
-                            "from whole-image inference", shard, "the plan has no intensity reference (made by an "
-                            "older version: rerun tile-plan)" if ref is None else
-                            f"model {type(model).__name__} does not take a slide-level intensity reference")
+                log.warning(
+                    "shard %d: %s; each window is normalised by its own statistics, so tiles may differ "
+                    "from whole-image inference",
+                    shard,
+                    "the plan has no intensity reference (made by an older version: rerun tile-plan)"
+                    if ref is None
+                    else f"model {type(model).__name__} does not take a slide-level intensity reference",
+                )
             stats["device"] = str(model.device)
             stats["gpu"] = dev
             extra = model_context_px(model) if model_context else 0
             stats["model_context_px"] = extra
-            log.info("shard %d: model %s [%s] on %s; windows grown by the model's context: %d px", shard,
-                     card.get("name"), card.get("stage"), model.device, extra)
+            log.info(
+                "shard %d: model %s [%s] on %s; windows grown by the model's context: %d px",
+                shard,
+                card.get("name"),
+                card.get("stage"),
+                model.device,
+                extra,
+            )
             if tuple(slide.shape) != (meta["height"], meta["width"]):
-                raise SegRefineError(f"{slide_path}: slide size {slide.shape} differs from the plan's "
-                                     f"({meta['height']}, {meta['width']})")
+                raise SegRefineError(
+                    f"{slide_path}: slide size {slide.shape} differs from the plan's "
+                    f"({meta['height']}, {meta['width']})"
+                )
 
             H, W = slide.shape
             jobs = prediction_windows(todo, int(meta.get("group_tiles", 1)), extra, (H, W))
@@ -737,10 +919,18 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
             stats["pixels_cores"] = core_pixels(todo)
             stats["seen_ratio"] = stats["pixels_seen"] / stats["pixels_cores"] if stats["pixels_cores"] else None
             stats["max_window_px"] = [max(b[3] - b[1] for _, b in jobs), max(b[2] - b[0] for _, b in jobs)]
-            log.info("shard %d: %d tiles in %d window(s) (groups of up to %d x %d tiles, largest %d x %d px): the "
-                     "model sees %.3f px per core px", shard, len(todo), len(jobs), stats["group_tiles"],
-                     stats["group_tiles"], stats["max_window_px"][1], stats["max_window_px"][0],
-                     stats["seen_ratio"] or 0.0)
+            log.info(
+                "shard %d: %d tiles in %d window(s) (groups of up to %d x %d tiles, largest %d x %d px): the "
+                "model sees %.3f px per core px",
+                shard,
+                len(todo),
+                len(jobs),
+                stats["group_tiles"],
+                stats["group_tiles"],
+                stats["max_window_px"][1],
+                stats["max_window_px"][0],
+                stats["seen_ratio"] or 0.0,
+            )
 
             def read(job):
                 t0 = time.monotonic()
@@ -757,21 +947,32 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
                 gx0, gy0 = job[1][:2]
                 n_cells = n_large = 0
                 for t in job[0]:
-                    crop = labels[int(t.wy0) - gy0:int(t.wy1) - gy0, int(t.wx0) - gx0:int(t.wx1) - gx0]
+                    crop = labels[int(t.wy0) - gy0 : int(t.wy1) - gy0, int(t.wx0) - gx0 : int(t.wx1) - gx0]
                     owned, origin, large, cstats = own_cells(crop, t, slide.shape, with_stats=True)
                     cprob = None
                     if prob is not None and owned.size:
                         py, px = origin[1] - gy0, origin[0] - gx0  # the owned crop in the window's pixels
-                        cprob = cell_probability(owned, prob[py:py + owned.shape[0], px:px + owned.shape[1]],
-                                                 len(cstats))
-                    write_tile(tile_file(tiles_dir, t.tile_id), owned, origin, large,
-                               {"tile_id": int(t.tile_id),
-                                "fingerprint": tile_fingerprint(meta, card_sha, t, model_context)}, stats=cstats,
-                               prob=cprob)
+                        cprob = cell_probability(
+                            owned, prob[py : py + owned.shape[0], px : px + owned.shape[1]], len(cstats)
+                        )
+                    write_tile(
+                        tile_file(tiles_dir, t.tile_id),
+                        owned,
+                        origin,
+                        large,
+                        {"tile_id": int(t.tile_id), "fingerprint": tile_fingerprint(meta, card_sha, t, model_context)},
+                        stats=cstats,
+                        prob=cprob,
+                    )
                     for cell in large:
-                        log.warning("tile %d: cell at anchor (x=%d, y=%d) reaches the window edge: it is larger than "
-                                    "the halo (%d px) and clipped there", t.tile_id, cell["anchor_x"],
-                                    cell["anchor_y"], meta["halo_px"])
+                        log.warning(
+                            "tile %d: cell at anchor (x=%d, y=%d) reaches the window edge: it is larger than "
+                            "the halo (%d px) and clipped there",
+                            t.tile_id,
+                            cell["anchor_x"],
+                            cell["anchor_y"],
+                            meta["halo_px"],
+                        )
                     n_cells += int(owned.max()) if owned.size else 0
                     n_large += len(large)
                 return n_cells, n_large, time.monotonic() - t0, len(job[0])
@@ -779,8 +980,7 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
             predict_window = window_probability_predictor(model)
             progress = Progress(len(todo), f"shard {shard}")
             done = 0
-            with concurrent.futures.ThreadPoolExecutor(1) as reader, \
-                    concurrent.futures.ThreadPoolExecutor(1) as writer:
+            with concurrent.futures.ThreadPoolExecutor(1) as reader, concurrent.futures.ThreadPoolExecutor(1) as writer:
                 reads = collections.deque(reader.submit(read, j) for j in jobs[:prefetch])
                 writes = collections.deque()
                 for i, job in enumerate(jobs):
@@ -796,12 +996,16 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
                     stats["predict_s"] += time.monotonic() - t0
                     stats["predict_cpu_s"] += time.thread_time() - c0  # this thread's CPU (model threads not counted)
                     if labels.shape != img.shape[:2]:
-                        raise SegRefineError(f"model {card_path} returned labels of shape {labels.shape} for a "
-                                             f"window of shape {img.shape[:2]} (tiles "
-                                             f"{[int(t.tile_id) for t in job[0]]})")
+                        raise SegRefineError(
+                            f"model {card_path} returned labels of shape {labels.shape} for a "
+                            f"window of shape {img.shape[:2]} (tiles "
+                            f"{[int(t.tile_id) for t in job[0]]})"
+                        )
                     if prob is not None and np.shape(prob) != labels.shape:
-                        raise SegRefineError(f"model {card_path} returned a probability map of shape "
-                                             f"{np.shape(prob)} for labels of shape {labels.shape}")
+                        raise SegRefineError(
+                            f"model {card_path} returned a probability map of shape "
+                            f"{np.shape(prob)} for labels of shape {labels.shape}"
+                        )
                     del img
                     writes.append(writer.submit(own_and_write, job, labels, prob))
                     del labels, prob
@@ -818,9 +1022,18 @@ def run_shard(plan_tsv, shard: int, card_path, slide_path, tiles_dir, out_json, 
     stats["wall_s"] = time.monotonic() - t_start
     stats["tiles_per_s"] = stats["tiles_computed"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
     write_text_atomic(out_json, json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    log.info("shard %d done: %d tiles predicted (%.2f tiles/s), %d resumed; predict %.1f s, read %.1f s "
-             "(waited %.1f s), ownership+write %.1f s", shard, stats["tiles_computed"], stats["tiles_per_s"],
-             stats["tiles_resumed"], stats["predict_s"], stats["read_s"], stats["wait_read_s"], stats["own_write_s"])
+    log.info(
+        "shard %d done: %d tiles predicted (%.2f tiles/s), %d resumed; predict %.1f s, read %.1f s "
+        "(waited %.1f s), ownership+write %.1f s",
+        shard,
+        stats["tiles_computed"],
+        stats["tiles_per_s"],
+        stats["tiles_resumed"],
+        stats["predict_s"],
+        stats["read_s"],
+        stats["wait_read_s"],
+        stats["own_write_s"],
+    )
     return stats
 
 

@@ -8,6 +8,7 @@ f, about f of each SN's patches land in that split (the hash is uniform), and
 small sets are guaranteed at least one train, test and validation patch where
 the fractions ask for them and there are enough patches.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,8 +34,9 @@ def split_score(patch: str, seed: int) -> float:
 
 def assign_splits(patches: Sequence[str], seed: int, val_fraction: float, test_fraction: float) -> Dict[str, str]:
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise SegRefineError(f"split fractions must be in [0, 1) and sum below 1: val={val_fraction}, "
-                             f"test={test_fraction}")
+        raise SegRefineError(
+            f"split fractions must be in [0, 1) and sum below 1: val={val_fraction}, test={test_fraction}"
+        )
     score = {p: split_score(p, seed) for p in patches}
     split = {}
     for p, u in score.items():
@@ -86,8 +88,9 @@ def pair_by_patch(images: Sequence[str], masks: Sequence[str]) -> List[tuple]:
     return [(img[n], msk[n]) for n in img]
 
 
-def build_rows(images: Sequence[str], masks: Sequence[str], seed: int, val_fraction: float,
-               test_fraction: float) -> List[dict]:
+def build_rows(
+    images: Sequence[str], masks: Sequence[str], seed: int, val_fraction: float, test_fraction: float
+) -> List[dict]:
     """Rows of the training-set table of patch images and their masks (paired by patch name)."""
     from segrefine.io import read_tiff
     from segrefine.patches import parse_patch_name
@@ -101,11 +104,21 @@ def build_rows(images: Sequence[str], masks: Sequence[str], seed: int, val_fract
         img = read_tiff(image)
         lab = read_tiff(mask)
         if img.shape[:2] != lab.shape:
-            raise SegRefineError(f"{mask}: mask is {lab.shape[1]}x{lab.shape[0]} px but image {image} is "
-                                 f"{img.shape[1]}x{img.shape[0]} px")
-        rows.append({"patch": box.name, "sn": box.sn, "image": str(image), "mask": str(mask),
-                     "n_cells": int(len(np.unique(lab)) - (1 if (lab == 0).any() else 0)),
-                     "image_sha256": sha256_file(image), "mask_sha256": sha256_file(mask)})
+            raise SegRefineError(
+                f"{mask}: mask is {lab.shape[1]}x{lab.shape[0]} px but image {image} is "
+                f"{img.shape[1]}x{img.shape[0]} px"
+            )
+        rows.append(
+            {
+                "patch": box.name,
+                "sn": box.sn,
+                "image": str(image),
+                "mask": str(mask),
+                "n_cells": int(len(np.unique(lab)) - (1 if (lab == 0).any() else 0)),
+                "image_sha256": sha256_file(image),
+                "mask_sha256": sha256_file(mask),
+            }
+        )
     splits = assign_splits([r["patch"] for r in rows], seed, val_fraction, test_fraction)
     for r in rows:
         r["split"] = splits[r["patch"]]
@@ -133,11 +146,18 @@ def write_trainset(path, rows: Sequence[dict], seed: int, val_fraction: float, t
             w.writeheader()
             for r in rows:
                 w.writerow({k: r[k] for k in COLUMNS})
-    summary = {"version": version, "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
-               "patches": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
-               "cells": {s: sum(r["n_cells"] for r in rows if r["split"] == s) for s in SPLITS},
-               "by_sn": {sn: {s: sum(r["split"] == s for r in rows if r["sn"] == sn) for s in SPLITS}
-                         for sn in sorted({r["sn"] for r in rows})}}
+    summary = {
+        "version": version,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "patches": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
+        "cells": {s: sum(r["n_cells"] for r in rows if r["split"] == s) for s in SPLITS},
+        "by_sn": {
+            sn: {s: sum(r["split"] == s for r in rows if r["sn"] == sn) for s in SPLITS}
+            for sn in sorted({r["sn"] for r in rows})
+        },
+    }
     write_text_atomic(Path(path).with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
     return version
 
@@ -167,6 +187,7 @@ def load_pairs(rows: Sequence[dict], split: str):
         mask = read_tiff(r["mask"])
         if not np.issubdtype(mask.dtype, np.integer) or mask.ndim != 2:
             raise SegRefineError(
-                f"{r['mask']}: not an instance mask (2-D integer labels), got {mask.dtype} {mask.shape}")
+                f"{r['mask']}: not an instance mask (2-D integer labels), got {mask.dtype} {mask.shape}"
+            )
         pairs.append((read_tiff(r["image"]), mask))
     return pairs

@@ -24,6 +24,7 @@ For every cell of a label image, ``cell_uncertainty`` gives
 
 Only numpy is imported here: the functions run in every model framework's env.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,16 @@ import numpy as np
 from segrefine import SegRefineError
 
 #: (number of counter-clockwise 90-degree rotations, then a left-right flip): the dihedral group of the square
-TRANSFORMS: Tuple[Tuple[int, bool], ...] = ((0, False), (1, False), (2, False), (3, False),
-                                            (0, True), (1, True), (2, True), (3, True))
+TRANSFORMS: Tuple[Tuple[int, bool], ...] = (
+    (0, False),
+    (1, False),
+    (2, False),
+    (3, False),
+    (0, True),
+    (1, True),
+    (2, True),
+    (3, True),
+)
 #: the four transforms that keep an image's shape: identity, left-right flip, up-down flip (= 180 + left-right),
 #: 180-degree rotation
 SHAPE_PRESERVING: Tuple[Tuple[int, bool], ...] = ((0, False), (0, True), (2, True), (2, False))
@@ -112,8 +121,9 @@ def _predict_with_probability(model, image: np.ndarray):
     return np.asarray(labels), (None if prob is None else np.asarray(prob, np.float32))
 
 
-def cell_uncertainty(model, image: np.ndarray, labels: Optional[np.ndarray] = None,
-                     other: Optional[np.ndarray] = None, tta: int = 8) -> Dict[int, Dict[str, float]]:
+def cell_uncertainty(
+    model, image: np.ndarray, labels: Optional[np.ndarray] = None, other: Optional[np.ndarray] = None, tta: int = 8
+) -> Dict[int, Dict[str, float]]:
     """{label: {"probability", "tta_agreement", "other_iou", "uncertainty"}} for every cell of ``labels``
     (default: the model's own prediction of ``image``), as the module docstring defines them. ``other``: a second
     label image of the same patch (e.g. the other stage's prediction) for ``other_iou``; ``tta``: 8, 4 or 0
@@ -122,14 +132,17 @@ def cell_uncertainty(model, image: np.ndarray, labels: Optional[np.ndarray] = No
     return predict_with_uncertainty(model, image, labels, other, tta)[1]
 
 
-def predict_with_uncertainty(model, image: np.ndarray, labels: Optional[np.ndarray] = None,
-                             other: Optional[np.ndarray] = None, tta: int = 8):
+def predict_with_uncertainty(
+    model, image: np.ndarray, labels: Optional[np.ndarray] = None, other: Optional[np.ndarray] = None, tta: int = 8
+):
     """(the model's labels of ``image``, exactly ``predict``'s; ``cell_uncertainty`` of the same call)."""
     image = np.asarray(image)
     pred, prob = _predict_with_probability(model, image)
     if pred.shape != image.shape[:2]:
-        raise SegRefineError(f"model {type(model).__name__} returned labels of shape {pred.shape} for an image of "
-                             f"shape {image.shape[:2]}")
+        raise SegRefineError(
+            f"model {type(model).__name__} returned labels of shape {pred.shape} for an image of "
+            f"shape {image.shape[:2]}"
+        )
     ref = pred if labels is None else np.asarray(labels)
     if ref.shape != image.shape[:2]:
         raise SegRefineError(f"labels of shape {ref.shape} do not match the image's {image.shape[:2]}")
@@ -151,8 +164,10 @@ def predict_with_uncertainty(model, image: np.ndarray, labels: Optional[np.ndarr
             else:
                 aug = inverse(np.asarray(model.predict(forward(image, k, flip))), k, flip)
                 if aug.shape != ref.shape:
-                    raise SegRefineError(f"model {type(model).__name__} returned labels of shape {aug.shape} for "
-                                         f"a transformed image; expected {ref.shape}")
+                    raise SegRefineError(
+                        f"model {type(model).__name__} returned labels of shape {aug.shape} for "
+                        f"a transformed image; expected {ref.shape}"
+                    )
             agree += best_iou(ref, aug)[:n]
         agree /= len(steps)
     else:
@@ -197,5 +212,4 @@ def cell_probability(labels: np.ndarray, prob: Optional[np.ndarray], n: Optional
     prob = np.asarray(prob)
     if prob.shape != labels.shape:
         raise SegRefineError(f"probability map of shape {prob.shape} does not match the labels' {labels.shape}")
-    return _per_cell_mean(labels.astype(np.intp, copy=False), prob, n + 1)[1:n + 1]
-
+    return _per_cell_mean(labels.astype(np.intp, copy=False), prob, n + 1)[1 : n + 1]

@@ -6,6 +6,7 @@ Adapters are imported lazily: each lives in its framework's env. ``FRAMEWORKS`` 
 frameworks' facts (adapter, env, GPU, sweepable thresholds); it is plain data, so this module imports with the
 standard library alone (the Snakefile, the Makefile and the tests read it without any framework installed).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -22,18 +23,36 @@ from segrefine import SegRefineError
 # adapter's SWEEPABLE_THRESHOLDS names the same keys). Adding a framework = one adapter module + one entry here +
 # its env file + the framework enum of config/schemas/config.schema.yaml (tests/test_frameworks.py checks they agree).
 FRAMEWORKS: Dict[str, dict] = {
-    "cellpose": {"adapter": "segrefine.models.cellpose_adapter:CellposeAdapter", "env": "cellpose", "gpu": True,
-                 "thresholds": {"flow_threshold": [0.2, 0.4, 0.6, 0.8],
-                                "cellprob_threshold": [-2.0, -1.0, 0.0, 1.0, 2.0]}},
-    "classical": {"adapter": "segrefine.models.classical_adapter:ClassicalAdapter", "env": "core", "gpu": False,
-                  "thresholds": {}},
-    "cpsam": {"adapter": "segrefine.models.cpsam_adapter:CpsamAdapter", "env": "cpsam", "gpu": True,
-              "thresholds": {"flow_threshold": [0.2, 0.4, 0.6, 0.8],
-                             "cellprob_threshold": [-2.0, -1.0, 0.0, 1.0, 2.0]}},
-    "stardist": {"adapter": "segrefine.models.stardist_adapter:StarDistAdapter", "env": "tensorflow", "gpu": True,
-                 "thresholds": {"prob_thresh": [0.3, 0.4, 0.5, 0.6, 0.7], "nms_thresh": [0.2, 0.3, 0.4, 0.5]}},
-    "unet": {"adapter": "segrefine.models.unet_adapter:UNetAdapter", "env": "tensorflow", "gpu": True,
-             "thresholds": {"prob_thresh": [0.3, 0.4, 0.5, 0.6, 0.7], "min_distance": [2, 3, 4, 5]}},
+    "cellpose": {
+        "adapter": "segrefine.models.cellpose_adapter:CellposeAdapter",
+        "env": "cellpose",
+        "gpu": True,
+        "thresholds": {"flow_threshold": [0.2, 0.4, 0.6, 0.8], "cellprob_threshold": [-2.0, -1.0, 0.0, 1.0, 2.0]},
+    },
+    "classical": {
+        "adapter": "segrefine.models.classical_adapter:ClassicalAdapter",
+        "env": "core",
+        "gpu": False,
+        "thresholds": {},
+    },
+    "cpsam": {
+        "adapter": "segrefine.models.cpsam_adapter:CpsamAdapter",
+        "env": "cpsam",
+        "gpu": True,
+        "thresholds": {"flow_threshold": [0.2, 0.4, 0.6, 0.8], "cellprob_threshold": [-2.0, -1.0, 0.0, 1.0, 2.0]},
+    },
+    "stardist": {
+        "adapter": "segrefine.models.stardist_adapter:StarDistAdapter",
+        "env": "tensorflow",
+        "gpu": True,
+        "thresholds": {"prob_thresh": [0.3, 0.4, 0.5, 0.6, 0.7], "nms_thresh": [0.2, 0.3, 0.4, 0.5]},
+    },
+    "unet": {
+        "adapter": "segrefine.models.unet_adapter:UNetAdapter",
+        "env": "tensorflow",
+        "gpu": True,
+        "thresholds": {"prob_thresh": [0.3, 0.4, 0.5, 0.6, 0.7], "min_distance": [2, 3, 4, 5]},
+    },
 }
 ADAPTERS: Dict[str, str] = {name: f["adapter"] for name, f in FRAMEWORKS.items()}
 
@@ -67,8 +86,9 @@ def config_envs(config_path) -> List[str]:
         for name, entry in (config.get(section) or {}).items():
             framework = entry.get("framework") if isinstance(entry, dict) else None
             if framework not in FRAMEWORKS:
-                raise SegRefineError(f"{config_path}: {section}.{name}: framework {framework!r} is none of "
-                                     f"{sorted(FRAMEWORKS)}")
+                raise SegRefineError(
+                    f"{config_path}: {section}.{name}: framework {framework!r} is none of {sorted(FRAMEWORKS)}"
+                )
             envs.add(framework_env(framework))
     return sorted(envs)
 
@@ -81,9 +101,22 @@ def threshold_grid(framework: str) -> Dict[str, list]:
     """The default threshold-sweep grid {threshold: [values]}; empty for a framework with nothing to sweep."""
     return {k: list(v) for k, v in FRAMEWORKS[framework]["thresholds"].items()}
 
+
 CARD_NAME = "card.json"
-CARD_KEYS = ("name", "framework", "stage", "weights", "weights_sha256", "source", "trainset_version",
-             "preprocessing", "thresholds", "hyperparameters", "metrics", "device")
+CARD_KEYS = (
+    "name",
+    "framework",
+    "stage",
+    "weights",
+    "weights_sha256",
+    "source",
+    "trainset_version",
+    "preprocessing",
+    "thresholds",
+    "hyperparameters",
+    "metrics",
+    "device",
+)
 
 
 def adapter_class(framework: str):
@@ -111,8 +144,10 @@ def read_card(card_path) -> dict:
         if not weights.is_file():
             raise SegRefineError(f"{card_path}: weights file {weights} not found")
         if sha256_file(weights) != card["weights_sha256"]:
-            raise SegRefineError(f"{card_path}: weights file {weights} does not match the card's checksum "
-                                 "(changed or truncated after the card was written)")
+            raise SegRefineError(
+                f"{card_path}: weights file {weights} does not match the card's checksum "
+                "(changed or truncated after the card was written)"
+            )
     return card
 
 

@@ -7,6 +7,7 @@ or ``None`` = from scratch), ``fine_tune`` on (image, instance mask) pairs,
 instance labels for an image. The step code (segrefine.finetune, .segment,
 .evaluate) only ever talks to this contract.
 """
+
 from __future__ import annotations
 
 import abc
@@ -45,8 +46,9 @@ class Adapter(abc.ABC):
         raise SegRefineError(f"{cls.framework} publishes no official weights; give a local weights file")
 
     @abc.abstractmethod
-    def fine_tune(self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int,
-                  work_dir: Path) -> Dict[str, List[float]]:
+    def fine_tune(
+        self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int, work_dir: Path
+    ) -> Dict[str, List[float]]:
         """Train in place; returns loss curves {"train_loss": [...], "val_loss": [...], "val_epoch": [...]}."""
 
     @abc.abstractmethod
@@ -67,8 +69,9 @@ class Adapter(abc.ABC):
         adapter that overrides it returns exactly the labels of ``predict``."""
         return self.predict(image), None
 
-    def predict_window_with_probability(self, image: np.ndarray, origin: Tuple[int, int]
-                                        ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    def predict_window_with_probability(
+        self, image: np.ndarray, origin: Tuple[int, int]
+    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """``predict_with_probability`` of a slide window whose top-left pixel is ``origin`` (see
         ``predict_window``); the labels are exactly ``predict_window``'s. Default:
         ``predict_with_probability(image)`` (the origin does not matter); an adapter with a slide-anchored grid
@@ -100,8 +103,9 @@ class Adapter(abc.ABC):
 
         unknown = sorted(set(values) - set(self.SWEEPABLE_THRESHOLDS))
         if unknown:
-            raise SegRefineError(f"{self.framework} has no inference thresholds {unknown} "
-                                 f"(sweepable: {list(self.SWEEPABLE_THRESHOLDS)})")
+            raise SegRefineError(
+                f"{self.framework} has no inference thresholds {unknown} (sweepable: {list(self.SWEEPABLE_THRESHOLDS)})"
+            )
         self.params.update({k: float(v) for k, v in values.items()})
 
     def set_intensity_reference(self, ref: Optional[dict]) -> bool:

@@ -9,6 +9,7 @@ cellpose's network and dynamics on a resampling grid and a block grid anchored
 at the slide's origin, not at the image's, so that a tile window with a margin
 of ``context_px()`` beyond the halo predicts the same cells as the whole slide.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,12 +27,22 @@ from segrefine.models.cellpose_common import seed_everything, sigmoid, torch_dev
 log = logging.getLogger("segrefine.cellpose")
 
 DEFAULTS = {
-    "n_epochs": 100, "learning_rate": 0.2, "weight_decay": 1e-5, "SGD": True, "batch_size": 8,
-    "bsize": 224, "min_train_masks": 1, "diam_mean": 30.0,
-    "flow_threshold": 0.4, "cellprob_threshold": 0.0, "min_size": 15, "diameter": None,
+    "n_epochs": 100,
+    "learning_rate": 0.2,
+    "weight_decay": 1e-5,
+    "SGD": True,
+    "batch_size": 8,
+    "bsize": 224,
+    "min_train_masks": 1,
+    "diam_mean": 30.0,
+    "flow_threshold": 0.4,
+    "cellprob_threshold": 0.0,
+    "min_size": 15,
+    "diameter": None,
     # augmentation switches: cellpose always rotates and flips training crops; the
     # CSRefiner 004 study found random rotation hurt Cellpose, so both can be turned off
-    "augment_rotate": True, "augment_flip": True,
+    "augment_rotate": True,
+    "augment_flip": True,
 }
 
 
@@ -169,8 +180,9 @@ class CellposeAdapter(Adapter):
         # MKLDNN weights (cellpose's CPU inference default) cannot be trained: keep plain tensors
         device = torch_device()
         if weights is None:
-            model = models.CellposeModel(device=device, pretrained_model=False, diam_mean=float(params["diam_mean"]),
-                                         mkldnn=False)
+            model = models.CellposeModel(
+                device=device, pretrained_model=False, diam_mean=float(params["diam_mean"]), mkldnn=False
+            )
         else:
             weights = Path(weights)
             if not weights.is_file():
@@ -179,8 +191,10 @@ class CellposeAdapter(Adapter):
             try:
                 model = models.CellposeModel(device=device, pretrained_model=str(weights), mkldnn=False)
             except Exception as exc:
-                raise SegRefineError(f"{weights}: not a Cellpose 3 weights file ({type(exc).__name__}: {exc}); "
-                                     "is it the weights of another framework?") from exc
+                raise SegRefineError(
+                    f"{weights}: not a Cellpose 3 weights file ({type(exc).__name__}: {exc}); "
+                    "is it the weights of another framework?"
+                ) from exc
         return cls(model, params)
 
     @property
@@ -188,8 +202,9 @@ class CellposeAdapter(Adapter):
         return str(self.model.device)
 
     # -- training -----------------------------------------------------------------------------------------------
-    def fine_tune(self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int,
-                  work_dir: Path) -> Dict[str, List[float]]:
+    def fine_tune(
+        self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int, work_dir: Path
+    ) -> Dict[str, List[float]]:
         from cellpose import train as cp_train
 
         p = {**self.params, **(params or {})}
@@ -202,20 +217,41 @@ class CellposeAdapter(Adapter):
         val_lbls = [np.asarray(m).astype(np.int32) for _, m in val] or None
         work_dir = Path(work_dir)
         (work_dir / "models").mkdir(parents=True, exist_ok=True)
-        log.info("cellpose fine-tuning on %s: %d train / %d val images, %d epochs",
-                 self.device, len(imgs), len(val) if val else 0, p["n_epochs"])
+        log.info(
+            "cellpose fine-tuning on %s: %d train / %d val images, %d epochs",
+            self.device,
+            len(imgs),
+            len(val) if val else 0,
+            p["n_epochs"],
+        )
         with _augmentation(bool(p["augment_rotate"]), bool(p["augment_flip"])):
             path, train_losses, test_losses = cp_train.train_seg(
-                self.model.net, train_data=imgs, train_labels=lbls, test_data=val_imgs, test_labels=val_lbls,
-                channels=chans, normalize=True, learning_rate=float(p["learning_rate"]),
-                weight_decay=float(p["weight_decay"]), SGD=bool(p["SGD"]), n_epochs=int(p["n_epochs"]),
-                batch_size=int(p["batch_size"]), bsize=int(p["bsize"]), min_train_masks=int(p["min_train_masks"]),
-                save_path=str(work_dir), model_name="cellpose_finetune", save_every=10**9)
+                self.model.net,
+                train_data=imgs,
+                train_labels=lbls,
+                test_data=val_imgs,
+                test_labels=val_lbls,
+                channels=chans,
+                normalize=True,
+                learning_rate=float(p["learning_rate"]),
+                weight_decay=float(p["weight_decay"]),
+                SGD=bool(p["SGD"]),
+                n_epochs=int(p["n_epochs"]),
+                batch_size=int(p["batch_size"]),
+                bsize=int(p["bsize"]),
+                min_train_masks=int(p["min_train_masks"]),
+                save_path=str(work_dir),
+                model_name="cellpose_finetune",
+                save_every=10**9,
+            )
         self.model.diam_labels = float(self.model.net.diam_labels.data.cpu().numpy()[0])
         test_losses = np.asarray(test_losses, dtype=float)
         val_epoch = [int(e) for e in np.nonzero(test_losses)[0]] if val_imgs else []
-        return {"train_loss": [float(x) for x in train_losses],
-                "val_loss": [float(test_losses[e]) for e in val_epoch], "val_epoch": val_epoch}
+        return {
+            "train_loss": [float(x) for x in train_losses],
+            "val_loss": [float(test_losses[e]) for e in val_epoch],
+            "val_epoch": val_epoch,
+        }
 
     def save(self, model_dir: Path) -> Path:
         model_dir = Path(model_dir)
@@ -244,8 +280,10 @@ class CellposeAdapter(Adapter):
         if lowhigh is None:
             return True
         if lowhigh[img.ndim == 3] is None:
-            raise SegRefineError(f"image of shape {img.shape} does not match the slide's intensity reference "
-                                 f"({'grayscale' if lowhigh[False] is not None else 'RGB'})")
+            raise SegRefineError(
+                f"image of shape {img.shape} does not match the slide's intensity reference "
+                f"({'grayscale' if lowhigh[False] is not None else 'RGB'})"
+            )
         return {**_normalize_default(), "normalize": True, "lowhigh": lowhigh[img.ndim == 3]}
 
     #: the network's input block (cellpose's inference default ``bsize``), in pixels of the rescaled slide frame
@@ -314,9 +352,17 @@ class CellposeAdapter(Adapter):
         from cellpose import dynamics
 
         masks = dynamics.resize_and_compute_masks(
-            y[:2], y[2], niter=200 / self.rescale(), cellprob_threshold=float(self.params["cellprob_threshold"]),
-            flow_threshold=float(self.params["flow_threshold"]), interp=True, resize=None,
-            min_size=int(self.params["min_size"]), max_size_fraction=0.4, device=self.model.device)
+            y[:2],
+            y[2],
+            niter=200 / self.rescale(),
+            cellprob_threshold=float(self.params["cellprob_threshold"]),
+            flow_threshold=float(self.params["flow_threshold"]),
+            interp=True,
+            resize=None,
+            min_size=int(self.params["min_size"]),
+            max_size_fraction=0.4,
+            device=self.model.device,
+        )
         return np.asarray(masks).astype(np.uint32)
 
     def network_outputs(self, image: np.ndarray, origin=(0, 0)) -> np.ndarray:
@@ -329,8 +375,11 @@ class CellposeAdapter(Adapter):
         r = self.rescale()
         x = transforms.convert_image(img, _channels(img), nchan=self.model.nchan)[np.newaxis]  # (1, H, W, C)
         norm = self._normalize(img)
-        params = {**_normalize_default(), **norm} if isinstance(norm, dict) else \
-            {**_normalize_default(), "normalize": bool(norm), "invert": False}
+        params = (
+            {**_normalize_default(), **norm}
+            if isinstance(norm, dict)
+            else {**_normalize_default(), "normalize": bool(norm), "invert": False}
+        )
         x = transforms.normalize_img(x, **params)[0]  # (H, W, C) float32
         H, W = x.shape[:2]
         ys, yw, Ya = _scaled_grid(y0, H, r)
@@ -355,30 +404,45 @@ class CellposeAdapter(Adapter):
         # the padded frame: [ky[0] * S - o, ky[-1] * S - o + B) in rescaled slide coordinates, zeros outside
         py, px = int(ky[0]) * S - o, int(kx[0]) * S - o
         frame = np.zeros((C, (len(ky) - 1) * S + B, (len(kx) - 1) * S + B), np.float32)
-        frame[:, Ya - py:Ya - py + Hs, Xa - px:Xa - px + Ws] = scaled
+        frame[:, Ya - py : Ya - py + Hs, Xa - px : Xa - px + Ws] = scaled
         starts = [(i * S, j * S) for i in range(len(ky)) for j in range(len(kx))]
         out = np.zeros((3,) + frame.shape[1:], np.float32)
         weight = np.zeros(frame.shape[1:], np.float32)
         taper = _taper(B)
         for b in range(0, len(starts), self.BATCH):
-            batch = starts[b:b + self.BATCH]
-            blocks = np.stack([frame[:, sy:sy + B, sx:sx + B] for sy, sx in batch])
+            batch = starts[b : b + self.BATCH]
+            blocks = np.stack([frame[:, sy : sy + B, sx : sx + B] for sy, sx in batch])
             yb = core._forward(self.model.net, blocks)[0]  # torch.no_grad, the net's device, numpy back
             for (sy, sx), yk in zip(batch, yb):
-                out[:, sy:sy + B, sx:sx + B] += yk[:3] * taper
-                weight[sy:sy + B, sx:sx + B] += taper
+                out[:, sy : sy + B, sx : sx + B] += yk[:3] * taper
+                weight[sy : sy + B, sx : sx + B] += taper
         out /= weight
-        return out[:, Ya - py:Ya - py + Hs, Xa - px:Xa - px + Ws]
+        return out[:, Ya - py : Ya - py + Hs, Xa - px : Xa - px + Ws]
 
     def card_fields(self) -> dict:
         p = self.params
         return {
-            "preprocessing": {"normalize": "percentile 1-99 per image (cellpose default), or of the whole slide "
-                                           "when segmenting a slide (intensity reference)",
-                              "channels": "grayscale [0, 0]; RGB [2, 3]", "diameter_px": self.diameter(),
-                              "diam_mean": float(self.model.diam_mean)},
+            "preprocessing": {
+                "normalize": "percentile 1-99 per image (cellpose default), or of the whole slide "
+                "when segmenting a slide (intensity reference)",
+                "channels": "grayscale [0, 0]; RGB [2, 3]",
+                "diameter_px": self.diameter(),
+                "diam_mean": float(self.model.diam_mean),
+            },
             "thresholds": {k: p[k] for k in ("flow_threshold", "cellprob_threshold", "min_size")},
-            "hyperparameters": {k: p[k] for k in ("n_epochs", "learning_rate", "weight_decay", "SGD", "batch_size",
-                                                  "bsize", "min_train_masks", "diam_mean", "augment_rotate",
-                                                  "augment_flip")},
+            "hyperparameters": {
+                k: p[k]
+                for k in (
+                    "n_epochs",
+                    "learning_rate",
+                    "weight_decay",
+                    "SGD",
+                    "batch_size",
+                    "bsize",
+                    "min_train_masks",
+                    "diam_mean",
+                    "augment_rotate",
+                    "augment_flip",
+                )
+            },
         }

@@ -1,5 +1,6 @@
 """What the Cellpose 3 and Cellpose-SAM (cellpose 4) adapters share: seeding, the torch device, the probability of
 cellpose's cell probability output. torch is imported only when called (both adapters' envs have it)."""
+
 from __future__ import annotations
 
 import random

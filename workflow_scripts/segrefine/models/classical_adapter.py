@@ -13,6 +13,7 @@ been called, of the whole slide (``segrefine.intensity``): then every tile
 window is thresholded like the whole slide. Calibration treats each training
 patch as its own slide (the patch's own histogram), the same rule.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -29,11 +30,11 @@ from segrefine.models.base import Adapter, Pair
 log = logging.getLogger("segrefine.classical")
 
 DEFAULTS = {
-    "sigma": 1.0,             # Gaussian smoothing (px) before thresholding
-    "threshold_scale": 1.0,   # foreground = smoothed > scale x Otsu threshold
-    "min_distance": 4,        # minimum distance (px) between watershed seeds (~ smallest cell radius)
-    "min_size": 15,           # objects smaller than this (px) are dropped
-    "invert": False,          # True for bright-field stains (H&E): nuclei are dark
+    "sigma": 1.0,  # Gaussian smoothing (px) before thresholding
+    "threshold_scale": 1.0,  # foreground = smoothed > scale x Otsu threshold
+    "min_distance": 4,  # minimum distance (px) between watershed seeds (~ smallest cell radius)
+    "min_size": 15,  # objects smaller than this (px) are dropped
+    "invert": False,  # True for bright-field stains (H&E): nuclei are dark
 }
 GRID = {"sigma": [0.5, 1.0, 2.0], "threshold_scale": [0.8, 1.0, 1.2], "min_distance": [3, 4, 6, 8]}
 
@@ -47,8 +48,16 @@ def _gray(img: np.ndarray) -> np.ndarray:
     return img.astype(np.float32)
 
 
-def segment(img: np.ndarray, sigma: float, threshold_scale: float, min_distance: int, min_size: int,
-            invert: bool, threshold: Optional[float] = None, gray_max: Optional[float] = None) -> np.ndarray:
+def segment(
+    img: np.ndarray,
+    sigma: float,
+    threshold_scale: float,
+    min_distance: int,
+    min_size: int,
+    invert: bool,
+    threshold: Optional[float] = None,
+    gray_max: Optional[float] = None,
+) -> np.ndarray:
     """Instance labels of one image; ``threshold`` (in smoothed-image units) overrides Otsu of the smoothed image;
     ``gray_max``: the gray maximum that ``invert`` subtracts from (default: the image's)."""
     from scipy import ndimage
@@ -101,15 +110,29 @@ def _predict(img: np.ndarray, p: dict, ref: Optional[dict] = None) -> np.ndarray
     if float(gray["max"]) == float(gray["min"]):
         return np.zeros(np.asarray(img).shape[:2], np.uint32)
     threshold, gray_max = reference_threshold(ref, p["invert"])
-    return segment(img, p["sigma"], p["threshold_scale"], p["min_distance"], p["min_size"], p["invert"],
-                   threshold=threshold, gray_max=gray_max)
+    return segment(
+        img,
+        p["sigma"],
+        p["threshold_scale"],
+        p["min_distance"],
+        p["min_size"],
+        p["invert"],
+        threshold=threshold,
+        gray_max=gray_max,
+    )
 
 
 def _mean_f1(pairs: Sequence[Pair], p: dict) -> float:
     from segrefine.metrics import object_metrics
 
-    return float(np.mean([object_metrics(np.asarray(m).astype(np.int64), _predict(img, p).astype(np.int64))["f1"]
-                          for img, m in pairs]))
+    return float(
+        np.mean(
+            [
+                object_metrics(np.asarray(m).astype(np.int64), _predict(img, p).astype(np.int64))["f1"]
+                for img, m in pairs
+            ]
+        )
+    )
 
 
 class ClassicalAdapter(Adapter):
@@ -157,8 +180,9 @@ class ClassicalAdapter(Adapter):
     def predict(self, image: np.ndarray) -> np.ndarray:
         return _predict(image, self.params, self.reference)
 
-    def fine_tune(self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int,
-                  work_dir: Path) -> Dict[str, List[float]]:
+    def fine_tune(
+        self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int, work_dir: Path
+    ) -> Dict[str, List[float]]:
         """Grid search of the parameters for the best mean F1 on the training patches."""
         grid = (params or {}).get("grid", self.grid)
         keys = sorted(grid)
@@ -181,9 +205,16 @@ class ClassicalAdapter(Adapter):
         return target
 
     def card_fields(self) -> dict:
-        return {"preprocessing": {"grayscale": "mean of RGB channels",
-                                  "threshold": "Otsu of the gray histogram (slide-level with an intensity reference) "
-                                               "x threshold_scale"},
-                "thresholds": {"threshold_scale": self.params["threshold_scale"], "min_size": self.params["min_size"]},
-                "hyperparameters": {"sigma": self.params["sigma"], "min_distance": self.params["min_distance"],
-                                    "invert": self.params["invert"], "grid": self.grid}}
+        return {
+            "preprocessing": {
+                "grayscale": "mean of RGB channels",
+                "threshold": "Otsu of the gray histogram (slide-level with an intensity reference) x threshold_scale",
+            },
+            "thresholds": {"threshold_scale": self.params["threshold_scale"], "min_size": self.params["min_size"]},
+            "hyperparameters": {
+                "sigma": self.params["sigma"],
+                "min_distance": self.params["min_distance"],
+                "invert": self.params["invert"],
+                "grid": self.grid,
+            },
+        }

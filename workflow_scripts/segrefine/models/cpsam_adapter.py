@@ -13,6 +13,7 @@ offline tests, since no model hub is reachable there).
 Note that train_seg warms the learning rate up linearly from 0 over the first 10
 epochs, so epoch 0 never moves the weights: train at least 2 epochs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,19 +31,40 @@ log = logging.getLogger("segrefine.cpsam")
 
 BSIZE = 256  # cpsam's position embeddings are fixed to 256 x 256 tiles
 DEFAULTS = {
-    "n_epochs": 100, "learning_rate": 1e-5, "weight_decay": 0.1, "batch_size": 1, "min_train_masks": 1,
-    "scale_range": 0.5, "nimg_per_epoch": None,
-    "flow_threshold": 0.4, "cellprob_threshold": 0.0, "min_size": 15, "diameter": None,
+    "n_epochs": 100,
+    "learning_rate": 1e-5,
+    "weight_decay": 0.1,
+    "batch_size": 1,
+    "min_train_masks": 1,
+    "scale_range": 0.5,
+    "nimg_per_epoch": None,
+    "flow_threshold": 0.4,
+    "cellprob_threshold": 0.0,
+    "min_size": 15,
+    "diameter": None,
     # cellpose 4's train_seg always rotates and flips training crops (no switch upstream);
     # the switches are kept so a config asking to turn them off is refused, not ignored
-    "augment_rotate": True, "augment_flip": True,
+    "augment_rotate": True,
+    "augment_flip": True,
     # float32 by default: exact weights, deterministic; True = cellpose 4's bfloat16 inference
     # (faster on a GPU). Training always runs in float32 and the model stays float32 afterwards.
     "use_bfloat16": False,
     "eval_batch_size": 8,
 }
-HYPER_KEYS = ("n_epochs", "learning_rate", "weight_decay", "batch_size", "min_train_masks", "scale_range",
-              "nimg_per_epoch", "augment_rotate", "augment_flip", "use_bfloat16", "eval_batch_size", "diameter")
+HYPER_KEYS = (
+    "n_epochs",
+    "learning_rate",
+    "weight_decay",
+    "batch_size",
+    "min_train_masks",
+    "scale_range",
+    "nimg_per_epoch",
+    "augment_rotate",
+    "augment_flip",
+    "use_bfloat16",
+    "eval_batch_size",
+    "diameter",
+)
 THRESHOLD_KEYS = ("flow_threshold", "cellprob_threshold", "min_size")
 
 
@@ -57,9 +79,11 @@ def _cellpose_models():
 
 def _check_params(p: dict) -> None:
     if not p["augment_rotate"] or not p["augment_flip"]:
-        raise SegRefineError("cpsam: cellpose 4's train_seg always rotates and flips training crops; "
-                             "augment_rotate/augment_flip cannot be turned off for this framework "
-                             "(scale_range sets the resize augmentation)")
+        raise SegRefineError(
+            "cpsam: cellpose 4's train_seg always rotates and flips training crops; "
+            "augment_rotate/augment_flip cannot be turned off for this framework "
+            "(scale_range sets the resize augmentation)"
+        )
     if p.get("bsize") not in (None, BSIZE):
         raise SegRefineError(f"cpsam: bsize must be {BSIZE} (cpsam's tile size is fixed), got {p['bsize']}")
     if int(p["batch_size"]) < 1 or int(p["n_epochs"]) < 1:
@@ -94,14 +118,17 @@ def _check_weights(weights: Path) -> None:
     try:
         state = torch.load(str(weights), map_location="cpu", mmap=True, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        raise SegRefineError(f"{weights}: not a Cellpose-SAM (cellpose 4) weights file, torch cannot read it "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                             "is it the weights of another framework?") from exc
+        raise SegRefineError(
+            f"{weights}: not a Cellpose-SAM (cellpose 4) weights file, torch cannot read it "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "is it the weights of another framework?"
+        ) from exc
     keys = set(state) if isinstance(state, dict) else set()
     if "W2" not in keys or "encoder.patch_embed.proj.weight" not in keys:
         kind = "a Cellpose 3 (cyto/nuclei) model" if "output.2.weight" in keys else "not a cellpose 4 model"
-        raise SegRefineError(f"{weights}: not a Cellpose-SAM (cellpose 4) weights file ({kind}); "
-                             "is it the weights of another framework?")
+        raise SegRefineError(
+            f"{weights}: not a Cellpose-SAM (cellpose 4) weights file ({kind}); is it the weights of another framework?"
+        )
     if "encoder.cls_token" in keys:
         raise SegRefineError(f"{weights}: a Cellpose-DINO (cpdino) model; only the SAM backbone (cpsam) is supported")
 
@@ -156,8 +183,9 @@ class CpsamAdapter(Adapter):
         return str(self.model.device)
 
     # -- training -----------------------------------------------------------------------------------------------
-    def fine_tune(self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int,
-                  work_dir: Path) -> Dict[str, List[float]]:
+    def fine_tune(
+        self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int, work_dir: Path
+    ) -> Dict[str, List[float]]:
         import torch
         from cellpose import train as cp_train
 
@@ -175,8 +203,15 @@ class CpsamAdapter(Adapter):
             # train_seg would train in float32 and hand back a bfloat16 net, whose saved weights
             # would be rounded: convert once here, so the fine-tuned weights stay exact
             self.model.net.dtype = torch.float32
-        log.info("cpsam fine-tuning on %s: %d train / %d val images, %d epochs, batch size %d, lr %g",
-                 self.device, len(imgs), len(val) if val else 0, p["n_epochs"], p["batch_size"], p["learning_rate"])
+        log.info(
+            "cpsam fine-tuning on %s: %d train / %d val images, %d epochs, batch size %d, lr %g",
+            self.device,
+            len(imgs),
+            len(val) if val else 0,
+            p["n_epochs"],
+            p["batch_size"],
+            p["learning_rate"],
+        )
         # on the CPU, torch's default kernels accumulate the gradients of SAM's relative position
         # embeddings in a varying order (measured: bitwise different weights from the same seed);
         # its deterministic algorithms make same inputs + seed -> same weights, at no measured cost
@@ -185,18 +220,34 @@ class CpsamAdapter(Adapter):
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             path, train_losses, test_losses = cp_train.train_seg(
-                self.model.net, train_data=imgs, train_labels=lbls, test_data=val_imgs, test_labels=val_lbls,
-                channel_axis=0, normalize=True, learning_rate=float(p["learning_rate"]),
-                weight_decay=float(p["weight_decay"]), n_epochs=int(p["n_epochs"]), batch_size=int(p["batch_size"]),
-                bsize=BSIZE, min_train_masks=int(p["min_train_masks"]), scale_range=float(p["scale_range"]),
+                self.model.net,
+                train_data=imgs,
+                train_labels=lbls,
+                test_data=val_imgs,
+                test_labels=val_lbls,
+                channel_axis=0,
+                normalize=True,
+                learning_rate=float(p["learning_rate"]),
+                weight_decay=float(p["weight_decay"]),
+                n_epochs=int(p["n_epochs"]),
+                batch_size=int(p["batch_size"]),
+                bsize=BSIZE,
+                min_train_masks=int(p["min_train_masks"]),
+                scale_range=float(p["scale_range"]),
                 nimg_per_epoch=int(p["nimg_per_epoch"]) if p["nimg_per_epoch"] else None,
-                save_path=str(work_dir), model_name="cpsam_finetune", save_every=10**9)
+                save_path=str(work_dir),
+                model_name="cpsam_finetune",
+                save_every=10**9,
+            )
         finally:
             torch.use_deterministic_algorithms(deterministic)
         test_losses = np.asarray(test_losses, dtype=float)
         val_epoch = [int(e) for e in np.nonzero(test_losses)[0]] if val_imgs else []
-        return {"train_loss": [float(x) for x in train_losses],
-                "val_loss": [float(test_losses[e]) for e in val_epoch], "val_epoch": val_epoch}
+        return {
+            "train_loss": [float(x) for x in train_losses],
+            "val_loss": [float(test_losses[e]) for e in val_epoch],
+            "val_epoch": val_epoch,
+        }
 
     def save(self, model_dir: Path) -> Path:
         import torch
@@ -248,23 +299,30 @@ class CpsamAdapter(Adapter):
         p = self.params
         img = _as_chw(image)
         diameter = float(p["diameter"]) if p.get("diameter") else None
-        masks, flows, _ = self.model.eval(img, channel_axis=0, diameter=diameter, normalize=self._normalize(),
-                                          batch_size=int(p["eval_batch_size"]),
-                                          flow_threshold=float(p["flow_threshold"]),
-                                          cellprob_threshold=float(p["cellprob_threshold"]),
-                                          min_size=int(p["min_size"]))
+        masks, flows, _ = self.model.eval(
+            img,
+            channel_axis=0,
+            diameter=diameter,
+            normalize=self._normalize(),
+            batch_size=int(p["eval_batch_size"]),
+            flow_threshold=float(p["flow_threshold"]),
+            cellprob_threshold=float(p["cellprob_threshold"]),
+            min_size=int(p["min_size"]),
+        )
         cellprob = np.asarray(flows[2], np.float32).reshape(np.asarray(masks).shape)
         return np.asarray(masks).astype(np.uint32), sigmoid(cellprob)
 
     def card_fields(self) -> dict:
         p = self.params
         return {
-            "preprocessing": {"normalize": "percentile 1-99 per image and channel (cellpose default), or of the "
-                                           "whole slide when segmenting a slide (intensity reference)",
-                              "channels": "(3, h, w): grayscale in channel 0, others zero; RGB as is",
-                              "tile_px": BSIZE, "diameter_px": p.get("diameter"),
-                              "dtype": str(self.model.net.dtype).replace("torch.", "")},
+            "preprocessing": {
+                "normalize": "percentile 1-99 per image and channel (cellpose default), or of the "
+                "whole slide when segmenting a slide (intensity reference)",
+                "channels": "(3, h, w): grayscale in channel 0, others zero; RGB as is",
+                "tile_px": BSIZE,
+                "diameter_px": p.get("diameter"),
+                "dtype": str(self.model.net.dtype).replace("torch.", ""),
+            },
             "thresholds": {k: p[k] for k in THRESHOLD_KEYS},
             "hyperparameters": {k: p[k] for k in HYPER_KEYS},
         }
-

@@ -9,6 +9,7 @@ epoch, keeps the best weights (StarDist's checkpoint), stops early when the
 validation loss has not improved for ``patience`` epochs (30, the paper's), and
 then optimizes the probability and NMS thresholds on the validation patches.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -28,9 +29,20 @@ from segrefine.models.base import Adapter, Pair
 log = logging.getLogger("segrefine.stardist")
 
 DEFAULTS = {
-    "n_epochs": 200, "steps_per_epoch": 100, "patience": 30, "learning_rate": 3e-4, "batch_size": 4,
-    "patch_size": 256, "n_rays": 32, "grid": 2, "n_channel_in": 1, "augment": True,
-    "optimize_thresholds": True, "norm_percentiles": [1.0, 99.8], "prob_thresh": None, "nms_thresh": None,
+    "n_epochs": 200,
+    "steps_per_epoch": 100,
+    "patience": 30,
+    "learning_rate": 3e-4,
+    "batch_size": 4,
+    "patch_size": 256,
+    "n_rays": 32,
+    "grid": 2,
+    "n_channel_in": 1,
+    "augment": True,
+    "optimize_thresholds": True,
+    "norm_percentiles": [1.0, 99.8],
+    "prob_thresh": None,
+    "nms_thresh": None,
 }
 MODEL_FILES = ("config.json", "thresholds.json")
 WEIGHTS = "weights_best.h5"
@@ -59,8 +71,10 @@ def _private_copy(weights: Path) -> Path:
     """Copy a model folder (config, thresholds, the given weights as weights_best.h5) to a temp dir."""
     src = weights.parent
     if not (src / "config.json").is_file():
-        raise SegRefineError(f"{weights}: not a StarDist model (no config.json beside the weights; is it the "
-                             "weights file of another framework?)")
+        raise SegRefineError(
+            f"{weights}: not a StarDist model (no config.json beside the weights; is it the "
+            "weights file of another framework?)"
+        )
     folder = _scratch_dir() / "model"
     folder.mkdir()
     for name in MODEL_FILES:
@@ -72,8 +86,9 @@ def _private_copy(weights: Path) -> Path:
 
 class StarDistAdapter(Adapter):
     framework = "stardist"
-    official_weights = {name: f"{name}/{WEIGHTS}"
-                        for name in ("2D_versatile_fluo", "2D_paper_dsb2018", "2D_versatile_he")}
+    official_weights = {
+        name: f"{name}/{WEIGHTS}" for name in ("2D_versatile_fluo", "2D_paper_dsb2018", "2D_versatile_he")
+    }
 
     def __init__(self, model, params: dict):
         self.model = model
@@ -101,10 +116,15 @@ class StarDistAdapter(Adapter):
 
         if weights is None:
             grid = int(params["grid"])
-            conf = Config2D(n_rays=int(params["n_rays"]), grid=(grid, grid), n_channel_in=int(params["n_channel_in"]),
-                            train_patch_size=(int(params["patch_size"]),) * 2,
-                            train_batch_size=int(params["batch_size"]),
-                            train_learning_rate=float(params["learning_rate"]), train_tensorboard=False)
+            conf = Config2D(
+                n_rays=int(params["n_rays"]),
+                grid=(grid, grid),
+                n_channel_in=int(params["n_channel_in"]),
+                train_patch_size=(int(params["patch_size"]),) * 2,
+                train_batch_size=int(params["batch_size"]),
+                train_learning_rate=float(params["learning_rate"]),
+                train_tensorboard=False,
+            )
             return cls(StarDist2D(conf, name="model", basedir=str(_scratch_dir())), params)
         weights = Path(weights)
         if not weights.is_file():
@@ -114,7 +134,8 @@ class StarDistAdapter(Adapter):
             model = StarDist2D(None, name=folder.name, basedir=str(folder.parent))
         except Exception as exc:
             raise SegRefineError(
-                f"{weights}: not loadable as a StarDist 2D model ({type(exc).__name__}: {exc})") from exc
+                f"{weights}: not loadable as a StarDist 2D model ({type(exc).__name__}: {exc})"
+            ) from exc
         return cls(model, params)
 
     @classmethod
@@ -182,11 +203,13 @@ class StarDistAdapter(Adapter):
             if min(np.asarray(img).shape[:2]) < size:
                 raise SegRefineError(
                     f"patches of {img.shape[1]}x{img.shape[0]} px are smaller than this StarDist model's training "
-                    f"patch size {size}: reflection-pad them (patches.pad_to: {size}) or set patch_size")
+                    f"patch size {size}: reflection-pad them (patches.pad_to: {size}) or set patch_size"
+                )
 
     # -- training ---------------------------------------------------------------------------------------------------
-    def fine_tune(self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int,
-                  work_dir: Path) -> Dict[str, List[float]]:
+    def fine_tune(
+        self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int, work_dir: Path
+    ) -> Dict[str, List[float]]:
         from tensorflow.keras.callbacks import EarlyStopping
 
         p = {**self.params, **(params or {})}
@@ -207,11 +230,23 @@ class StarDistAdapter(Adapter):
             Xv, Yv = X, Y
         self.model.prepare_for_training()
         self.model.callbacks.append(EarlyStopping(monitor="val_loss", patience=int(p["patience"])))
-        log.info("stardist fine-tuning on %s: %d train / %d val patches, up to %d epochs", self.device, len(X),
-                 len(Xv), p["n_epochs"])
+        log.info(
+            "stardist fine-tuning on %s: %d train / %d val patches, up to %d epochs",
+            self.device,
+            len(X),
+            len(Xv),
+            p["n_epochs"],
+        )
         augmenter = _flip_rotate if p["augment"] else None
-        hist = self.model.train(X, Y, validation_data=(Xv, Yv), augmenter=augmenter, seed=seed,
-                                epochs=int(p["n_epochs"]), steps_per_epoch=int(p["steps_per_epoch"]))
+        hist = self.model.train(
+            X,
+            Y,
+            validation_data=(Xv, Yv),
+            augmenter=augmenter,
+            seed=seed,
+            epochs=int(p["n_epochs"]),
+            steps_per_epoch=int(p["steps_per_epoch"]),
+        )
         if p["optimize_thresholds"]:
             thr = self.model.optimize_thresholds(Xv, Yv, save_to_json=True)
             p["prob_thresh"], p["nms_thresh"] = float(thr["prob"]), float(thr["nms"])
@@ -249,8 +284,9 @@ class StarDistAdapter(Adapter):
         labels = np.asarray(labels).astype(np.uint32)
         probs = np.asarray(details["prob"], np.float32).ravel()
         if labels.size and int(labels.max()) > len(probs):
-            raise SegRefineError(f"StarDist returned label {int(labels.max())} but only {len(probs)} object "
-                                 "probabilities")
+            raise SegRefineError(
+                f"StarDist returned label {int(labels.max())} but only {len(probs)} object probabilities"
+            )
         lut = np.concatenate([np.zeros(1, np.float32), probs])
         return labels, lut[labels]
 
@@ -258,17 +294,34 @@ class StarDistAdapter(Adapter):
         p = self.params
         thr = self.model.thresholds
         return {
-            "preprocessing": {"normalize": "percentile (csbdeep.utils.normalize), per channel for RGB; of the "
-                                           "whole slide when segmenting a slide (intensity reference)",
-                              "norm_percentiles": list(p["norm_percentiles"]),
-                              "n_channel_in": int(self.model.config.n_channel_in)},
-            "thresholds": {"prob_thresh": float(p["prob_thresh"] if p.get("prob_thresh") is not None else thr.prob),
-                           "nms_thresh": float(p["nms_thresh"] if p.get("nms_thresh") is not None else thr.nms)},
+            "preprocessing": {
+                "normalize": "percentile (csbdeep.utils.normalize), per channel for RGB; of the "
+                "whole slide when segmenting a slide (intensity reference)",
+                "norm_percentiles": list(p["norm_percentiles"]),
+                "n_channel_in": int(self.model.config.n_channel_in),
+            },
+            "thresholds": {
+                "prob_thresh": float(p["prob_thresh"] if p.get("prob_thresh") is not None else thr.prob),
+                "nms_thresh": float(p["nms_thresh"] if p.get("nms_thresh") is not None else thr.nms),
+            },
             "hyperparameters": dict(
-                {k: p[k] for k in ("n_epochs", "steps_per_epoch", "patience", "learning_rate", "batch_size",
-                                   "patch_size", "augment", "optimize_thresholds")},
-                n_rays=int(self.model.config.n_rays), grid=int(self.model.config.grid[0]),
-                n_channel_in=int(self.model.config.n_channel_in)),
+                {
+                    k: p[k]
+                    for k in (
+                        "n_epochs",
+                        "steps_per_epoch",
+                        "patience",
+                        "learning_rate",
+                        "batch_size",
+                        "patch_size",
+                        "augment",
+                        "optimize_thresholds",
+                    )
+                },
+                n_rays=int(self.model.config.n_rays),
+                grid=int(self.model.config.grid[0]),
+                n_channel_in=int(self.model.config.n_channel_in),
+            ),
         }
 
 

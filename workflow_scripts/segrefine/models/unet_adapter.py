@@ -27,6 +27,7 @@ of the best validation epoch kept. Images of any size are predicted tile by
 tile (the network's input is ``patch_size`` square, 256 for CellBin) with
 overlapping tiles blended.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,17 +45,30 @@ log = logging.getLogger("segrefine.unet")
 
 DEFAULTS = {
     # training (CellBin / CSRefiner's v3 fine-tuning: Adam 1e-4, BCE, ReduceLROnPlateau x0.1 after 10, patience 30)
-    "n_epochs": 200, "steps_per_epoch": None, "batch_size": 4, "learning_rate": 1e-4, "patience": 30,
-    "min_delta": 1e-4, "reduce_lr_factor": 0.1, "reduce_lr_patience": 10, "augment": True,
+    "n_epochs": 200,
+    "steps_per_epoch": None,
+    "batch_size": 4,
+    "learning_rate": 1e-4,
+    "patience": 30,
+    "min_delta": 1e-4,
+    "reduce_lr_factor": 0.1,
+    "reduce_lr_patience": 10,
+    "augment": True,
     "separate_touching": True,
     # validation: every patch_size tile of the validation patches, or at most this many (evenly spread)
     "max_val_tiles": None,
     # network input: square patches of this size (CellBin: 256); any multiple of 8 from 16 works
-    "patch_size": 256, "stain": "fluorescence",
+    "patch_size": 256,
+    "stain": "fluorescence",
     # preprocessing
-    "norm_percentiles": [1.0, 99.8], "clahe_kernel": 128, "clahe_clip": 0.01,
+    "norm_percentiles": [1.0, 99.8],
+    "clahe_kernel": 128,
+    "clahe_clip": 0.01,
     # probability -> instances
-    "prob_thresh": 0.5, "min_distance": 3, "min_size": 15, "tile_overlap": 32,
+    "prob_thresh": 0.5,
+    "min_distance": 3,
+    "min_size": 15,
+    "tile_overlap": 32,
 }
 STAINS = {"fluorescence": 1, "he": 3}  # stain -> input channels
 CARD_INFO = {"architecture": "BCDU-Net D3 (CellBin)", "optimizer": "Adam", "loss": "binary_crossentropy"}
@@ -79,8 +93,10 @@ class _Keras2Names:
 def build_bcdu_net_d3(size: int = 256, channels: int = 1):
     """CellBin's BCDU-Net D3 for ``size`` x ``size`` x ``channels`` input, sigmoid foreground output."""
     if size < 16 or size % 8:
-        raise SegRefineError(f"BCDU-Net takes square patches whose side is a multiple of 8 (three 2x poolings), "
-                             f"at least 16 px; patch_size {size} is not")
+        raise SegRefineError(
+            f"BCDU-Net takes square patches whose side is a multiple of 8 (three 2x poolings), "
+            f"at least 16 px; patch_size {size} is not"
+        )
     import keras
     from keras import layers as L
 
@@ -88,12 +104,19 @@ def build_bcdu_net_d3(size: int = 256, channels: int = 1):
 
     def conv(x, filters, kernel=3, activation="relu"):
         init = "he_normal" if kernel == 3 else "glorot_uniform"
-        return L.Conv2D(filters, kernel, activation=activation, padding="same", kernel_initializer=init,
-                        name=name("conv2d"))(x)
+        return L.Conv2D(
+            filters, kernel, activation=activation, padding="same", kernel_initializer=init, name=name("conv2d")
+        )(x)
 
     def up(x, filters):
-        x = L.Conv2DTranspose(filters, kernel_size=2, strides=2, padding="same", kernel_initializer="he_normal",
-                              name=name("conv2d_transpose"))(x)
+        x = L.Conv2DTranspose(
+            filters,
+            kernel_size=2,
+            strides=2,
+            padding="same",
+            kernel_initializer="he_normal",
+            name=name("conv2d_transpose"),
+        )(x)
         x = L.BatchNormalization(axis=3, name=name("batch_normalization"))(x)
         return L.Activation("relu", name=name("activation"))(x)
 
@@ -102,8 +125,15 @@ def build_bcdu_net_d3(size: int = 256, channels: int = 1):
         a = L.Reshape((1, side, side, depth), name=name("reshape"))(skip)
         b = L.Reshape((1, side, side, depth), name=name("reshape"))(upsampled)
         seq = L.Concatenate(axis=1, name=name("concatenate"))([a, b])
-        return L.ConvLSTM2D(filters=filters, kernel_size=(3, 3), padding="same", return_sequences=False,
-                            go_backwards=True, kernel_initializer="he_normal", name=name("conv_lst_m2d"))(seq)
+        return L.ConvLSTM2D(
+            filters=filters,
+            kernel_size=(3, 3),
+            padding="same",
+            return_sequences=False,
+            go_backwards=True,
+            kernel_initializer="he_normal",
+            name=name("conv_lst_m2d"),
+        )(seq)
 
     inputs = keras.Input((size, size, channels), name="input_1")
     conv1 = conv(conv(inputs, 64), 64)
@@ -152,13 +182,17 @@ def read_keras2_weights(path) -> Tuple[List[str], Dict[str, List[np.ndarray]], D
     try:
         fh = h5py.File(path, "r")
     except OSError as exc:
-        raise SegRefineError(f"{path}: not an HDF5 file, so not Keras BCDU-Net weights (is it the weights file of "
-                             f"another framework, e.g. a Cellpose/PyTorch model?) ({exc})") from exc
+        raise SegRefineError(
+            f"{path}: not an HDF5 file, so not Keras BCDU-Net weights (is it the weights file of "
+            f"another framework, e.g. a Cellpose/PyTorch model?) ({exc})"
+        ) from exc
     with fh:
         group = fh["model_weights"] if "model_weights" in fh and "layer_names" not in fh.attrs else fh
         if "layer_names" not in group.attrs:
-            raise SegRefineError(f"{path}: an HDF5 file without Keras-2 'layer_names', so not a Keras-2 .hdf5 weights "
-                                 f"file or saved model (top-level entries: {sorted(fh.keys())[:8]})")
+            raise SegRefineError(
+                f"{path}: an HDF5 file without Keras-2 'layer_names', so not a Keras-2 .hdf5 weights "
+                f"file or saved model (top-level entries: {sorted(fh.keys())[:8]})"
+            )
         names = [_text(n) for n in group.attrs["layer_names"]]
         arrays: Dict[str, List[np.ndarray]] = {}
         wnames: Dict[str, List[str]] = {}
@@ -204,13 +238,16 @@ def load_keras2_weights(model, path) -> str:
         raise SegRefineError(
             f"{path}: its layers are not those of CellBin's BCDU-Net D3 (is it the weights of another framework or "
             f"model, e.g. a StarDist .h5?): missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
-            f"unexpected {extra[:6]}{' ...' if len(extra) > 6 else ''}")
+            f"unexpected {extra[:6]}{' ...' if len(extra) > 6 else ''}"
+        )
     plan = []
     for lay in targets:
         got, want = arrays[lay.name], [tuple(w.shape) for w in lay.weights]
         if [a.shape for a in got] != want:
-            raise SegRefineError(f"{path}: layer {lay.name!r} holds weights of shapes {[a.shape for a in got]} but "
-                                 f"this BCDU-Net needs {want} (input channels or architecture differ)")
+            raise SegRefineError(
+                f"{path}: layer {lay.name!r} holds weights of shapes {[a.shape for a in got]} but "
+                f"this BCDU-Net needs {want} (input channels or architecture differ)"
+            )
         plan.append((lay, got))
     for lay, got in plan:
         lay.set_weights(got)
@@ -221,16 +258,24 @@ def input_channels_of(path) -> int:
     """Input channels of a BCDU-Net weights file (from its first convolution kernel)."""
     _, arrays, _ = read_keras2_weights(path)
     if "conv2d" not in arrays or arrays["conv2d"][0].ndim != 4:
-        raise SegRefineError(f"{path}: no first convolution 'conv2d' with a 4-D kernel, so not BCDU-Net weights "
-                             f"(layers with weights: {sorted(arrays)[:6]})")
+        raise SegRefineError(
+            f"{path}: no first convolution 'conv2d' with a 4-D kernel, so not BCDU-Net weights "
+            f"(layers with weights: {sorted(arrays)[:6]})"
+        )
     return int(arrays["conv2d"][0].shape[2])
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Preprocessing, targets, tiles
 # --------------------------------------------------------------------------------------------------------------------
-def preprocess(img: np.ndarray, stain: str, percentiles=(1.0, 99.8), clahe_kernel: int = 128,
-               clahe_clip: float = 0.01, ref: Optional[dict] = None) -> np.ndarray:
+def preprocess(
+    img: np.ndarray,
+    stain: str,
+    percentiles=(1.0, 99.8),
+    clahe_kernel: int = 128,
+    clahe_clip: float = 0.01,
+    ref: Optional[dict] = None,
+) -> np.ndarray:
     """Network input (h, w, c) float32 in [0, 1].
 
     fluorescence (ssDNA/DAPI): grayscale, percentile normalization, adaptive histogram equalization;
@@ -250,8 +295,9 @@ def preprocess(img: np.ndarray, stain: str, percentiles=(1.0, 99.8), clahe_kerne
     kernel = max(8, min(int(clahe_kernel), max(img.shape[:2])))
     if stain == "he":
         if img.ndim != 3:
-            raise SegRefineError(f"this U-Net is an H&E model (3 input channels) but got a grayscale image "
-                                 f"of shape {img.shape}")
+            raise SegRefineError(
+                f"this U-Net is an H&E model (3 input channels) but got a grayscale image of shape {img.shape}"
+            )
         rgb = img[..., :3].astype(np.float32)
         if ref is not None:
             lo = np.array(percentile(ref, lo_p)[:3], np.float32)
@@ -301,19 +347,24 @@ def check_pairs(pairs: Sequence[Pair], size: int, what: str = "training") -> Non
     for k, (img, mask) in enumerate(pairs):
         img, mask = np.asarray(img), np.asarray(mask)
         if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
-            raise SegRefineError(f"{what} patch {k}: mask is not an instance mask (2-D integer labels), got "
-                                 f"{mask.dtype} {mask.shape}")
+            raise SegRefineError(
+                f"{what} patch {k}: mask is not an instance mask (2-D integer labels), got {mask.dtype} {mask.shape}"
+            )
         if img.shape[:2] != mask.shape:
             raise SegRefineError(f"{what} patch {k}: image {img.shape[:2]} and mask {mask.shape} differ in size")
         if min(mask.shape) < size:
-            raise SegRefineError(f"{what} patch {k} is {mask.shape[1]}x{mask.shape[0]} px, smaller than this U-Net's "
-                                 f"input patch_size {size}: reflection-pad the patches (patches.pad_to: {size}) or "
-                                 "set a smaller patch_size (a multiple of 8)")
+            raise SegRefineError(
+                f"{what} patch {k} is {mask.shape[1]}x{mask.shape[0]} px, smaller than this U-Net's "
+                f"input patch_size {size}: reflection-pad the patches (patches.pad_to: {size}) or "
+                "set a smaller patch_size (a multiple of 8)"
+            )
         labels = np.unique(mask[mask > 0])
         if len(labels) == 1 and ndimage.label(mask > 0)[1] > 1:
-            raise SegRefineError(f"{what} patch {k}: mask is binary/semantic (one label {labels[0]} over "
-                                 f"{ndimage.label(mask > 0)[1]} separate objects), not an instance mask: convert it "
-                                 "with `segrefine convert-annotation`")
+            raise SegRefineError(
+                f"{what} patch {k}: mask is binary/semantic (one label {labels[0]} over "
+                f"{ndimage.label(mask > 0)[1]} separate objects), not an instance mask: convert it "
+                "with `segrefine convert-annotation`"
+            )
         n_cells += len(labels)
     if n_cells == 0:
         raise SegRefineError(f"the {what} patches hold no cells: every mask is empty")
@@ -361,7 +412,7 @@ class UNetAdapter(Adapter):
     framework = "unet"
     official_weights = {
         "cellseg_bcdu_SHDI_221008_tf": "cellseg_bcdu_SHDI_221008_tf.hdf5",  # ssDNA / DAPI
-        "cellseg_bcdu_H_240823_tf": "cellseg_bcdu_H_240823_tf.hdf5",        # H&E
+        "cellseg_bcdu_H_240823_tf": "cellseg_bcdu_H_240823_tf.hdf5",  # H&E
     }
 
     def __init__(self, model, params: dict):
@@ -385,7 +436,8 @@ class UNetAdapter(Adapter):
         raise SegRefineError(
             f"CellBin publishes its Keras weights ({cls.official_weights.get(name, name)}) only on a share link "
             "(https://bgipan.genomics.cn/#/link/2AZUv6JJfC4KqL74Rrn0, password 8eGM, per STOmics/CSRefiner), "
-            "not at a stable URL: download it by hand and put it in the model cache")
+            "not at a stable URL: download it by hand and put it in the model cache"
+        )
 
     @classmethod
     def from_pretrained(cls, weights: Optional[Path], params: dict) -> "UNetAdapter":
@@ -395,11 +447,14 @@ class UNetAdapter(Adapter):
             channels = input_channels_of(weights)  # also refuses files of other frameworks, before building
             stain = {1: "fluorescence", 3: "he"}.get(channels)
             if stain is None:
-                raise SegRefineError(f"{weights}: a BCDU-Net with {channels} input channels; 1 (ssDNA/DAPI) or 3 "
-                                     "(H&E) expected")
+                raise SegRefineError(
+                    f"{weights}: a BCDU-Net with {channels} input channels; 1 (ssDNA/DAPI) or 3 (H&E) expected"
+                )
             if "stain" in (params or {}) and params["stain"] != stain:
-                raise SegRefineError(f"{weights}: these weights take {channels}-channel input ({stain}), but the "
-                                     f"model is configured with stain {params['stain']!r}")
+                raise SegRefineError(
+                    f"{weights}: these weights take {channels}-channel input ({stain}), but the "
+                    f"model is configured with stain {params['stain']!r}"
+                )
             p["stain"] = stain
         _seed(int(p.get("seed", 0)))
         model = build_bcdu_net_d3(int(p["patch_size"]), STAINS[p["stain"]])
@@ -437,22 +492,25 @@ class UNetAdapter(Adapter):
             x, y = self._input(img), foreground_target(mask, self.params["separate_touching"])
             for r in tile_starts(y.shape[0], s, 0):
                 for c in tile_starts(y.shape[1], s, 0):
-                    xs.append(x[r:r + s, c:c + s])
-                    ys.append(y[r:r + s, c:c + s, None])
+                    xs.append(x[r : r + s, c : c + s])
+                    ys.append(y[r : r + s, c : c + s, None])
         cap = self.params["max_val_tiles"]
         if cap is not None and len(xs) > int(cap):
             keep = np.unique(np.linspace(0, len(xs) - 1, max(int(cap), 1)).round().astype(int))
             xs, ys = [xs[k] for k in keep], [ys[k] for k in keep]
         return np.stack(xs), np.stack(ys)
 
-    def fine_tune(self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int,
-                  work_dir: Path) -> Dict[str, List[float]]:
+    def fine_tune(
+        self, train: Sequence[Pair], val: Sequence[Pair], params: dict, seed: int, work_dir: Path
+    ) -> Dict[str, List[float]]:
         import keras
 
         p = self._params({**self.params, **(params or {})})
         if int(p["patch_size"]) != self.size:
-            raise SegRefineError(f"patch_size {p['patch_size']} differs from the network's input size {self.size}: "
-                                 "set it when the model is made (pretrained card), not at fine-tuning")
+            raise SegRefineError(
+                f"patch_size {p['patch_size']} differs from the network's input size {self.size}: "
+                "set it when the model is made (pretrained card), not at fine-tuning"
+            )
         self.params = p
         check_pairs(train, self.size, "training")
         if val:
@@ -467,24 +525,52 @@ class UNetAdapter(Adapter):
         batch = int(p["batch_size"])
         steps = int(p["steps_per_epoch"] or max(1, math.ceil(len(xs) / batch)))
         data = _Crops(xs, ys, self.size, batch, steps, bool(p["augment"]), seed)
-        self.model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(p["learning_rate"])),
-                           loss="binary_crossentropy")
+        self.model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=float(p["learning_rate"])), loss="binary_crossentropy"
+        )
         callbacks = [
-            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=float(p["reduce_lr_factor"]),
-                                              patience=int(p["reduce_lr_patience"]), min_delta=float(p["min_delta"])),
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(p["patience"]),
-                                          min_delta=float(p["min_delta"]), restore_best_weights=True),
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss",
+                factor=float(p["reduce_lr_factor"]),
+                patience=int(p["reduce_lr_patience"]),
+                min_delta=float(p["min_delta"]),
+            ),
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss",
+                patience=int(p["patience"]),
+                min_delta=float(p["min_delta"]),
+                restore_best_weights=True,
+            ),
         ]
-        log.info("U-Net (BCDU-Net D3) fine-tuning on %s: %d train / %d val patches (%d val tiles), up to %d epochs of "
-                 "%d steps x %d crops of %d px", self.device, len(xs), len(val), len(xv), p["n_epochs"], steps, batch,
-                 self.size)
-        hist = self.model.fit(data, validation_data=(xv, yv), validation_batch_size=batch, epochs=int(p["n_epochs"]),
-                              callbacks=callbacks, verbose=2)
+        log.info(
+            "U-Net (BCDU-Net D3) fine-tuning on %s: %d train / %d val patches (%d val tiles), up to %d epochs of "
+            "%d steps x %d crops of %d px",
+            self.device,
+            len(xs),
+            len(val),
+            len(xv),
+            p["n_epochs"],
+            steps,
+            batch,
+            self.size,
+        )
+        hist = self.model.fit(
+            data,
+            validation_data=(xv, yv),
+            validation_batch_size=batch,
+            epochs=int(p["n_epochs"]),
+            callbacks=callbacks,
+            verbose=2,
+        )
         train_loss = [float(x) for x in hist.history["loss"]]
         val_loss = [float(x) for x in hist.history["val_loss"]]
         best = int(np.argmin(val_loss))
-        log.info("U-Net trained %d epochs; best validation loss %.4f at epoch %d (weights kept)", len(val_loss),
-                 val_loss[best], best)
+        log.info(
+            "U-Net trained %d epochs; best validation loss %.4f at epoch %d (weights kept)",
+            len(val_loss),
+            val_loss[best],
+            best,
+        )
         return {"train_loss": train_loss, "val_loss": val_loss, "val_epoch": list(range(len(val_loss)))}
 
     def save(self, model_dir: Path) -> Path:
@@ -530,12 +616,12 @@ class UNetAdapter(Adapter):
         batch = max(int(self.params["batch_size"]), 1)
         chunk_len = batch * 8  # tiles held in memory at once
         for k in range(0, len(origins), chunk_len):
-            chunk = origins[k:k + chunk_len]
-            tiles = np.stack([x[r:r + s, c:c + s] for r, c in chunk])
+            chunk = origins[k : k + chunk_len]
+            tiles = np.stack([x[r : r + s, c : c + s] for r, c in chunk])
             prob = self.model.predict(tiles, batch_size=batch, verbose=0)[..., 0]
             for (r, c), pr in zip(chunk, prob):
-                acc[r:r + s, c:c + s] += pr * window
-                norm[r:r + s, c:c + s] += window
+                acc[r : r + s, c : c + s] += pr * window
+                norm[r : r + s, c : c + s] += window
         return (acc / norm)[:h, :w]
 
     SWEEPABLE_THRESHOLDS = ("prob_thresh", "min_distance")
@@ -549,28 +635,61 @@ class UNetAdapter(Adapter):
 
         p = self.params
         prob = np.asarray(self.probability(image), np.float32)
-        labels = segment(prob, sigma=0.0, threshold_scale=1.0, min_distance=int(p["min_distance"]),
-                         min_size=int(p["min_size"]), invert=False, threshold=float(p["prob_thresh"]))
+        labels = segment(
+            prob,
+            sigma=0.0,
+            threshold_scale=1.0,
+            min_distance=int(p["min_distance"]),
+            min_size=int(p["min_size"]),
+            invert=False,
+            threshold=float(p["prob_thresh"]),
+        )
         return labels, prob
 
     def card_fields(self) -> dict:
         p = self.params
-        pre = {"stain": p["stain"], "input_channels": STAINS[p["stain"]],
-               "norm_percentiles": list(p["norm_percentiles"]), "clahe_kernel": int(p["clahe_kernel"]),
-               "clahe_clip": float(p["clahe_clip"])}
-        pre["steps"] = ("RGB per-channel percentile stretch (colour normalization), CLAHE "
-                        "(skimage equalize_adapthist), scaled to [0, 1]" if p["stain"] == "he" else
-                        "grayscale, percentile normalization, adaptive histogram equalization "
-                        "(skimage equalize_adapthist), scaled to [0, 1]")
+        pre = {
+            "stain": p["stain"],
+            "input_channels": STAINS[p["stain"]],
+            "norm_percentiles": list(p["norm_percentiles"]),
+            "clahe_kernel": int(p["clahe_kernel"]),
+            "clahe_clip": float(p["clahe_clip"]),
+        }
+        pre["steps"] = (
+            "RGB per-channel percentile stretch (colour normalization), CLAHE "
+            "(skimage equalize_adapthist), scaled to [0, 1]"
+            if p["stain"] == "he"
+            else "grayscale, percentile normalization, adaptive histogram equalization "
+            "(skimage equalize_adapthist), scaled to [0, 1]"
+        )
         return {
             "preprocessing": pre,
-            "thresholds": {"prob_thresh": float(p["prob_thresh"]), "min_distance": int(p["min_distance"]),
-                           "min_size": int(p["min_size"])},
+            "thresholds": {
+                "prob_thresh": float(p["prob_thresh"]),
+                "min_distance": int(p["min_distance"]),
+                "min_size": int(p["min_size"]),
+            },
             "hyperparameters": dict(
-                {k: p[k] for k in ("n_epochs", "steps_per_epoch", "batch_size", "learning_rate", "patience",
-                                   "min_delta", "reduce_lr_factor", "reduce_lr_patience", "augment",
-                                   "separate_touching", "max_val_tiles", "patch_size", "tile_overlap")},
-                **CARD_INFO),
+                {
+                    k: p[k]
+                    for k in (
+                        "n_epochs",
+                        "steps_per_epoch",
+                        "batch_size",
+                        "learning_rate",
+                        "patience",
+                        "min_delta",
+                        "reduce_lr_factor",
+                        "reduce_lr_patience",
+                        "augment",
+                        "separate_touching",
+                        "max_val_tiles",
+                        "patch_size",
+                        "tile_overlap",
+                    )
+                },
+                **CARD_INFO,
+            ),
         }
 
 
@@ -578,7 +697,8 @@ def _crop_sampler(size: int):
     def crop(x, y, rng):
         r = int(rng.integers(x.shape[0] - size + 1))
         c = int(rng.integers(x.shape[1] - size + 1))
-        return x[r:r + size, c:c + size], y[r:r + size, c:c + size]
+        return x[r : r + size, c : c + size], y[r : r + size, c : c + size]
+
     return crop
 
 
