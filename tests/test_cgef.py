@@ -368,6 +368,31 @@ def test_a_truncated_bgef_and_oversized_label_ids_fail_naming_the_file(chip):
     _leaves_only(chip / "o", [], proc, "big.tif: label id 8589934592 does not fit in uint32")
 
 
+def test_a_cell_gene_count_above_65535_summed_across_bands_is_refused_and_nothing_is_left(chip):
+    """Cell 3 holds 40,000 + 30,000 UMIs of gene A on two label rows: each band's partial sum fits gefpy's uint16,
+    their merge does not."""
+    (chip / "many.gem").write_text("geneID\tx\ty\tMIDCount\nA\t1000\t500\t40000\nA\t1001\t501\t30000\n")
+    proc = run_step(
+        "gef",
+        "cgef",
+        "--gem",
+        chip / "many.gem",
+        "--labels",
+        chip / "labels.tif",
+        "--cgef",
+        chip / "o" / "c.cgef",
+        "--cellmap",
+        chip / "o" / "c.csv",
+        "--origin",
+        "1000,500",
+        "--band-rows",
+        1,
+        check=False,
+    )
+    message = "many.gem: cell 3 has 70000 UMIs of gene A; the cgef layout stores at most 65,535 per cell and gene"
+    _leaves_only(chip / "o", [], proc, message)
+
+
 def test_exact_cgef_is_read_by_gefpy_with_the_known_counts(chip):
     _cgef(chip)
     got = read_with_gefpy(chip / "exact.cgef")

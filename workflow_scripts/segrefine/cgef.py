@@ -29,6 +29,7 @@ the band and bucket sizes and the number of cells and genes, not the records.
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -351,32 +352,82 @@ def exact_cell_bin(
     """
     work = Path(work)
     ox, oy = spill.origin
-    genes = spill.genes
-    n_genes = len(genes)
     gx0, gx1, gy0, gy1 = spill.extent()
-    x0, x1, y0, y1 = gx0 - ox, gx1 - ox, gy0 - oy, gy1 - oy  # label pixels of the matrix's bounding box
+    box = (gx0 - ox, gx1 - ox, gy0 - oy, gy1 - oy)  # x0, x1, y0, y1: label pixels of the matrix's bounding box
+    x0, x1, y0, y1 = box
     ids = present_labels(labels, y0, y1 + 1, x0, x1 + 1, band_rows)
     if len(ids) and ids[-1] > UINT32_MAX:
         raise SegRefineError(f"{labels.path}: label id {int(ids[-1])} does not fit in uint32")
     geo = cell_centres(labels, ids, band_rows)
+    layout = _cell_layout(ids, geo, spill.origin, gx1, gy1)
+    cell, row_of_rank = layout["cell"], layout["row_of_rank"]
+    borders = _spill_borders(labels, ids, geo, row_of_rank, work, band_rows, source)
+    del geo
+    partials, per_cell = _partial_sums(
+        spill, labels, _Index(ids), row_of_rank, cell, box, work, band_records, band_rows
+    )
+    merged = _merge_partials(partials, per_cell, cell, spill.genes, layout["label_id"], work, band_records, source)
+    del per_cell
+    gene = _gene_table(spill.genes, merged["cell_count"], merged["gene_umis"], merged["gene_max"])
+    tables = {
+        "label_id": layout["label_id"],
+        "cell": cell,
+        "gene": gene,
+        "block_index": layout["block_index"],
+        "block_size": layout["block_size"],
+        "max_x": layout["max_x"],
+        "max_y": layout["max_y"],
+        "max_count": merged["max_count"],
+        "n_exp": merged["n_exp"],
+    }
+    gene_offset = gene["offset"].astype(np.int64)
+    fill_cell_exp = partial(_fill_cell_exp, merged["cell_exp"])
+    fill_gene_exp = partial(_fill_gene_exp, merged["by_gene"], merged["cell_count"], gene_offset, band_records)
+    fill_border = partial(_fill_border, borders, len(cell), source)
+    write_cgef(tables, out_path, fill_cell_exp, fill_gene_exp, fill_border, resolution)
+    return tables
+
+
+def _cell_layout(ids: np.ndarray, geo: Dict[str, np.ndarray], origin: Tuple[int, int], gx1: int, gy1: int) -> dict:
+    """The cell table in its final order: cells by the 256 x 256 block of their centre (row-major over 0..max),
+    then by label id.
+
+    ``ids``: the sorted label ids; ``geo``: their ``cell_centres``; ``origin``: the GEM coordinate of label pixel
+    (0, 0); ``gx1``, ``gy1``: the matrix's largest GEM x and y. Returns ``cell`` (``CELL_DTYPE``: id, centre in GEM
+    coordinates and area filled; the counts and offsets are filled by the later passes), ``row_of_rank`` (the
+    final row of the j-th smallest label id), ``label_id`` (uint32, per final row), ``block_index``,
+    ``block_size``, ``max_x`` and ``max_y``. Per-cell arrays are kept in the table's narrow dtypes, not int64.
+    """
+    ox, oy = origin
     cx, cy = geo["cx"] + ox, geo["cy"] + oy  # GEM coordinates of the centres
-    # order cells by the 256 x 256 block of their centre (row-major over 0..max), then by label id
     max_x = int(max(gx1, cx.max() if len(cx) else 0))
     max_y = int(max(gy1, cy.max() if len(cy) else 0))
     nbx, nby = max_x // BLOCK + 1, max_y // BLOCK + 1
     block = np.clip(cy, 0, None) // BLOCK * nbx + np.clip(cx, 0, None) // BLOCK
     order = np.lexsort((ids, block))
     n_cells = len(ids)
-    row_of_rank = np.empty(n_cells, np.uint32)  # final row of the j-th smallest label id
+    row_of_rank = np.empty(n_cells, np.uint32)
     row_of_rank[order] = np.arange(n_cells)
-    # the cell table in final order, filled as the passes go (per-cell arrays in its narrow dtypes, not int64)
     cell = np.zeros(n_cells, CELL_DTYPE)
     cell["id"] = np.arange(n_cells)
     cell["x"], cell["y"], cell["area"] = cx[order], cy[order], geo["area"][order]
-    block_index = np.searchsorted(block[order], np.arange(nbx * nby + 1)).astype(np.uint32)
-    label_id = ids[order].astype(np.uint32)
-    del cx, cy, block, order
-    # the outlines, spilled band by band as the cells end (by final row), for write_cgef to gather by rows
+    return {
+        "cell": cell,
+        "row_of_rank": row_of_rank,
+        "label_id": ids[order].astype(np.uint32),
+        "block_index": np.searchsorted(block[order], np.arange(nbx * nby + 1)).astype(np.uint32),
+        "block_size": np.array([BLOCK, BLOCK, nbx, nby], np.uint32),
+        "max_x": max_x,
+        "max_y": max_y,
+    }
+
+
+def _spill_borders(
+    labels, ids: np.ndarray, geo: Dict[str, np.ndarray], row_of_rank: np.ndarray, work, band_rows: int, source: str
+) -> Runs:
+    """The cells' star outlines (``cell_borders``), spilled to ``work`` band by band as the cells end, each run
+    sorted by final cell row, for ``write_cgef`` to gather by rows. Refuses a cell that spans ``BORDER_PAD`` px or
+    more from its centre."""
     borders = Runs(work, "borders", BORDER_RUN_DTYPE)
 
     def emit(cells, border):
@@ -386,16 +437,33 @@ def exact_cell_bin(
         run["k"], run["border"] = rows[by_row], border[by_row]
         borders.add(run)
 
-    too_far = cell_borders(labels, ids, geo["cy"], geo["cx"], geo["last"], emit, band_rows)
-    del geo
-    if too_far:
+    if cell_borders(labels, ids, geo["cy"], geo["cx"], geo["last"], emit, band_rows):
         raise SegRefineError(f"{source}: a cell spans more than {BORDER_PAD} px from its centre (not a cell)")
-    index = _Index(ids)
-    ids = label_id
+    return borders
 
-    # pass 2, by bands of label rows holding at most band_records records: (cell row, gene) partial sums
+
+def _partial_sums(
+    spill: RecordSpill,
+    labels,
+    index: _Index,
+    row_of_rank: np.ndarray,
+    cell: np.ndarray,
+    box: Tuple[int, int, int, int],
+    work,
+    band_records: int,
+    band_rows: int,
+) -> Tuple[Runs, np.ndarray]:
+    """Pass 2, by bands of label rows of ``box`` (x0, x1, y0, y1, inclusive) holding at most ``band_records``
+    records: the (cell row, gene) partial sums of each band, spilled to ``work`` as runs sorted by cell row.
+
+    Also counts the distinct DNBs of each cell into ``cell["dnbCount"]``. Returns the runs and the number of
+    partials per cell row (to size the merge buckets). Each temporary is dropped as soon as it is used, so
+    memory follows the band size.
+    """
+    x0, x1, y0, y1 = box
+    n_genes = len(spill.genes)
     partials = Runs(work, "partials", PARTIAL_DTYPE)
-    per_cell = np.zeros(n_cells, np.int64)  # partials per cell row, to size the merge buckets
+    per_cell = np.zeros(len(row_of_rank), np.int64)
     dnb_count = cell["dnbCount"]
     W = int(x1 - x0 + 1)
     for a, b in _buckets(spill.per_row[y0 : y1 + 1], band_records, band_rows):
@@ -404,7 +472,6 @@ def exact_cell_bin(
         if not len(rec):
             continue  # an empty band: nothing to read
         band = labels.rows(a, b, x0, x1 + 1)
-        # per record only what the next step needs: each temporary is dropped as soon as it is used
         ry = rec["k"].astype(np.int64) - a
         rx = rec["x"].astype(np.int64) - x0
         lab = band[ry, rx]
@@ -435,27 +502,41 @@ def exact_cell_bin(
         c, n = np.unique(row[first], return_counts=True)
         dnb_count[c] += n.astype(np.uint32)
         del row, first
+    return partials, per_cell
 
-    # merge the partials by buckets of cell rows: cellExp in final order, and runs by gene for geneExp
+
+def _merge_partials(
+    partials: Runs,
+    per_cell: np.ndarray,
+    cell: np.ndarray,
+    genes,
+    label_id: np.ndarray,
+    work,
+    band_records: int,
+    source: str,
+) -> dict:
+    """The partial sums merged by buckets of cell rows (at most ``band_records`` partials each): per bucket, one
+    cellExp file in final order (``cell_exp``: their paths, in order) and one run by gene for geneExp
+    (``by_gene``).
+
+    Fills ``cell``'s geneCount, expCount and offset. Returns also the per-gene ``cell_count``, ``gene_umis`` and
+    ``gene_max`` (int64), ``n_exp`` (the cell-gene entries) and ``max_count``. Refuses a cell-gene count above
+    65,535 and more entries than the layout's uint32 offsets hold.
+    """
+    n_genes = len(genes)
     gene_count, exp_count = cell["geneCount"], cell["expCount"]
-    n_exp = max_exp = 0
+    n_exp = max_exp = max_count = 0
     cell_count = np.zeros(n_genes, np.int64)
     gene_umis = np.zeros(n_genes, np.int64)
     gene_max = np.zeros(n_genes, np.int64)
     by_gene = Runs(work, "bygene", BY_GENE_DTYPE)
-    merged: List[Path] = []
-    max_count = 0
+    cell_exp: List[Path] = []
     for c0, c1 in _buckets(per_cell, band_records):
-        part = partials.take(c0, c1)
-        key = part["k"].astype(np.int64) * n_genes + part["gene"]
-        ukey, inv = np.unique(key, return_inverse=True)
-        summed = np.bincount(inv.ravel(), weights=part["count"], minlength=len(ukey)).astype(np.int64)
-        del part, key, inv
-        c_row, c_gene = ukey // n_genes, ukey % n_genes
+        c_row, c_gene, summed = _sum_bucket(partials.take(c0, c1), n_genes)
         if len(summed) and summed.max() > 65535:
             i = int(np.argmax(summed))
             raise SegRefineError(
-                f"{source}: cell {ids[c_row[i]]} has {summed[i]} UMIs of gene {genes[c_gene[i]]}; "
+                f"{source}: cell {label_id[c_row[i]]} has {summed[i]} UMIs of gene {genes[c_gene[i]]}; "
                 "the cgef layout stores at most 65,535 per cell and gene"
             )
         gene_count[c0:c1] = np.bincount(c_row - c0, minlength=c1 - c0)
@@ -466,66 +547,91 @@ def exact_cell_bin(
         gene_umis += np.bincount(c_gene, weights=summed, minlength=n_genes).astype(np.int64)
         np.maximum.at(gene_max, c_gene, summed)
         max_count = max(max_count, int(summed.max()) if len(summed) else 0)
-        exp = np.empty(len(ukey), CELL_EXP_DTYPE)  # ukey is sorted by (row, gene) already
-        exp["geneID"], exp["count"] = c_gene, summed
-        merged.append(work / f"cellexp.{len(merged)}.npy")
-        np.save(merged[-1], exp)
-        del exp
-        perm = np.lexsort((c_row, c_gene))
-        run = np.empty(len(perm), BY_GENE_DTYPE)
-        run["k"], run["cellID"], run["count"] = c_gene[perm], c_row[perm], summed[perm]
-        by_gene.add(run)
-        del run, perm, ukey, summed, c_row, c_gene
-    del per_cell
+        _spill_bucket(c_row, c_gene, summed, cell_exp, by_gene, work)
+        del summed, c_row, c_gene
     if n_exp > UINT32_MAX or max_exp > UINT32_MAX:
         raise SegRefineError(f"{source}: {n_exp} cell-gene entries do not fit the cgef layout's uint32 offsets")
-    if n_cells:
+    if len(cell):
         cell["offset"][1:] = np.cumsum(gene_count[:-1], dtype=np.int64)
-    gene = np.zeros(n_genes, GENE_DTYPE)
-    gene["geneName"] = [str(g).encode() for g in genes]
-    gene["offset"] = np.concatenate([[0], np.cumsum(cell_count)[:-1]]) if n_genes else []
-    gene["cellCount"], gene["expCount"], gene["maxMIDcount"] = cell_count, gene_umis, gene_max
-    tables = {
-        "label_id": ids,
-        "cell": cell,
-        "gene": gene,
-        "block_index": block_index,
-        "block_size": np.array([BLOCK, BLOCK, nbx, nby], np.uint32),
-        "max_x": max_x,
-        "max_y": max_y,
-        "max_count": max_count,
+    return {
+        "cell_exp": cell_exp,
+        "by_gene": by_gene,
+        "cell_count": cell_count,
+        "gene_umis": gene_umis,
+        "gene_max": gene_max,
         "n_exp": n_exp,
+        "max_count": max_count,
     }
-    gene_offset = gene["offset"].astype(np.int64)
 
-    def fill_cell_exp(ds):
-        at = 0
-        for path in merged:
-            exp = np.load(path)
-            if len(exp):
-                ds[at : at + len(exp)] = exp
-            at += len(exp)
-            os.remove(path)
 
-    def fill_gene_exp(ds):
-        for g0, g1 in _buckets(cell_count, band_records):
-            run = by_gene.take(g0, g1)
-            if not len(run):
-                continue
-            run = run[np.lexsort((run["cellID"], run["k"]))]
-            exp = np.empty(len(run), GENE_EXP_DTYPE)
-            exp["cellID"], exp["count"] = run["cellID"], run["count"]
-            ds[gene_offset[g0] : gene_offset[g0] + len(exp)] = exp
+def _sum_bucket(part: np.ndarray, n_genes: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The partials of one merge bucket summed per (cell row, gene): cell rows, genes and sums (int64), sorted
+    by (cell row, gene)."""
+    key = part["k"].astype(np.int64) * n_genes + part["gene"]
+    ukey, inv = np.unique(key, return_inverse=True)
+    summed = np.bincount(inv.ravel(), weights=part["count"], minlength=len(ukey)).astype(np.int64)
+    del part, key, inv
+    return ukey // n_genes, ukey % n_genes, summed
 
-    def fill_border(ds):
-        for c0, c1 in _bands(0, n_cells, BORDER_ROWS):
-            run = borders.take(c0, c1)
-            if len(run) != c1 - c0:
-                raise SegRefineError(f"{source}: internal error: {len(run)} outlines for cells {c0}..{c1 - 1}")
-            ds[c0:c1] = run["border"][np.argsort(run["k"], kind="stable")]
 
-    write_cgef(tables, out_path, fill_cell_exp, fill_gene_exp, fill_border, resolution)
-    return tables
+def _spill_bucket(
+    c_row: np.ndarray, c_gene: np.ndarray, summed: np.ndarray, cell_exp: List[Path], by_gene: Runs, work: Path
+) -> None:
+    """One merge bucket's sums (``_sum_bucket``) spilled to ``work``: its cellExp entries (already in final order)
+    as the next file of ``cell_exp``, and its entries sorted by (gene, cell row) as a run of ``by_gene``."""
+    exp = np.empty(len(summed), CELL_EXP_DTYPE)
+    exp["geneID"], exp["count"] = c_gene, summed
+    cell_exp.append(work / f"cellexp.{len(cell_exp)}.npy")
+    np.save(cell_exp[-1], exp)
+    del exp
+    perm = np.lexsort((c_row, c_gene))
+    run = np.empty(len(perm), BY_GENE_DTYPE)
+    run["k"], run["cellID"], run["count"] = c_gene[perm], c_row[perm], summed[perm]
+    by_gene.add(run)
+
+
+def _gene_table(genes, cell_count: np.ndarray, gene_umis: np.ndarray, gene_max: np.ndarray) -> np.ndarray:
+    """The gene table (``GENE_DTYPE``): every gene of the matrix in code order, with the offset of its slice of
+    geneExp, its number of cells, its UMIs and its largest count in one cell."""
+    gene = np.zeros(len(genes), GENE_DTYPE)
+    gene["geneName"] = [str(g).encode() for g in genes]
+    gene["offset"] = np.concatenate([[0], np.cumsum(cell_count)[:-1]]) if len(genes) else []
+    gene["cellCount"], gene["expCount"], gene["maxMIDcount"] = cell_count, gene_umis, gene_max
+    return gene
+
+
+def _fill_cell_exp(cell_exp: List[Path], ds) -> None:
+    """Fill the cellExp dataset ``ds`` from the merge's cellExp files, in order, removing each once copied."""
+    at = 0
+    for path in cell_exp:
+        exp = np.load(path)
+        if len(exp):
+            ds[at : at + len(exp)] = exp
+        at += len(exp)
+        os.remove(path)
+
+
+def _fill_gene_exp(by_gene: Runs, cell_count: np.ndarray, gene_offset: np.ndarray, band_records: int, ds) -> None:
+    """Fill the geneExp dataset ``ds`` by buckets of genes (at most ``band_records`` entries each), each gene's
+    (cellID, count) sorted by cell, at the gene's ``gene_offset``."""
+    for g0, g1 in _buckets(cell_count, band_records):
+        run = by_gene.take(g0, g1)
+        if not len(run):
+            continue
+        run = run[np.lexsort((run["cellID"], run["k"]))]
+        exp = np.empty(len(run), GENE_EXP_DTYPE)
+        exp["cellID"], exp["count"] = run["cellID"], run["count"]
+        ds[gene_offset[g0] : gene_offset[g0] + len(exp)] = exp
+
+
+def _fill_border(borders: Runs, n_cells: int, source: str, ds) -> None:
+    """Fill the cellBorder dataset ``ds`` from the spilled outlines by blocks of ``BORDER_ROWS`` cell rows; every
+    cell row must have exactly one outline."""
+    for c0, c1 in _bands(0, n_cells, BORDER_ROWS):
+        run = borders.take(c0, c1)
+        if len(run) != c1 - c0:
+            raise SegRefineError(f"{source}: internal error: {len(run)} outlines for cells {c0}..{c1 - 1}")
+        ds[c0:c1] = run["border"][np.argsort(run["k"], kind="stable")]
 
 
 def write_cgef(
