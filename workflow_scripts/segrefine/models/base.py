@@ -115,6 +115,18 @@ class Adapter(abc.ABC):
         when the adapter applies it. Default: not supported (False), each window keeps its own statistics."""
         return False
 
+    def _keep_percentile_reference(self, ref: Optional[dict]) -> bool:
+        """``set_intensity_reference`` of an adapter that stretches images between the ``norm_percentiles`` of
+        its ``params``: ``ref`` is checked to hold those percentiles (a clear error now, not at the first tile)
+        and kept as ``self._reference`` for the later predictions; ``None`` goes back to each image's own.
+        Returns True."""
+        if ref is not None:
+            from segrefine.intensity import check_reference
+
+            check_reference(ref, self.params["norm_percentiles"])
+        self._reference = ref
+        return True
+
     @abc.abstractmethod
     def card_fields(self) -> dict:
         """``preprocessing``, ``thresholds`` and ``hyperparameters`` entries of the model card."""

@@ -25,6 +25,7 @@ import numpy as np
 
 from segrefine import SegRefineError
 from segrefine.models.base import Adapter, Pair
+from segrefine.models.tensorflow_common import tensorflow_device
 
 log = logging.getLogger("segrefine.stardist")
 
@@ -148,9 +149,7 @@ class StarDistAdapter(Adapter):
 
     @property
     def device(self) -> str:
-        import tensorflow as tf
-
-        return "gpu:0" if tf.config.list_physical_devices("GPU") else "cpu"
+        return tensorflow_device()
 
     # -- data -------------------------------------------------------------------------------------------------------
     def _normalize(self, img: np.ndarray, ref: Optional[dict] = None) -> np.ndarray:
@@ -190,12 +189,7 @@ class StarDistAdapter(Adapter):
 
     def set_intensity_reference(self, ref: Optional[dict]) -> bool:
         """Normalise predictions with the slide's percentiles (``norm_percentiles``) instead of each image's."""
-        if ref is not None:
-            from segrefine.intensity import check_reference
-
-            check_reference(ref, self.params["norm_percentiles"])
-        self._reference = ref
-        return True
+        return self._keep_percentile_reference(ref)
 
     def _check_sizes(self, pairs: Sequence[Pair]) -> None:
         size = int(self.model.config.train_patch_size[0])

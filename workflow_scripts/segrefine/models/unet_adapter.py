@@ -40,6 +40,7 @@ import numpy as np
 
 from segrefine import SegRefineError
 from segrefine.models.base import Adapter, Pair
+from segrefine.models.tensorflow_common import tensorflow_device
 
 log = logging.getLogger("segrefine.unet")
 
@@ -473,9 +474,7 @@ class UNetAdapter(Adapter):
 
     @property
     def device(self) -> str:
-        import tensorflow as tf
-
-        return "gpu:0" if tf.config.list_physical_devices("GPU") else "cpu"
+        return tensorflow_device()
 
     @property
     def size(self) -> int:
@@ -587,12 +586,7 @@ class UNetAdapter(Adapter):
         """Percentile stretch with the slide's percentiles (``norm_percentiles``) instead of each image's. Only
         that step becomes slide-level: CLAHE works on local tiles of the (window) image, so its output still
         depends on the window, and tiled inference stays approximate for this model."""
-        if ref is not None:
-            from segrefine.intensity import check_reference
-
-            check_reference(ref, self.params["norm_percentiles"])
-        self._reference = ref
-        return True
+        return self._keep_percentile_reference(ref)
 
     def probability(self, image: np.ndarray) -> np.ndarray:
         """Foreground probability (h, w) of an image of any size: reflection-padded, overlapping tiles blended."""
