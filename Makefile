@@ -1,5 +1,5 @@
 # The two commands: `make demo` and `make test`. Both install what is missing first.
-# Checks while developing (DEVELOPERS.md): `make lint`, `make test-fast` (skips the tests marked slow).
+# Checks while developing (DEVELOPERS.md): `make lint`, `make test-fast` (skips the tests marked slow or integration).
 # Environments are virtualenvs built from envs/*.yaml (cached in ~/.cache/segrefine/venvs,
 # keyed by each file's content); on HPC with conda use `snakemake --sdm conda` instead.
 PYTHON ?= python3
@@ -63,7 +63,7 @@ test: setup
 	$(RUN_CORE) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: setup
-	$(RUN_CORE) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(RUN_CORE) -m pytest tests -m "not slow and not integration" $(PYTEST_ARGS)
 
 # ruff's rules and format and snakefmt's settings are in pyproject.toml; snakemake --lint reads the workflow with the demo config
 lint: setup-demo demo-data

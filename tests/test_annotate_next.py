@@ -54,6 +54,7 @@ def test_regions_geojson_names_rectangles_in_slide_pixels():
     assert f["properties"]["measurements"] == {"rank": 1, "score": 0.5}
 
 
+@pytest.mark.integration
 def test_annotate_next_steps_by_cli(tmp_path):
     d = tmp_path
     run_step(

@@ -131,6 +131,7 @@ def test_saved_model_predicts_identically_after_reload(base_card, real_trainset,
     assert set(e1["stage"]) == {"finetuned"} and e1["n_true"].min() > 0
 
 
+@pytest.mark.integration
 def test_weights_of_the_wrong_kind_are_refused_before_training(tmp_path):
     bogus = tmp_path / "model.hdf5"
     bogus.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))

@@ -200,6 +200,7 @@ def _random_chip(d, tiled: bool):
     return lab, (ox, oy)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("tiled", [True, False])
 def test_streaming_at_tiny_chunks_and_bands_equals_the_exact_reference(tmp_path, tiled):
     from segrefine.gem import aggregate_by_labels
@@ -450,6 +451,7 @@ def test_bgef_input_gives_the_same_cells_as_the_gem(chip):
     assert counts_by_label(chip / "b.csv", read_with_gefpy(chip / "b.cgef")["exp"]) == EXPECTED
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("writer", ["direct", "stereopy"])
 def test_both_h5ad_writers_give_the_known_matrix_and_open_with_current_anndata(chip, writer):
     """The bounded direct writer (X streamed from cellExp, here by slices of 2 entries) and stereopy's: the same

@@ -56,6 +56,7 @@ def test_a_library_that_kills_its_process_becomes_a_clear_error():
     run_isolated("fine", int)  # a clean call passes
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("writer", ["direct", "stereopy"])
 def test_h5ad_refuses_a_cell_table_that_does_not_match_and_writes_nothing(tmp_path, writer):
     import gzip

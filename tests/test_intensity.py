@@ -126,6 +126,7 @@ def test_intensity_reference_of_the_tissue_pixels_equals_numpy_on_them(tmp_path)
     assert intensity_reference(img, tissue=(np.zeros_like(mask), f)) == everything
 
 
+@pytest.mark.integration
 def test_mostly_background_chip_takes_its_reference_from_the_tissue(slide, tmp_path):
     """A chip that is mostly noisy background with a small tissue region: the slide's Otsu threshold over all
     pixels falls into the noise and the classical model finds "cells" in it; over the plan's tissue pixels it

@@ -226,6 +226,7 @@ def _dry_run(workdir, configfile, *args):
     )
 
 
+@pytest.mark.integration
 def test_dry_run_with_the_learning_curve_and_annotate_next_on(tmp_path):
     """The rules resolve with the learning curve and "annotate next" activated in a copy of the test
     config (dry run)."""

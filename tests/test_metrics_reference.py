@@ -71,6 +71,7 @@ def real_pairs(realdata, tmp_path_factory):
     return path
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("env,code", [("tensorflow", STARDIST), ("cellpose", CELLPOSE)], ids=["stardist", "cellpose"])
 def test_metrics_equal_the_reference_implementation(env, code, real_pairs):
     out = subprocess.run(

@@ -225,6 +225,7 @@ def test_patches_to_preannotate_top_n_then_listed_once(tmp_path):
         patches_to_preannotate("S1", None, 0, ["nonsense"])
 
 
+@pytest.mark.integration
 def test_preannotate_by_cli_with_the_classical_model(tmp_path):
     import tifffile
 

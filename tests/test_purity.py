@@ -203,6 +203,7 @@ def test_purity_step_without_truth_writes_the_mecr_and_an_empty_cell_table(tmp_p
     assert pd.read_csv(tmp_path / "o" / "mecr_pairs.csv").empty
 
 
+@pytest.mark.integration
 def test_cluster_check_recovers_two_separated_types_with_current_scanpy(tmp_path):
     """An h5ad of two cell types with disjoint genes, read by anndata 0.13 and clustered by scanpy: ARI 1."""
     make = (

@@ -153,6 +153,7 @@ def test_stage_names_are_checked(tmp_path):
         expression_qc(cellmaps[:3], samples[:3], tmp_path / "qc", stages=["a", "b", "c"])
 
 
+@pytest.mark.integration
 def test_a_slide_without_cells_gives_zero_cell_tables_and_a_plot_saying_so(tmp_path):
     """0 cells is a result: every table is written (a 0-cell summary row per table, 0-row cell tables and
     comparison), the plot says there is no cell, and the step exits 0 naming the empty tables."""

@@ -190,6 +190,7 @@ def test_os_failures_end_in_one_line_naming_the_file(case, demo, tmp_path):
     assert [ln for ln in lines if ln.startswith("segrefine ")] == [lines[-1]]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("writer", ["direct", "stereopy"])
 def test_h5ad_of_a_slide_without_cells_is_a_valid_empty_anndata(demo, tmp_path, writer):
     """0 cells is a result: stereopy crashes (segmentation fault) on a cgef without cells, so its writer writes the

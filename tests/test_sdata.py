@@ -184,6 +184,7 @@ def read_back(store, labels_tif) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.integration
 def test_store_holds_every_element_linked_and_spatialdata_plot_renders_it(tmp_path):
     s = make_sample(tmp_path)
     out, png = tmp_path / "res" / "S1.zarr", tmp_path / "res" / "S1.png"
@@ -239,6 +240,7 @@ def test_store_holds_every_element_linked_and_spatialdata_plot_renders_it(tmp_pa
     assert pic.shape[:2] == (600, 1200) and pic[..., :3].std() > 0.05
 
 
+@pytest.mark.integration
 def test_a_slide_pyramid_is_kept_level_by_level_and_rgb_stays_rgb(tmp_path):
     make_sample(tmp_path, rng_seed=1, slide_pyramid=True, rgb=True)
     out = tmp_path / "S2.zarr"
@@ -250,6 +252,7 @@ def test_a_slide_pyramid_is_kept_level_by_level_and_rgb_stays_rgb(tmp_path):
     assert r["transformations"] == {"global": "Identity"}  # no pixel size: no micron system
 
 
+@pytest.mark.integration
 def test_a_target_that_is_not_ours_is_refused_untouched_and_ours_is_replaced(tmp_path):
     make_sample(tmp_path)
     foreign = tmp_path / "foreign.zarr"
@@ -267,6 +270,7 @@ def test_a_target_that_is_not_ours_is_refused_untouched_and_ours_is_replaced(tmp
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no work folder left
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["labels of another size", "h5ad cell not in the cell table"])
 def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, case):
     import tifffile

@@ -95,6 +95,7 @@ def test_same_seed_same_model_and_reload_predicts_identically(trained, real_trai
     assert again["thresholds"] == card["thresholds"]
 
 
+@pytest.mark.integration
 def test_patches_smaller_than_the_training_size_are_refused_before_training(real_trainset, tmp_path):
     run_step(
         "tensorflow",

@@ -306,6 +306,7 @@ CELLPOSE = """
 """
 
 
+@pytest.mark.integration
 def test_cellpose_probability_is_the_sigmoid_of_cellprob_and_labels_are_predicts():
     r = _run("cellpose", CELLPOSE)
     assert r["same"] and r["window_same"] and r["shape_ok"] and r["dtype"] == "float32"

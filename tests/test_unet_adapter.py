@@ -178,6 +178,7 @@ def test_same_seed_same_weights_and_reload_predicts_identically(trained, real_tr
     )
 
 
+@pytest.mark.integration
 def test_cellbin_layer_names_and_keras2_hdf5_round_trip(tmp_path):
     """Weights written in the tf.keras 2 layouts (a weights file, and a whole saved model with its weights under
     model_weights, layers in another order) load by layer name into a fresh network and predict identically;
@@ -234,6 +235,7 @@ def test_cellbin_layer_names_and_keras2_hdf5_round_trip(tmp_path):
     assert got["he_stain"] == "he" and got["he_first"] == [3, 3, 3, 64]
 
 
+@pytest.mark.integration
 def test_weights_of_other_frameworks_are_refused(tmp_path):
     torch_like = tmp_path / "cyto3.pt"
     torch_like.write_bytes(b"PK\x03\x04" + bytes(200))  # a PyTorch checkpoint is a zip archive
@@ -271,6 +273,7 @@ def test_weights_of_other_frameworks_are_refused(tmp_path):
         assert not (tmp_path / "out" / "card.json").exists()
 
 
+@pytest.mark.integration
 def test_patch_sizes_the_network_cannot_take_are_refused(real_trainset, init_weights, tmp_path):
     proc = run_step(
         "tensorflow",
@@ -322,6 +325,7 @@ def test_patch_sizes_the_network_cannot_take_are_refused(real_trainset, init_wei
     assert not (tmp_path / "ft").exists()
 
 
+@pytest.mark.integration
 def test_semantic_masks_are_refused_before_training(real_trainset, init_weights, tmp_path):
     """A binary (semantic) mask is not an instance mask: refused by the fine-tuning step, nothing written."""
     d = tmp_path / "sem"

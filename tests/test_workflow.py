@@ -332,6 +332,7 @@ generate_cgef(cellbin_gef, tissue_gef, mask, [256, 256])
 """
 
 
+@pytest.mark.integration
 def test_a_saw_outs_folder_is_a_sample_and_saws_cells_join_the_qc(workdir, tmp_path):
     """A sample given as SAW v8 outs/ (registered image, tissue.gef, cellbin.gef; no GEM): the image and the bgef
     come from the folder, and SAW's nuclei are read (saw_cells) into the QC beside both our stages."""
