@@ -848,11 +848,51 @@ def run_shard(
         for t in tiles
         if not tile_done(tile_file(tiles_dir, t.tile_id), tile_fingerprint(meta, card_sha, t, model_context))
     ]
-    stats = {
+    stats = _shard_stats(shard, meta, card_sha, len(tiles), len(todo))
+    log.info("shard %d: %d tiles, %d already done, %d to predict", shard, len(tiles), len(tiles) - len(todo), len(todo))
+    if todo:
+        with gpu_device(gpus) as dev, Slide(slide_path, channel=meta.get("channel")) as slide:
+            if tuple(slide.shape) != (meta["height"], meta["width"]):
+                raise SegRefineError(
+                    f"{slide_path}: slide size {slide.shape} differs from the plan's "
+                    f"({meta['height']}, {meta['width']})"
+                )
+            model, extra = _shard_model(model, card_path, meta, shard, model_context, stats)
+            stats["gpu"] = dev
+            jobs = prediction_windows(todo, int(meta.get("group_tiles", 1)), extra, slide.shape)
+            _window_stats(stats, jobs, todo)
+
+            def own_and_write(job, labels, prob):
+                return _own_and_write(job, labels, prob, meta, card_sha, tiles_dir, model_context, slide.shape)
+
+            _predict_windows(
+                slide, model, jobs, own_and_write, stats, prefetch, card_path, Progress(len(todo), f"shard {shard}")
+            )
+    stats["wall_s"] = time.monotonic() - t_start
+    stats["tiles_per_s"] = stats["tiles_computed"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
+    write_text_atomic(out_json, json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    log.info(
+        "shard %d done: %d tiles predicted (%.2f tiles/s), %d resumed; predict %.1f s, read %.1f s "
+        "(waited %.1f s), ownership+write %.1f s",
+        shard,
+        stats["tiles_computed"],
+        stats["tiles_per_s"],
+        stats["tiles_resumed"],
+        stats["predict_s"],
+        stats["read_s"],
+        stats["wait_read_s"],
+        stats["own_write_s"],
+    )
+    return stats
+
+
+def _shard_stats(shard: int, meta: dict, card_sha: str, n_tiles: int, n_todo: int) -> dict:
+    """A shard's report before any prediction (the timings and window figures are filled in as it runs)."""
+    return {
         "shard": shard,
-        "tiles": len(tiles),
-        "tiles_resumed": len(tiles) - len(todo),
-        "tiles_computed": len(todo),
+        "tiles": n_tiles,
+        "tiles_resumed": n_tiles - n_todo,
+        "tiles_computed": n_todo,
         "card_sha256": card_sha,
         "plan_id": meta["plan_id"],
         "read_s": 0.0,
@@ -870,171 +910,160 @@ def run_shard(
         "pixels_seen": 0,
         "pixels_cores": 0,
         "seen_ratio": None,
-        "intensity_reference": None,
-    }  # "slide" or "per window" once the model is loaded (None: all resumed)
-    log.info("shard %d: %d tiles, %d already done, %d to predict", shard, len(tiles), len(tiles) - len(todo), len(todo))
-    if todo:
-        with gpu_device(gpus) as dev, Slide(slide_path, channel=meta.get("channel")) as slide:
-            if model is None:
-                from segrefine.models import load_model
+        "intensity_reference": None,  # "slide" or "per window" once the model is loaded (None: all resumed)
+    }
 
-                model, card = load_model(card_path)
-            else:
-                card = {"name": type(model).__name__, "stage": "given"}
-            ref = meta.get("intensity_reference")
-            setter = getattr(model, "set_intensity_reference", None)  # duck-typed test/bench models may lack it
-            applied = bool(setter(ref)) if ref is not None and setter is not None else False
-            stats["intensity_reference"] = "slide" if applied else "per window"
-            if not applied:
-                log.warning(
-                    "shard %d: %s; each window is normalised by its own statistics, so tiles may differ "
-                    "from whole-image inference",
-                    shard,
-                    "the plan has no intensity reference (made by an older version: rerun tile-plan)"
-                    if ref is None
-                    else f"model {type(model).__name__} does not take a slide-level intensity reference",
-                )
-            stats["device"] = str(model.device)
-            stats["gpu"] = dev
-            extra = model_context_px(model) if model_context else 0
-            stats["model_context_px"] = extra
-            log.info(
-                "shard %d: model %s [%s] on %s; windows grown by the model's context: %d px",
-                shard,
-                card.get("name"),
-                card.get("stage"),
-                model.device,
-                extra,
-            )
-            if tuple(slide.shape) != (meta["height"], meta["width"]):
-                raise SegRefineError(
-                    f"{slide_path}: slide size {slide.shape} differs from the plan's "
-                    f"({meta['height']}, {meta['width']})"
-                )
 
-            H, W = slide.shape
-            jobs = prediction_windows(todo, int(meta.get("group_tiles", 1)), extra, (H, W))
-            stats["windows"] = len(jobs)
-            stats["pixels_seen"] = seen_pixels(jobs)
-            stats["pixels_cores"] = core_pixels(todo)
-            stats["seen_ratio"] = stats["pixels_seen"] / stats["pixels_cores"] if stats["pixels_cores"] else None
-            stats["max_window_px"] = [max(b[3] - b[1] for _, b in jobs), max(b[2] - b[0] for _, b in jobs)]
-            log.info(
-                "shard %d: %d tiles in %d window(s) (groups of up to %d x %d tiles, largest %d x %d px): the "
-                "model sees %.3f px per core px",
-                shard,
-                len(todo),
-                len(jobs),
-                stats["group_tiles"],
-                stats["group_tiles"],
-                stats["max_window_px"][1],
-                stats["max_window_px"][0],
-                stats["seen_ratio"] or 0.0,
-            )
+def _shard_model(model, card_path, meta: dict, shard: int, model_context: bool, stats: dict):
+    """(model, context px the windows grow by): the card's model (or ``model``), given the plan's intensity
+    reference; the device, the normalisation and the context go into ``stats``."""
+    if model is None:
+        from segrefine.models import load_model
 
-            def read(job):
-                t0 = time.monotonic()
-                gx0, gy0, gx1, gy1 = job[1]
-                img = slide.read(gx0, gy0, gx1 - gx0, gy1 - gy0)
-                return img, time.monotonic() - t0
-
-            def own_and_write(job, labels, prob):
-                """Every tile of a predicted window: its plan window cut out of the labels, its owned cells written
-                with their mean probability (``prob``: the window's probability map, or None)."""
-                from segrefine.uncertainty import cell_probability
-
-                t0 = time.monotonic()
-                gx0, gy0 = job[1][:2]
-                n_cells = n_large = 0
-                for t in job[0]:
-                    crop = labels[int(t.wy0) - gy0 : int(t.wy1) - gy0, int(t.wx0) - gx0 : int(t.wx1) - gx0]
-                    owned, origin, large, cstats = own_cells(crop, t, slide.shape, with_stats=True)
-                    cprob = None
-                    if prob is not None and owned.size:
-                        py, px = origin[1] - gy0, origin[0] - gx0  # the owned crop in the window's pixels
-                        cprob = cell_probability(
-                            owned, prob[py : py + owned.shape[0], px : px + owned.shape[1]], len(cstats)
-                        )
-                    write_tile(
-                        tile_file(tiles_dir, t.tile_id),
-                        owned,
-                        origin,
-                        large,
-                        {"tile_id": int(t.tile_id), "fingerprint": tile_fingerprint(meta, card_sha, t, model_context)},
-                        stats=cstats,
-                        prob=cprob,
-                    )
-                    for cell in large:
-                        log.warning(
-                            "tile %d: cell at anchor (x=%d, y=%d) reaches the window edge: it is larger than "
-                            "the halo (%d px) and clipped there",
-                            t.tile_id,
-                            cell["anchor_x"],
-                            cell["anchor_y"],
-                            meta["halo_px"],
-                        )
-                    n_cells += int(owned.max()) if owned.size else 0
-                    n_large += len(large)
-                return n_cells, n_large, time.monotonic() - t0, len(job[0])
-
-            predict_window = window_probability_predictor(model)
-            progress = Progress(len(todo), f"shard {shard}")
-            done = 0
-            with concurrent.futures.ThreadPoolExecutor(1) as reader, concurrent.futures.ThreadPoolExecutor(1) as writer:
-                reads = collections.deque(reader.submit(read, j) for j in jobs[:prefetch])
-                writes = collections.deque()
-                for i, job in enumerate(jobs):
-                    t0 = time.monotonic()
-                    img, read_s = reads.popleft().result()
-                    stats["wait_read_s"] += time.monotonic() - t0
-                    stats["read_s"] += read_s
-                    if i + prefetch < len(jobs):
-                        reads.append(reader.submit(read, jobs[i + prefetch]))
-                    t0, c0 = time.monotonic(), time.thread_time()
-                    labels, prob = predict_window(img, job[1][:2])
-                    labels = np.asarray(labels)
-                    stats["predict_s"] += time.monotonic() - t0
-                    stats["predict_cpu_s"] += time.thread_time() - c0  # this thread's CPU (model threads not counted)
-                    if labels.shape != img.shape[:2]:
-                        raise SegRefineError(
-                            f"model {card_path} returned labels of shape {labels.shape} for a "
-                            f"window of shape {img.shape[:2]} (tiles "
-                            f"{[int(t.tile_id) for t in job[0]]})"
-                        )
-                    if prob is not None and np.shape(prob) != labels.shape:
-                        raise SegRefineError(
-                            f"model {card_path} returned a probability map of shape "
-                            f"{np.shape(prob)} for labels of shape {labels.shape}"
-                        )
-                    del img
-                    writes.append(writer.submit(own_and_write, job, labels, prob))
-                    del labels, prob
-                    t0 = time.monotonic()
-                    while len(writes) > 1:  # at most one window's writes behind: errors (a full disk) surface at once
-                        done += _account(stats, writes.popleft().result())
-                    stats["wait_write_s"] += time.monotonic() - t0  # the writer thread slower than the model
-                    progress.update(done)
-                t0 = time.monotonic()
-                while writes:
-                    done += _account(stats, writes.popleft().result())
-                stats["wait_write_s"] += time.monotonic() - t0
-                progress.update(done, force=True)
-    stats["wall_s"] = time.monotonic() - t_start
-    stats["tiles_per_s"] = stats["tiles_computed"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
-    write_text_atomic(out_json, json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        model, card = load_model(card_path)
+    else:
+        card = {"name": type(model).__name__, "stage": "given"}
+    ref = meta.get("intensity_reference")
+    setter = getattr(model, "set_intensity_reference", None)  # duck-typed test/bench models may lack it
+    applied = bool(setter(ref)) if ref is not None and setter is not None else False
+    stats["intensity_reference"] = "slide" if applied else "per window"
+    if not applied:
+        log.warning(
+            "shard %d: %s; each window is normalised by its own statistics, so tiles may differ "
+            "from whole-image inference",
+            shard,
+            "the plan has no intensity reference (made by an older version: rerun tile-plan)"
+            if ref is None
+            else f"model {type(model).__name__} does not take a slide-level intensity reference",
+        )
+    stats["device"] = str(model.device)
+    extra = model_context_px(model) if model_context else 0
+    stats["model_context_px"] = extra
     log.info(
-        "shard %d done: %d tiles predicted (%.2f tiles/s), %d resumed; predict %.1f s, read %.1f s "
-        "(waited %.1f s), ownership+write %.1f s",
+        "shard %d: model %s [%s] on %s; windows grown by the model's context: %d px",
         shard,
-        stats["tiles_computed"],
-        stats["tiles_per_s"],
-        stats["tiles_resumed"],
-        stats["predict_s"],
-        stats["read_s"],
-        stats["wait_read_s"],
-        stats["own_write_s"],
+        card.get("name"),
+        card.get("stage"),
+        model.device,
+        extra,
     )
-    return stats
+    return model, extra
+
+
+def _window_stats(stats: dict, jobs, todo) -> None:
+    """What the model will see (windows, pixels per core pixel), into ``stats`` and the log."""
+    stats["windows"] = len(jobs)
+    stats["pixels_seen"] = seen_pixels(jobs)
+    stats["pixels_cores"] = core_pixels(todo)
+    stats["seen_ratio"] = stats["pixels_seen"] / stats["pixels_cores"] if stats["pixels_cores"] else None
+    stats["max_window_px"] = [max(b[3] - b[1] for _, b in jobs), max(b[2] - b[0] for _, b in jobs)]
+    log.info(
+        "shard %d: %d tiles in %d window(s) (groups of up to %d x %d tiles, largest %d x %d px): the "
+        "model sees %.3f px per core px",
+        stats["shard"],
+        len(todo),
+        len(jobs),
+        stats["group_tiles"],
+        stats["group_tiles"],
+        stats["max_window_px"][1],
+        stats["max_window_px"][0],
+        stats["seen_ratio"] or 0.0,
+    )
+
+
+def _own_and_write(job, labels, prob, meta: dict, card_sha: str, tiles_dir, model_context: bool, slide_shape):
+    """Every tile of a predicted window: its plan window cut out of the labels, its owned cells written with
+    their mean probability (``prob``: the window's probability map, or None). Returns (cells, large cells,
+    seconds, tiles)."""
+    from segrefine.uncertainty import cell_probability
+
+    t0 = time.monotonic()
+    gx0, gy0 = job[1][:2]
+    n_cells = n_large = 0
+    for t in job[0]:
+        crop = labels[int(t.wy0) - gy0 : int(t.wy1) - gy0, int(t.wx0) - gx0 : int(t.wx1) - gx0]
+        owned, origin, large, cstats = own_cells(crop, t, slide_shape, with_stats=True)
+        cprob = None
+        if prob is not None and owned.size:
+            py, px = origin[1] - gy0, origin[0] - gx0  # the owned crop in the window's pixels
+            cprob = cell_probability(owned, prob[py : py + owned.shape[0], px : px + owned.shape[1]], len(cstats))
+        write_tile(
+            tile_file(tiles_dir, t.tile_id),
+            owned,
+            origin,
+            large,
+            {"tile_id": int(t.tile_id), "fingerprint": tile_fingerprint(meta, card_sha, t, model_context)},
+            stats=cstats,
+            prob=cprob,
+        )
+        for cell in large:
+            log.warning(
+                "tile %d: cell at anchor (x=%d, y=%d) reaches the window edge: it is larger than "
+                "the halo (%d px) and clipped there",
+                t.tile_id,
+                cell["anchor_x"],
+                cell["anchor_y"],
+                meta["halo_px"],
+            )
+        n_cells += int(owned.max()) if owned.size else 0
+        n_large += len(large)
+    return n_cells, n_large, time.monotonic() - t0, len(job[0])
+
+
+def _predict_windows(slide, model, jobs, own_and_write, stats: dict, prefetch: int, card_path, progress) -> None:
+    """The shard's pipeline: a reader thread reads the next ``prefetch`` windows, this thread predicts, a writer
+    thread runs ``own_and_write`` on the previous window; timings go into ``stats``."""
+
+    def read(job):
+        t0 = time.monotonic()
+        gx0, gy0, gx1, gy1 = job[1]
+        img = slide.read(gx0, gy0, gx1 - gx0, gy1 - gy0)
+        return img, time.monotonic() - t0
+
+    predict_window = window_probability_predictor(model)
+    done = 0
+    with concurrent.futures.ThreadPoolExecutor(1) as reader, concurrent.futures.ThreadPoolExecutor(1) as writer:
+        reads = collections.deque(reader.submit(read, j) for j in jobs[:prefetch])
+        writes = collections.deque()
+        for i, job in enumerate(jobs):
+            t0 = time.monotonic()
+            img, read_s = reads.popleft().result()
+            stats["wait_read_s"] += time.monotonic() - t0
+            stats["read_s"] += read_s
+            if i + prefetch < len(jobs):
+                reads.append(reader.submit(read, jobs[i + prefetch]))
+            t0, c0 = time.monotonic(), time.thread_time()
+            labels, prob = predict_window(img, job[1][:2])
+            labels = np.asarray(labels)
+            stats["predict_s"] += time.monotonic() - t0
+            stats["predict_cpu_s"] += time.thread_time() - c0  # this thread's CPU (model threads not counted)
+            _check_prediction(labels, prob, img.shape[:2], card_path, job)
+            del img
+            writes.append(writer.submit(own_and_write, job, labels, prob))
+            del labels, prob
+            t0 = time.monotonic()
+            while len(writes) > 1:  # at most one window's writes behind: errors (a full disk) surface at once
+                done += _account(stats, writes.popleft().result())
+            stats["wait_write_s"] += time.monotonic() - t0  # the writer thread slower than the model
+            progress.update(done)
+        t0 = time.monotonic()
+        while writes:
+            done += _account(stats, writes.popleft().result())
+        stats["wait_write_s"] += time.monotonic() - t0
+        progress.update(done, force=True)
+
+
+def _check_prediction(labels, prob, shape, card_path, job) -> None:
+    if labels.shape != shape:
+        raise SegRefineError(
+            f"model {card_path} returned labels of shape {labels.shape} for a "
+            f"window of shape {shape} (tiles "
+            f"{[int(t.tile_id) for t in job[0]]})"
+        )
+    if prob is not None and np.shape(prob) != labels.shape:
+        raise SegRefineError(
+            f"model {card_path} returned a probability map of shape {np.shape(prob)} for labels of shape {labels.shape}"
+        )
 
 
 def _account(stats: dict, result) -> int:
