@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 
 from segrefine import SegRefineError
 from segrefine.models.base import Adapter, Pair
-from segrefine.models.tensorflow_common import tensorflow_device
+from segrefine.models.tensorflow_common import quiet_tensorflow, seed_tensorflow, tensorflow_device
 
 log = logging.getLogger("segrefine.stardist")
 
@@ -47,18 +46,6 @@ DEFAULTS = {
 }
 MODEL_FILES = ("config.json", "thresholds.json")
 WEIGHTS = "weights_best.h5"
-
-
-def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _seed(seed: int) -> None:
-    _quiet_tensorflow()
-    import tensorflow as tf
-
-    tf.keras.utils.set_random_seed(int(seed))  # python, numpy and tensorflow generators
-    tf.config.experimental.enable_op_determinism()
 
 
 def _scratch_dir() -> Path:
@@ -98,7 +85,7 @@ class StarDistAdapter(Adapter):
     @classmethod
     def download_official(cls, name: str, dest: Path) -> Path:
         """StarDist's own downloader (keras cache), then the model files copied into ``dest``."""
-        _quiet_tensorflow()
+        quiet_tensorflow()
         from stardist.models import StarDist2D
 
         model = StarDist2D.from_pretrained(name)
@@ -110,9 +97,9 @@ class StarDistAdapter(Adapter):
 
     @classmethod
     def from_pretrained(cls, weights: Optional[Path], params: dict) -> "StarDistAdapter":
-        _quiet_tensorflow()
+        quiet_tensorflow()
         params = {**DEFAULTS, **(params or {})}
-        _seed(int(params.get("seed", 0)))
+        seed_tensorflow(int(params.get("seed", 0)))
         from stardist.models import Config2D, StarDist2D
 
         if weights is None:
@@ -208,7 +195,7 @@ class StarDistAdapter(Adapter):
 
         p = {**self.params, **(params or {})}
         self.params = p
-        _seed(seed)
+        seed_tensorflow(seed)
         conf = self.model.config
         conf.train_learning_rate = float(p["learning_rate"])
         conf.train_batch_size = int(p["batch_size"])

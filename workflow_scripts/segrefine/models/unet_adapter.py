@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -40,7 +39,7 @@ import numpy as np
 
 from segrefine import SegRefineError
 from segrefine.models.base import Adapter, Pair
-from segrefine.models.tensorflow_common import tensorflow_device
+from segrefine.models.tensorflow_common import seed_tensorflow, tensorflow_device
 
 log = logging.getLogger("segrefine.unet")
 
@@ -390,14 +389,6 @@ def _blend_window(size: int, overlap: int) -> np.ndarray:
     return np.outer(ramp, ramp)
 
 
-def _seed(seed: int) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    tf.keras.utils.set_random_seed(int(seed))  # python, numpy and tensorflow generators
-    tf.config.experimental.enable_op_determinism()
-
-
 def _augment(x: np.ndarray, y: np.ndarray, rng) -> Tuple[np.ndarray, np.ndarray]:
     k = int(rng.integers(4))
     x, y = np.rot90(x, k, axes=(0, 1)), np.rot90(y, k, axes=(0, 1))
@@ -457,7 +448,7 @@ class UNetAdapter(Adapter):
                     f"model is configured with stain {params['stain']!r}"
                 )
             p["stain"] = stain
-        _seed(int(p.get("seed", 0)))
+        seed_tensorflow(int(p.get("seed", 0)))
         model = build_bcdu_net_d3(int(p["patch_size"]), STAINS[p["stain"]])
         if weights is not None:
             load_keras2_weights(model, weights)
@@ -517,7 +508,7 @@ class UNetAdapter(Adapter):
         else:
             log.warning("no validation patches: validating (and early-stopping) on the training patches")
             val = train
-        _seed(seed)
+        seed_tensorflow(seed)
         xs = [self._input(img) for img, _ in train]
         ys = [foreground_target(m, p["separate_touching"])[..., None] for _, m in train]
         xv, yv = self._val_tiles(val)
