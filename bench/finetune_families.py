@@ -65,6 +65,45 @@ def mean_metrics(csv):
     return {k: float(d[k].mean()) for k in ("f1", "precision", "recall")}, len(d)
 
 
+def pretrain_and_finetune(fw: str, env: str, weights, params: dict, d: Path, ts, name: str) -> Path:
+    """``segrefine pretrained-card`` of framework ``fw`` (its ``weights``, or none) into ``d/pretrained``, then
+    ``segrefine finetune`` of that card on the training set ``ts`` (seed 0) into ``d/finetuned``, named ``name``,
+    both with ``params``; returns the fine-tuned card."""
+    args = ["--weights", weights] if weights else []
+    step(
+        env,
+        "pretrained-card",
+        "--framework",
+        fw,
+        "--name",
+        fw,
+        "--source",
+        weights or "none",
+        "--params",
+        json.dumps(params),
+        "--out-dir",
+        d / "pretrained",
+        *args,
+    )
+    step(
+        env,
+        "finetune",
+        "--pretrained-card",
+        d / "pretrained" / "card.json",
+        "--trainset",
+        ts,
+        "--name",
+        name,
+        "--params",
+        json.dumps(params),
+        "--seed",
+        0,
+        "--out-dir",
+        d / "finetuned",
+    )
+    return d / "finetuned" / "card.json"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--realdata", default=str(REPO.parent / "shared" / "realdata"))
@@ -166,38 +205,7 @@ def main():
         if fw not in a.families:
             continue
         d = work / fw
-        args = ["--weights", weights] if weights else []
-        step(
-            env,
-            "pretrained-card",
-            "--framework",
-            fw,
-            "--name",
-            fw,
-            "--source",
-            weights or "none",
-            "--params",
-            json.dumps(params),
-            "--out-dir",
-            d / "pretrained",
-            *args,
-        )
-        step(
-            env,
-            "finetune",
-            "--pretrained-card",
-            d / "pretrained" / "card.json",
-            "--trainset",
-            ts,
-            "--name",
-            fw,
-            "--params",
-            json.dumps(params),
-            "--seed",
-            0,
-            "--out-dir",
-            d / "finetuned",
-        )
+        pretrain_and_finetune(fw, env, weights, params, d, ts, fw)
         res = {}
         for stage in ("pretrained", "finetuned"):
             step(

@@ -167,42 +167,9 @@ def train_models(work: Path, which, cellpose_epochs: int, stardist_epochs: int, 
 
 
 def _finetune(fw, env, weights, params, work: Path, ts: Path) -> Path:
-    from finetune_families import step
+    from finetune_families import pretrain_and_finetune
 
-    d = work / fw
-    args = ["--weights", weights] if weights else []
-    step(
-        env,
-        "pretrained-card",
-        "--framework",
-        fw,
-        "--name",
-        fw,
-        "--source",
-        weights or "none",
-        "--params",
-        json.dumps(params),
-        "--out-dir",
-        d / "pretrained",
-        *args,
-    )
-    step(
-        env,
-        "finetune",
-        "--pretrained-card",
-        d / "pretrained" / "card.json",
-        "--trainset",
-        ts,
-        "--name",
-        f"{fw}_cellbindb",
-        "--params",
-        json.dumps(params),
-        "--seed",
-        0,
-        "--out-dir",
-        d / "finetuned",
-    )
-    return d / "finetuned" / "card.json"
+    return pretrain_and_finetune(fw, env, weights, params, work / fw, ts, f"{fw}_cellbindb")
 
 
 # --- images -----------------------------------------------------------------------------------------------------------
