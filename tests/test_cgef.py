@@ -293,6 +293,24 @@ def test_a_matrix_with_no_transcript_in_any_cell_gives_an_empty_cgef(tmp_path):
     assert out.returncode == 0 and out.stdout.split()[-1] == "0", out.stderr[-2000:]  # gefpy opens it: 0 cells
 
 
+def _cgef_into_o(chip, gem, *options, labels="labels.tif"):
+    """`segrefine cgef` of ``chip/gem`` into ``chip/o`` (c.cgef, c.csv), exit status not checked: the refusals."""
+    return run_step(
+        "gef",
+        "cgef",
+        "--gem",
+        chip / gem,
+        "--labels",
+        chip / labels,
+        "--cgef",
+        chip / "o" / "c.cgef",
+        "--cellmap",
+        chip / "o" / "c.csv",
+        *options,
+        check=False,
+    )
+
+
 def _leaves_only(d, names, proc, message):
     assert proc.returncode == 1 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]  # one line
     left = sorted(p.name for p in d.iterdir()) if d.exists() else []
@@ -303,23 +321,7 @@ def test_a_malformed_line_in_the_last_chunk_is_named_and_nothing_is_left(chip):
     text = _gem_text() + "A\t1001\t501\t1\n" * 6 + "A\t1001\t501\n"
     (chip / "bad.gem").write_text(text)
     line = len(text.splitlines())
-    proc = run_step(
-        "gef",
-        "cgef",
-        "--gem",
-        chip / "bad.gem",
-        "--labels",
-        chip / "labels.tif",
-        "--cgef",
-        chip / "o" / "c.cgef",
-        "--cellmap",
-        chip / "o" / "c.csv",
-        "--origin",
-        "1000,500",
-        "--chunk",
-        4,
-        check=False,
-    )
+    proc = _cgef_into_o(chip, "bad.gem", "--origin", "1000,500", "--chunk", 4)
     _leaves_only(chip / "o", [], proc, f"bad.gem:{line}: malformed GEM line: no value in column MIDCount")
 
 
@@ -334,38 +336,12 @@ def test_a_truncated_bgef_and_oversized_label_ids_fail_naming_the_file(chip):
     data = (chip / "fake.bgef").read_bytes()
     (chip / "cut.bgef").write_bytes(data[: len(data) // 2])
     (chip / "fake.bgef").unlink()
-    proc = run_step(
-        "gef",
-        "cgef",
-        "--gem",
-        chip / "cut.bgef",
-        "--labels",
-        chip / "labels.tif",
-        "--cgef",
-        chip / "o" / "c.cgef",
-        "--cellmap",
-        chip / "o" / "c.csv",
-        check=False,
-    )
+    proc = _cgef_into_o(chip, "cut.bgef")
     _leaves_only(chip / "o", [], proc, "cut.bgef: cannot read as HDF5")
     big = _labels().astype(np.uint64)
     big[big == 9] = 1 << 33
     tifffile.imwrite(chip / "big.tif", big)
-    proc = run_step(
-        "gef",
-        "cgef",
-        "--gem",
-        chip / "chip.gem.gz",
-        "--labels",
-        chip / "big.tif",
-        "--cgef",
-        chip / "o" / "c.cgef",
-        "--cellmap",
-        chip / "o" / "c.csv",
-        "--origin",
-        "1000,500",
-        check=False,
-    )
+    proc = _cgef_into_o(chip, "chip.gem.gz", "--origin", "1000,500", labels="big.tif")
     _leaves_only(chip / "o", [], proc, "big.tif: label id 8589934592 does not fit in uint32")
 
 
@@ -373,23 +349,7 @@ def test_a_cell_gene_count_above_65535_summed_across_bands_is_refused_and_nothin
     """Cell 3 holds 40,000 + 30,000 UMIs of gene A on two label rows: each band's partial sum fits gefpy's uint16,
     their merge does not."""
     (chip / "many.gem").write_text("geneID\tx\ty\tMIDCount\nA\t1000\t500\t40000\nA\t1001\t501\t30000\n")
-    proc = run_step(
-        "gef",
-        "cgef",
-        "--gem",
-        chip / "many.gem",
-        "--labels",
-        chip / "labels.tif",
-        "--cgef",
-        chip / "o" / "c.cgef",
-        "--cellmap",
-        chip / "o" / "c.csv",
-        "--origin",
-        "1000,500",
-        "--band-rows",
-        1,
-        check=False,
-    )
+    proc = _cgef_into_o(chip, "many.gem", "--origin", "1000,500", "--band-rows", 1)
     message = "many.gem: cell 3 has 70000 UMIs of gene A; the cgef layout stores at most 65,535 per cell and gene"
     _leaves_only(chip / "o", [], proc, message)
 
