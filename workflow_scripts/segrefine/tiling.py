@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -862,11 +863,23 @@ def run_shard(
             jobs = prediction_windows(todo, int(meta.get("group_tiles", 1)), extra, slide.shape)
             _window_stats(stats, jobs, todo)
 
-            def own_and_write(job, labels, prob):
-                return _own_and_write(job, labels, prob, meta, card_sha, tiles_dir, model_context, slide.shape)
-
+            own_and_write = functools.partial(
+                _own_and_write,
+                meta=meta,
+                card_sha=card_sha,
+                tiles_dir=tiles_dir,
+                model_context=model_context,
+                slide_shape=slide.shape,
+            )
             _predict_windows(
-                slide, model, jobs, own_and_write, stats, prefetch, card_path, Progress(len(todo), f"shard {shard}")
+                slide,
+                model,
+                jobs,
+                own_and_write=own_and_write,
+                stats=stats,
+                prefetch=prefetch,
+                card_path=card_path,
+                progress=Progress(len(todo), f"shard {shard}"),
             )
     stats["wall_s"] = time.monotonic() - t_start
     stats["tiles_per_s"] = stats["tiles_computed"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
