@@ -162,7 +162,7 @@ def test_weights_of_the_wrong_kind_are_refused_before_training(tmp_path):
 # stand-in with CPnet's interface whose flows point up the blurred intensity and whose cell probability also depends
 # on the block's mean (a global, style-like term), so that cellpose's dynamics find real cells whose labels can be
 # compared.
-WINDOW_SCRIPT = textwrap.dedent("""
+BLOBS = textwrap.dedent("""
     import json, sys
     import numpy as np
     import torch
@@ -186,7 +186,8 @@ WINDOW_SCRIPT = textwrap.dedent("""
             style = x[:, :1].mean(dim=(2, 3), keepdim=True)
             y = torch.cat([5 * gy / n, 5 * gx / n, 10 * (b - 0.35 - 0.2 * style)], 1)
             return y, style.flatten(1).expand(-1, 256)
-
+""")
+WINDOW_SCRIPT = BLOBS + textwrap.dedent("""
     img = make_slide(256, seed=3)[0]
     out = {}
     for name, diameter in (("up", 13.0), ("down", 24.0)):
@@ -252,3 +253,137 @@ def test_window_labels_equal_the_whole_image_in_the_interior(window_results):
 @pytest.mark.slow
 def test_predict_is_predict_window_at_the_origin(window_results):
     assert window_results["up"]["predict_is_window_at_origin"]
+
+
+# --- needed pixels: the blocks no kept pixel depends on are skipped, the overlap of windows predicted once ------------
+SKIP_SCRIPT = BLOBS + textwrap.dedent("""
+    import collections, tempfile
+    from pathlib import Path
+    from segrefine.io import write_tiff
+    from segrefine.intensity import tissue_at
+    from segrefine.tiling import make_plan, plan_tissue, read_tile, run_shard, tile_file, write_plan
+
+    def model(net=None):
+        m = CellposeAdapter.from_pretrained(None, {"diam_mean": 17.0, "diameter": 13.0, "seed": 0,
+                                                    "flow_threshold": 0.0, "min_size": 8})
+        m.BLOCK, m.STRIDE = 64, 48
+        if net is not None:
+            m.model.net = net
+        return m
+
+    img = make_slide(256, seed=3)[0]
+    out = {}
+    m = model()
+    m.set_intensity_reference(intensity_reference(img))
+    whole = m.network_outputs(img)
+    yy, xx = np.mgrid[:256, :256]
+    needed = (yy - 128) ** 2 + (xx - 100) ** 2 < 50 ** 2
+    before = m.network_counts()
+    part = m.network_outputs(img, (0, 0), needed)
+    after = m.network_counts()
+    out["needed_max_diff"] = float(np.abs(part - whole)[:, needed].max())
+    out["computed"], out["skipped"] = after["computed"] - before["computed"], after["skipped"] - before["skipped"]
+    out["all_blocks"] = before["computed"]
+    bg = part[2] == m.BACKGROUND_LOGIT
+    out["background_px"] = int(bg.sum())
+    out["background_flows_zero"] = bool((part[:2, bg] == 0).all())
+    dist = np.sqrt((yy - 128) ** 2 + (xx - 100) ** 2) - 50  # from the needed disc
+    out["background_min_dist"] = float(dist[bg].min()) if bg.any() else None
+
+    # two overlapping windows, their needed pixels at the model's context from their cut edges: with the cache the
+    # overlap's blocks run once, and every needed pixel gets the whole image's outputs
+    c = m.context_px()
+    wins = [(0, 180), (76, 256)]
+    need = []
+    for x0, x1 in wins:
+        n = np.zeros((256, x1 - x0), bool)
+        n[:, (c if x0 > 0 else 0) : (x1 - x0) - (c if x1 < 256 else 0)] = True
+        need.append(n)
+    for cached in (False, True):
+        m.cache_blocks(collections.Counter(k for (x0, _), n in zip(wins, need) for k in m.network_blocks(n, (x0, 0)))
+                       if cached else None)
+        c0 = m.network_counts()
+        diffs = [float(np.abs(m.network_outputs(img[:, x0:x1], (x0, 0), n) - whole[:, :, x0:x1])[:, n].max())
+                 for (x0, x1), n in zip(wins, need)]
+        c1 = m.network_counts()
+        out["cache" if cached else "nocache"] = {"max_diff": max(diffs), "computed": c1["computed"] - c0["computed"],
+                                                  "reused": c1["reused"] - c0["reused"]}
+    out["cache_left"] = len(m._cache)
+
+    # the shard: every cell the whole image predicts with its anchor in the tissue, and only those, in the tiles
+    d = Path(tempfile.mkdtemp())
+    big = make_slide(256, seed=3)[0]
+    big = np.concatenate([big, np.full((256, 128), big.min(), big.dtype)], axis=1)  # right third blank
+    write_tiff(d / "slide.tif", big, tiled=True, photometric="minisblack", metadata={"axes": "YX"})
+    (d / "card.json").write_text("{}")
+    plan, meta = make_plan(d / "slide.tif", 64, 24, shards=1, tissue_downsample=4, group=2)
+    write_plan(plan, meta, d / "tiles.tsv", d / "tiles.json")
+    tissue = plan_tissue(meta)
+    runs = {}
+    for skip in (True, False):
+        mm = model(Blobs())
+        mm.skips_unneeded = skip
+        runs[skip] = run_shard(d / "tiles.tsv", 0, d / "card.json", d / "slide.tif", d / f"tiles{skip}",
+                               d / f"s{skip}.json", model=mm)
+    ref = model(Blobs())
+    ref.set_intensity_reference(meta["intensity_reference"])
+    labels = ref.predict(big)
+    want, got = set(), set()
+    for lab in range(1, int(labels.max()) + 1):
+        ys, xs = np.nonzero(labels == lab)
+        if len(ys) and tissue_at(tissue, [int(np.floor(xs.mean()))], [int(np.floor(ys.mean()))])[0]:
+            want.add(tuple(np.ravel_multi_index((ys, xs), big.shape)))
+    outside = int(labels.max()) - len(want)
+    for t in plan[plan["in_tissue"]]:
+        owned, tmeta, _ = read_tile(tile_file(d / "tilesTrue", t.tile_id))
+        ox, oy = tmeta["origin"]
+        for lab in range(1, int(owned.max()) + 1 if owned.size else 1):
+            ys, xs = np.nonzero(owned == lab)
+            got.add(tuple(np.ravel_multi_index((ys + oy, xs + ox), big.shape)))
+    out["shard"] = {"cells_whole": int(labels.max()), "cells_in_tissue": len(want), "cells_outside": outside,
+                    "tiled": len(got), "same": len(want & got),
+                    "network": {str(k): v.get("network") for k, v in runs.items()},
+                    "ratio": {str(k): v.get("model_input_per_tissue_px") for k, v in runs.items()},
+                    "tissue_fraction": float(tissue[0].mean())}
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def skip_results():
+    proc = subprocess.run(
+        [str(env_python("cellpose")), "-c", SKIP_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS)),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.integration
+def test_needed_pixels_get_the_whole_image_outputs_and_unneeded_blocks_are_skipped(skip_results):
+    r = skip_results
+    assert r["needed_max_diff"] < 1e-5, r
+    assert r["skipped"] > 0 and r["computed"] + r["skipped"] == r["all_blocks"], r
+    # a pixel no computed block covers is background (no flow), and it is not a needed pixel
+    assert r["background_px"] > 0 and r["background_flows_zero"] and r["background_min_dist"] > 0, r
+
+
+@pytest.mark.integration
+def test_overlapping_windows_reuse_their_shared_blocks(skip_results):
+    nocache, cache = skip_results["nocache"], skip_results["cache"]
+    assert nocache["max_diff"] < 1e-5 and cache["max_diff"] < 1e-5, skip_results
+    assert nocache["reused"] == 0 and cache["reused"] > 0
+    assert cache["computed"] + cache["reused"] == nocache["computed"]  # each shared block once instead of twice
+    assert skip_results["cache_left"] == 0  # nothing is kept after the last window that needs it
+
+
+@pytest.mark.integration
+def test_shard_with_skipped_blocks_keeps_exactly_the_whole_image_cells_anchored_in_tissue(skip_results):
+    s = skip_results["shard"]
+    assert s["cells_in_tissue"] >= 50 and 0.3 < s["tissue_fraction"] < 0.9, s
+    assert s["tiled"] == s["cells_in_tissue"] == s["same"], s
+    skip, full = s["network"]["True"], s["network"]["False"]
+    assert full is None or full["skipped"] == 0
+    assert skip["skipped"] > 0 and skip["reused"] > 0, s

@@ -70,21 +70,32 @@ class Adapter(abc.ABC):
         return self.predict(image), None
 
     def predict_window_with_probability(
-        self, image: np.ndarray, origin: Tuple[int, int]
+        self, image: np.ndarray, origin: Tuple[int, int], needed: Optional[np.ndarray] = None
     ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """``predict_with_probability`` of a slide window whose top-left pixel is ``origin`` (see
-        ``predict_window``); the labels are exactly ``predict_window``'s. Default:
+        ``predict_window``, and ``needed`` there); the labels are exactly ``predict_window``'s. Default:
         ``predict_with_probability(image)`` (the origin does not matter); an adapter with a slide-anchored grid
         overrides both."""
         return self.predict_with_probability(image)
 
-    def predict_window(self, image: np.ndarray, origin: Tuple[int, int]) -> np.ndarray:
+    #: True when ``predict_window`` uses ``needed`` to skip work (Cellpose: the network blocks no needed pixel
+    #: depends on); the shard then computes each window's needed pixels
+    skips_unneeded: bool = False
+
+    def predict_window(
+        self, image: np.ndarray, origin: Tuple[int, int], needed: Optional[np.ndarray] = None
+    ) -> np.ndarray:
         """Instance labels of a slide window whose top-left pixel is ``origin`` = (x, y) in slide pixels.
 
         Tiled inference calls this for every window and whole-image inference with origin (0, 0). An adapter
         whose prediction depends on where the image sits (a resampling or block grid anchored at the slide's
         origin, so that a window sees the same grid as the whole slide) overrides it, and its ``predict(image)``
-        is ``predict_window(image, (0, 0))``. Default: ``predict(image)``: the origin does not matter."""
+        is ``predict_window(image, (0, 0))``. Default: ``predict(image)``: the origin does not matter.
+
+        ``needed``: None, or an (h, w) bool mask of the image's pixels whose labels the caller keeps (the shard:
+        the tiles' cores and halo within the tissue grown by the halo). An adapter with ``skips_unneeded`` may then
+        skip the work no needed pixel depends on: the labels of the cells lying in ``needed`` are unchanged, the
+        others may be missing or differ. Default: ignored."""
         return self.predict(image)
 
     def context_px(self) -> int:

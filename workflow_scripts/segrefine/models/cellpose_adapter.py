@@ -118,6 +118,12 @@ def _taper(bsize: int) -> np.ndarray:
     return (m[:, None] * m[None, :]).astype(np.float32)
 
 
+def _scaled_range(origin: int, n: int, r: float):
+    """[X0, X1): the rescaled slide pixels of an image axis of ``n`` source px starting at slide pixel ``origin``
+    (``_scaled_grid``)."""
+    return int(np.floor((origin + 0.5) * r - 0.5)), int(np.floor((origin + n - 0.5) * r - 0.5)) + 2
+
+
 def _scaled_grid(origin: int, n: int, r: float):
     """Rescaled pixels of an image axis of ``n`` source px starting at slide pixel ``origin``: (i0, i1) local source
     indices and weights w (value = (1 - w) * src[i0] + w * src[i1]) for rescaled slide pixels [X0, X0 + len).
@@ -125,8 +131,7 @@ def _scaled_grid(origin: int, n: int, r: float):
     Rescaled slide pixel X is source coordinate (X + 0.5) / r - 0.5, computed in slide coordinates so that every
     window gives the same indices and weights as the whole slide; coordinates beyond the image repeat its edge
     pixel. The range covers both rescaled neighbours of every source pixel (see ``_source_grid``)."""
-    X0 = int(np.floor((origin + 0.5) * r - 0.5))
-    X1 = int(np.floor((origin + n - 0.5) * r - 0.5)) + 2
+    X0, X1 = _scaled_range(origin, n, r)
     v = (np.arange(X0, X1, dtype=np.float64) + 0.5) / r - 0.5
     f = np.floor(v)
     w = (v - f).astype(np.float32)
@@ -142,6 +147,45 @@ def _source_grid(origin: int, n: int, r: float, X0: int, m: int):
     w = (v - f).astype(np.float32)
     f = f.astype(np.int64) - X0
     return (np.clip(f, 0, m - 1), np.clip(f + 1, 0, m - 1)), w
+
+
+def _axis_blocks(origin: int, n: int, r: float, block: int, stride: int):
+    """The grid blocks along one axis of an image of ``n`` source px at slide pixel ``origin`` (those whose core
+    meets its rescaled pixels, as ``CellposeAdapter._run_blocks`` runs them): (k, lo, hi, clean).
+
+    Block k spans the rescaled slide pixels [a, a + block), a = k * stride - (block - stride) // 2. [lo, hi) are the
+    image's local source pixels whose output depends on it (a source pixel takes the two rescaled pixels around
+    (x + 0.5) * r - 0.5; one pixel more on each side for rounding). ``clean``: its input is the whole slide's, i.e.
+    the source pixels it is interpolated from lie inside the image with one pixel to spare and it lies within the
+    rescaled image (no zero padding): its output is the same in every window that holds it."""
+    X0, X1 = _scaled_range(origin, n, r)
+    k = np.arange(X0 // stride, (X1 - 1) // stride + 1)
+    a = k * stride - (block - stride) // 2
+    lo = np.ceil((a - 0.5) / r - 0.5).astype(np.int64) - 1 - origin
+    hi = np.ceil((a + block + 0.5) / r - 0.5).astype(np.int64) + 1 - origin
+    src_lo = np.floor((a + 0.5) / r - 0.5).astype(np.int64) - origin
+    src_hi = np.floor((a + block - 0.5) / r - 0.5).astype(np.int64) + 1 - origin
+    clean = (src_lo >= 1) & (src_hi <= n - 2) & (a >= X0) & (a + block <= X1)
+    return k, np.clip(lo, 0, n), np.clip(hi, 0, n), clean
+
+
+def needed_blocks(needed: np.ndarray, origin, r: float, block: int, stride: int) -> Dict[tuple, bool]:
+    """{(ky, kx): clean} of the grid blocks that some pixel of the bool mask ``needed`` (the image's pixels)
+    depends on (``_axis_blocks``); numpy only, so that benchmarks can count blocks without cellpose."""
+    needed = np.asarray(needed, bool)
+    H, W = needed.shape
+    ky, ylo, yhi, yclean = _axis_blocks(int(origin[1]), H, r, block, stride)
+    kx, xlo, xhi, xclean = _axis_blocks(int(origin[0]), W, r, block, stride)
+    rows = needed.any(axis=1)
+    out: Dict[tuple, bool] = {}
+    for i in range(len(ky)):
+        if not rows[ylo[i] : yhi[i]].any():
+            continue
+        cols = needed[ylo[i] : yhi[i]].any(axis=0)
+        for j in range(len(kx)):
+            if cols[xlo[j] : xhi[j]].any():
+                out[(int(ky[i]), int(kx[j]))] = bool(yclean[i] and xclean[j])
+    return out
 
 
 def _lerp(a: np.ndarray, idx, w: np.ndarray, axis: int) -> np.ndarray:
@@ -313,7 +357,40 @@ class CellposeAdapter(Adapter):
         """Instance labels of an image: ``predict_window(image, (0, 0))`` (the one inference path)."""
         return self.predict_window(image, (0, 0))
 
-    def predict_window(self, image: np.ndarray, origin=(0, 0)) -> np.ndarray:
+    skips_unneeded = True
+    #: the cell probability logit of a pixel that no computed block covers (``needed`` given): background
+    BACKGROUND_LOGIT = -20.0
+    #: at most this many bytes of network-block outputs are kept for later windows (``cache_blocks``)
+    CACHE_MAX_BYTES = 1 << 30
+
+    def network_blocks(self, needed: np.ndarray, origin=(0, 0)) -> List[tuple]:
+        """The grid blocks (ky, kx) the network runs for a window at ``origin`` given its ``needed`` pixels: those
+        some needed pixel depends on (``needed_blocks``)."""
+        return list(needed_blocks(needed, origin, self.rescale(), self.BLOCK, self.STRIDE))
+
+    def cache_blocks(self, uses: Optional[Dict[tuple, int]]) -> None:
+        """Keep the outputs of network blocks that later windows need: ``uses`` = the number of windows (the next
+        ``predict_window`` calls with ``needed``) that need each block (``network_blocks``). A block whose input
+        lies inside its window (``_axis_blocks``' clean) gives the whole slide's output in every window, so its
+        output is computed once and reused while windows still need it, up to ``CACHE_MAX_BYTES``. Only with the
+        slide's intensity reference (with each window's own normalisation the inputs differ). None: no cache."""
+        self._cache = {} if uses and getattr(self, "_lowhigh", None) is not None else None
+        self._uses = dict(uses or {})
+
+    def network_counts(self) -> dict:
+        """Network blocks since the model was loaded: computed, reused from the cache, skipped (no needed pixel
+        depends on them), and ``input_px``: blocks computed x the source pixels of one block step (STRIDE² / r²),
+        the network's input in the units in which whole-image inference of the same pixels costs 1 per pixel."""
+        c = dict(getattr(self, "_counts", None) or {"computed": 0, "reused": 0, "skipped": 0})
+        c["input_px"] = c["computed"] * (self.STRIDE / self.rescale()) ** 2
+        return c
+
+    def _count(self, what: str, n: int = 1) -> None:
+        if getattr(self, "_counts", None) is None:
+            self._counts = {"computed": 0, "reused": 0, "skipped": 0}
+        self._counts[what] += n
+
+    def predict_window(self, image: np.ndarray, origin=(0, 0), needed: Optional[np.ndarray] = None) -> np.ndarray:
         """Instance labels of a slide window whose top-left pixel is ``origin`` = (x, y) in slide pixels.
 
         cellpose 3.1's ``CellposeModel.eval`` steps with every size- and position-dependent choice anchored at
@@ -333,17 +410,20 @@ class CellposeAdapter(Adapter):
            rescaled coordinate (x + 0.5) * r - 0.5), then cellpose's dynamics (``resize_and_compute_masks``,
            niter 200 / r, flow_threshold, cellprob_threshold, min_size as ``eval``).
 
-        Exactness: see ``context_px``."""
-        return self._masks(self.network_outputs(image, origin))
+        Exactness: see ``context_px``. ``needed`` (the image's pixels whose labels the caller keeps): only the
+        blocks a needed pixel depends on run (``needed_blocks``), so a needed pixel gets the same outputs as
+        without it; a pixel no block covers is background. Blocks already computed for an earlier window are
+        taken from the cache (``cache_blocks``)."""
+        return self._masks(self.network_outputs(image, origin, needed))
 
     def predict_with_probability(self, image: np.ndarray):
         """(labels, probability) of an image: ``predict_window_with_probability(image, (0, 0))``."""
         return self.predict_window_with_probability(image, (0, 0))
 
-    def predict_window_with_probability(self, image: np.ndarray, origin=(0, 0)):
+    def predict_window_with_probability(self, image: np.ndarray, origin=(0, 0), needed: Optional[np.ndarray] = None):
         """(``predict_window``'s labels, the sigmoid of the network's cell probability output at the image's
         pixels, (h, w) float32): one network pass gives both; the labels are exactly ``predict_window``'s."""
-        y = self.network_outputs(image, origin)
+        y = self.network_outputs(image, origin, needed)
         prob = sigmoid(y[2])  # before the dynamics, which may work on y in place
         return self._masks(y), prob
 
@@ -365,9 +445,9 @@ class CellposeAdapter(Adapter):
         )
         return np.asarray(masks).astype(np.uint32)
 
-    def network_outputs(self, image: np.ndarray, origin=(0, 0)) -> np.ndarray:
+    def network_outputs(self, image: np.ndarray, origin=(0, 0), needed: Optional[np.ndarray] = None) -> np.ndarray:
         """(3, h, w) float32 at the image's pixels: Y flow, X flow, cell probability (steps 1-4 of
-        ``predict_window`` before the dynamics)."""
+        ``predict_window`` before the dynamics; ``needed`` as there)."""
         from cellpose import transforms
 
         img = _as_input(image)
@@ -385,17 +465,19 @@ class CellposeAdapter(Adapter):
         ys, yw, Ya = _scaled_grid(y0, H, r)
         xs, xw, Xa = _scaled_grid(x0, W, r)
         scaled = _lerp(_lerp(x, ys, yw, axis=0), xs, xw, axis=1)  # (Hs, Ws, C) rescaled slide pixels [Ya.., Xa..)
-        y = self._run_blocks(scaled.transpose(2, 0, 1), Ya, Xa)  # (3, Hs, Ws): Y flow, X flow, cell probability
+        if needed is not None and np.shape(needed) != (H, W):
+            raise SegRefineError(f"needed mask of shape {np.shape(needed)} for an image of {H} x {W} px")
+        blocks = None if needed is None else needed_blocks(needed, (x0, y0), r, self.BLOCK, self.STRIDE)
+        y = self._run_blocks(scaled.transpose(2, 0, 1), Ya, Xa, blocks)  # (3, Hs, Ws): flows, cell probability
         ys, yw = _source_grid(y0, H, r, Ya, y.shape[1])
         xs, xw = _source_grid(x0, W, r, Xa, y.shape[2])
         return _lerp(_lerp(y, ys, yw, axis=1), xs, xw, axis=2)  # (3, H, W)
 
-    def _run_blocks(self, scaled: np.ndarray, Ya: int, Xa: int) -> np.ndarray:
+    def _run_blocks(self, scaled: np.ndarray, Ya: int, Xa: int, blocks: Optional[Dict[tuple, bool]] = None):
         """Network outputs (3, Hs, Ws) of the rescaled image ``scaled`` (C, Hs, Ws) whose top-left pixel is
         (Xa, Ya) in the rescaled slide frame: every grid block whose core (its central STRIDE px) meets the
-        image, in batches of BATCH on the model's device, averaged with the taper mask."""
-        from cellpose import core
-
+        image (or only those in ``blocks``, {(ky, kx): clean}), in batches of BATCH on the model's device,
+        averaged with the taper mask, in grid order (a cached block is added where it falls in that order)."""
         B, S = self.BLOCK, self.STRIDE
         o = (B - S) // 2
         C, Hs, Ws = scaled.shape
@@ -405,19 +487,67 @@ class CellposeAdapter(Adapter):
         py, px = int(ky[0]) * S - o, int(kx[0]) * S - o
         frame = np.zeros((C, (len(ky) - 1) * S + B, (len(kx) - 1) * S + B), np.float32)
         frame[:, Ya - py : Ya - py + Hs, Xa - px : Xa - px + Ws] = scaled
-        starts = [(i * S, j * S) for i in range(len(ky)) for j in range(len(kx))]
         out = np.zeros((3,) + frame.shape[1:], np.float32)
         weight = np.zeros(frame.shape[1:], np.float32)
         taper = _taper(B)
-        for b in range(0, len(starts), self.BATCH):
-            batch = starts[b : b + self.BATCH]
-            blocks = np.stack([frame[:, sy : sy + B, sx : sx + B] for sy, sx in batch])
-            yb = core._forward(self.model.net, blocks)[0]  # torch.no_grad, the net's device, numpy back
-            for (sy, sx), yk in zip(batch, yb):
-                out[:, sy : sy + B, sx : sx + B] += yk[:3] * taper
-                weight[sy : sy + B, sx : sx + B] += taper
-        out /= weight
+        cache = getattr(self, "_cache", None) if blocks is not None else None
+
+        def add(sy, sx, yk):
+            out[:, sy : sy + B, sx : sx + B] += yk * taper
+            weight[sy : sy + B, sx : sx + B] += taper
+
+        pending: list = []  # (start, key) of blocks to compute, in grid order
+
+        def flush():
+            if pending:
+                yb = self._forward(np.stack([frame[:, sy : sy + B, sx : sx + B] for (sy, sx), _ in pending]))
+                for ((sy, sx), key), yk in zip(pending, yb):
+                    add(sy, sx, yk)
+                    if cache is not None:
+                        self._keep(key, yk, blocks[key])
+                self._count("computed", len(pending))
+                pending.clear()
+
+        for i in range(len(ky)):
+            for j in range(len(kx)):
+                key = (int(ky[i]), int(kx[j]))
+                if blocks is not None and key not in blocks:
+                    self._count("skipped")
+                    continue
+                if cache is not None and key in cache:
+                    flush()  # the blocks before it first: the same sums as without the cache
+                    add(i * S, j * S, cache[key])
+                    self._keep(key, cache[key], True)
+                    self._count("reused")
+                    continue
+                pending.append(((i * S, j * S), key))
+                if len(pending) == self.BATCH:
+                    flush()
+        flush()
+        covered = weight > 0
+        out = np.divide(out, weight, out=out, where=covered)
+        if not covered.all():  # skipped blocks' pixels: no flow, background probability
+            out[:2, ~covered] = 0.0
+            out[2, ~covered] = self.BACKGROUND_LOGIT
         return out[:, Ya - py : Ya - py + Hs, Xa - px : Xa - px + Ws]
+
+    def _forward(self, blocks: np.ndarray) -> np.ndarray:
+        """The network's (Y flow, X flow, cell probability) of a batch of blocks (n, C, B, B)."""
+        from cellpose import core
+
+        return core._forward(self.model.net, blocks)[0][:, :3]  # torch.no_grad, the net's device, numpy back
+
+    def _keep(self, key: tuple, yk: np.ndarray, clean: bool) -> None:
+        """One use of block ``key`` done: keep its output while later windows need it (and it is clean and the
+        cache has room), drop it after its last use."""
+        left = self._uses.get(key, 0) - 1
+        self._uses[key] = left
+        if left <= 0:
+            self._cache.pop(key, None)
+            self._uses.pop(key, None)
+        elif clean and key not in self._cache:
+            if (len(self._cache) + 1) * yk.nbytes <= self.CACHE_MAX_BYTES:
+                self._cache[key] = np.array(yk, np.float32)
 
     def card_fields(self) -> dict:
         p = self.params
