@@ -184,6 +184,53 @@ def test_ownership_keeps_each_seam_cell_in_exactly_one_tile():
     assert (ox, oy) == (95, 40) and owned.shape == (10, 11)
 
 
+def test_ownership_with_a_tissue_mask_keeps_only_cells_anchored_in_tissue():
+    H, W = 100, 200
+    labels = np.zeros((H, W), np.int32)
+    labels[10:20, 10:20] = 1  # anchor (14, 14): tissue
+    labels[10:20, 60:80] = 2  # anchor (69, 14): outside the tissue, although its left end lies in it
+    labels[60:70, 30:40] = 3  # anchor (34, 64): tissue
+    mask = np.zeros((10, 20), bool)  # 10 px per mask pixel
+    mask[:, :6] = True  # x < 60
+    t = grid_tiles((H, W), 200, 0)[0]
+    owned, _, _ = own_cells(labels, t, (H, W))
+    assert owned.max() == 3
+    owned, (ox, oy), _ = own_cells(labels, t, (H, W), tissue=(mask, 10.0))
+    assert owned.max() == 2 and (ox, oy) == (10, 10)
+    assert set(np.unique(labels[oy : oy + owned.shape[0], ox : ox + owned.shape[1]][owned > 0])) == {1, 3}
+
+
+def test_plan_keeps_its_tissue_mask_and_the_needed_pixels_follow_it(slide, tmp_path):
+    from segrefine.intensity import tissue_pixels
+    from segrefine.tiling import grow_tissue, needed_pixels, plan_tissue, prediction_windows, read_plan
+
+    slide_path, img, _ = slide
+    plan, meta = make_plan(slide_path, 96, 24, shards=1, tissue_downsample=4, group=2)
+    write_plan(plan, meta, tmp_path / "tiles.tsv", tmp_path / "tiles.json")
+    mask, f = plan_tissue(read_plan(tmp_path / "tiles.tsv")[1])
+    assert f == 4.0 and mask.shape == (96, 144) and 0.4 < mask.mean() < 0.9
+    assert mask.mean() == pytest.approx(meta["tissue"]["tissue_fraction"])
+    assert not mask[:, 100:].any()  # the blank right third
+    grown = grow_tissue((mask, f), 24)
+    # every pixel within 24 px of a tissue pixel is in the grown mask
+    tis = tissue_pixels((mask, f), 0, 0, 576, 384)
+    from scipy import ndimage
+
+    assert not (ndimage.binary_dilation(tis, np.ones((47, 47), bool)) & ~tissue_pixels(grown, 0, 0, 576, 384)).any()
+    job = prediction_windows([t for t in plan if t.in_tissue], 2, 10, (384, 576))[-1]
+    need = needed_pixels(job, grown)
+    gx0, gy0, gx1, gy1 = job[1]
+    assert need.shape == (gy1 - gy0, gx1 - gx0)
+    inside = np.zeros_like(need)
+    for t in job[0]:
+        inside[t.wy0 - gy0 : t.wy1 - gy0, t.wx0 - gx0 : t.wx1 - gx0] = True
+    assert (need == (inside & tissue_pixels(grown, gx0, gy0, gx1 - gx0, gy1 - gy0))).all()
+    assert need.any() and not need.all()
+    assert (needed_pixels(job, None) == inside).all()
+    # without tissue detection the plan has no mask: nothing is skipped or filtered
+    assert plan_tissue(make_plan(slide_path, 96, 24, tissue=False)[1]) is None
+
+
 def test_cells_larger_than_the_halo_are_reported_with_their_location():
     H, W = 100, 200
     labels = np.zeros((H, W), np.int32)

@@ -96,9 +96,21 @@ def tissue_pixels(tissue, x: int, y: int, w: int, h: int) -> np.ndarray:
     clipped to the mask (a block-mean view drops the slide's last partial block: it takes the last mask pixel)."""
     mask, f = tissue
     mask = np.asarray(mask, bool)
-    rows = np.minimum((np.arange(y, y + h) / float(f)).astype(np.int64), mask.shape[0] - 1)
-    cols = np.minimum((np.arange(x, x + w) / float(f)).astype(np.int64), mask.shape[1] - 1)
-    return mask[np.ix_(rows, cols)]
+    return mask[
+        np.ix_(_mask_index(np.arange(y, y + h), f, mask.shape[0]), _mask_index(np.arange(x, x + w), f, mask.shape[1]))
+    ]
+
+
+def tissue_at(tissue, x, y) -> np.ndarray:
+    """bool per level-0 pixel (x[i], y[i]): whether it is tissue, by ``tissue_pixels``' rule."""
+    mask, f = tissue
+    mask = np.asarray(mask, bool)
+    return mask[_mask_index(np.asarray(y), f, mask.shape[0]), _mask_index(np.asarray(x), f, mask.shape[1])]
+
+
+def _mask_index(coords: np.ndarray, f: float, n: int) -> np.ndarray:
+    """The mask pixel of level-0 coordinates: floor(c / f), clipped to [0, n)."""
+    return np.clip((np.asarray(coords, np.float64) / float(f)).astype(np.int64), 0, n - 1)
 
 
 def intensity_reference(source, block: int = 2048, max_sample: int = 2**22, seed: int = 0, tissue=None) -> dict:

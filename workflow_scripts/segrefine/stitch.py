@@ -513,7 +513,22 @@ def _new_report(slide_path, meta: dict, shards: list) -> dict:
         "intensity_reference": meta.get("intensity_reference"),
         # how the shards that predicted tiles normalised them ("slide" or "per window")
         "normalization": sorted({str(s["intensity_reference"]) for s in shards if s.get("intensity_reference")}),
+        "network": _network_totals(shards),
     }
+
+
+def _network_totals(shards: list) -> Optional[dict]:
+    """The shards' network figures summed (``tiling._network_stats``: Cellpose's blocks), or None when no shard
+    counted blocks: blocks computed, reused and skipped, the input in source px, and per tissue px of the cores."""
+    counted = [s for s in shards if s.get("network")]
+    if not counted:
+        return None
+    out = {k: sum(int(s["network"][k]) for s in counted) for k in ("computed", "reused", "skipped")}
+    out["input_px"] = float(sum(s["network"]["input_px"] for s in counted))
+    tissue = sum(int(s.get("pixels_tissue") or 0) for s in counted)
+    out["tissue_px"] = tissue
+    out["input_per_tissue_px"] = out["input_px"] / tissue if tissue else None
+    return out
 
 
 def _paste_tiles(

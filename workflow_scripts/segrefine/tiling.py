@@ -377,6 +377,7 @@ def make_plan(
                 "threshold": float(thr),
                 "level": tissue_level if tissue_level is not None else "auto",
                 "tissue_fraction": float(mask.mean()),
+                "mask": encode_tissue(mask, f),
             }
         else:
             meta["tissue"] = {"activate": False}
@@ -438,6 +439,61 @@ def make_plan(
     return plan, meta
 
 
+def encode_tissue(mask: np.ndarray, f: float) -> dict:
+    """The plan's tissue mask for its JSON: shape, level-0 px per mask px (``f``), the bits (numpy ``packbits``,
+    zlib, base64: a few kB for a chip's mask at 16 px) and their sha256, which the tile fingerprints include."""
+    import base64
+    import zlib
+
+    mask = np.asarray(mask, bool)
+    packed = np.packbits(mask, axis=None).tobytes()
+    return {
+        "shape": [int(n) for n in mask.shape],
+        "px_per_mask_px": float(f),
+        "packbits_zlib_base64": base64.b64encode(zlib.compress(packed, 9)).decode("ascii"),
+        "sha256": hashlib.sha256(json.dumps(mask.shape).encode() + packed).hexdigest(),
+    }
+
+
+def plan_tissue(meta: dict) -> Optional[Tuple[np.ndarray, float]]:
+    """(tissue mask, level-0 px per mask px) of a plan (``encode_tissue``), or None: tissue detection off, or a
+    plan made by an older version (then nothing is skipped below the tile level and no cell is filtered)."""
+    import base64
+    import zlib
+
+    enc = (meta.get("tissue") or {}).get("mask")
+    if enc is None:
+        return None
+    h, w = enc["shape"]
+    bits = np.frombuffer(zlib.decompress(base64.b64decode(enc["packbits_zlib_base64"])), np.uint8)
+    return np.unpackbits(bits, count=h * w).reshape(h, w).astype(bool), float(enc["px_per_mask_px"])
+
+
+def grow_tissue(tissue: Tuple[np.ndarray, float], px: int) -> Tuple[np.ndarray, float]:
+    """The tissue mask grown so that it holds every level-0 pixel closer than ``px`` (in x and in y) to a tissue
+    pixel (``intensity.tissue_pixels``' rule): ceil(px / f) + 1 mask pixels, which covers the rounding."""
+    mask, f = tissue
+    for _ in range(int(np.ceil(max(int(px), 0) / f)) + 1):
+        mask = _grow(mask)
+    return mask, f
+
+
+def needed_pixels(job, grown: Optional[Tuple[np.ndarray, float]]) -> np.ndarray:
+    """(h, w) bool over a prediction window ``job`` = (tiles, (x0, y0, x1, y1)): the pixels whose model output a
+    cell the tiles keep can depend on: their plan windows (core + halo), within ``grown`` (the tissue grown by the
+    halo, ``grow_tissue``; None: everywhere). A cell smaller than the halo anchored in a core and in the tissue
+    lies in it."""
+    from segrefine.intensity import tissue_pixels
+
+    gx0, gy0, gx1, gy1 = job[1]
+    out = np.zeros((gy1 - gy0, gx1 - gx0), bool)
+    for t in job[0]:
+        out[int(t.wy0) - gy0 : int(t.wy1) - gy0, int(t.wx0) - gx0 : int(t.wx1) - gx0] = True
+    if grown is not None:
+        out &= tissue_pixels(grown, gx0, gy0, gx1 - gx0, gy1 - gy0)
+    return out
+
+
 def slide_tissue(slide, downsample: int = 16, level: Optional[int] = None, bright_field: bool = False):
     """(tissue mask, threshold, level-0 px per mask px) of an open ``segrefine.io.Slide``, from its low-resolution
     view (``Slide.thumbnail``): the mask that both the tile plan's tissue flags and the slide's intensity
@@ -493,8 +549,9 @@ def read_plan(plan_tsv, plan_json=None):
 
 
 # --- ownership --------------------------------------------------------------------------------------------------------
-def own_cells(labels: np.ndarray, tile, slide_shape: Tuple[int, int], with_stats: bool = False):
-    """The cells of one window's prediction that the tile owns.
+def own_cells(labels: np.ndarray, tile, slide_shape: Tuple[int, int], with_stats: bool = False, tissue=None):
+    """The cells of one window's prediction that the tile owns: those whose anchor lies in the tile's core, and in
+    the tissue when ``tissue`` = (the plan's tissue mask, level-0 px per mask px) is given (``plan_tissue``).
 
     Returns (owned labels cropped to their bounding box, numbered 1..n in
     raster order of their anchors, as uint32; crop origin (x, y) in slide
@@ -533,6 +590,10 @@ def own_cells(labels: np.ndarray, tile, slide_shape: Tuple[int, int], with_stats
     ax = np.floor(np.nan_to_num(cx, nan=-1e9)).astype(np.int64) + int(tile.wx0)
     keep = (area > 0) & (ax >= tile.x0) & (ax < tile.x1) & (ay >= tile.y0) & (ay < tile.y1)
     keep[0] = False
+    if tissue is not None:
+        from segrefine.intensity import tissue_at
+
+        keep[keep] &= tissue_at(tissue, ax[keep], ay[keep])
     kept_ids = np.nonzero(keep)[0]
     if len(kept_ids) == 0:
         return empty
@@ -618,12 +679,16 @@ def tile_file(tiles_dir, tile_id: int) -> Path:
 
 def tile_fingerprint(meta: dict, card_sha: str, tile, model_context: bool = True) -> str:
     """What a tile result was computed from: the plan, the model card, the slide's intensity reference, the
-    window, and whether the window was grown by the model's own context (the card fixes how much)."""
+    window, whether the window was grown by the model's own context (the card fixes how much), and the plan's
+    tissue mask (which cells the tile keeps, which pixels the model predicts)."""
     ref = meta.get("intensity_reference")
     norm = hashlib.sha256(json.dumps(ref, sort_keys=True).encode()).hexdigest()[:8] if ref is not None else "none"
+    tissue = ((meta.get("tissue") or {}).get("mask") or {}).get("sha256")
     return (
         f"{meta['plan_id']}:{card_sha[:16]}:{norm}:{int(tile.tile_id)}:"
-        f"{int(tile.wx0)},{int(tile.wy0)},{int(tile.wx1)},{int(tile.wy1)}" + (":mc" if model_context else "")
+        f"{int(tile.wx0)},{int(tile.wy0)},{int(tile.wx1)},{int(tile.wy1)}"
+        + (":mc" if model_context else "")
+        + (f":t{tissue[:16]}" if tissue else "")
     )
 
 
@@ -784,14 +849,18 @@ def window_predictor(model):
 
 
 def window_probability_predictor(model):
-    """``f(image, (x, y))`` -> (labels, probability map or None): ``Adapter.predict_window_with_probability``
-    (the labels are exactly ``predict_window``'s), or ``window_predictor``'s labels and None for models without
-    it (duck-typed test and benchmark models)."""
+    """``f(image, (x, y), needed)`` -> (labels, probability map or None): ``Adapter.predict_window_with_probability``
+    (the labels are exactly ``predict_window``'s; ``needed`` is passed to a model that takes it), or
+    ``window_predictor``'s labels and None for models without it (duck-typed test and benchmark models)."""
+    import inspect
+
     f = getattr(model, "predict_window_with_probability", None)
     if f is not None:
-        return f
+        if "needed" in inspect.signature(f).parameters:
+            return f
+        return lambda image, origin, needed=None: f(image, origin)
     labels_of = window_predictor(model)
-    return lambda image, origin: (labels_of(image, origin), None)
+    return lambda image, origin, needed=None: (labels_of(image, origin), None)
 
 
 def model_context_px(model) -> int:
@@ -861,7 +930,9 @@ def run_shard(
             model, extra = _shard_model(model, card_path, meta, shard, model_context, stats)
             stats["gpu"] = dev
             jobs = prediction_windows(todo, int(meta.get("group_tiles", 1)), extra, slide.shape)
-            _window_stats(stats, jobs, todo)
+            tissue = plan_tissue(meta)
+            needed_of = _network_plan(model, jobs, tissue, int(meta["halo_px"]), stats)
+            _window_stats(stats, jobs, todo, tissue)
 
             own_and_write = functools.partial(
                 _own_and_write,
@@ -870,6 +941,7 @@ def run_shard(
                 tiles_dir=tiles_dir,
                 model_context=model_context,
                 slide_shape=slide.shape,
+                tissue=tissue,
             )
             _predict_windows(
                 slide,
@@ -880,7 +952,9 @@ def run_shard(
                 prefetch=prefetch,
                 card_path=card_path,
                 progress=Progress(len(todo), f"shard {shard}"),
+                needed_of=needed_of,
             )
+            _network_stats(model, stats)
     stats["wall_s"] = time.monotonic() - t_start
     stats["tiles_per_s"] = stats["tiles_computed"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
     write_text_atomic(out_json, json.dumps(stats, indent=2, sort_keys=True) + "\n")
@@ -963,11 +1037,58 @@ def _shard_model(model, card_path, meta: dict, shard: int, model_context: bool, 
     return model, extra
 
 
-def _window_stats(stats: dict, jobs, todo) -> None:
-    """What the model will see (windows, pixels per core pixel), into ``stats`` and the log."""
+def _network_plan(model, jobs, tissue, halo_px: int, stats: dict):
+    """For a model that skips what no kept cell needs (``Adapter.skips_unneeded``: Cellpose's network blocks):
+    the function that gives a window's needed pixels (``needed_pixels`` within the tissue grown by the halo), and,
+    for a model with a block cache (``network_blocks`` + ``cache_blocks``: Cellpose), the number of windows that
+    need each network block, so that a block in the overlap of two windows is predicted once. None otherwise."""
+    if not getattr(model, "skips_unneeded", False):
+        return None
+    grown = grow_tissue(tissue, halo_px) if tissue is not None else None
+    needed_of = functools.partial(needed_pixels, grown=grown)
+    if hasattr(model, "network_blocks") and hasattr(model, "cache_blocks"):
+        uses = collections.Counter()
+        for job in jobs:
+            uses.update(model.network_blocks(needed_of(job), job[1][:2]))
+        model.cache_blocks(uses)
+        stats["network_blocks_needed"] = len(uses)
+    return needed_of
+
+
+def _network_stats(model, stats: dict) -> None:
+    """The network's input as the model counted it (``network_counts``: Cellpose's blocks), into ``stats``: blocks
+    computed, reused from the cache and skipped, and ``model_input_px`` = blocks computed x the source pixels one
+    block step covers; ``model_input_per_tissue_px`` per pixel of the tissue in the predicted cores."""
+    f = getattr(model, "network_counts", None)
+    if f is None:
+        return
+    counts = f()
+    stats["network"] = counts
+    stats["model_input_px"] = int(round(counts["input_px"]))
+    tissue_px = stats.get("pixels_tissue")
+    stats["model_input_per_tissue_px"] = counts["input_px"] / tissue_px if tissue_px else None
+    log.info(
+        "shard %d: network blocks computed %d, reused %d, skipped %d: the network saw %.3f px per tissue px",
+        stats["shard"],
+        counts["computed"],
+        counts["reused"],
+        counts["skipped"],
+        stats["model_input_per_tissue_px"] or 0.0,
+    )
+
+
+def _window_stats(stats: dict, jobs, todo, tissue=None) -> None:
+    """What the model will see (windows, pixels per core pixel), into ``stats`` and the log; with the plan's
+    tissue mask, the tissue pixels of the cores (``pixels_tissue``)."""
+    from segrefine.intensity import tissue_pixels
+
     stats["windows"] = len(jobs)
     stats["pixels_seen"] = seen_pixels(jobs)
     stats["pixels_cores"] = core_pixels(todo)
+    if tissue is not None:
+        stats["pixels_tissue"] = int(
+            sum(tissue_pixels(tissue, int(t.x0), int(t.y0), int(t.x1 - t.x0), int(t.y1 - t.y0)).sum() for t in todo)
+        )
     stats["seen_ratio"] = stats["pixels_seen"] / stats["pixels_cores"] if stats["pixels_cores"] else None
     stats["max_window_px"] = [max(b[3] - b[1] for _, b in jobs), max(b[2] - b[0] for _, b in jobs)]
     log.info(
@@ -984,10 +1105,12 @@ def _window_stats(stats: dict, jobs, todo) -> None:
     )
 
 
-def _own_and_write(job, labels, prob, meta: dict, card_sha: str, tiles_dir, model_context: bool, slide_shape):
-    """Every tile of a predicted window: its plan window cut out of the labels, its owned cells written with
-    their mean probability (``prob``: the window's probability map, or None). Returns (cells, large cells,
-    seconds, tiles)."""
+def _own_and_write(
+    job, labels, prob, meta: dict, card_sha: str, tiles_dir, model_context: bool, slide_shape, tissue=None
+):
+    """Every tile of a predicted window: its plan window cut out of the labels, its owned cells (anchored in its
+    core and in ``tissue``, the plan's mask, when given) written with their mean probability (``prob``: the
+    window's probability map, or None). Returns (cells, large cells, seconds, tiles)."""
     from segrefine.uncertainty import cell_probability
 
     t0 = time.monotonic()
@@ -995,7 +1118,7 @@ def _own_and_write(job, labels, prob, meta: dict, card_sha: str, tiles_dir, mode
     n_cells = n_large = 0
     for t in job[0]:
         crop = labels[int(t.wy0) - gy0 : int(t.wy1) - gy0, int(t.wx0) - gx0 : int(t.wx1) - gx0]
-        owned, origin, large, cstats = own_cells(crop, t, slide_shape, with_stats=True)
+        owned, origin, large, cstats = own_cells(crop, t, slide_shape, with_stats=True, tissue=tissue)
         cprob = None
         if prob is not None and owned.size:
             py, px = origin[1] - gy0, origin[0] - gx0  # the owned crop in the window's pixels
@@ -1023,15 +1146,18 @@ def _own_and_write(job, labels, prob, meta: dict, card_sha: str, tiles_dir, mode
     return n_cells, n_large, time.monotonic() - t0, len(job[0])
 
 
-def _predict_windows(slide, model, jobs, own_and_write, stats: dict, prefetch: int, card_path, progress) -> None:
-    """The shard's pipeline: a reader thread reads the next ``prefetch`` windows, this thread predicts, a writer
-    thread runs ``own_and_write`` on the previous window; timings go into ``stats``."""
+def _predict_windows(
+    slide, model, jobs, own_and_write, stats: dict, prefetch: int, card_path, progress, needed_of=None
+) -> None:
+    """The shard's pipeline: a reader thread reads the next ``prefetch`` windows (and their needed pixels,
+    ``needed_of(job)``, for a model that takes them), this thread predicts, a writer thread runs ``own_and_write``
+    on the previous window; timings go into ``stats``."""
 
     def read(job):
         t0 = time.monotonic()
         gx0, gy0, gx1, gy1 = job[1]
         img = slide.read(gx0, gy0, gx1 - gx0, gy1 - gy0)
-        return img, time.monotonic() - t0
+        return (img, None if needed_of is None else needed_of(job)), time.monotonic() - t0
 
     predict_window = window_probability_predictor(model)
     done = 0
@@ -1040,18 +1166,18 @@ def _predict_windows(slide, model, jobs, own_and_write, stats: dict, prefetch: i
         writes = collections.deque()
         for i, job in enumerate(jobs):
             t0 = time.monotonic()
-            img, read_s = reads.popleft().result()
+            (img, needed), read_s = reads.popleft().result()
             stats["wait_read_s"] += time.monotonic() - t0
             stats["read_s"] += read_s
             if i + prefetch < len(jobs):
                 reads.append(reader.submit(read, jobs[i + prefetch]))
             t0, c0 = time.monotonic(), time.thread_time()
-            labels, prob = predict_window(img, job[1][:2])
+            labels, prob = predict_window(img, job[1][:2], needed=needed)
             labels = np.asarray(labels)
             stats["predict_s"] += time.monotonic() - t0
             stats["predict_cpu_s"] += time.thread_time() - c0  # this thread's CPU (model threads not counted)
             _check_prediction(labels, prob, img.shape[:2], card_path, job)
-            del img
+            del img, needed
             writes.append(writer.submit(own_and_write, job, labels, prob))
             del labels, prob
             t0 = time.monotonic()
