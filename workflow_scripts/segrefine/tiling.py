@@ -932,6 +932,7 @@ def run_shard(
             jobs = prediction_windows(todo, int(meta.get("group_tiles", 1)), extra, slide.shape)
             tissue = plan_tissue(meta)
             needed_of = _network_plan(model, jobs, tissue, int(meta["halo_px"]), stats)
+            counts_before = model.network_counts() if hasattr(model, "network_counts") else None
             _window_stats(stats, jobs, todo, tissue)
 
             own_and_write = functools.partial(
@@ -954,7 +955,7 @@ def run_shard(
                 progress=Progress(len(todo), f"shard {shard}"),
                 needed_of=needed_of,
             )
-            _network_stats(model, stats)
+            _network_stats(model, stats, counts_before)
     stats["wall_s"] = time.monotonic() - t_start
     stats["tiles_per_s"] = stats["tiles_computed"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
     write_text_atomic(out_json, json.dumps(stats, indent=2, sort_keys=True) + "\n")
@@ -1055,14 +1056,14 @@ def _network_plan(model, jobs, tissue, halo_px: int, stats: dict):
     return needed_of
 
 
-def _network_stats(model, stats: dict) -> None:
-    """The network's input as the model counted it (``network_counts``: Cellpose's blocks), into ``stats``: blocks
-    computed, reused from the cache and skipped, and ``model_input_px`` = blocks computed x the source pixels one
-    block step covers; ``model_input_per_tissue_px`` per pixel of the tissue in the predicted cores."""
-    f = getattr(model, "network_counts", None)
-    if f is None:
+def _network_stats(model, stats: dict, before: Optional[dict]) -> None:
+    """The network's input as the model counted it (``network_counts``: Cellpose's blocks) since ``before`` (its
+    counts when the shard began), into ``stats``: blocks computed, reused from the cache and skipped, and
+    ``model_input_px`` = blocks computed x the source pixels one block step covers; ``model_input_per_tissue_px``
+    per pixel of the tissue in the predicted cores."""
+    if before is None:
         return
-    counts = f()
+    counts = {k: v - before[k] for k, v in model.network_counts().items()}
     stats["network"] = counts
     stats["model_input_px"] = int(round(counts["input_px"]))
     tissue_px = stats.get("pixels_tissue")
