@@ -8,7 +8,8 @@ keeps exactly the cells it *owns* (see ``own_cells``), so after stitching
 
 Ownership rule: a cell predicted in a tile's window belongs to that tile iff
 its anchor, the pixel floor(centroid) in slide coordinates, lies in the tile's
-core. Cores partition the slide, so one tile owns each cell. A cell smaller
+core (and, with tissue detection on, in the plan's tissue mask). Cores
+partition the slide, so one tile owns each cell. A cell smaller
 than the halo whose anchor lies in the core lies entirely inside the window
 and away from its edge, so it is never cut; a kept cell that touches a window
 edge that is not the slide's edge is larger than the halo: it is kept as seen
@@ -20,6 +21,11 @@ the model's context) and crops each tile's window out of it, so that a model
 that needs a wide context (Cellpose: ~225 px) sees little more than the
 slide; each tile's window lies at least that context inside the grouped
 window, so the result is the same as predicting the tiles one by one.
+
+Needed pixels: a model that can skip work (``Adapter.skips_unneeded``:
+Cellpose's network blocks) is given, with each window, the pixels a kept cell
+can cover (``needed_pixels``), and runs only what they depend on; blocks two
+windows of a shard share run once (``CellposeAdapter.cache_blocks``).
 
 Only numpy, scipy, scikit-image, tifffile, zarr and pandas are imported here:
 the shard runner runs in every model framework's env.
