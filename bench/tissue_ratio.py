@@ -26,8 +26,9 @@ resolved afterwards, so not tile-exact) is computed with its own grid formula (`
 ``Patches1D``) on the same slides with the detector's mask as its region of interest: its defaults (2000 px, 50 px
 overlap) and its Xenium Cellpose configuration (6000 px, 150 px); each patch costs the blocks cellpose 3.1's
 ``eval`` runs on it (the patch resized by r, then ``transforms.make_tiles``: max(2, ceil(1.2 L r / 224)) blocks
-of 224 px per side at its default ``tile_overlap`` 0.1), in the same block steps. SOPA is not installed for this: the figures are the patch
-geometry and cellpose's block count, which is all that decides what its model is given.
+of 224 px per side at its default ``tile_overlap`` 0.1), in the same block steps. SOPA is not installed for
+this: the figures are the patch geometry and cellpose's block count, which is all that decides what its model is
+given.
 """
 
 from __future__ import annotations
