@@ -31,6 +31,22 @@ def run_step(env, *args, check=True, cwd=None):
     return proc
 
 
+def env_json(env, code: str) -> dict:
+    """Run Python ``code`` in env's interpreter (PYTHONPATH=workflow_scripts); it prints one JSON object as its last
+    line, returned here. A failure shows the end of its stderr."""
+    import json
+    import textwrap
+
+    proc = subprocess.run(
+        [str(env_python(env)), "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS), TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="session")
 def realdata():
     if not REALDATA.is_dir():

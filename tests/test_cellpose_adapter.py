@@ -3,15 +3,12 @@ CellBinDB Stereo-seq crops (shared/realdata): train, save, load, predict; and
 its slide-anchored inference (predict_window), in a cellpose-env subprocess."""
 
 import json
-import os
-import subprocess
 import textwrap
 
 import pandas as pd
 import pytest
 
-from conftest import SCRIPTS, run_step
-from segrefine.envs import env_python
+from conftest import env_json, run_step
 from segrefine.models import CARD_KEYS
 
 
@@ -226,14 +223,7 @@ WINDOW_SCRIPT = BLOBS + textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def window_results():
-    proc = subprocess.run(
-        [str(env_python("cellpose")), "-c", WINDOW_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(SCRIPTS)),
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return env_json("cellpose", WINDOW_SCRIPT)
 
 
 @pytest.mark.slow
@@ -351,14 +341,7 @@ SKIP_SCRIPT = BLOBS + textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def skip_results():
-    proc = subprocess.run(
-        [str(env_python("cellpose")), "-c", SKIP_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(SCRIPTS)),
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return env_json("cellpose", SKIP_SCRIPT)
 
 
 @pytest.mark.integration

@@ -9,15 +9,12 @@ that moves them). Only one cpsam process runs at a time.
 
 import json
 import math
-import os
-import subprocess
 
 import pytest
 import tifffile
 
-from conftest import SCRIPTS, run_step
+from conftest import env_json, run_step
 from segrefine import SegRefineError
-from segrefine.envs import env_python
 from segrefine.models import CARD_KEYS
 from segrefine.models.cpsam_adapter import CpsamAdapter
 from segrefine.pretrained import official_path
@@ -119,18 +116,6 @@ def test_same_inputs_and_seed_give_the_same_weights(finetuned, small_trainset):
     )
 
 
-def _cpsam_python(code: str) -> dict:
-    """Run ``code`` in the cpsam env; it prints one JSON object as its last line."""
-    proc = subprocess.run(
-        [str(env_python("cpsam")), "-c", code],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(SCRIPTS)),
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
 def test_card_is_complete_and_loss_recorded(finetuned, small_trainset):
     card = json.loads((finetuned / "finetuned" / "card.json").read_text())
@@ -152,7 +137,9 @@ def test_card_is_complete_and_loss_recorded(finetuned, small_trainset):
 def test_weights_change_and_reload_predicts_identically(finetuned, small_trainset):
     """The trainable weights moved from the seeded initial ones; the saved model, loaded
     twice through its card alone, gives identical predictions (and network outputs)."""
-    out = _cpsam_python(f"""
+    out = env_json(
+        "cpsam",
+        f"""
 import json, numpy as np, torch
 from segrefine.io import read_tiff
 from segrefine.models import load_model
@@ -175,7 +162,8 @@ print(json.dumps({{"n_trainable": len(trainable), "n_moved": len(moved), "max_ch
                   "same_pred": bool(np.array_equal(preds[0], preds[1])), "dtype": str(preds[0].dtype),
                   "shape": list(preds[0].shape), "same_cellprob": bool(np.array_equal(flows[0], flows[1])),
                   "cellprob_std": float(np.std(flows[0]))}}))
-""")
+""",
+    )
     print("cpsam weights/reload check:", out)
     assert out["n_trainable"] > 100
     assert out["n_moved"] > 0.9 * out["n_trainable"], out

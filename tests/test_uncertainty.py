@@ -4,19 +4,15 @@ probability), the latter in each framework's env."""
 
 import json
 import math
-import os
-import subprocess
-import textwrap
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import ndimage
 
-from conftest import SCRIPTS, run_step
+from conftest import env_json, run_step
 from segrefine import SegRefineError
 from segrefine.annotate_next import UNCERTAINTY_KEY, score_candidates
-from segrefine.envs import env_python
 from segrefine.models.classical_adapter import ClassicalAdapter
 from segrefine.uncertainty import (
     TRANSFORMS,
@@ -254,15 +250,6 @@ def test_annotate_next_stores_and_ranks_by_uncertainty_by_cli(tmp_path):
 
 
 # --- the adapters, in their envs ------------------------------------------------------------------------------------
-def _run(env, code):
-    proc = subprocess.run(
-        [str(env_python(env)), "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(SCRIPTS), TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 CELLPOSE = """
@@ -308,7 +295,7 @@ CELLPOSE = """
 
 @pytest.mark.integration
 def test_cellpose_probability_is_the_sigmoid_of_cellprob_and_labels_are_predicts():
-    r = _run("cellpose", CELLPOSE)
+    r = env_json("cellpose", CELLPOSE)
     assert r["same"] and r["window_same"] and r["shape_ok"] and r["dtype"] == "float32"
     assert r["sigmoid"] < 1e-6 and r["n"] >= 5
     # cells are where the cell probability exceeds the threshold (logit 0): their mean probability is above 0.5
@@ -345,7 +332,7 @@ STARDIST_UNET = """
 
 @pytest.mark.slow
 def test_stardist_and_unet_probabilities_and_labels_are_predicts():
-    r = _run("tensorflow", STARDIST_UNET)
+    r = env_json("tensorflow", STARDIST_UNET)
     sd, un = r["stardist"], r["unet"]
     assert sd["n"] > 0 and sd["same"] and sd["constant"] and sd["is_object_prob"] and sd["at_least_thresh"], sd
     assert sd["background"] == 0.0
@@ -369,5 +356,5 @@ CPSAM = """
 @pytest.mark.slow
 def test_cpsam_probability_is_a_map_and_labels_are_predicts():
     """cpsam from scratch (no model hub here): a random network, so only the contract is checked."""
-    r = _run("cpsam", CPSAM)
+    r = env_json("cpsam", CPSAM)
     assert r["same"] and r["shape_ok"] and r["dtype"] == "float32" and 0 <= r["range"][0] <= r["range"][1] <= 1, r
