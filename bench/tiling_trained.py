@@ -67,8 +67,9 @@ VARIANTS = {
 }
 
 
-def stock_predict_window(self, image, origin=(0, 0)):
-    """The previous CellposeAdapter.predict: ``CellposeModel.eval`` on the image, the origin ignored."""
+def stock_predict_window(self, image, origin=(0, 0), needed=None):
+    """The previous CellposeAdapter.predict: ``CellposeModel.eval`` on the image, the origin and ``needed``
+    ignored."""
     from segrefine.models.cellpose_adapter import _as_input, _channels
 
     img = _as_input(image)
@@ -239,6 +240,12 @@ def worker(spec_path: Path) -> None:
         from segrefine.models.cellpose_adapter import CellposeAdapter
 
         CellposeAdapter.predict = CellposeAdapter.predict_window = stock_predict_window
+        CellposeAdapter.skips_unneeded = False
+        # the shard predicts through predict_window_with_probability: the stock labels, no probability
+        CellposeAdapter.predict_window_with_probability = lambda self, image, origin=(0, 0), needed=None: (
+            stock_predict_window(self, image, origin),
+            None,
+        )
     load_model(card_used)  # warm the imports (torch / tensorflow) outside the timings
     context = int(spec.get("context") or 0)
     model_context = spec.get("model_context", True)

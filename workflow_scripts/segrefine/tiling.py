@@ -856,13 +856,12 @@ def window_predictor(model):
 
 def window_probability_predictor(model):
     """``f(image, (x, y), needed)`` -> (labels, probability map or None): ``Adapter.predict_window_with_probability``
-    (the labels are exactly ``predict_window``'s; ``needed`` is passed to a model that takes it), or
-    ``window_predictor``'s labels and None for models without it (duck-typed test and benchmark models)."""
-    import inspect
-
+    (the labels are exactly ``predict_window``'s; ``needed`` goes to a model that ``skips_unneeded``, others
+    predict the whole window), or ``window_predictor``'s labels and None for models without it (duck-typed test
+    and benchmark models)."""
     f = getattr(model, "predict_window_with_probability", None)
     if f is not None:
-        if "needed" in inspect.signature(f).parameters:
+        if getattr(model, "skips_unneeded", False):
             return f
         return lambda image, origin, needed=None: f(image, origin)
     labels_of = window_predictor(model)

@@ -203,6 +203,10 @@ class CellposeAdapter(Adapter):
     def __init__(self, model, params: dict):
         self.model = model
         self.params = {**DEFAULTS, **(params or {})}
+        self._lowhigh = None  # the slide's normalisation (set_intensity_reference); None: each image's own
+        self._cache: Optional[Dict[tuple, np.ndarray]] = None  # network-block outputs later windows need
+        self._uses: Dict[tuple, int] = {}  # windows still needing each block (cache_blocks)
+        self._counts = {"computed": 0, "reused": 0, "skipped": 0}  # network blocks since loading
 
     @classmethod
     def download_official(cls, name: str, dest: Path) -> Path:
@@ -320,7 +324,7 @@ class CellposeAdapter(Adapter):
 
     def _normalize(self, img: np.ndarray):
         """cellpose's ``normalize`` argument: per image (True) or the slide's lowhigh for the image's model channels."""
-        lowhigh = getattr(self, "_lowhigh", None)
+        lowhigh = self._lowhigh
         if lowhigh is None:
             return True
         if lowhigh[img.ndim == 3] is None:
@@ -374,21 +378,14 @@ class CellposeAdapter(Adapter):
         lies inside its window (``_axis_blocks``' clean) gives the whole slide's output in every window, so its
         output is computed once and reused while windows still need it, up to ``CACHE_MAX_BYTES``. Only with the
         slide's intensity reference (with each window's own normalisation the inputs differ). None: no cache."""
-        self._cache = {} if uses and getattr(self, "_lowhigh", None) is not None else None
+        self._cache = {} if uses and self._lowhigh is not None else None
         self._uses = dict(uses or {})
 
     def network_counts(self) -> dict:
         """Network blocks since the model was loaded: computed, reused from the cache, skipped (no needed pixel
         depends on them), and ``input_px``: blocks computed x the source pixels of one block step (STRIDE² / r²),
         the network's input in the units in which whole-image inference of the same pixels costs 1 per pixel."""
-        c = dict(getattr(self, "_counts", None) or {"computed": 0, "reused": 0, "skipped": 0})
-        c["input_px"] = c["computed"] * (self.STRIDE / self.rescale()) ** 2
-        return c
-
-    def _count(self, what: str, n: int = 1) -> None:
-        if getattr(self, "_counts", None) is None:
-            self._counts = {"computed": 0, "reused": 0, "skipped": 0}
-        self._counts[what] += n
+        return dict(self._counts, input_px=self._counts["computed"] * (self.STRIDE / self.rescale()) ** 2)
 
     def predict_window(self, image: np.ndarray, origin=(0, 0), needed: Optional[np.ndarray] = None) -> np.ndarray:
         """Instance labels of a slide window whose top-left pixel is ``origin`` = (x, y) in slide pixels.
@@ -490,7 +487,7 @@ class CellposeAdapter(Adapter):
         out = np.zeros((3,) + frame.shape[1:], np.float32)
         weight = np.zeros(frame.shape[1:], np.float32)
         taper = _taper(B)
-        cache = getattr(self, "_cache", None) if blocks is not None else None
+        cache = self._cache if blocks is not None else None
 
         def add(sy, sx, yk):
             out[:, sy : sy + B, sx : sx + B] += yk * taper
@@ -505,20 +502,20 @@ class CellposeAdapter(Adapter):
                     add(sy, sx, yk)
                     if cache is not None:
                         self._keep(key, yk, blocks[key])
-                self._count("computed", len(pending))
+                self._counts["computed"] += len(pending)
                 pending.clear()
 
         for i in range(len(ky)):
             for j in range(len(kx)):
                 key = (int(ky[i]), int(kx[j]))
                 if blocks is not None and key not in blocks:
-                    self._count("skipped")
+                    self._counts["skipped"] += 1
                     continue
                 if cache is not None and key in cache:
                     flush()  # the blocks before it first: the same sums as without the cache
                     add(i * S, j * S, cache[key])
                     self._keep(key, cache[key], True)
-                    self._count("reused")
+                    self._counts["reused"] += 1
                     continue
                 pending.append(((i * S, j * S), key))
                 if len(pending) == self.BATCH:
