@@ -666,7 +666,7 @@ def test_bad_input(make, expected, tmp_path):
 
 
 def test_a_rerun_of_h5ad_removes_stereopys_folders_of_killed_runs(tmp_path):
-    """A killed `h5ad --writer stereopy` leaves tmpXXXXXXXX/stereopy.h5ad beside its output; the next run removes
+    """A killed `h5ad --writer stereopy` leaves tmp<random>/stereopy.h5ad beside its output; the next run removes
     such folders (and empty ones of that name), nothing else."""
     from segrefine.expression import remove_stereopy_leftovers
 

@@ -239,7 +239,7 @@ def test_h5ad_of_a_slide_without_cells_is_a_valid_empty_anndata(demo, tmp_path, 
 
 
 def test_a_rerun_removes_the_temporary_files_of_killed_runs(demo, small, tmp_path):
-    """atomic_path's temporary files (.{name}.XXXXXXXX.part...) beside an output and stitch's work folders
+    """atomic_path's temporary files (.{name}.<random>.part...) beside an output and stitch's work folders
     (.stitch-*) of killed runs are removed when the step writes that output again; other hidden files stay. A blank
     slide also shows stitch's 0-cell case: empty outputs, said so."""
     from segrefine.io import write_tiff

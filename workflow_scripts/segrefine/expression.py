@@ -644,7 +644,7 @@ def cgef_to_h5ad_direct(cgef, cellmap_csv, out_h5ad, chunk: int = 1 << 22) -> in
 
 
 def remove_stereopy_leftovers(folder) -> None:
-    """Remove the temporary folders (``tmpXXXXXXXX`` holding only ``stereopy.h5ad``) that killed runs of
+    """Remove the temporary folders (``tmp<random>`` holding only ``stereopy.h5ad``) that killed runs of
     ``cgef_to_h5ad_stereopy`` left in ``folder``; any other folder stays."""
     import re
 

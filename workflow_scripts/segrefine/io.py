@@ -78,7 +78,7 @@ def remove_leftovers(path) -> None:
 
 
 def new_work_dir(parent, prefix: str) -> Path:
-    """A fresh hidden work folder ``{prefix}XXXXXXXX`` (``tempfile.mkdtemp``) in ``parent``, after removing the
+    """A fresh hidden work folder ``{prefix}<random>`` (``tempfile.mkdtemp``) in ``parent``, after removing the
     folders of exactly that name pattern that killed runs left there. ``prefix`` must belong to one job (the name of
     its output, or a folder only that job writes in), so a rerun removes its own leftovers and nothing else."""
     parent = Path(parent)

@@ -259,7 +259,7 @@ def truth_purity(
 
     ``expression``: GEM or bgef; ``labels_path``, ``truth_path``: label images of the same size, pixel (0, 0) at
     GEM coordinate ``origin`` (``auto``: the file's offsets, as `segrefine cgef`); ``markers``: ``{type: [genes]}``
-    (marker purity needs them and ``truth_types_path``). The expression spills to a hidden ``.purity.XXXXXXXX``
+    (marker purity needs them and ``truth_types_path``). The expression spills to a hidden ``.purity.<random>``
     folder in ``work_dir`` (default: the outputs' folder; one job at a time there), where those of killed runs are
     removed first; with neither, to the system's temporary folder."""
     import signal
